@@ -1,0 +1,209 @@
+"""Model files: save and load a model with its architecture, without unpickling code, written atomically.
+
+A keiryo model file is a `torch.save`d dict of plain data and tensors, so it loads with `weights_only=True`:
+
+- `spec`: the factory that builds the architecture (`"cnn"`, `"pkg.mod:fn"`, `"file.py:fn"`) and its kwargs;
+- `structure`: each module's shape attributes and parameter shapes, so pruned (reshaped) layers come back;
+- `transforms`: class-changing steps (e.g. quantization) that `load` replays on the rebuilt float model;
+- `state_dict` and `metadata` (input shape, classes, what produced it).
+
+Loading is *structure replay*: build from the spec, reshape to `structure`, replay `transforms`, load weights.
+Built-in factories are always allowed; any other factory is imported only with `trust_code=True`.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from keiryo import models
+from keiryo.errors import ArtifactError
+
+MODEL_FORMAT = "keiryo-model/1"
+TRANSFORMS_ATTR = "_keiryo_transforms"
+STRUCTURE_ATTR = "_keiryo_float_structure"
+_PRIMITIVE = (bool, int, float, str)
+
+
+def atomic_write_bytes(data: bytes, path: str | Path) -> None:
+    """Write to a temporary file beside `path`, fsync, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """`torch.save` through `atomic_write_bytes`."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(buffer.getvalue(), path)
+
+
+def safe_torch_load(path: str | Path, *, what: str = "model file") -> Any:
+    """`torch.load` with `weights_only=True`; every failure becomes a one-line ArtifactError."""
+    path = Path(path)
+    if not path.exists():
+        raise ArtifactError(f"{what} '{path}' does not exist")
+    if path.is_dir():
+        raise ArtifactError(f"{what} '{path}' is a directory, not a file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        text = str(exc).lower()
+        if "unsupported global" in text or "global" in text and "allowed" in text:
+            raise ArtifactError(
+                f"{what} '{path}' holds Python objects, not just tensors; refusing to unpickle it"
+            ) from exc
+        raise ArtifactError(f"{what} '{path}' is corrupt or not a PyTorch file") from exc
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise ArtifactError(f"{what} '{path}' is corrupt or not a PyTorch file") from exc
+
+
+def record_transform(model: nn.Module, kind: str, **options: Any) -> None:
+    """Note a class-changing step (quantization...) so `load` can replay it; call before changing classes."""
+    if not hasattr(model, STRUCTURE_ATTR):
+        setattr(model, STRUCTURE_ATTR, capture_structure(model))
+    transforms = list(getattr(model, TRANSFORMS_ATTR, []))
+    transforms.append({"kind": kind, "options": options})
+    setattr(model, TRANSFORMS_ATTR, transforms)
+
+
+def capture_structure(model: nn.Module) -> dict[str, dict]:
+    """Each module's class, primitive attributes and parameter/buffer shapes."""
+    structure = {}
+    for name, module in model.named_modules():
+        attrs = {}
+        for key, value in vars(module).items():
+            if key.startswith("_") or key == "training":
+                continue
+            if isinstance(value, _PRIMITIVE) or (
+                isinstance(value, (tuple, list)) and all(isinstance(v, _PRIMITIVE) for v in value)
+            ):
+                attrs[key] = list(value) if isinstance(value, tuple) else value
+        tensors = {
+            k: list(v.shape) for k, v in {**module._parameters, **module._buffers}.items() if v is not None
+        }
+        structure[name] = {"class": type(module).__qualname__, "attrs": attrs, "shapes": tensors}
+    return structure
+
+
+def apply_structure(model: nn.Module, structure: dict[str, dict]) -> None:
+    """Reshape a freshly built model to a recorded structure (e.g. after pruning removed channels)."""
+    for name, entry in structure.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError as exc:
+            raise ArtifactError(f"model file has a layer '{name}' that its factory does not build") from exc
+        for key, value in entry["attrs"].items():
+            current = getattr(module, key, None)
+            restored = tuple(value) if isinstance(current, tuple) else value
+            if hasattr(module, key) and current != restored:
+                setattr(module, key, restored)
+        for key, shape in entry["shapes"].items():
+            store = module._parameters if key in module._parameters else module._buffers
+            current = store.get(key)
+            if current is None or list(current.shape) != shape:
+                fresh = torch.zeros(shape, dtype=current.dtype if current is not None else torch.float32)
+                if store is module._parameters:
+                    requires_grad = current.requires_grad if current is not None else True
+                    store[key] = nn.Parameter(fresh, requires_grad=requires_grad)
+                else:
+                    store[key] = fresh
+
+
+def save(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    metadata: dict[str, Any] | None = None,
+    factory: str | None = None,
+    kwargs: dict[str, Any] | None = None,
+) -> Path:
+    """Save `model` with its architecture to `path` atomically; returns the path.
+
+    The model must come from `keiryo.models.build_model` or name its `factory` here.
+    """
+    spec = models.spec_of(model)
+    if factory is not None:
+        spec = {"factory": factory, "kwargs": dict(kwargs or {})}
+    if spec is None:
+        raise ArtifactError(
+            "cannot save a model without a factory: build it with keiryo.models.build_model "
+            "or pass factory='package.module:function'"
+        )
+    payload = {
+        "format": MODEL_FORMAT,
+        "spec": spec,
+        "structure": getattr(model, STRUCTURE_ATTR, None) or capture_structure(model),
+        "transforms": list(getattr(model, TRANSFORMS_ATTR, [])),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "metadata": {**getattr(model, "_keiryo_metadata", {}), **(metadata or {})},
+        "torch": str(torch.__version__),
+    }
+    atomic_torch_save(payload, path)
+    return Path(path)
+
+
+def read(path: str | Path) -> dict[str, Any]:
+    """The raw, validated payload of a keiryo model file (nothing built)."""
+    payload = safe_torch_load(path)
+    if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
+        raise ArtifactError(
+            f"model file '{path}' is a PyTorch file but not a keiryo model "
+            "(save models with keiryo.save or `keiryo train --out`)"
+        )
+    return payload
+
+
+def load(path: str | Path, *, trust_code: bool = False) -> nn.Module:
+    """Rebuild the model saved at `path`: factory → recorded shapes → replayed transforms → weights."""
+    payload = read(path)
+    spec = payload["spec"]
+    factory = spec["factory"]
+    if factory not in models.BUILTIN and not trust_code:
+        raise ArtifactError(
+            f"model file '{path}' is built by '{factory}', which runs code; "
+            "pass trust_code=True (CLI: --trust-code) if you trust it"
+        )
+    model = models.build_model(factory, **spec["kwargs"])
+    apply_structure(model, payload["structure"])
+    for transform in payload["transforms"]:
+        _replay(model, transform, payload)
+    try:
+        model.load_state_dict(payload["state_dict"], strict=True, assign=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ArtifactError(f"model file '{path}' does not match its architecture: {first}") from exc
+    setattr(model, TRANSFORMS_ATTR, list(payload["transforms"]))
+    if payload["transforms"]:
+        setattr(model, STRUCTURE_ATTR, payload["structure"])
+    model._keiryo_metadata = dict(payload.get("metadata") or {})
+    model.eval()
+    return model
+
+
+def metadata_of(model: nn.Module) -> dict[str, Any]:
+    """What was saved beside the weights (input shape, classes, provenance)."""
+    return dict(getattr(model, "_keiryo_metadata", {}))
+
+
+def _replay(model: nn.Module, transform: dict, payload: dict) -> None:
+    kind = transform["kind"]
+    raise ArtifactError(f"model file uses transform '{kind}', which this keiryo version cannot replay")

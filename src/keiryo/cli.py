@@ -1,0 +1,245 @@
+"""The `keiryo` command: parse, call the public API, print. Errors are caught once, in `main`."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+import yaml
+from rich.console import Console
+
+from keiryo import artifacts, data, devices, models, report
+from keiryo.errors import ConfigError, KeiryoError
+from keiryo.measure import accuracy, compare
+from keiryo.train import TrainConfig
+from keiryo.train import train as run_training
+
+app = typer.Typer(
+    name="keiryo",
+    help="Faster PyTorch training and lighter models, with the measurements to prove both.\n\n"
+    "Start with `keiryo demo`; every command takes --help with an example.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+# Piped output (CI logs, files) gets a wide fixed width so that tables are not squeezed into 80 columns.
+console = Console(width=None if sys.stdout.isatty() else 180)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 400)
+
+DataOpt = Annotated[
+    str, typer.Option("--data", "-d", help="'digits' (built in), or a .npz/.pt/.csv file or an image folder.")
+]
+SeedOpt = Annotated[int, typer.Option(help="Seed for the split, the initial weights and the shuffle.")]
+
+
+def _parse_kwargs(pairs: list[str] | None) -> dict:
+    """['width=64', 'hidden=[128,64]'] -> {'width': 64, 'hidden': [128, 64]} (values read as YAML)."""
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"model argument '{pair}' must look like name=value")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def _build_for_data(spec: str, splits: data.DataSplits, extra: dict, seed: int = 0) -> object:
+    """A model sized to the data, with seeded initial weights so that runs repeat exactly."""
+    torch.manual_seed(seed)
+    kwargs = (
+        models.kwargs_for_data(spec, splits.input_shape, splits.num_classes) if spec in models.BUILTIN else {}
+    )
+    return models.build_model(spec, **{**kwargs, **extra})
+
+
+@app.command()
+def train(
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="mlp | cnn | transformer | pkg.mod:fn | file.py:fn")
+    ] = "cnn",
+    data_source: DataOpt = "digits",
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the trained model file.")] = Path(
+        "model.pt"
+    ),
+    model_arg: Annotated[
+        list[str] | None, typer.Option("--model-arg", "-a", help="Factory argument name=value (repeatable).")
+    ] = None,
+    epochs: Annotated[int, typer.Option(help="Passes over the training split.")] = 10,
+    batch_size: Annotated[int, typer.Option(help="Samples per step.")] = 64,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, cosine decay).")] = 3e-3,
+    device: Annotated[str, typer.Option(help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps.")] = "auto",
+    precision: Annotated[str, typer.Option(help="fp32 | bf16 | fp16 (autocast).")] = "fp32",
+    compile: Annotated[bool, typer.Option("--compile", help="Use torch.compile.")] = False,
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option(help="Checkpoint file, written each epoch (and every --checkpoint-every steps)."),
+    ] = None,
+    checkpoint_every: Annotated[
+        int, typer.Option(help="Also checkpoint every N steps (0: epoch ends only).")
+    ] = 0,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from --checkpoint if it exists.")
+    ] = False,
+    seed: SeedOpt = 0,
+    progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
+) -> None:
+    """Train a model and save it with its measured test accuracy.
+
+    Example: keiryo train --model cnn --data digits --epochs 10 --out cnn.pt --checkpoint ck.pt --resume
+    """
+    splits = data.load_data(data_source, seed=seed)
+    net = _build_for_data(model, splits, _parse_kwargs(model_arg), seed)
+    config = TrainConfig(
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        device=device,
+        precision=precision,
+        compile=compile,
+        checkpoint=str(checkpoint) if checkpoint else None,
+        checkpoint_every=checkpoint_every,
+        resume=resume,
+        seed=seed,
+        progress=progress,
+    )
+    result = run_training(net, splits, **{k: getattr(config, k) for k in TrainConfig.__dataclass_fields__})
+    trained = result.model.cpu()
+    test_acc = accuracy(trained, splits.test)
+    artifacts.save(trained, out, metadata=_metadata(splits, test_acc))
+    if result.resumed_from is not None:
+        console.print(f"resumed from step {result.resumed_from} of {checkpoint}")
+    acc_text = f"test accuracy {test_acc:.2%}" if test_acc is not None else "trained (regression)"
+    console.print(f"{acc_text} · saved {out} ({report.human_bytes(out.stat().st_size)})")
+
+
+def _metadata(splits: data.DataSplits, test_accuracy: float | None) -> dict:
+    return {
+        "data": splits.name,
+        "input_shape": list(splits.input_shape),
+        "num_classes": splits.num_classes,
+        "classes": splits.classes,
+        "test_accuracy": test_accuracy,
+    }
+
+
+@app.command()
+def bench(
+    model_files: Annotated[list[Path], typer.Argument(help="Model files; the first is the baseline.")],
+    data_source: Annotated[
+        str | None, typer.Option("--data", "-d", help="Data for accuracy and agreement (test split).")
+    ] = None,
+    batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes to time.")] = "1,64",
+    runs: Annotated[int, typer.Option(help="Timed runs per batch size (after warm-up).")] = 50,
+    threads: Annotated[int | None, typer.Option(help="Intra-op threads (default: torch's).")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write raw numbers as JSON.")] = None,
+    markdown_out: Annotated[
+        Path | None, typer.Option("--markdown", help="Also write a markdown table.")
+    ] = None,
+    trust_code: Annotated[
+        bool, typer.Option("--trust-code", help="Allow model files built by your factories.")
+    ] = False,
+    seed: SeedOpt = 0,
+) -> None:
+    """Measure model files side by side: size, FLOPs, latency, throughput, accuracy, agreement.
+
+    Example: keiryo bench teacher.pt student.pt --data digits --batch-sizes 1,64 --threads 2
+    """
+    sizes = _int_list(batch_sizes, "--batch-sizes")
+    loaded = {}
+    for path in model_files:
+        name = path.stem if path.stem not in loaded else str(path)
+        loaded[name] = artifacts.load(path, trust_code=trust_code)
+    splits = data.load_data(data_source, seed=seed) if data_source else None
+    if splits is not None:
+        example = data.example_inputs(splits, max(sizes))
+    else:
+        shape = artifacts.metadata_of(next(iter(loaded.values()))).get("input_shape")
+        if not shape:
+            raise ConfigError(f"'{model_files[0]}' does not record its input shape; pass --data")
+        example = torch.randn((max(sizes), *shape), generator=torch.Generator().manual_seed(seed))
+    result = compare(loaded, example, splits, batch_sizes=tuple(sizes), runs=runs, num_threads=threads)
+    report.print_report(result, title="keiryo bench", console=console)
+    if json_out:
+        artifacts.atomic_write_bytes(report.to_json(result).encode(), json_out)
+    if markdown_out:
+        artifacts.atomic_write_bytes(report.markdown(result).encode(), markdown_out)
+
+
+def _int_list(text: str, option: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{option} must be comma-separated integers, got '{text}'") from None
+    if not values or min(values) < 1:
+        raise ConfigError(f"{option} must be positive integers, got '{text}'")
+    return values
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the demo's model files.")] = Path(
+        "keiryo-demo"
+    ),
+    epochs: Annotated[int, typer.Option(help="Training epochs for the cnn.")] = 8,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Train the residual cnn on the built-in digits set and print its measured table (no network needed).
+
+    Example: keiryo demo --out keiryo-demo
+    """
+    splits = data.load_data("digits")
+    console.print(
+        f"[bold]keiryo demo[/bold]: cnn on digits ({len(splits.train)} train / {len(splits.val)} val / "
+        f"{len(splits.test)} test images, 8×8)"
+    )
+    net = _build_for_data("cnn", splits, {})
+    run_training(net, splits, epochs=epochs, progress=progress, device="cpu")
+    test_acc = accuracy(net, splits.test)
+    path = artifacts.save(net, out / "cnn.pt", metadata=_metadata(splits, test_acc))
+    result = compare({"cnn": net}, data.example_inputs(splits, 64), splits)
+    report.print_report(result, title="keiryo demo: trained cnn", console=console)
+    console.print(f"test accuracy {test_acc:.2%} · model saved to {path}")
+
+
+@app.command()
+def env() -> None:
+    """Print what a bug report needs: versions, threads, accelerators."""
+    import keiryo
+
+    console.print(f"keiryo: {keiryo.__version__}")
+    for key, value in devices.describe().items():
+        console.print(f"{key}: {value}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run a command and return its exit code (the console script exits with it).
+
+    User errors print one line and return 2; nothing prints a traceback unless KEIRYO_DEBUG is set.
+    """
+    try:
+        code = app(args=argv, standalone_mode=False)
+    except (typer.Abort, KeyboardInterrupt):
+        err_console.print("interrupted", markup=False)
+        return 130
+    except typer.exceptions.TyperException as exc:  # usage errors: unknown command, bad option value
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        err_console.print(f"error: {' '.join(message.split())}", markup=False, highlight=False)
+        return getattr(exc, "exit_code", 2)
+    except KeiryoError as exc:
+        err_console.print(f"error: {exc}", markup=False, highlight=False)
+        return 2
+    except Exception as exc:
+        if os.environ.get("KEIRYO_DEBUG"):
+            raise
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        err_console.print(
+            f"error: unexpected {type(exc).__name__}: {message} (set KEIRYO_DEBUG=1 for the traceback)",
+            markup=False,
+            highlight=False,
+        )
+        return 1
+    return code if isinstance(code, int) else 0

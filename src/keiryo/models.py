@@ -1,0 +1,343 @@
+"""Reference models (mlp, cnn, transformer) and model factories named by string.
+
+The three built-ins are small enough to train on digits in seconds on a CPU, yet each has the structure that
+makes compression interesting: the cnn has residual additions and batch-norm (channels tied across layers),
+the transformer has a timm-style `Attention` (one `qkv` Linear plus `num_heads`) that head pruning expects.
+
+`build_model("cnn" | "pkg.mod:fn" | "path/file.py:fn", **kwargs)` builds a model and records the factory and
+its (JSON-able) kwargs on it, so `keiryo.save` can rebuild the architecture without pickling code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import math
+import numbers
+import sys
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from keiryo.errors import ModelError
+
+SPEC_ATTR = "_keiryo_spec"
+"""Attribute set on every model `build_model` returns: {"factory": str, "kwargs": dict}."""
+
+
+# --- the built-in models ------------------------------------------------------------------------------------
+
+
+def mlp(
+    in_features: int = 64, hidden: Sequence[int] = (256, 128), num_classes: int = 10, dropout: float = 0.0
+) -> nn.Module:
+    """Flatten, then Linear+ReLU(+Dropout) per hidden size, then the `classifier` Linear."""
+    _check_positive("mlp", in_features=in_features, num_classes=num_classes)
+    if isinstance(hidden, (str, bytes)) or not isinstance(hidden, Sequence):
+        raise ModelError(f"model 'mlp': hidden must be a list of layer sizes, got {hidden!r}")
+    _check_positive("mlp", **{f"hidden[{i}]": h for i, h in enumerate(hidden)})
+    _check_dropout("mlp", dropout)
+    layers: OrderedDict[str, nn.Module] = OrderedDict(flatten=nn.Flatten())
+    width = in_features
+    for i, size in enumerate(hidden):
+        layers[f"fc{i}"] = nn.Linear(width, size)
+        layers[f"act{i}"] = nn.ReLU()
+        if dropout > 0:
+            layers[f"drop{i}"] = nn.Dropout(dropout)
+        width = size
+    layers["classifier"] = nn.Linear(width, num_classes)
+    return nn.Sequential(layers)
+
+
+class ResidualBlock(nn.Module):
+    """Two 3x3 conv+BN with an identity skip: conv2's output channels are tied to the block's input."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + x)
+
+
+class CNN(nn.Module):
+    """Conv stem, residual blocks at full resolution, global average pooling, `fc` classifier.
+
+    There is no downsampling: the reference inputs are 8x8, and keeping every conv at full resolution makes
+    conv compute dominate latency, so removing channels gives a real speed-up.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, width: int, blocks: int) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()
+        )
+        self.blocks = nn.Sequential(*[ResidualBlock(width) for _ in range(blocks)])
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.blocks(self.stem(x))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def cnn(in_channels: int = 1, num_classes: int = 10, width: int = 32, blocks: int = 2) -> nn.Module:
+    """A small residual CNN with batch-norm for (B, C, H, W) images such as digits (B, 1, 8, 8)."""
+    _check_positive("cnn", in_channels=in_channels, num_classes=num_classes, width=width)
+    _check_positive("cnn", blocks=blocks, allow_zero=True)
+    return CNN(in_channels, num_classes, width, blocks)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention laid out like timm's: one `qkv` Linear, `proj`, and an int `num_heads`.
+
+    The head size is read from `qkv` at every call, so the module still works after pruning removes heads
+    or head dimensions (set `num_heads` to the new count).
+    """
+
+    def __init__(self, dim: int, num_heads: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.dropout = dropout
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, n, _ = x.shape
+        head_dim = self.qkv.out_features // 3 // self.num_heads
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(out.transpose(1, 2).reshape(b, n, self.num_heads * head_dim))
+
+
+class Block(nn.Module):
+    """Pre-norm encoder block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: int, dropout: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads, dropout)
+        self.norm2 = nn.LayerNorm(dim)
+        hidden = mlp_ratio * dim
+        self.mlp = nn.Sequential(
+            OrderedDict(fc1=nn.Linear(dim, hidden), act=nn.GELU(), fc2=nn.Linear(hidden, dim))
+        )
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.drop(self.attn(self.norm1(x)))
+        return x + self.drop(self.mlp(self.norm2(x)))
+
+
+class Transformer(nn.Module):
+    """Rows as tokens: (B, ...) → (B, seq_len, in_features) → embed + position → blocks → mean pool → head."""
+
+    def __init__(self, in_features: int, seq_len: int, dim: int, blocks: list[Block], classes: int) -> None:
+        super().__init__()
+        self.seq_len = seq_len
+        self.embed = nn.Linear(in_features, dim)
+        self.pos_embed = nn.Parameter(torch.randn(1, seq_len, dim) * 0.02)
+        self.blocks = nn.Sequential(*blocks)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.embed(x.reshape(x.shape[0], self.seq_len, -1)) + self.pos_embed
+        x = self.norm(self.blocks(x))
+        return self.head(x.mean(dim=1))
+
+
+def transformer(
+    in_features: int = 8,
+    seq_len: int = 8,
+    dim: int = 64,
+    depth: int = 2,
+    heads: int = 4,
+    mlp_ratio: int = 2,
+    num_classes: int = 10,
+    dropout: float = 0.0,
+) -> nn.Module:
+    """A small pre-norm transformer encoder; digits (B, 1, 8, 8) become 8 tokens of 8 pixels."""
+    sizes = dict(in_features=in_features, seq_len=seq_len, dim=dim, heads=heads, mlp_ratio=mlp_ratio)
+    _check_positive("transformer", num_classes=num_classes, **sizes)
+    _check_positive("transformer", depth=depth, allow_zero=True)
+    _check_dropout("transformer", dropout)
+    if dim % heads:
+        raise ModelError(f"model 'transformer': dim ({dim}) must be a multiple of heads ({heads})")
+    blocks = [Block(dim, heads, mlp_ratio, dropout) for _ in range(depth)]
+    return Transformer(in_features, seq_len, dim, blocks, num_classes)
+
+
+BUILTIN: dict[str, Callable[..., nn.Module]] = {"mlp": mlp, "cnn": cnn, "transformer": transformer}
+
+
+# --- building models from a spec ----------------------------------------------------------------------------
+
+
+def build_model(spec: str, **kwargs: Any) -> nn.Module:
+    """Build a model from a built-in name, "package.module:factory" or "path/file.py:factory".
+
+    The factory and its kwargs are recorded on the model (`SPEC_ATTR`) so it can be saved and rebuilt;
+    kwargs must therefore be JSON-able (tuples are stored, and passed, as lists).
+    """
+    name, factory = _locate(spec)
+    clean = {key: _json_value(value, f"model '{spec}': argument '{key}'") for key, value in kwargs.items()}
+    try:
+        inspect.signature(factory).bind(**clean)
+    except TypeError as exc:
+        raise ModelError(f"model '{spec}': {exc}") from exc
+    except ValueError:  # no signature to check (some builtins); the call itself will tell
+        pass
+    try:
+        model = factory(**clean)
+    except ModelError:
+        raise
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ModelError(f"model '{spec}' could not be built with {clean}: {_one_line(exc)}") from exc
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"model factory '{spec}' returned a {type(model).__name__}, not a torch.nn.Module")
+    setattr(model, SPEC_ATTR, {"factory": name, "kwargs": clean})
+    return model
+
+
+def resolve_factory(factory: str) -> Callable[..., nn.Module]:
+    """The callable that a built-in name, "package.module:fn" or "path/file.py:fn" names."""
+    return _locate(factory)[1]
+
+
+def spec_of(model: nn.Module) -> dict | None:
+    """The {"factory", "kwargs"} that built `model` with `build_model`, or None if it was built otherwise."""
+    spec = getattr(model, SPEC_ATTR, None)
+    if not isinstance(spec, dict):
+        return None
+    return {"factory": spec["factory"], "kwargs": dict(spec["kwargs"])}
+
+
+def kwargs_for_data(name: str, input_shape: tuple[int, ...], num_classes: int | None) -> dict:
+    """The kwargs that size built-in model `name` to inputs of `input_shape` (one sample) and the classes.
+
+    `num_classes=None` means regression: one output.
+    """
+    if name not in BUILTIN:
+        raise ModelError(f"cannot size model '{name}' to the data: only built-ins are ({_builtin_names()})")
+    shape = tuple(int(s) for s in input_shape)
+    if not shape or any(s < 1 for s in shape):
+        raise ModelError(f"model '{name}': the data's input shape {shape} has no features")
+    outputs = 1 if num_classes is None else int(num_classes)
+    if name == "mlp":
+        return {"in_features": math.prod(shape), "num_classes": outputs}
+    if name == "cnn":
+        if len(shape) != 3:
+            raise ModelError(f"model 'cnn' needs images (channels, height, width); the data's are {shape}")
+        return {"in_channels": shape[0], "num_classes": outputs}
+    seq_len = shape[-2] if len(shape) >= 2 else 1
+    return {"in_features": math.prod(shape) // seq_len, "seq_len": seq_len, "num_classes": outputs}
+
+
+def _locate(spec: str) -> tuple[str, Callable[..., nn.Module]]:
+    """(the name to record, the factory) for a spec; file paths are recorded absolute."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ModelError(f"model must be a name such as 'cnn' or 'package.module:function', got {spec!r}")
+    if ":" not in spec:
+        if spec in BUILTIN:
+            return spec, BUILTIN[spec]
+        if spec.endswith(".py"):
+            raise ModelError(f"model file '{spec}' needs a factory function: use '{spec}:function'")
+        raise ModelError(
+            f"unknown model '{spec}' (built-in models: {_builtin_names()}; "
+            "or 'package.module:function', or 'path/to/file.py:function')"
+        )
+    where, _, attr = spec.rpartition(":")
+    if not where or not attr.isidentifier():
+        raise ModelError(f"model '{spec}' must look like 'package.module:function' or 'file.py:function'")
+    if where.endswith(".py") or "/" in where or "\\" in where:
+        path = Path(where).expanduser().resolve()
+        module = _import_file(path)
+        name = f"{path}:{attr}"
+    else:
+        module = _import_module(where)
+        name = spec
+    factory = getattr(module, attr, None)
+    if factory is None:
+        raise ModelError(f"model factory '{spec}': '{where}' has no '{attr}'")
+    if not callable(factory):
+        raise ModelError(f"model factory '{spec}': '{attr}' is a {type(factory).__name__}, not a function")
+    return name, factory
+
+
+def _import_module(module_name: str) -> Any:
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        raise ModelError(f"cannot import module '{module_name}' for a model: {_one_line(exc)}") from exc
+    except Exception as exc:  # the user's code failed while importing; say so in one line
+        raise ModelError(f"importing module '{module_name}' failed: {_one_line(exc)}") from exc
+
+
+def _import_file(path: Path) -> Any:
+    """Import a .py file once per process (like `import`), under a name unique to its path."""
+    if not path.is_file():
+        raise ModelError(f"model file '{path}' does not exist")
+    module_name = f"keiryo_factory_{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:10]}"
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise ModelError(f"model file '{path}' cannot be imported as Python")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # dataclasses and pickling look a class's module up here
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:  # the user's code failed while importing; say so in one line
+        del sys.modules[module_name]
+        raise ModelError(f"importing model file '{path}' failed: {_one_line(exc)}") from exc
+    return module
+
+
+def _json_value(value: Any, what: str) -> Any:
+    """`value` as plain JSON data (tuples → lists, numpy scalars → Python), or a ModelError saying why not."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v, what) for v in value]
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return {k: _json_value(v, what) for k, v in value.items()}
+    raise ModelError(f"{what} must be a number, string, list or dict, got a {type(value).__name__}")
+
+
+def _check_positive(model: str, allow_zero: bool = False, **values: Any) -> None:
+    for key, value in values.items():
+        least = 0 if allow_zero else 1
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+            raise ModelError(f"model '{model}': {key} must be a whole number ≥ {least}, got {value!r}")
+
+
+def _check_dropout(model: str, dropout: Any) -> None:
+    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0 <= dropout < 1:
+        raise ModelError(f"model '{model}': dropout must be a number in [0, 1), got {dropout!r}")
+
+
+def _builtin_names() -> str:
+    return ", ".join(sorted(BUILTIN))
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__

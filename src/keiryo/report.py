@@ -1,0 +1,128 @@
+"""Render a `measure.Report` as a terminal table, markdown or JSON; every command prints through here."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from keiryo.measure import Metrics, Report
+
+
+def human_bytes(n: int | None) -> str:
+    """1536 -> '1.5 KiB'."""
+    if n is None:
+        return "-"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"
+
+
+def human_count(n: int | None) -> str:
+    """1234567 -> '1.23M'."""
+    if n is None:
+        return "-"
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+def _ratio(value: float | None, *, higher_is_better: bool) -> str:
+    if value is None:
+        return "-"
+    text = f"{value:.2f}×"
+    good = value >= 1 if higher_is_better else value <= 1
+    return text if good or abs(value - 1) < 0.02 else f"{text} (worse)"
+
+
+def rows(report: Report) -> list[dict[str, Any]]:
+    """One dict of display strings per model, in a fixed column order."""
+    batches = sorted({b for r in report.rows for b in r.latency})
+    out = []
+    for r in report.rows:
+        row: dict[str, Any] = {
+            "model": r.name,
+            "params": human_count(r.params),
+            "non-zero": human_count(r.nonzero_params) if r.nonzero_params != r.params else "all",
+            "size": human_bytes(r.bytes),
+            "FLOPs/sample": human_count(r.flops),
+        }
+        for b in batches:
+            lat = r.latency.get(b)
+            row[f"p50 b{b}"] = f"{lat.p50_ms:.3f} ms" if lat else "-"
+        if batches:
+            big = r.latency.get(batches[-1])
+            row[f"samples/s b{batches[-1]}"] = f"{big.throughput:,.0f}" if big else "-"
+        row["accuracy"] = f"{r.accuracy:.2%}" if r.accuracy is not None else "-"
+        row["agreement"] = _agreement(r)
+        if r is not report.baseline:
+            row["smaller"] = _ratio(
+                1 / report.size_ratio(r) if report.size_ratio(r) else None, higher_is_better=True
+            )
+            for b in batches:
+                row[f"speed-up b{b}"] = _ratio(report.speedup(r, b), higher_is_better=True)
+        else:
+            row["smaller"] = "baseline"
+            for b in batches:
+                row[f"speed-up b{b}"] = "baseline"
+        out.append(row)
+    return out
+
+
+def _agreement(r: Metrics) -> str:
+    a = r.agreement
+    if a is None:
+        return "-"
+    if a.top1 is not None:
+        return f"top1 {a.top1:.1%} cos {a.cosine:.4f}"
+    return f"cos {a.cosine:.4f} max|Δ| {a.max_error:.2g}"
+
+
+def table(report: Report, title: str | None = None) -> Table:
+    """A rich table; slower or bigger results are marked '(worse)'."""
+    data = rows(report)
+    t = Table(title=title, caption=f"latency: median of {_runs(report)} runs, {report.threads} threads")
+    for column in data[0]:
+        t.add_column(column, justify="left" if column == "model" else "right")
+    for row in data:
+        t.add_row(*[f"[red]{v}[/red]" if "(worse)" in str(v) else str(v) for v in row.values()])
+    return t
+
+
+def _runs(report: Report) -> int:
+    return next((lat.runs for r in report.rows for lat in r.latency.values()), 0)
+
+
+def print_report(report: Report, title: str | None = None, console: Console | None = None) -> None:
+    """Print the table to the terminal."""
+    (console or Console()).print(table(report, title))
+
+
+def markdown(report: Report) -> str:
+    """A GitHub-flavoured markdown table of the same columns."""
+    data = rows(report)
+    header = list(data[0])
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(row[c]) for c in header) + " |" for row in data]
+    return "\n".join(lines) + "\n"
+
+
+def to_json(report: Report) -> str:
+    """Raw numbers (not display strings), with ratios to the baseline, for scripts and benchmarks."""
+    out = {"threads": report.threads, "models": []}
+    for r in report.rows:
+        entry = asdict(r)
+        entry["latency"] = {
+            str(b): {**asdict(lat), "throughput": lat.throughput} for b, lat in r.latency.items()
+        }
+        entry["size_ratio"] = report.size_ratio(r)
+        entry["speedup"] = {str(b): report.speedup(r, b) for b in r.latency}
+        out["models"].append(entry)
+    return json.dumps(out, indent=2)

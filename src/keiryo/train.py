@@ -1,0 +1,362 @@
+"""The one training loop: progress, evaluation each epoch, checkpoint and resume.
+
+Every strategy and distillation reuse `fit`: they change the loss (`loss_fn`) or wrap the model, not the loop.
+Resume is exact on CPU: epoch k always sees the same shuffle (the loader is seeded by seed and epoch), and the
+checkpoint holds the model, the optimizer, the schedule, the RNG state and the position inside the epoch.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from keiryo import devices
+from keiryo.artifacts import atomic_torch_save, safe_torch_load
+from keiryo.data import DataSplits, load_data, make_loader
+from keiryo.errors import ArtifactError, ConfigError
+
+LossFn = Callable[[nn.Module, Tensor, Tensor], tuple[Tensor, Tensor]]
+"""(model, inputs, targets) -> (loss, outputs). Distillation and QAT pass their own."""
+
+CHECKPOINT_FORMAT = "keiryo-checkpoint/1"
+
+
+@dataclass
+class TrainConfig:
+    """Everything the loop needs to know; the defaults train the reference models on digits well."""
+
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    optimizer: str = "adamw"  # adamw | sgd
+    schedule: str = "cosine"  # cosine | constant
+    grad_clip: float | None = None
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    compile: bool = False
+    checkpoint: str | None = None  # path; written at each epoch end and every `checkpoint_every` steps
+    checkpoint_every: int = 0
+    resume: bool = False
+    progress: bool = True
+
+    def validate(self) -> None:
+        """Reject values that would fail later, with a one-line message."""
+        if self.epochs < 1:
+            raise ConfigError(f"epochs must be ≥ 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch size must be ≥ 1, got {self.batch_size}")
+        if not self.lr > 0:
+            raise ConfigError(f"learning rate must be > 0, got {self.lr}")
+        if self.optimizer not in ("adamw", "sgd"):
+            raise ConfigError(f"unknown optimizer '{self.optimizer}' (choose adamw or sgd)")
+        if self.schedule not in ("cosine", "constant"):
+            raise ConfigError(f"unknown schedule '{self.schedule}' (choose cosine or constant)")
+        devices.check_precision(self.precision)
+
+
+@dataclass
+class EpochLog:
+    """One line of training history."""
+
+    epoch: int
+    train_loss: float
+    train_accuracy: float | None
+    val_loss: float | None
+    val_accuracy: float | None
+    seconds: float
+
+
+@dataclass
+class TrainResult:
+    """The trained model (the same object that went in) and what happened."""
+
+    model: nn.Module
+    history: list[EpochLog] = field(default_factory=list)
+    resumed_from: int | None = None  # global step of the checkpoint the run resumed from
+
+
+def classification_loss(model: nn.Module, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """Cross-entropy for class targets, mean squared error for float (regression) targets."""
+    outputs = model(inputs)
+    if targets.is_floating_point():
+        return F.mse_loss(outputs.float().reshape(targets.shape), targets), outputs
+    return F.cross_entropy(outputs.float(), targets), outputs
+
+
+def _correct(outputs: Tensor, targets: Tensor) -> int | None:
+    if targets.is_floating_point():
+        return None
+    return int((outputs.argmax(dim=-1) == targets).sum())
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module,
+    dataset: Dataset,
+    *,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
+    loss_fn: LossFn = classification_loss,
+) -> tuple[float, float | None]:
+    """Mean loss and accuracy (None for regression) of a model on a data set, in eval mode."""
+    dev = devices.resolve_device(device)
+    was_training = model.training
+    model.eval()
+    total_loss, correct, count = 0.0, 0, 0
+    has_acc = True
+    for inputs, targets in make_loader(dataset, batch_size):
+        inputs, targets = devices.move_batch(inputs, dev), devices.move_batch(targets, dev)
+        with devices.autocast(dev, precision):
+            loss, outputs = loss_fn(model, inputs, targets)
+        total_loss += float(loss) * len(targets)
+        c = _correct(outputs, targets)
+        has_acc = has_acc and c is not None
+        correct += c or 0
+        count += len(targets)
+    model.train(was_training)
+    if count == 0:
+        return math.nan, None
+    return total_loss / count, (correct / count if has_acc else None)
+
+
+def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError("the model has no trainable parameters")
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int):
+    if config.schedule == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_steps))
+
+
+def _save_checkpoint(path: str, model, optimizer, scheduler, epoch, step_in_epoch, global_step, history):
+    atomic_torch_save(
+        {
+            "format": CHECKPOINT_FORMAT,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "epoch": epoch,
+            "step_in_epoch": step_in_epoch,
+            "global_step": global_step,
+            "history": [asdict(h) for h in history],
+            "rng": torch.get_rng_state(),
+        },
+        path,
+    )
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Read a training checkpoint safely (weights_only), checking that it is one."""
+    ckpt = safe_torch_load(path, what="checkpoint")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ArtifactError(f"checkpoint '{path}' is not a keiryo training checkpoint")
+    return ckpt
+
+
+def _restore(path: str, model, optimizer, scheduler) -> dict:
+    ckpt = load_checkpoint(path)
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ArtifactError(f"checkpoint '{path}' does not match this model: {first}") from exc
+    scheduler.load_state_dict(ckpt["scheduler"])
+    torch.set_rng_state(ckpt["rng"])
+    return ckpt
+
+
+def fit(
+    model: nn.Module,
+    data: DataSplits | object,
+    config: TrainConfig | None = None,
+    *,
+    loss_fn: LossFn = classification_loss,
+) -> TrainResult:
+    """Train `model` in place on `data` (anything `load_data` accepts) and return it with its history."""
+    config = config or TrainConfig()
+    config.validate()
+    splits = data if isinstance(data, DataSplits) else load_data(data, seed=config.seed)
+    device = devices.resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    model.to(device)
+    forward_model = devices.maybe_compile(model, config.compile)
+    optimizer = _optimizer(model, config)
+    steps_per_epoch = math.ceil(len(splits.train) / config.batch_size)
+    scheduler = _scheduler(optimizer, config, steps_per_epoch * config.epochs)
+    scaler = devices.grad_scaler(device, config.precision)
+
+    history: list[EpochLog] = []
+    start_epoch, skip_steps, global_step, resumed_from = 0, 0, 0, None
+    if config.resume and config.checkpoint and Path(config.checkpoint).exists():
+        ckpt = _restore(config.checkpoint, model, optimizer, scheduler)
+        start_epoch, skip_steps = ckpt["epoch"], ckpt["step_in_epoch"]
+        global_step = resumed_from = ckpt["global_step"]
+        history = [EpochLog(**h) for h in ckpt["history"]]
+        if skip_steps >= steps_per_epoch:
+            start_epoch, skip_steps = start_epoch + 1, 0
+
+    progress = _Progress(config.progress, config.epochs, steps_per_epoch)
+    with progress:
+        for epoch in range(start_epoch, config.epochs):
+            model.train()
+            started = time.perf_counter()
+            loss_sum, correct, seen, has_acc = 0.0, 0, 0, True
+            loader = make_loader(splits.train, config.batch_size, shuffle=True, seed=config.seed, epoch=epoch)
+            progress.start_epoch(epoch, completed=skip_steps)
+            for step, (inputs, targets) in enumerate(loader):
+                if step < skip_steps:
+                    continue
+                inputs, targets = devices.move_batch(inputs, device), devices.move_batch(targets, device)
+                with devices.autocast(device, config.precision):
+                    loss, outputs = loss_fn(forward_model, inputs, targets)
+                optimizer.zero_grad(set_to_none=True)
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.unscale_(optimizer)
+                else:
+                    loss.backward()
+                if config.grad_clip:
+                    nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                scheduler.step()
+                global_step += 1
+                loss_sum += float(loss.detach()) * len(targets)
+                c = _correct(outputs.detach(), targets)
+                has_acc = has_acc and c is not None
+                correct += c or 0
+                seen += len(targets)
+                progress.step(loss_sum / seen, correct / seen if has_acc else None)
+                if (
+                    config.checkpoint
+                    and config.checkpoint_every
+                    and global_step % config.checkpoint_every == 0
+                ):
+                    _save_checkpoint(
+                        config.checkpoint, model, optimizer, scheduler, epoch, step + 1, global_step, history
+                    )
+            skip_steps = 0
+            val_loss, val_acc = (None, None)
+            if len(splits.val):
+                val_loss, val_acc = evaluate(
+                    forward_model, splits.val, device=device, precision=config.precision, loss_fn=loss_fn
+                )
+            log = EpochLog(
+                epoch=epoch + 1,
+                train_loss=loss_sum / max(seen, 1),
+                train_accuracy=(correct / seen) if (has_acc and seen) else None,
+                val_loss=val_loss,
+                val_accuracy=val_acc,
+                seconds=time.perf_counter() - started,
+            )
+            history.append(log)
+            progress.end_epoch(log, config.epochs)
+            if config.checkpoint:
+                _save_checkpoint(
+                    config.checkpoint, model, optimizer, scheduler, epoch + 1, 0, global_step, history
+                )
+    model.eval()
+    return TrainResult(model=model, history=history, resumed_from=resumed_from)
+
+
+class _Progress:
+    """A rich progress bar with live loss/accuracy, and one summary line per epoch; silent when disabled."""
+
+    def __init__(self, enabled: bool, epochs: int, steps: int) -> None:
+        self.enabled, self.epochs, self.steps = enabled, epochs, steps
+        self._bar = None
+        self._task = None
+
+    def __enter__(self) -> _Progress:
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._bar = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[stats]}"),
+                TimeElapsedColumn(),
+                transient=True,
+            )
+            self._bar.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(*exc)
+
+    def start_epoch(self, epoch: int, completed: int = 0) -> None:
+        if self._bar is not None:
+            if self._task is not None:
+                self._bar.remove_task(self._task)
+            self._task = self._bar.add_task(
+                f"epoch {epoch + 1}/{self.epochs}", total=self.steps, completed=completed, stats=""
+            )
+
+    def step(self, loss: float, accuracy: float | None) -> None:
+        if self._bar is not None:
+            stats = f"loss {loss:.4f}" + (f"  acc {accuracy:.1%}" if accuracy is not None else "")
+            self._bar.update(self._task, advance=1, stats=stats)
+
+    def end_epoch(self, log: EpochLog, epochs: int) -> None:
+        if self._bar is not None:
+            parts = [f"epoch {log.epoch:>3}/{epochs}", f"loss {log.train_loss:.4f}"]
+            if log.train_accuracy is not None:
+                parts.append(f"acc {log.train_accuracy:.1%}")
+            if log.val_accuracy is not None:
+                parts.append(f"val acc {log.val_accuracy:.1%}")
+            elif log.val_loss is not None:
+                parts.append(f"val loss {log.val_loss:.4f}")
+            parts.append(f"{log.seconds:.1f}s")
+            self._bar.console.print("  ".join(parts))
+
+
+STRATEGIES = ("single",)
+
+
+def train(
+    model: nn.Module,
+    data: object,
+    *,
+    strategy: str = "single",
+    workers: int = 1,
+    device: str = "auto",
+    precision: str = "fp32",
+    loss_fn: LossFn = classification_loss,
+    **options,
+) -> TrainResult:
+    """Train a model with a strategy; `options` are `TrainConfig` fields (epochs, lr, checkpoint, ...)."""
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"unknown strategy '{strategy}' (available here: {', '.join(STRATEGIES)})")
+    if workers != 1:
+        raise ConfigError(f"strategy '{strategy}' runs one worker; got workers={workers}")
+    unknown = set(options) - set(TrainConfig.__dataclass_fields__)
+    if unknown:
+        raise ConfigError(
+            f"unknown training option(s) {', '.join(sorted(unknown))} "
+            f"(known: {', '.join(TrainConfig.__dataclass_fields__)})"
+        )
+    config = TrainConfig(device=device, precision=precision, **options)
+    return fit(model, data, config, loss_fn=loss_fn)

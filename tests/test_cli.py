@@ -1,0 +1,103 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from keiryo import artifacts
+from keiryo.cli import main
+from keiryo.models import build_model
+
+
+def run(capsys, *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_console_script_help_teaches():
+    out = subprocess.run(["keiryo", "--help"], capture_output=True, text=True, check=True).stdout
+    for command in ("train", "bench", "demo"):
+        assert command in out
+    train_help = subprocess.run(
+        ["keiryo", "train", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "Example: keiryo train" in train_help
+
+
+def test_train_then_bench(tmp_path, capsys):
+    model = tmp_path / "mlp.pt"
+    code, out, err = run(
+        capsys, "train", "--model", "mlp", "--epochs", "2", "--no-progress", "--out", str(model)
+    )
+    assert code == 0, err
+    assert "test accuracy" in out and model.exists()
+    meta = artifacts.metadata_of(artifacts.load(model))
+    assert meta["input_shape"] == [1, 8, 8] and meta["test_accuracy"] > 0.8
+    small = tmp_path / "small.pt"
+    code, _, err = run(
+        capsys, "train", "-m", "mlp", "-a", "hidden=[16]", "--epochs", "1", "--no-progress", "-o", str(small)
+    )
+    assert code == 0, err
+    js = tmp_path / "bench.json"
+    code, out, err = run(
+        capsys, "bench", str(model), str(small), "--data", "digits", "--runs", "3", "--json", str(js)
+    )
+    assert code == 0, err
+    assert "mlp" in out and "small" in out
+    rows = json.loads(js.read_text())["models"]
+    assert [r["name"] for r in rows] == ["mlp", "small"] and rows[1]["size_ratio"] < 0.5
+    code, out, err = run(capsys, "bench", str(model), "--runs", "2", "--batch-sizes", "1")
+    assert code == 0, err  # input shape taken from the file's metadata
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train", "--data", "nope.npz", "--no-progress"], "nope.npz"),
+        (["train", "--model", "resnet9000", "--no-progress"], "resnet9000"),
+        (["train", "--precision", "fp8", "--no-progress"], "precision"),
+        (["train", "--model-arg", "width", "--no-progress"], "name=value"),
+        (["bench", "missing.pt"], "missing.pt"),
+        (["bench", "CORRUPT", "--runs", "1"], "corrupt"),
+        (["bench", "GOOD", "--batch-sizes", "a,b"], "--batch-sizes"),
+        (["train", "--epochs", "zero"], "--epochs"),
+        (["frobnicate"], "frobnicate"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"\x00garbage")
+    good = artifacts.save(
+        build_model("mlp", in_features=64, hidden=[4], num_classes=10), tmp_path / "good.pt"
+    )
+    args = [str(corrupt) if a == "CORRUPT" else str(good) if a == "GOOD" else a for a in args]
+    args = [str(tmp_path / a) if a.endswith(".npz") else a for a in args]
+    code, out, err = run(capsys, *args)
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], err
+    assert "Traceback" not in out + err
+
+
+def test_cli_exits_nonzero_as_a_process(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "keiryo", "bench", str(tmp_path / "none.pt")], capture_output=True, text=True
+    )
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+
+
+def test_demo_trains_and_reports(tmp_path, capsys):
+    code, out, err = run(capsys, "demo", "--out", str(tmp_path), "--epochs", "2", "--no-progress")
+    assert code == 0, err
+    assert "keiryo demo" in out and "test accuracy" in out
+    model = artifacts.load(tmp_path / "cnn.pt")
+    assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+
+
+def test_env_prints_versions(capsys):
+    code, out, _ = run(capsys, "env")
+    assert code == 0 and f"torch: {torch.__version__}" in out
