@@ -205,5 +205,11 @@ def metadata_of(model: nn.Module) -> dict[str, Any]:
 
 
 def _replay(model: nn.Module, transform: dict, payload: dict) -> None:
+    """Re-apply one recorded class-changing step to the rebuilt float model (weights come after)."""
     kind = transform["kind"]
+    if kind == "quantize":
+        from keiryo.compress.quantize import replay as replay_quantize
+
+        replay_quantize(model, **transform["options"])
+        return
     raise ArtifactError(f"model file uses transform '{kind}', which this keiryo version cannot replay")

@@ -179,6 +179,9 @@ def _int_list(text: str, option: str) -> list[int]:
     return values
 
 
+# Technique commands (quantize, prune, distill, ...) are added above this line, one function each.
+
+
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the demo's model files.")] = Path(

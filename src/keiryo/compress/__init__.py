@@ -1,0 +1,1 @@
+"""Lightweighting: quantization, pruning, distillation. Each function takes a model and returns a model."""
