@@ -61,6 +61,9 @@ def rows(report: Report) -> list[dict[str, Any]]:
             big = r.latency.get(batches[-1])
             row[f"samples/s b{batches[-1]}"] = f"{big.throughput:,.0f}" if big else "-"
         row["accuracy"] = f"{r.accuracy:.2%}" if r.accuracy is not None else "-"
+        if len(report.rows) == 1:  # nothing to compare against: no agreement or ratio columns
+            out.append(row)
+            continue
         row["agreement"] = _agreement(r)
         if r is not report.baseline:
             row["smaller"] = _ratio(
