@@ -1,0 +1,113 @@
+"""The Ray parameter server: counting, staleness control, failures, checkpoints (one local Ray)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from keiryo.errors import ConfigError
+from keiryo.measure import accuracy
+from keiryo.models import build_model
+from keiryo.parallel.async_ps import AsyncConfig, load_checkpoint, train_async
+
+ray = pytest.importorskip("ray")  # a declared dependency; this only keeps a broken install from hiding here
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return build_model("mlp", in_features=64, hidden=[32], num_classes=10)
+
+
+def _config(**overrides) -> AsyncConfig:
+    base = {"workers": 3, "max_updates": 60, "progress": False, "eval_every": 0.2, "lr": 0.1}
+    return AsyncConfig(**{**base, **overrides})
+
+
+def test_every_accepted_push_is_one_update_and_the_model_learns(digits):
+    model = _mlp()
+    before = accuracy(model, digits.test)
+    result = train_async(model, digits, _config(max_updates=150))
+    s = result.stats
+    assert s["version"] == s["accepted"] == 150 == sum(s["pushes"].values())
+    assert s["discarded"] == 0 and len(s["pushes"]) == 3
+    assert accuracy(result.model, digits.test) > max(0.6, before + 0.3)
+    assert result.timeline and result.timeline[-1]["version"] <= 150
+
+
+def test_bounded_staleness_never_applies_a_staler_gradient(digits):
+    slow = [1.0, 1.0, 6.0]
+    free = train_async(_mlp(), digits, _config(mode="async", slowdown=slow, max_updates=80))
+    bounded = train_async(
+        _mlp(), digits, _config(mode="bounded", staleness_bound=1, slowdown=slow, max_updates=80)
+    )
+    assert free.stats["staleness_max"] > 1  # without a bound, the slow worker's pushes are stale
+    assert bounded.stats["staleness_max"] <= 1
+    assert bounded.stats["version"] == bounded.stats["accepted"] == 80
+
+
+def test_sync_mode_is_a_barrier(digits):
+    result = train_async(_mlp(), digits, _config(mode="sync", max_updates=20, slowdown=[1.0, 1.0, 3.0]))
+    pushes = result.stats["pushes"]
+    assert result.stats["version"] == 20
+    assert set(pushes.values()) == {20}  # every worker contributed to every round, the slow one too
+    assert result.stats["staleness_max"] == 0
+
+
+@pytest.mark.parametrize("mode", ["scaled", "dcasgd"])
+def test_staleness_corrections_train(digits, mode):
+    result = train_async(_mlp(), digits, _config(mode=mode, max_updates=120))
+    assert result.stats["version"] == 120
+    assert accuracy(result.model, digits.test) > 0.6
+
+
+def test_killed_worker_is_restarted_and_no_update_is_lost(digits, tmp_path):
+    ck = str(tmp_path / "ps.pt")
+    killed = []
+
+    def kill_once(ctx):
+        if not killed and ctx["stats"]["version"] >= 10 and 0 in ctx["workers"]:
+            ray.kill(ctx["workers"][0])
+            killed.append(ctx["stats"]["version"])
+
+    cfg = _config(max_updates=120, checkpoint=ck, checkpoint_every=20, eval_every=0.1)
+    result = train_async(_mlp(), digits, cfg, on_tick=kill_once)
+    assert killed, "the worker was never killed"
+    assert result.restarts == 1
+    s = result.stats
+    assert s["version"] == s["accepted"] == 120 == sum(s["pushes"].values())
+    saved = load_checkpoint(ck)
+    assert saved["version"] == 120
+    assert all(torch.equal(saved["model"][k], v) for k, v in result.model.state_dict().items())
+    # resume from the checkpoint and go on to 160 updates
+    resumed = train_async(_mlp(), digits, _config(max_updates=160, checkpoint=ck, resume=True))
+    assert resumed.stats["version"] == 160 and resumed.stats["accepted"] == 160
+    assert sum(resumed.stats["pushes"].values()) == 40
+
+
+def test_run_goes_on_without_a_dead_worker_when_configured(digits):
+    def kill_once(ctx):
+        if ctx["stats"]["version"] >= 5 and 1 in ctx["workers"]:
+            ray.kill(ctx["workers"][1])
+
+    result = train_async(_mlp(), digits, _config(on_failure="continue", max_updates=80), on_tick=kill_once)
+    assert result.restarts == 0 and result.stats["version"] == 80
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"mode": "hogwild"}, "unknown async mode"),
+        ({"slowdown": [1.0]}, "slowdown"),
+        ({"on_failure": "panic"}, "on_failure"),
+    ],
+)
+def test_bad_config_is_one_line(digits, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        train_async(_mlp(), digits, _config(**overrides))
