@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -263,7 +264,13 @@ class Worker:
 
 
 def _ray_init(address: str | None) -> bool:
-    """Start Ray locally (or join `address`) unless already running; True when this call started it."""
+    """Start Ray locally (or join `address`) unless already running; True when this call started it.
+
+    A local Ray is kept on the loopback address (Ray's own switch for single-machine clusters), so that an
+    embedded run never listens on the machine's network interfaces.
+    """
+    if address is None:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
     if ray.is_initialized():

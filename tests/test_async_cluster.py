@@ -1,0 +1,69 @@
+"""Two Ray nodes on this machine (a head and a second node, on loopback addresses): one run uses both."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+DRIVER = """
+import json, sys, torch
+from keiryo.data import load_data
+from keiryo.models import build_model
+from keiryo.parallel.async_ps import AsyncConfig, train_async
+torch.manual_seed(0)
+model = build_model("mlp", in_features=64, hidden=[32], num_classes=10)
+result = train_async(model, load_data("digits"),
+                     AsyncConfig(workers=4, max_updates=60, progress=False, ray_address=sys.argv[1]))
+print(json.dumps(result.stats))
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def two_node_cluster():
+    """`ray start` a head on 127.0.0.2 and a second node on 127.0.0.3 (both loopback), then stop them."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
+    env["RAY_AUTH_MODE"] = "token"
+    port = _free_port()
+    common = ["--num-cpus", "1", "--disable-usage-stats"]
+    head = [
+        "ray",
+        "start",
+        "--head",
+        "--port",
+        str(port),
+        "--node-ip-address",
+        "127.0.0.2",
+        "--include-dashboard",
+        "false",
+        *common,
+    ]
+    second = ["ray", "start", "--address", f"127.0.0.2:{port}", "--node-ip-address", "127.0.0.3", *common]
+    try:
+        subprocess.run(head, env=env, check=True, capture_output=True, timeout=120)
+        subprocess.run(second, env=env, check=True, capture_output=True, timeout=120)
+        yield f"127.0.0.2:{port}", env
+    finally:
+        subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def test_async_run_spreads_over_two_nodes(two_node_cluster):
+    address, env = two_node_cluster
+    proc = subprocess.run(
+        [sys.executable, "-c", DRIVER, address], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    stats = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert stats["version"] == stats["accepted"] == 60
+    assert len(stats["nodes"]) == 4
+    assert len(set(stats["nodes"].values())) == 2  # the workers ran on both nodes
