@@ -237,16 +237,17 @@ class Worker:
         self.params = [p for p in model.parameters() if p.requires_grad]
 
     def run(self, server, loss_fn: Callable) -> int:
+        """Loop until the server says stop; a worker with slowdown k takes k times as long per iteration."""
         import ray
 
         steps = 0
         ray.get(server.register.remote(self.id, ray.get_runtime_context().get_node_id()))
         while True:
+            started = time.perf_counter()
             pulled = ray.get(server.pull.remote(self.id))
             if pulled is None:
                 return steps
             version, values = pulled
-            started = time.perf_counter()
             with torch.no_grad():
                 for p, v in zip(self.params, values, strict=True):
                     p.copy_(v)
@@ -256,10 +257,11 @@ class Worker:
             loss, _ = loss_fn(self.model, self.inputs[idx], self.targets[idx])
             loss.backward()
             grads = [p.grad.detach().clone() for p in self.params]
+            steps += 1
+            go_on = ray.get(server.push.remote(self.id, version, grads, float(loss)))
             if self.slowdown > 1:
                 time.sleep((self.slowdown - 1) * (time.perf_counter() - started))
-            steps += 1
-            if not ray.get(server.push.remote(self.id, version, grads, float(loss))):
+            if not go_on:
                 return steps
 
 
