@@ -179,6 +179,81 @@ def _int_list(text: str, option: str) -> list[int]:
     return values
 
 
+@app.command()
+def prune(
+    model_file: Annotated[Path, typer.Argument(help="The trained model file to prune.")],
+    ratio: Annotated[float, typer.Option(help="Fraction to remove (0-1) of --target.")] = 0.5,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the pruned model.")] = Path(
+        "pruned.pt"
+    ),
+    unstructured: Annotated[
+        bool, typer.Option("--unstructured", help="Zero single weights instead of removing channels.")
+    ] = False,
+    importance: Annotated[str, typer.Option(help="l1 | l2 | bn | taylor (needs --data).")] = "l2",
+    target: Annotated[
+        str, typer.Option(help="What --ratio removes: channels | params | flops | latency.")
+    ] = "channels",
+    global_pruning: Annotated[
+        bool, typer.Option("--global", help="Rank all layers together instead of each layer alone.")
+    ] = False,
+    protect: Annotated[
+        list[str] | None, typer.Option(help="Layer name to leave whole (repeatable; the classifier always).")
+    ] = None,
+    data_source: Annotated[
+        str | None, typer.Option("--data", "-d", help="Data for taylor, fine-tuning and the accuracy column.")
+    ] = None,
+    iterative_steps: Annotated[int, typer.Option(help="Prune in N steps (fine-tuning after each).")] = 1,
+    finetune_epochs: Annotated[int, typer.Option(help="Fine-tuning epochs after each step.")] = 0,
+    distill: Annotated[
+        bool, typer.Option("--distill", help="Fine-tune against the unpruned model's soft targets.")
+    ] = False,
+    threads: Annotated[int | None, typer.Option(help="Intra-op threads for the timing.")] = None,
+    trust_code: Annotated[
+        bool, typer.Option("--trust-code", help="Allow model files built by your factories.")
+    ] = False,
+    seed: SeedOpt = 0,
+) -> None:
+    """Prune a model file: remove channels, neurons and heads (or zero weights), and show before/after.
+
+    Example: keiryo prune cnn.pt --ratio 0.5 --importance taylor --finetune-epochs 3 --data digits -o small.pt
+    """
+    from keiryo.compress.prune import prune as prune_model
+
+    original = artifacts.load(model_file, trust_code=trust_code)
+    splits = data.load_data(data_source, seed=seed) if data_source else None
+    shape = artifacts.metadata_of(original).get("input_shape")
+    if splits is not None:
+        example = data.example_inputs(splits, 64)
+    elif shape:
+        example = torch.randn((64, *shape), generator=torch.Generator().manual_seed(seed))
+    else:
+        raise ConfigError(f"'{model_file}' does not record its input shape; pass --data")
+    pruned = prune_model(
+        original,
+        ratio,
+        structured=not unstructured,
+        example_inputs=example,
+        importance=importance,
+        target=target,
+        global_pruning=global_pruning,
+        protect=protect,
+        data=splits,
+        iterative_steps=iterative_steps,
+        finetune_epochs=finetune_epochs,
+        finetune=TrainConfig(lr=1e-3, seed=seed, device="cpu", progress=False),
+        teacher=original if distill else None,
+    )
+    test_acc = accuracy(pruned, splits.test) if splits is not None else None
+    metadata = {"test_accuracy": test_acc} if splits is not None else {}
+    artifacts.save(pruned, out, metadata=metadata)
+    result = compare({model_file.stem: original, "pruned": pruned}, example, splits, num_threads=threads)
+    removed = "weights, unstructured" if unstructured else target
+    report.print_report(result, title=f"keiryo prune (ratio {ratio} of {removed})", console=console)
+    if unstructured:
+        console.print("zeroed weights are stored compactly, but dense kernels do not run faster for them")
+    console.print(f"saved {out} ({report.human_bytes(out.stat().st_size)})")
+
+
 # Technique commands (quantize, prune, distill, ...) are added above this line, one function each.
 
 
