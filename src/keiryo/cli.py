@@ -154,13 +154,7 @@ def bench(
         name = path.stem if path.stem not in loaded else str(path)
         loaded[name] = artifacts.load(path, trust_code=trust_code)
     splits = data.load_data(data_source, seed=seed) if data_source else None
-    if splits is not None:
-        example = data.example_inputs(splits, max(sizes))
-    else:
-        shape = artifacts.metadata_of(next(iter(loaded.values()))).get("input_shape")
-        if not shape:
-            raise ConfigError(f"'{model_files[0]}' does not record its input shape; pass --data")
-        example = torch.randn((max(sizes), *shape), generator=torch.Generator().manual_seed(seed))
+    example = _example_inputs(model_files[0], next(iter(loaded.values())), splits, max(sizes), seed)
     result = compare(loaded, example, splits, batch_sizes=tuple(sizes), runs=runs, num_threads=threads)
     report.print_report(result, title="keiryo bench", console=console)
     if json_out:
@@ -252,6 +246,50 @@ def prune(
     if unstructured:
         console.print("zeroed weights are stored compactly, but dense kernels do not run faster for them")
     console.print(f"saved {out} ({report.human_bytes(out.stat().st_size)})")
+
+
+def _example_inputs(model_file: Path, model: object, splits: data.DataSplits | None, batch: int, seed: int):
+    """Inputs to measure or export with: the data's test inputs, else random ones of the recorded shape."""
+    if splits is not None:
+        return data.example_inputs(splits, batch)
+    shape = artifacts.metadata_of(model).get("input_shape")
+    if not shape:
+        raise ConfigError(f"'{model_file}' does not record its input shape; pass --data")
+    return torch.randn((batch, *shape), generator=torch.Generator().manual_seed(seed))
+
+
+@app.command("export")
+def export_command(
+    model_file: Annotated[Path, typer.Argument(help="A keiryo model file.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The exported file (.onnx, .pt2, .safetensors).")],
+    format: Annotated[str, typer.Option(help="onnx | torch-export | safetensors.")] = "onnx",
+    data_source: Annotated[
+        str | None, typer.Option("--data", "-d", help="Data whose inputs check the export (else random).")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Batch size of the check and the timing.")] = 64,
+    trust_code: Annotated[
+        bool, typer.Option("--trust-code", help="Allow model files built by your factories.")
+    ] = False,
+    seed: SeedOpt = 0,
+) -> None:
+    """Export a model for deployment and verify the file: max error against PyTorch, and runtime latency.
+
+    Example: keiryo export cnn.pt --format onnx --out cnn.onnx --data digits
+    """
+    from keiryo.export import export as export_model
+
+    model = artifacts.load(model_file, trust_code=trust_code)
+    splits = data.load_data(data_source, seed=seed) if data_source else None
+    example = _example_inputs(model_file, model, splits, batch_size, seed)
+    result = export_model(model, example, out, format)
+    console.print(f"exported {model_file} → {result.path} ({format}, {report.human_bytes(result.bytes)})")
+    console.print(f"max |exported − PyTorch| on a fresh batch: {result.max_error:.2e}")
+    if result.runtime_p50_ms is not None and result.torch_p50_ms is not None:
+        speed = result.torch_p50_ms / result.runtime_p50_ms
+        console.print(
+            f"latency at batch {batch_size}: {format} {result.runtime_p50_ms:.3f} ms, PyTorch "
+            f"{result.torch_p50_ms:.3f} ms ({speed:.2f}× {'faster' if speed >= 1 else 'slower'} than PyTorch)"
+        )
 
 
 # Technique commands (quantize, prune, distill, ...) are added above this line, one function each.
