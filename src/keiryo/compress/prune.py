@@ -88,7 +88,15 @@ def prune(
         teacher=teacher,
     )
     if structured:
-        channel_ratio = ratio if target == "channels" else _channel_ratio_for(pruned, ratio, target, job)
+        limit = _max_channel_ratio(pruned, job)
+        if target == "channels" and ratio > limit:
+            raise ConfigError(
+                f"ratio {ratio} would remove every channel or head of the narrowest layer, which "
+                f"torch-pruning then leaves whole; use a ratio ≤ {limit:.3f}"
+            )
+        channel_ratio = (
+            ratio if target == "channels" else _channel_ratio_for(pruned, ratio, target, job, limit)
+        )
         _prune_structured(pruned, channel_ratio, job)
     else:
         _prune_unstructured(pruned, ratio, job)
@@ -207,7 +215,17 @@ def _accumulate_gradients(model: nn.Module, splits: DataSplits) -> None:
     model.train(was_training)
 
 
-def _channel_ratio_for(model: nn.Module, ratio: float, target: str, job: _Job) -> float:
+def _max_channel_ratio(model: nn.Module, job: _Job) -> float:
+    """The largest channel ratio that leaves every prunable layer (and attention module) a channel (head)."""
+    widths = [m.num_heads for m in _attention_modules(model)]
+    for name, module in model.named_modules():
+        if isinstance(module, _PRUNABLE) and name not in job.protected:
+            widths.append(module.out_features if isinstance(module, nn.Linear) else module.out_channels)
+    narrowest = min((w for w in widths if w > 1), default=None)  # 1-wide layers are never pruned
+    return 1 - 1 / narrowest - 1e-6 if narrowest else 1 - 1e-6
+
+
+def _channel_ratio_for(model: nn.Module, ratio: float, target: str, job: _Job, limit: float) -> float:
     """The channel ratio removing `ratio` of the params, FLOPs or measured latency (bisection on copies)."""
     if target == "params":
         base = count_parameters(model)[0]
@@ -227,7 +245,7 @@ def _channel_ratio_for(model: nn.Module, ratio: float, target: str, job: _Job) -
         _prune_structured(trial, channel_ratio, one_shot)
         return metric(trial)
 
-    goal, low, high = 1 - ratio, 0.0, 0.95
+    goal, low, high = 1 - ratio, 0.0, limit
     if remaining(high) > goal:
         raise ConfigError(
             f"cannot remove {ratio:.0%} of the {target}: at most {1 - remaining(high):.0%} with the "
@@ -304,6 +322,7 @@ def _finetune(model: nn.Module, job: _Job) -> None:
     config.epochs = job.finetune_epochs
     loss_fn = _distill_loss(job.teacher) if job.teacher is not None else classification_loss
     fit(model, job.splits, config, loss_fn=loss_fn)
+    model.zero_grad(set_to_none=True)
     model.cpu().eval()
 
 

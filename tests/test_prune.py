@@ -1,0 +1,273 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from keiryo import artifacts
+from keiryo.cli import main
+from keiryo.compress.prune import magnitude_masks, prune, sparsity
+from keiryo.errors import ArtifactError, ConfigError, ModelError
+from keiryo.measure import accuracy, count_flops, count_parameters
+from keiryo.models import Attention, build_model
+from keiryo.train import TrainConfig, fit
+
+X = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+SMALL = {
+    "cnn": {"width": 16},
+    "mlp": {"hidden": [64, 32]},
+    "transformer": {"dim": 32, "heads": 4},
+}
+
+
+def params(model: nn.Module) -> int:
+    return count_parameters(model)[0]
+
+
+@pytest.mark.parametrize("name", ["cnn", "mlp", "transformer"])
+def test_structured_pruning_shrinks_and_round_trips(tmp_path, name):
+    model = build_model(name, **SMALL[name]).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    pruned = prune(model, 0.5, example_inputs=X)
+    assert params(pruned) < 0.6 * params(model)
+    assert pruned(X).shape == model(X).shape == (6, 10)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the input is untouched
+    loaded = artifacts.load(artifacts.save(pruned, tmp_path / "pruned.pt"))
+    assert torch.equal(loaded(X), pruned(X))
+    assert artifacts.metadata_of(loaded)["pruning"]["ratio"] == 0.5
+
+
+def test_cnn_channels_tied_by_residuals_and_batchnorm_are_removed_together():
+    model = build_model("cnn", width=16, blocks=2).eval()
+    pruned = prune(model, 0.5, example_inputs=X)
+    stream = pruned.stem[0].out_channels
+    assert stream == 8 and pruned.stem[1].num_features == 8 and pruned.fc.in_features == 8
+    for block in pruned.blocks:
+        assert block.conv1.in_channels == block.conv2.out_channels == block.bn2.num_features == stream
+        assert block.conv1.out_channels == block.bn1.num_features == block.conv2.in_channels == 8
+    assert pruned.fc.out_features == 10  # the classifier is protected
+
+
+def test_structured_removes_the_unimportant_channels_exactly():
+    """Neurons whose weights are all zero contribute nothing; removing just those keeps the outputs."""
+    model = build_model("mlp", in_features=64, hidden=[32, 16], num_classes=10).eval()
+    dead = torch.arange(0, 32, 2)
+    with torch.no_grad():
+        model.fc0.weight[dead] = 0
+        model.fc0.bias[dead] = 0
+        model.fc1.weight[:, dead] = 0
+    pruned = prune(model, 0.5, example_inputs=X, protect=["fc1"])
+    assert pruned.fc0.out_features == 16 and pruned.fc1.out_features == 16
+    assert torch.allclose(pruned(X), model(X), atol=1e-6)
+
+
+def test_bn_importance_removes_channels_with_zero_scale():
+    model = build_model("cnn", width=16, blocks=1).eval()
+    dead = torch.arange(8, 16)
+    with torch.no_grad():
+        for bn in (model.stem[1], model.blocks[0].bn1, model.blocks[0].bn2):
+            bn.weight[dead] = 0
+            bn.bias[dead] = 0
+    pruned = prune(model, 0.5, example_inputs=X, importance="bn")
+    assert pruned.stem[0].out_channels == 8
+    assert torch.allclose(pruned(X), model(X), atol=1e-5)
+
+
+def test_transformer_loses_whole_heads_and_ffn_width():
+    torch.manual_seed(0)
+    model = build_model("transformer", dim=32, heads=4, mlp_ratio=2).eval()
+    head_dim = 8
+    with torch.no_grad():  # heads 0 and 2, and half of each feed-forward layer, do nothing
+        for block in model.blocks:
+            for head in (0, 2):
+                for part in range(3):  # q, k and v rows of this head
+                    rows = slice(part * 32 + head * head_dim, part * 32 + (head + 1) * head_dim)
+                    block.attn.qkv.weight[rows] = 0
+                    block.attn.qkv.bias[rows] = 0
+                block.attn.proj.weight[:, head * head_dim : (head + 1) * head_dim] = 0
+            block.mlp.fc1.weight[32:] = 0
+            block.mlp.fc1.bias[32:] = 0
+            block.mlp.fc2.weight[:, 32:] = 0
+    pruned = prune(model, 0.5, example_inputs=X)
+    for block in pruned.blocks:
+        attn = block.attn
+        assert isinstance(attn, Attention) and attn.num_heads == 2
+        assert attn.qkv.out_features == 3 * 2 * head_dim and attn.proj.in_features == 2 * head_dim
+        assert block.mlp.fc1.out_features == 32 and block.norm1.normalized_shape == (32,)  # width kept
+    assert torch.allclose(pruned(X), model(X), atol=1e-5)
+    assert count_flops(pruned, X) < count_flops(model, X)
+
+
+@pytest.mark.parametrize("target", ["params", "flops"])
+def test_target_ratio_of_params_or_flops(target):
+    model = build_model("cnn", width=16).eval()
+    pruned = prune(model, 0.5, example_inputs=X, target=target)
+    measure = (lambda m: params(m)) if target == "params" else (lambda m: count_flops(m, X))
+    kept = measure(pruned) / measure(model)
+    assert 0.4 <= kept <= 0.5
+
+
+def test_global_ranking_prunes_layers_unevenly():
+    model = build_model("mlp", in_features=64, hidden=[64, 64], num_classes=10).eval()
+    with torch.no_grad():  # half of fc0's neurons are near zero: a global ranking takes them from fc0 first
+        model.fc0.weight[:32].mul_(0.01)
+        model.fc0.bias[:32].mul_(0.01)
+        model.fc1.weight[:, :32].mul_(0.01)
+    pruned = prune(model, 0.4, example_inputs=X, global_pruning=True)
+    assert pruned.fc0.out_features < pruned.fc1.out_features
+    per_layer = prune(model, 0.4, example_inputs=X)
+    assert per_layer.fc0.out_features == per_layer.fc1.out_features
+
+
+@pytest.mark.parametrize("global_pruning", [False, True])
+def test_unstructured_is_permanent_exact_and_compact(tmp_path, global_pruning):
+    torch.manual_seed(0)
+    model = build_model("mlp", in_features=64, hidden=[256, 128], num_classes=10).eval()
+    pruned = prune(model, 0.8, structured=False, example_inputs=X, global_pruning=global_pruning)
+    layers = [pruned.fc0, pruned.fc1]
+    if global_pruning:
+        zeros = sum(int((m.weight == 0).sum()) for m in layers)
+        assert zeros == round(0.8 * sum(m.weight.numel() for m in layers))
+    else:
+        assert all(int((m.weight == 0).sum()) == round(0.8 * m.weight.numel()) for m in layers)
+    assert int((pruned.classifier.weight == 0).sum()) == 0  # protected
+    for before, after in [(model.fc0.weight, pruned.fc0.weight), (model.fc1.weight, pruned.fc1.weight)]:
+        kept = after != 0  # every kept weight outweighs every dropped one, and is unchanged
+        assert before.abs()[kept].min() >= before.abs()[~kept].max()
+        assert torch.equal(after[kept], before[kept])
+    for module in pruned.modules():  # no masks, hooks or reparametrizations left behind
+        assert not module._forward_pre_hooks and not module._forward_hooks
+        assert set(module._parameters) <= {"weight", "bias"} and not module._buffers
+    dense = artifacts.save(model, tmp_path / "dense.pt").stat().st_size
+    sparse_path = artifacts.save(pruned, tmp_path / "sparse.pt")
+    assert sparse_path.stat().st_size <= 0.35 * dense
+    assert torch.equal(artifacts.load(sparse_path)(X), pruned(X))
+
+
+def test_magnitude_masks_drop_the_smallest():
+    a, b = torch.tensor([[0.1, -5.0], [3.0, -0.2]]), torch.tensor([0.05, 4.0, -1.0])
+    per_layer = magnitude_masks([a, b], 0.5)
+    assert per_layer[0].tolist() == [[0, 1], [1, 0]] and per_layer[1].tolist() == [0, 1, 0]  # round(1.5)=2
+    together = magnitude_masks([a, b], 3 / 7, global_pruning=True)
+    assert together[0].tolist() == [[0, 1], [1, 0]] and together[1].tolist() == [0, 1, 1]
+
+
+@pytest.mark.parametrize("shape", [(100,), (7, 13), (3, 5, 3, 3)])
+def test_sparse_encoding_round_trips_exactly(shape):
+    values = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    values[torch.rand(shape, generator=torch.Generator().manual_seed(1)) < 0.8] = 0
+    values.view(-1)[3] = float("nan")
+    encoded = artifacts.encode_sparse(values)
+    assert isinstance(encoded, dict) and encoded["values"].numel() == int((values != 0).sum())
+    decoded = artifacts.decode_sparse(encoded)
+    assert decoded.shape == values.shape and torch.equal(decoded.nan_to_num(7.0), values.nan_to_num(7.0))
+    assert artifacts.encode_sparse(torch.randn(shape)) is not None
+    assert isinstance(artifacts.encode_sparse(torch.randn(100)), torch.Tensor)  # dense stays dense
+    assert isinstance(artifacts.encode_sparse(torch.zeros(100, dtype=torch.long)), torch.Tensor)
+
+
+def test_corrupt_sparse_tensor_is_a_clear_error(tmp_path):
+    encoded = artifacts.encode_sparse(torch.zeros(256))
+    encoded["values"] = torch.ones(3)
+    with pytest.raises(ArtifactError, match="corrupt sparse tensor"):
+        artifacts.decode_sparse(encoded)
+
+
+def test_iterative_unstructured_finetuning_keeps_zeros(digits):
+    torch.manual_seed(0)
+    model = build_model("mlp", in_features=64, hidden=[128], num_classes=10)
+    fit(model, digits, TrainConfig(epochs=4, progress=False, device="cpu"))
+    pruned = prune(model, 0.8, structured=False, data=digits, iterative_steps=2, finetune_epochs=2)
+    assert abs(int((pruned.fc0.weight == 0).sum()) - 0.8 * pruned.fc0.weight.numel()) <= 1
+    assert accuracy(pruned, digits.test) > accuracy(model, digits.test) - 0.03
+
+
+def test_iterative_taylor_with_finetuning_and_teacher(digits):
+    torch.manual_seed(0)
+    model = build_model("mlp", in_features=64, hidden=[128, 64])
+    fit(model, digits, TrainConfig(epochs=5, progress=False, device="cpu"))
+    one_shot = prune(model, 0.5, importance="taylor", data=digits)
+    tuned = prune(
+        model, 0.5, importance="taylor", data=digits, iterative_steps=2, finetune_epochs=1, teacher=model
+    )
+    assert tuned.fc0.out_features == one_shot.fc0.out_features == 64
+    assert all(p.grad is None for p in tuned.parameters())
+    assert accuracy(tuned, digits.test) > max(0.8, accuracy(one_shot, digits.test) + 0.1)
+    assert artifacts.metadata_of(tuned)["pruning"]["distilled"] is True
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"ratio": 0.0}, ConfigError, "between 0 and 1"),
+        ({"ratio": 1.0}, ConfigError, "between 0 and 1"),
+        ({"ratio": -0.5}, ConfigError, "between 0 and 1"),
+        ({"importance": "taylor"}, ConfigError, "needs data"),
+        ({"importance": "bn"}, ConfigError, "batch-norm"),
+        ({"importance": "random"}, ConfigError, "l1, l2, bn, taylor"),
+        ({"target": "latency", "structured": False}, ConfigError, "needs structured"),
+        ({"protect": ["fc9"]}, ConfigError, "no such layer 'fc9'|layer 'fc9'"),
+        ({"finetune_epochs": 1}, ConfigError, "needs data"),
+    ],
+)
+def test_bad_options_are_clear_errors(kwargs, error, message):
+    model = build_model("mlp", hidden=[16])
+    with pytest.raises(error, match=message) as info:
+        prune(model, **{"ratio": 0.5, "example_inputs": X, **kwargs})
+    assert "\n" not in str(info.value)
+
+
+def test_untraceable_model_names_the_layer():
+    with pytest.raises(ModelError, match="layer 'fc0'"):
+        prune(build_model("mlp", hidden=[16]), 0.5, example_inputs=torch.randn(2, 3))
+
+
+class Shift(nn.Module):
+    """Adds a fixed 16-wide offset: a shape torch-pruning cannot see, so pruning 'fc' breaks it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("offset", torch.ones(16))
+
+    def forward(self, x):
+        return x + self.offset
+
+
+def test_pruning_that_breaks_the_forward_names_the_layer():
+    model = nn.Sequential(
+        nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16), Shift(), nn.Linear(16, 10)
+    )
+    with pytest.raises(ModelError, match=r"after pruning in layer '4' \(Shift\)"):
+        prune(model, 0.5, example_inputs=X)
+    assert prune(model, 0.5, example_inputs=X, protect=["3"])[1].out_features == 16
+
+
+def test_nothing_prunable_is_a_clear_error():
+    model = build_model("mlp", hidden=[])
+    with pytest.raises(ModelError, match="nothing to prune"):
+        prune(model, 0.5, example_inputs=X)
+    with pytest.raises(ModelError, match="nothing to prune"):
+        prune(model, 0.5, structured=False, example_inputs=X)
+
+
+def test_sparsity_counts_zeros():
+    model = nn.Linear(4, 2, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[0.0, 1.0, 0.0, 2.0], [0.0, 0.0, 3.0, 0.0]]))
+    assert sparsity(model) == 5 / 8
+
+
+def test_cli_prune_prints_before_after_and_saves(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = build_model("cnn", width=8, blocks=1)
+    source = artifacts.save(model, tmp_path / "cnn.pt", metadata={"input_shape": [1, 8, 8]})
+    out = tmp_path / "small.pt"
+    code = main([
+        "prune", str(source), "--ratio", "0.5", "--out", str(out), "--threads", "1"
+    ])  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "keiryo prune" in captured.out and "pruned" in captured.out and "speed-up" in captured.out
+    assert artifacts.load(out).stem[0].out_channels == 4
+    code = main(["prune", str(source), "--ratio", "2"])
+    assert code == 2 and "between 0 and 1" in capsys.readouterr().err
