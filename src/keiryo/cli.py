@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from importlib import resources
 from pathlib import Path
 from typing import Annotated
 
@@ -15,6 +16,7 @@ from rich.console import Console
 from keiryo import artifacts, data, devices, models, report
 from keiryo.errors import ConfigError, KeiryoError
 from keiryo.measure import accuracy, compare
+from keiryo.recipe import Recipe, load_recipe, run_recipe
 from keiryo.train import TrainConfig
 from keiryo.train import train as run_training
 
@@ -295,30 +297,68 @@ def export_command(
 # Technique commands (quantize, prune, distill, ...) are added above this line, one function each.
 
 
-@app.command()
-def demo(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the demo's model files.")] = Path(
-        "keiryo-demo"
+@app.command("run")
+def run_command(
+    recipe: Annotated[Path, typer.Argument(help="A recipe YAML file (see recipes/digits.yaml).")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder [keiryo-out/NAME]")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Run every step again, even unchanged ones.")] = (
+        False
     ),
-    epochs: Annotated[int, typer.Option(help="Training epochs for the cnn.")] = 8,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
-    """Train the residual cnn on the built-in digits set and print its measured table (no network needed).
+    """Run a recipe: its steps in order (unchanged ones reused), then the side-by-side report.
+
+    Writes each step's model (.pt) and figures (.json), report.md, report.html, metrics.json and
+    tradeoffs.png. An interrupted run resumes where it stopped.
+
+    Example: keiryo run recipes/digits.yaml --out keiryo-demo
+    """
+    _run_and_print(load_recipe(recipe), out, force=force, progress=progress)
+
+
+def _run_and_print(recipe: Recipe | dict, out: Path | None, *, force: bool, progress: bool) -> None:
+    def announce(step) -> None:
+        console.print(f"[bold]▶ {step.name}[/bold] ({step.kind})")
+
+    result, outcomes = run_recipe(recipe, out, progress=progress, force=force, on_step=announce)
+    title = f"keiryo run: {outcomes[0].step.name} → {outcomes[-1].step.name}"
+    report.print_report(result, title=title, console=console)
+    for outcome in outcomes:
+        state = "reused" if outcome.cached else f"{outcome.seconds:.1f} s"
+        extra = "  ".join(f"{k} {v}" for k, v in outcome.info.items() if v is not None)
+        console.print(f"  {outcome.step.name:<10} {outcome.step.kind:<9} {state:>8}  {extra}")
+    folder = out or Path("keiryo-out") / (recipe.name if isinstance(recipe, Recipe) else recipe["name"])
+    console.print(f"report: {folder / 'report.html'} · {folder / 'report.md'}")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the demo's models and report.")] = Path(
+        "keiryo-demo"
+    ),
+    quick: Annotated[bool, typer.Option("--quick", help="One epoch per training step (a smoke test).")] = (
+        False
+    ),
+    force: Annotated[bool, typer.Option("--force", help="Run every step again.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Run the built-in recipe on digits: train a cnn teacher, prune, distil, quantize, export, report.
+
+    No network needed: the data ships with scikit-learn. The recipe is recipes/digits.yaml.
 
     Example: keiryo demo --out keiryo-demo
     """
-    splits = data.load_data("digits")
+    raw = yaml.safe_load(resources.files("keiryo").joinpath("recipes/digits.yaml").read_text())
+    if quick:
+        for step in raw["steps"]:
+            options = next(iter(step.values()))
+            if "epochs" in options:
+                options["epochs"] = 1
     console.print(
-        f"[bold]keiryo demo[/bold]: cnn on digits ({len(splits.train)} train / {len(splits.val)} val / "
-        f"{len(splits.test)} test images, 8×8)"
+        "[bold]keiryo demo[/bold]: digits (1,797 real 8×8 images) · "
+        + " → ".join(next(iter(s)) for s in raw["steps"])
     )
-    net = _build_for_data("cnn", splits, {})
-    run_training(net, splits, epochs=epochs, progress=progress, device="cpu")
-    test_acc = accuracy(net, splits.test)
-    path = artifacts.save(net, out / "cnn.pt", metadata=_metadata(splits, test_acc))
-    result = compare({"cnn": net}, data.example_inputs(splits, 64), splits)
-    report.print_report(result, title="keiryo demo: trained cnn", console=console)
-    console.print(f"test accuracy {test_acc:.2%} · model saved to {path}")
+    _run_and_print(raw, out, force=force, progress=progress)
 
 
 @app.command()

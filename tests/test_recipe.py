@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from keiryo.cli import main
+from keiryo.errors import ConfigError
+from keiryo.recipe import load_recipe, run_recipe
+
+TINY = """\
+name: tiny
+data: digits
+steps:
+  - train: {model: mlp, epochs: 1, model_args: {hidden: [32]}}
+  - prune: {ratio: 0.5}
+  - export: {format: onnx}
+"""
+
+
+def test_recipe_runs_reuses_and_reports(tmp_path):
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(TINY)
+    out = tmp_path / "out"
+    report, outcomes = run_recipe(recipe, out, progress=False)
+    assert [o.step.name for o in outcomes] == ["train", "prune", "export"]
+    assert not any(o.cached for o in outcomes)
+    assert [r.name for r in report.rows] == ["train", "prune"]
+    assert report.rows[1].params < report.rows[0].params
+    for name in ("train.pt", "prune.pt", "export.onnx", "report.md", "report.html", "metrics.json"):
+        assert (out / name).exists(), name
+    html = (out / "report.html").read_text()
+    assert "data:image/png;base64," in html and "<table>" in html  # one self-contained page
+    assert json.loads((out / "export.json").read_text())["info"]["file"] == "export.onnx"
+
+    _, again = run_recipe(recipe, out, progress=False)
+    assert all(o.cached for o in again)  # nothing changed: nothing runs
+
+    recipe.write_text(TINY.replace("ratio: 0.5", "ratio: 0.25"))
+    _, changed = run_recipe(recipe, out, progress=False)
+    assert [o.cached for o in changed] == [True, False, False]  # the changed step and what follows it
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "steps:\n  - train: {}\n  - prun: {ratio: 0.5}\n",
+            "line 3: unknown step 'prun' (allowed: train, prune",
+        ),
+        ("steps:\n  - train: {epocks: 3}\n", "line 2: unknown field 'epocks' in step 'train'"),
+        (
+            "steps:\n  - train: {}\n  - prune: {ratio: half}\n",
+            "line 3: field 'ratio' of step 'prune' must be",
+        ),
+        ("steps:\n  - train: {epochs: true}\n", "field 'epochs' of step 'train' must be int"),
+        ("steps:\n  - prune: {ratio: 0.5}\n", "needs a model: put a train step first"),
+        ("steps:\n  - train: {}\n  - distill: {teacher: big}\n", "'big' is not an earlier step"),
+        ("steps: [\n", "not valid YAML"),
+        ("stepz: []\n", "unknown field 'stepz' in the recipe"),
+        ("steps: []\n", "'steps' must be a non-empty list"),
+    ],
+)
+def test_bad_recipes_name_the_field_and_line(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")) as info:
+        load_recipe(path)
+    assert "\n" not in str(info.value) and "bad.yaml" in str(info.value)
+
+
+def test_missing_recipe_file_is_a_one_line_cli_error(tmp_path, capsys):
+    assert main(["run", str(tmp_path / "nope.yaml")]) == 2
+    assert "recipe" in capsys.readouterr().err
+
+
+def test_the_demo_recipe_is_valid():
+    from importlib import resources
+
+    recipe = load_recipe(str(resources.files("keiryo").joinpath("recipes/digits.yaml")))
+    assert [s.kind for s in recipe.steps] == ["train", "prune", "distill", "quantize", "export"]
