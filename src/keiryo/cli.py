@@ -294,6 +294,72 @@ def export_command(
         )
 
 
+@app.command("optimize")
+def optimize_command(
+    model_file: Annotated[Path, typer.Argument(help="A trained keiryo model file.")],
+    data_source: DataOpt = "digits",
+    max_drop: Annotated[float, typer.Option(help="Accuracy points it may lose (val and test).")] = 1.0,
+    objective: Annotated[str, typer.Option(help="What to minimise: latency (batch 64) or size.")] = "latency",
+    time_limit: Annotated[str, typer.Option(help="No new candidate after this (90s, 10m).")] = "10m",
+    ratios: Annotated[str, typer.Option(help="Pruning ratios (of channels) to try.")] = "0.25,0.5,0.75",
+    methods: Annotated[str, typer.Option(help="Quantization methods to try ('none' for float).")] = (
+        "none,int8-dynamic"
+    ),
+    finetune_epochs: Annotated[int, typer.Option(help="Fine-tuning epochs after pruning.")] = 4,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the chosen model.")] = Path(
+        "optimized.pt"
+    ),
+    trust_code: Annotated[
+        bool, typer.Option("--trust-code", help="Allow model files built by your factories.")
+    ] = False,
+    seed: SeedOpt = 0,
+) -> None:
+    """Search pruning × distillation × quantization for the cheapest model within an accuracy budget.
+
+    Every candidate is measured side by side; the result keeps its accuracy within --max-drop points of the
+    original on both the validation split (which chooses) and the test split (which confirms).
+
+    Example: keiryo optimize cnn.pt --data digits --max-drop 1.0 --objective latency --time-limit 10m
+    """
+    from keiryo.optimize import optimize, parse_duration
+
+    model = artifacts.load(model_file, trust_code=trust_code)
+    splits = data.load_data(data_source, seed=seed)
+    try:
+        ratio_list = tuple(float(r) for r in ratios.split(",") if r.strip())
+    except ValueError:
+        raise ConfigError(f"--ratios must be comma-separated numbers, got '{ratios}'") from None
+    method_list = tuple(None if m.strip() == "none" else m.strip() for m in methods.split(",") if m.strip())
+
+    def show(candidate) -> None:
+        console.print(
+            f"  tried {candidate.name:<24} val {candidate.val_accuracy:.2%}  "
+            f"test {candidate.test_accuracy:.2%}"
+        )
+
+    result = optimize(
+        model,
+        splits,
+        max_drop=max_drop,
+        objective=objective,
+        time_limit=parse_duration(time_limit),
+        ratios=ratio_list,
+        methods=method_list,
+        finetune_epochs=finetune_epochs,
+        seed=seed,
+        on_candidate=show,
+    )
+    report.print_report(result.report, title="keiryo optimize: every candidate", console=console)
+    for note in result.notes:
+        console.print(note)
+    best = result.best
+    artifacts.save(best.model, out, metadata={"test_accuracy": best.test_accuracy, "chosen": best.name})
+    console.print(
+        f"chosen: {best.name} (test {best.test_accuracy:.2%} vs original {result.baseline_test:.2%}, "
+        f"{objective} {best.cost:.3f}{' ms' if objective == 'latency' else ' bytes'}) → {out}"
+    )
+
+
 # Technique commands (quantize, prune, distill, ...) are added above this line, one function each.
 
 

@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from keiryo.errors import ConfigError
+from keiryo.models import build_model
+from keiryo.optimize import optimize, parse_duration
+from keiryo.train import train
+
+
+@pytest.fixture(scope="module")
+def trained(digits):
+    torch.manual_seed(0)
+    model = build_model("mlp", in_features=64, hidden=[128], num_classes=10)
+    train(model, digits, epochs=4, progress=False, device="cpu")
+    return model
+
+
+def test_choice_is_within_budget_on_test_and_on_the_pareto_front(trained, digits):
+    result = optimize(
+        trained,
+        digits,
+        max_drop=1.0,
+        objective="size",
+        ratios=(0.3, 0.6, 0.95),
+        distill_options=(False,),
+        methods=(None,),
+        finetune_epochs=1,
+        time_limit=None,
+    )
+    best = result.best
+    assert len(result.candidates) == 3
+    assert (
+        best.test_accuracy >= result.baseline_test - 0.01 and best.val_accuracy >= result.baseline_val - 0.01
+    )
+    tried = [*result.candidates]
+    original_cost = next(r.bytes for r in result.report.rows if r.name == "original")
+    assert best.cost <= original_cost
+    for c in tried:  # nothing tried is at least as cheap and at least as accurate, and better in one
+        dominates = c.cost <= best.cost and c.drop >= best.drop and (c.cost < best.cost or c.drop > best.drop)
+        assert not dominates, c.name
+    assert any(not c.within_budget for c in tried) or best.name != "original"
+
+
+def test_time_limit_stops_the_search_and_keeps_the_original(trained, digits):
+    result = optimize(trained, digits, time_limit=0.0, methods=(None,), ratios=(0.5,))
+    assert result.stopped_early and result.candidates == [] and result.best.name == "original"
+
+
+@pytest.mark.parametrize(
+    ("options", "message"), [({"objective": "joy"}, "unknown objective"), ({"max_drop": -1}, "max_drop")]
+)
+def test_bad_options(trained, digits, options, message):
+    with pytest.raises(ConfigError, match=message):
+        optimize(trained, digits, **options)
+
+
+def test_parse_duration():
+    assert parse_duration("90s") == 90 and parse_duration("10m") == 600 and parse_duration("2") == 2
+    with pytest.raises(ConfigError, match="duration"):
+        parse_duration("soon")
