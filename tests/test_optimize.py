@@ -60,3 +60,30 @@ def test_parse_duration():
     assert parse_duration("90s") == 90 and parse_duration("10m") == 600 and parse_duration("2") == 2
     with pytest.raises(ConfigError, match="duration"):
         parse_duration("soon")
+
+
+def test_cli_optimize_writes_the_chosen_model(trained, tmp_path, capsys):
+    from keiryo import artifacts
+    from keiryo.cli import main
+
+    path = artifacts.save(trained, tmp_path / "mlp.pt")
+    out = tmp_path / "best.pt"
+    args = [
+        "optimize",
+        str(path),
+        "--ratios",
+        "0.5",
+        "--methods",
+        "none",
+        "--finetune-epochs",
+        "1",
+        "--objective",
+        "size",
+        "--out",
+        str(out),
+    ]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "chosen:" in text and "tried p0.5" in text and out.exists()
+    assert main(["optimize", str(path), "--ratios", "half"]) == 2
+    assert "--ratios" in capsys.readouterr().err
