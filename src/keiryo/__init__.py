@@ -5,9 +5,20 @@ compare`), since `keiryo.train` and `keiryo.measure` name the functions, not the
 """
 
 from keiryo.artifacts import load, save
+from keiryo.compress.distill import distill
+from keiryo.compress.prune import prune
 from keiryo.errors import KeiryoError
 from keiryo.measure import compare, measure
 from keiryo.train import train
 
-__all__ = ["KeiryoError", "compare", "load", "measure", "save", "train"]
 __version__ = "0.1.0"
+
+
+def run(recipe, out_dir=None, *, progress: bool = True, force: bool = False):
+    """Run a recipe (a YAML path or a dict) and return its side-by-side `Report`; see `keiryo.recipe`."""
+    from keiryo.recipe import run_recipe
+
+    return run_recipe(recipe, out_dir, progress=progress, force=force)[0]
+
+
+__all__ = ["KeiryoError", "compare", "distill", "load", "measure", "prune", "run", "save", "train"]
