@@ -90,12 +90,15 @@ def test_cli_exits_nonzero_as_a_process(tmp_path):
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
 
 
-def test_demo_trains_and_reports(tmp_path, capsys):
-    code, out, err = run(capsys, "demo", "--out", str(tmp_path), "--epochs", "2", "--no-progress")
+def test_demo_runs_the_whole_recipe(tmp_path, capsys):
+    code, out, err = run(capsys, "demo", "--out", str(tmp_path), "--quick", "--no-progress")
     assert code == 0, err
-    assert "keiryo demo" in out and "test accuracy" in out
-    model = artifacts.load(tmp_path / "cnn.pt")
-    assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+    assert "keiryo demo" in out and "report:" in out
+    for step in ("teacher", "prune", "distill", "quantize"):
+        assert (tmp_path / f"{step}.pt").exists(), step
+    assert (tmp_path / "export.onnx").exists() and (tmp_path / "report.html").exists()
+    final = artifacts.load(tmp_path / "quantize.pt")
+    assert final(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
 
 
 def test_env_prints_versions(capsys):
