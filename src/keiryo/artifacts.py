@@ -187,6 +187,8 @@ def encode_sparse(tensor: torch.Tensor) -> torch.Tensor | dict[str, Any]:
     """
     if tensor.is_quantized or not tensor.is_floating_point() or tensor.numel() < 64:
         return tensor
+    if type(tensor) is not torch.Tensor:  # tensor subclasses (torchao's quantized weights) stay as they are
+        return tensor
     keep = tensor != 0
     nonzero = int(keep.sum())
     sparse_bytes = (tensor.numel() + 7) // 8 + nonzero * tensor.element_size()
