@@ -205,7 +205,7 @@ def test_iterative_taylor_with_finetuning_and_teacher(digits):
         ({"importance": "taylor"}, ConfigError, "needs data"),
         ({"importance": "bn"}, ConfigError, "batch-norm"),
         ({"importance": "random"}, ConfigError, "l1, l2, bn, taylor"),
-        ({"target": "latency", "structured": False}, ConfigError, "needs structured"),
+        ({"target": "latency", "structured": False}, ConfigError, "need structured"),
         ({"protect": ["fc9"]}, ConfigError, "no such layer 'fc9'|layer 'fc9'"),
         ({"finetune_epochs": 1}, ConfigError, "needs data"),
     ],

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from keiryo.data import DataSplits, load_data, make_loader
-from keiryo.errors import ConfigError, KeiryoError, ModelError
+from keiryo.errors import ConfigError, ModelError
 from keiryo.measure import batch_of, count_flops, count_parameters, time_models
 from keiryo.train import LossFn, TrainConfig, classification_loss, fit
 
@@ -101,19 +101,13 @@ def prune(
     else:
         _prune_unstructured(pruned, ratio, job)
     _check_forward(pruned, example, "after pruning")
-    pruned._keiryo_metadata = {
-        **getattr(model, "_keiryo_metadata", {}),
-        "pruning": {
-            "ratio": ratio,
-            "structured": structured,
-            "target": target,
-            "importance": importance,
-            "global": global_pruning,
-            "iterative_steps": iterative_steps,
-            "finetune_epochs": finetune_epochs,
-            "distilled": teacher is not None,
-        },
-    }
+    record = dict(
+        ratio=ratio, structured=structured, target=target, importance=importance, steps=iterative_steps
+    )
+    record.update(
+        global_pruning=global_pruning, finetune_epochs=finetune_epochs, distilled=teacher is not None
+    )
+    pruned._keiryo_metadata = {**getattr(model, "_keiryo_metadata", {}), "pruning": record}
     return pruned.eval()
 
 
@@ -146,7 +140,7 @@ def _pruner(model: nn.Module, channel_ratio: float, job: _Job):
         isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()
     ):
         raise ConfigError(
-            "importance 'bn' needs batch-norm layers, and the model has none (use l1, l2 or taylor)"
+            "importance 'bn' needs batch-norm layers, and the model has none (use l1, l2, taylor)"
         )
     scorer = {
         "l1": lambda: tp.importance.MagnitudeImportance(p=1),
@@ -170,8 +164,6 @@ def _pruner(model: nn.Module, channel_ratio: float, job: _Job):
                 prune_head_dims=False,
                 head_pruning_ratio=channel_ratio if heads else 0.0,
             )
-        except KeiryoError:
-            raise
         except Exception as exc:
             layer = _failing_layer(model, job.example)
             raise ModelError(f"torch-pruning cannot trace the model{layer}: {_one_line(exc)}") from exc
@@ -331,8 +323,7 @@ def _distill_loss(teacher: nn.Module) -> LossFn:
         from keiryo.compress.distill import soft_target_loss
     except ImportError as exc:
         raise ConfigError(
-            "fine-tuning with a teacher needs keiryo.compress.distill, which is not installed "
-            "here; fine-tune without --teacher"
+            "a teacher needs keiryo.compress.distill, missing here; fine-tune without one"
         ) from exc
     return soft_target_loss(teacher.eval())
 
@@ -342,7 +333,7 @@ def _check_options(model, ratio, structured, importance, target, steps, finetune
         raise ConfigError(f"prune needs a torch.nn.Module, got a {type(model).__name__}")
     if getattr(model, "_keiryo_transforms", None):
         raise ConfigError(
-            "this model was already quantized (or otherwise transformed): prune before quantizing"
+            "this model was already quantized (or transformed otherwise): prune before quantizing"
         )
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
         raise ConfigError(f"pruning ratio must be between 0 and 1 (exclusive), got {ratio!r}")
@@ -350,19 +341,14 @@ def _check_options(model, ratio, structured, importance, target, steps, finetune
         raise ConfigError(f"unknown importance '{importance}' (choose {', '.join(IMPORTANCES)})")
     if target not in TARGETS:
         raise ConfigError(f"unknown pruning target '{target}' (choose {', '.join(TARGETS)})")
-    if not structured and target not in ("channels", "params"):
+    if not structured and (target not in ("channels", "params") or importance not in ("l1", "l2")):
         raise ConfigError(
-            f"unstructured pruning sets a weight sparsity; target '{target}' needs structured pruning"
+            f"unstructured pruning zeroes the smallest weights; target '{target}' and importance "
+            f"'{importance}' need structured pruning"
         )
-    if not structured and importance not in ("l1", "l2"):
-        raise ConfigError(
-            f"unstructured pruning ranks weights by magnitude; importance '{importance}' "
-            "needs structured pruning"
-        )
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ConfigError(f"iterative_steps must be a whole number ≥ 1, got {steps!r}")
-    if isinstance(finetune_epochs, bool) or not isinstance(finetune_epochs, int) or finetune_epochs < 0:
-        raise ConfigError(f"finetune_epochs must be a whole number ≥ 0, got {finetune_epochs!r}")
+    for what, value, least in (("iterative_steps", steps, 1), ("finetune_epochs", finetune_epochs, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ConfigError(f"{what} must be a whole number ≥ {least}, got {value!r}")
 
 
 def _splits(
@@ -438,17 +424,14 @@ def _failing_layer(model: nn.Module, example: Tensor) -> str:
     stack: list[nn.Module] = []
     failed: list[nn.Module] = []
 
-    def enter(module, args):
+    def enter(module, args) -> None:
         stack.append(module)
 
-    def leave(module, args, output):
+    def leave(module, args, output) -> None:  # a hook returning something would replace the output
         stack.pop()
 
-    handles = [
-        h
-        for m in model.modules()
-        for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))
-    ]
+    handles = [m.register_forward_pre_hook(enter) for m in model.modules()]
+    handles += [m.register_forward_hook(leave) for m in model.modules()]
     try:
         with torch.no_grad():
             model(example)
