@@ -88,10 +88,28 @@ def train(
     ] = False,
     seed: SeedOpt = 0,
     progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
+    strategy: Annotated[
+        str, typer.Option(help="single | ddp | fsdp | pipeline (the last three run --workers processes).")
+    ] = "single",
+    workers: Annotated[
+        int, typer.Option(help="Local worker processes (under torchrun: its WORLD_SIZE decides).")
+    ] = 1,
+    timeout: Annotated[
+        float, typer.Option(help="Seconds before a crashed or hung worker stops the whole run.")
+    ] = 120.0,
+    split_point: Annotated[
+        list[str] | None,
+        typer.Option(help="Pipeline: module name a new stage starts at (repeatable; default: balanced)."),
+    ] = None,
+    pipeline_schedule: Annotated[str | None, typer.Option(help="Pipeline schedule: gpipe | 1f1b.")] = None,
+    microbatches: Annotated[int | None, typer.Option(help="Pipeline micro-batches per batch.")] = None,
 ) -> None:
-    """Train a model and save it with its measured test accuracy.
+    """Train a model and save it with its measured test accuracy; in one process, N local workers or torchrun.
+
+    --batch-size is the whole batch: with ddp/fsdp each of the N workers takes 1/N of it.
 
     Example: keiryo train --model cnn --data digits --epochs 10 --out cnn.pt --checkpoint ck.pt --resume
+    Example: keiryo train --model cnn --strategy ddp --workers 2 --epochs 3 --out cnn.pt
     """
     splits = data.load_data(data_source, seed=seed)
     net = _build_for_data(model, splits, _parse_kwargs(model_arg), seed)
@@ -108,8 +126,36 @@ def train(
         seed=seed,
         progress=progress,
     )
-    result = run_training(net, splits, **{k: getattr(config, k) for k in TrainConfig.__dataclass_fields__})
+    result = run_training(
+        net,
+        splits,
+        strategy=strategy,
+        workers=workers,
+        timeout=timeout,
+        split_points=split_point,
+        pipeline_schedule=pipeline_schedule,
+        microbatches=microbatches,
+        **{k: getattr(config, k) for k in TrainConfig.__dataclass_fields__},
+    )
     trained = result.model.cpu()
+    if result.parallel:
+        par = result.parallel
+        same = "same on all workers" if par["weights_identical"] else "DIFFERENT across workers"
+        rank = f"rank {par['rank']}/{par['workers']}"
+        err_console.print(f"{rank}: weights sha256 {par['fingerprint']} ({same})")
+        if par["rank"] != 0:  # only rank 0 writes and reports
+            return
+        memory = " · ".join(
+            f"worker {i}: {report.human_bytes(m['params'] + m['grads'] + m['optimizer'])}"
+            for i, m in enumerate(par["memory"])
+        )
+        console.print(f"{strategy} on {par['workers']} workers · params+grads+optimizer per worker: {memory}")
+        if strategy == "pipeline":
+            stages = ", ".join(report.human_bytes(b) for b in par["stage_param_bytes"])
+            console.print(
+                f"stages split before {', '.join(par['split_points'])} · parameters per stage: {stages} · "
+                f"{par['schedule']} with {par['microbatches']} micro-batches, bubble {par['bubble']:.0%}"
+            )
     test_acc = accuracy(trained, splits.test)
     artifacts.save(trained, out, metadata=_metadata(splits, test_acc))
     if result.resumed_from is not None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from keiryo import devices
 from keiryo.artifacts import atomic_torch_save, safe_torch_load
@@ -65,6 +65,36 @@ class TrainConfig:
 
 
 @dataclass
+class Worker:
+    """How `fit` runs as one of several workers; `keiryo.parallel` fills it in, the default is a lone process.
+
+    Data parallel shards each batch over the workers (`shard_data`); a pipeline gives every stage the whole
+    batch and replaces forward+backward with `step`. The hooks are None when the plain path is right.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    forward: nn.Module | None = None  # the wrapper that trains (DDP); None: the model itself
+    shard_data: bool = False  # each worker takes its share of every batch (ddp, fsdp)
+    shard_eval: bool = False  # each worker evaluates its share of the validation set (ddp)
+    min_batch: int = 1  # a last batch smaller than this is skipped (so every worker gets samples)
+    step: Callable[[Tensor, Tensor], tuple[Tensor | None, Tensor | None]] | None = None  # pipeline
+    evaluate: Callable[[Dataset], tuple[float, float | None]] | None = None  # pipeline
+    state_dicts: Callable[[nn.Module, torch.optim.Optimizer], tuple[dict, dict]] | None = None  # fsdp
+    load_state_dicts: Callable[[nn.Module, torch.optim.Optimizer, dict, dict], None] | None = None  # fsdp
+
+    def all_sum(self, *values: float, device: torch.device | None = None) -> list[float]:
+        """Sum numbers over all workers (itself alone when there is one)."""
+        if self.world_size == 1:
+            return list(values)
+        import torch.distributed as dist
+
+        total = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(total)
+        return total.tolist()
+
+
+@dataclass
 class EpochLog:
     """One line of training history."""
 
@@ -83,6 +113,7 @@ class TrainResult:
     model: nn.Module
     history: list[EpochLog] = field(default_factory=list)
     resumed_from: int | None = None  # global step of the checkpoint the run resumed from
+    parallel: dict | None = None  # strategy, workers, per-worker memory, pipeline stages (multi-worker runs)
 
 
 def classification_loss(model: nn.Module, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
@@ -145,12 +176,20 @@ def _scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_step
     return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_steps))
 
 
-def _save_checkpoint(path: str, model, optimizer, scheduler, epoch, step_in_epoch, global_step, history):
+def _save_checkpoint(path, worker, model, optimizer, scheduler, position, history):
+    """Rank 0 writes the checkpoint; with sharded state every worker takes part in gathering it first."""
+    if worker.state_dicts is not None:
+        model_state, optimizer_state = worker.state_dicts(model, optimizer)
+    else:
+        model_state, optimizer_state = model.state_dict(), optimizer.state_dict()
+    if worker.rank != 0:
+        return
+    epoch, step_in_epoch, global_step = position
     atomic_torch_save(
         {
             "format": CHECKPOINT_FORMAT,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
+            "model": model_state,
+            "optimizer": optimizer_state,
             "scheduler": scheduler.state_dict(),
             "epoch": epoch,
             "step_in_epoch": step_in_epoch,
@@ -170,11 +209,14 @@ def load_checkpoint(path: str | Path) -> dict:
     return ckpt
 
 
-def _restore(path: str, model, optimizer, scheduler) -> dict:
+def _restore(path: str, worker: Worker, model, optimizer, scheduler) -> dict:
     ckpt = load_checkpoint(path)
     try:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        if worker.load_state_dicts is not None:
+            worker.load_state_dicts(model, optimizer, ckpt["model"], ckpt["optimizer"])
+        else:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
     except (RuntimeError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ArtifactError(f"checkpoint '{path}' does not match this model: {first}") from exc
@@ -189,50 +231,65 @@ def fit(
     config: TrainConfig | None = None,
     *,
     loss_fn: LossFn = classification_loss,
+    worker: Worker | None = None,
 ) -> TrainResult:
-    """Train `model` in place on `data` (anything `load_data` accepts) and return it with its history."""
+    """Train `model` in place on `data` (anything `load_data` accepts) and return it with its history.
+
+    Inside a multi-worker run `worker` says this process's rank and what the strategy wrapped; the loop is the
+    same: only rank 0 prints and writes checkpoints, and the epoch figures are summed over all workers.
+    """
     config = config or TrainConfig()
     config.validate()
+    worker = worker or Worker()
     splits = data if isinstance(data, DataSplits) else load_data(data, seed=config.seed)
     device = devices.resolve_device(config.device)
     torch.manual_seed(config.seed)
     model.to(device)
-    forward_model = devices.maybe_compile(model, config.compile)
+    forward_model = worker.forward or devices.maybe_compile(model, config.compile)
     optimizer = _optimizer(model, config)
-    steps_per_epoch = math.ceil(len(splits.train) / config.batch_size)
+    steps_per_epoch = len(_global_batches(len(splits.train), config, 0, worker))
     scheduler = _scheduler(optimizer, config, steps_per_epoch * config.epochs)
     scaler = devices.grad_scaler(device, config.precision)
 
     history: list[EpochLog] = []
     start_epoch, skip_steps, global_step, resumed_from = 0, 0, 0, None
     if config.resume and config.checkpoint and Path(config.checkpoint).exists():
-        ckpt = _restore(config.checkpoint, model, optimizer, scheduler)
+        ckpt = _restore(config.checkpoint, worker, model, optimizer, scheduler)
         start_epoch, skip_steps = ckpt["epoch"], ckpt["step_in_epoch"]
         global_step = resumed_from = ckpt["global_step"]
         history = [EpochLog(**h) for h in ckpt["history"]]
         if skip_steps >= steps_per_epoch:
             start_epoch, skip_steps = start_epoch + 1, 0
 
-    progress = _Progress(config.progress, config.epochs, steps_per_epoch)
+    progress = _Progress(config.progress and worker.rank == 0, config.epochs, steps_per_epoch)
     with progress:
         for epoch in range(start_epoch, config.epochs):
             model.train()
             started = time.perf_counter()
             loss_sum, correct, seen, has_acc = 0.0, 0, 0, True
-            loader = make_loader(splits.train, config.batch_size, shuffle=True, seed=config.seed, epoch=epoch)
+            loader, batch_sizes = _epoch_loader(splits.train, config, epoch, worker, device)
             progress.start_epoch(epoch, completed=skip_steps)
             for step, (inputs, targets) in enumerate(loader):
                 if step < skip_steps:
                     continue
                 inputs, targets = devices.move_batch(inputs, device), devices.move_batch(targets, device)
-                with devices.autocast(device, config.precision):
-                    loss, outputs = loss_fn(forward_model, inputs, targets)
                 optimizer.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.unscale_(optimizer)
+                if worker.step is not None:  # pipeline: forward and backward of all micro-batches, all stages
+                    with devices.autocast(device, config.precision):
+                        loss, outputs = worker.step(inputs, targets)
                 else:
-                    loss.backward()
+                    with devices.autocast(device, config.precision):
+                        loss, outputs = loss_fn(forward_model, inputs, targets)
+                    # A worker's share of the batch weighs by its size, so that the gradients DDP/FSDP average
+                    # over workers equal the whole batch's mean-loss gradient, even for an uneven last batch.
+                    weight = (
+                        len(targets) * worker.world_size / batch_sizes[step] if worker.shard_data else 1.0
+                    )
+                    if scaler is not None:
+                        scaler.scale(loss * weight).backward()
+                        scaler.unscale_(optimizer)
+                    else:
+                        (loss * weight).backward()
                 if config.grad_clip:
                     nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
                 if scaler is not None:
@@ -242,25 +299,28 @@ def fit(
                     optimizer.step()
                 scheduler.step()
                 global_step += 1
-                loss_sum += float(loss.detach()) * len(targets)
-                c = _correct(outputs.detach(), targets)
-                has_acc = has_acc and c is not None
-                correct += c or 0
-                seen += len(targets)
-                progress.step(loss_sum / seen, correct / seen if has_acc else None)
+                if loss is not None:  # a pipeline's loss lives on its last stage only
+                    loss_sum += float(loss.detach()) * len(targets)
+                    c = _correct(outputs.detach(), targets)
+                    has_acc = has_acc and c is not None
+                    correct += c or 0
+                    seen += len(targets)
+                progress.step(loss_sum / max(seen, 1), correct / seen if has_acc and seen else None)
                 if (
                     config.checkpoint
                     and config.checkpoint_every
                     and global_step % config.checkpoint_every == 0
                 ):
+                    position = (epoch, step + 1, global_step)
                     _save_checkpoint(
-                        config.checkpoint, model, optimizer, scheduler, epoch, step + 1, global_step, history
+                        config.checkpoint, worker, model, optimizer, scheduler, position, history
                     )
             skip_steps = 0
+            loss_sum, correct, seen = worker.all_sum(loss_sum, correct, seen, device=_reduce_device(device))
             val_loss, val_acc = (None, None)
             if len(splits.val):
-                val_loss, val_acc = evaluate(
-                    forward_model, splits.val, device=device, precision=config.precision, loss_fn=loss_fn
+                val_loss, val_acc = _evaluate_val(
+                    forward_model, model, splits.val, device, config, worker, loss_fn
                 )
             log = EpochLog(
                 epoch=epoch + 1,
@@ -273,11 +333,57 @@ def fit(
             history.append(log)
             progress.end_epoch(log, config.epochs)
             if config.checkpoint:
-                _save_checkpoint(
-                    config.checkpoint, model, optimizer, scheduler, epoch + 1, 0, global_step, history
-                )
+                position = (epoch + 1, 0, global_step)
+                _save_checkpoint(config.checkpoint, worker, model, optimizer, scheduler, position, history)
     model.eval()
     return TrainResult(model=model, history=history, resumed_from=resumed_from)
+
+
+def _global_batches(n: int, config: TrainConfig, epoch: int, worker: Worker) -> list[list[int]]:
+    """The epoch's batches of sample indices in `make_loader`'s seeded order (the same on every worker)."""
+    order = torch.tensor(list(make_loader(range(n), 1, shuffle=True, seed=config.seed, epoch=epoch).sampler))
+    batches = [b.tolist() for b in order.split(config.batch_size)]
+    return [b for b in batches if len(b) >= worker.min_batch]
+
+
+def _epoch_loader(
+    dataset: Dataset, config: TrainConfig, epoch: int, worker: Worker, device: torch.device
+) -> tuple[DataLoader, list[int]]:
+    """This worker's loader for one epoch, and the size of each whole (all-worker) batch.
+
+    Data parallel workers each take a contiguous share of every batch: together they see exactly the batches
+    one worker would, reshuffled per epoch. Pinned memory lets CUDA copies overlap with compute.
+    """
+    batches = _global_batches(len(dataset), config, epoch, worker)
+    sizes = [len(b) for b in batches]
+    if worker.shard_data and worker.world_size > 1:
+        batches = [
+            list(torch.tensor(b).tensor_split(worker.world_size)[worker.rank].tolist()) for b in batches
+        ]
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=0, pin_memory=device.type == "cuda")
+    return loader, sizes
+
+
+def _reduce_device(device: torch.device) -> torch.device:
+    """NCCL sums CUDA tensors, gloo CPU ones."""
+    return device if device.type == "cuda" else torch.device("cpu")
+
+
+def _evaluate_val(
+    forward_model, model, dataset, device, config, worker, loss_fn
+) -> tuple[float, float | None]:
+    """Validation loss and accuracy over the whole set, whatever way the strategy splits the work."""
+    if worker.evaluate is not None:
+        return worker.evaluate(dataset)
+    if not worker.shard_eval or worker.world_size == 1:  # fsdp: every worker runs every batch in lockstep
+        return evaluate(forward_model, dataset, device=device, precision=config.precision, loss_fn=loss_fn)
+    share = Subset(dataset, range(worker.rank, len(dataset), worker.world_size))
+    loss, acc = evaluate(model, share, device=device, precision=config.precision, loss_fn=loss_fn)
+    n = len(share)
+    total_loss, total_correct, count = worker.all_sum(
+        loss * n if n else 0.0, (acc or 0.0) * n, n, device=_reduce_device(device)
+    )
+    return total_loss / max(count, 1), (total_correct / count if acc is not None and count else None)
 
 
 class _Progress:
@@ -333,7 +439,7 @@ class _Progress:
             self._bar.console.print("  ".join(parts))
 
 
-STRATEGIES = ("single",)
+STRATEGIES = ("single", "ddp", "fsdp", "pipeline")
 
 
 def train(
@@ -345,13 +451,20 @@ def train(
     device: str = "auto",
     precision: str = "fp32",
     loss_fn: LossFn = classification_loss,
+    timeout: float = 120.0,
+    split_points: list[str] | None = None,
+    pipeline_schedule: str | None = None,
+    microbatches: int | None = None,
     **options,
 ) -> TrainResult:
-    """Train a model with a strategy; `options` are `TrainConfig` fields (epochs, lr, checkpoint, ...)."""
+    """Train a model with a strategy; `options` are `TrainConfig` fields (epochs, lr, checkpoint, ...).
+
+    ddp, fsdp and pipeline start `workers` local processes, or join the torchrun job this process is part of;
+    a worker that fails or hangs stops the run within `timeout` seconds. `split_points` (module names),
+    `pipeline_schedule` (gpipe | 1f1b) and `microbatches` shape the pipeline.
+    """
     if strategy not in STRATEGIES:
-        raise ConfigError(f"unknown strategy '{strategy}' (available here: {', '.join(STRATEGIES)})")
-    if workers != 1:
-        raise ConfigError(f"strategy '{strategy}' runs one worker; got workers={workers}")
+        raise ConfigError(f"unknown strategy '{strategy}' (choose from {', '.join(STRATEGIES)})")
     unknown = set(options) - set(TrainConfig.__dataclass_fields__)
     if unknown:
         raise ConfigError(
@@ -359,4 +472,32 @@ def train(
             f"(known: {', '.join(TrainConfig.__dataclass_fields__)})"
         )
     config = TrainConfig(device=device, precision=precision, **options)
-    return fit(model, data, config, loss_fn=loss_fn)
+    pipeline = {
+        k: v
+        for k, v in (
+            ("split_points", split_points),
+            ("schedule", pipeline_schedule),
+            ("microbatches", microbatches),
+        )
+        if v is not None
+    }
+    if strategy == "single":
+        if workers != 1 or pipeline:
+            extra = f"workers={workers}" if workers != 1 else ", ".join(pipeline)
+            raise ConfigError(f"strategy 'single' runs one worker without pipeline options; got {extra}")
+        return fit(model, data, config, loss_fn=loss_fn)
+    if timeout <= 0:
+        raise ConfigError(f"timeout must be > 0 seconds, got {timeout}")
+    from keiryo.parallel.launch import train_parallel
+
+    splits = data if isinstance(data, DataSplits) else load_data(data, seed=config.seed)
+    return train_parallel(
+        model,
+        splits,
+        config,
+        loss_fn,
+        strategy=strategy,
+        workers=workers,
+        timeout_s=timeout,
+        pipeline=pipeline,
+    )

@@ -1,0 +1,155 @@
+"""Model (pipeline) parallel: the model cut into stages, one per worker, fed micro-batches by a schedule.
+
+`torch.distributed.pipelining` traces the model (torch.export) and cuts it before the modules named as split
+points; each worker keeps one stage. GPipe runs all micro-batches forward then all backward; 1F1B
+interleaves them so that fewer activations are alive at once. Both leave the same idle "bubble" at the start
+and end of each step: (stages - 1) / (micro-batches + stages - 1) of the time; more micro-batches shrink it.
+
+Limits: the loss is the built-in one on the outputs (cross-entropy, or MSE for float targets); batches must
+all have the same size (a smaller last batch is skipped in training and padded in evaluation); batch-norm
+layers run as traced in training mode; no checkpoints (the stages' optimizer states live apart).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from keiryo.data import make_loader
+from keiryo.errors import ConfigError
+from keiryo.train import Worker
+
+SCHEDULES = ("gpipe", "1f1b")
+
+
+def pipeline_loss(outputs: Tensor, targets: Tensor) -> Tensor:
+    """The loss the last stage computes per micro-batch: `classification_loss` on outputs alone."""
+    if targets.is_floating_point():
+        return F.mse_loss(outputs.float().reshape(targets.shape), targets)
+    return F.cross_entropy(outputs.float(), targets)
+
+
+def split_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Where the model may be cut, in registration order (taken as execution order): the children of the
+    top-level containers (nn.Sequential / nn.ModuleList), and the other top-level children themselves."""
+    units = []
+    for name, child in model.named_children():
+        if isinstance(child, (nn.Sequential, nn.ModuleList)) and len(child) > 1:
+            units += [(f"{name}.{sub}", module) for sub, module in child.named_children()]
+        else:
+            units.append((name, child))
+    return units
+
+
+def balanced_split_points(model: nn.Module, stages: int) -> list[str]:
+    """`stages - 1` split points that spread the parameters as evenly as the model's units allow.
+
+    Each point cuts before the first unit at which the running parameter count passes k/stages of the total.
+    """
+    units = split_units(model)
+    if len(units) < stages:
+        names = ", ".join(n for n, _ in units)
+        raise ConfigError(
+            f"pipeline: the model has {len(units)} units ({names}), too few for {stages} stages"
+        )
+    sizes = [sum(p.numel() for p in m.parameters()) for _, m in units]
+    total, points, running = sum(sizes), [], 0
+    for i, (name, _) in enumerate(units[1:], start=1):
+        running += sizes[i - 1]
+        k = len(points) + 1
+        left = len(units) - i  # units from here on; each later stage needs at least one
+        if k < stages and (running >= k * total / stages or left == stages - k):
+            points.append(name)
+    return points
+
+
+def apply_pipeline(
+    model: nn.Module,
+    example_batch: Tensor,
+    device: torch.device,
+    *,
+    split_points: list[str] | None = None,
+    schedule: str = "1f1b",
+    microbatches: int = 4,
+) -> tuple[nn.Module, Worker, dict]:
+    """Cut `model` into one stage per worker and return (this worker's stage module, its Worker, stage info).
+
+    `example_batch` is one whole training batch; its micro-batch shape fixes the stage buffers.
+    """
+    from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe, SplitPoint, pipeline
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"unknown pipeline schedule '{schedule}' (choose {' or '.join(SCHEDULES)})")
+    if microbatches < 1 or len(example_batch) % microbatches:
+        raise ConfigError(
+            f"batch size {len(example_batch)} must split into {microbatches} equal micro-batches"
+        )
+    points = list(split_points) if split_points else balanced_split_points(model, world)
+    known = {name for name, _ in model.named_modules()}
+    unknown = [p for p in points if p not in known]
+    if unknown:
+        raise ConfigError(f"pipeline split point(s) {', '.join(unknown)} are not module names of the model")
+    if len(points) != world - 1:
+        raise ConfigError(
+            f"pipeline: {len(points)} split point(s) make {len(points) + 1} stages for {world} workers"
+        )
+    micro = example_batch[: len(example_batch) // microbatches].to(device)
+    pipe = pipeline(model.to(device), mb_args=(micro,), split_spec={p: SplitPoint.BEGINNING for p in points})
+    stage = pipe.build_stage(rank, device)
+    kind = Schedule1F1B if schedule == "1f1b" else ScheduleGPipe
+    train_schedule = kind(stage, microbatches, loss_fn=pipeline_loss)
+    eval_schedule = ScheduleGPipe(stage, microbatches, loss_fn=None)
+    batch_size = len(example_batch)
+
+    def step(inputs: Tensor, targets: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        losses: list[Tensor] = []
+        args = (inputs,) if stage.is_first else ()
+        outputs = train_schedule.step(*args, target=targets if stage.is_last else None, losses=losses)
+        if not stage.is_last:
+            return None, None
+        return torch.stack(losses).mean(), outputs  # equal micro-batches: the mean is the batch's mean loss
+
+    worker = Worker(rank=rank, world_size=world, min_batch=batch_size, step=step)
+
+    @torch.no_grad()
+    def evaluate(dataset: Dataset) -> tuple[float, float | None]:
+        """Forward-only passes over the whole set; a short last batch is padded, the padding ignored."""
+        loss_sum, correct, count, has_acc = 0.0, 0, 0, True
+        for inputs, targets in make_loader(dataset, batch_size):
+            n = len(targets)
+            padded = torch.cat([inputs, inputs[:1].expand(batch_size - n, *inputs.shape[1:])]).to(device)
+            outputs = eval_schedule.eval(padded) if stage.is_first else eval_schedule.eval()
+            if stage.is_last:
+                outputs, targets = outputs[:n], targets.to(device)
+                loss_sum += float(pipeline_loss(outputs, targets)) * n
+                has_acc = has_acc and not targets.is_floating_point()
+                correct += int((outputs.argmax(-1) == targets).sum()) if has_acc else 0
+                count += n
+        reduce_device = device if device.type == "cuda" else torch.device("cpu")
+        loss_sum, correct, count = worker.all_sum(loss_sum, correct, count, device=reduce_device)
+        flags = [None] * world
+        dist.all_gather_object(flags, has_acc if stage.is_last else True)
+        return loss_sum / max(count, 1), (correct / count if all(flags) and count else None)
+
+    worker.evaluate = evaluate
+    sizes = [None] * world
+    dist.all_gather_object(sizes, sum(p.numel() * p.element_size() for p in stage.submod.parameters()))
+    info = {
+        "split_points": points,
+        "schedule": schedule,
+        "microbatches": microbatches,
+        "stage_param_bytes": sizes,
+        "bubble": (world - 1) / (microbatches + world - 1),
+    }
+    return stage.submod, worker, info
+
+
+def gather_stages(stage_module: nn.Module) -> dict:
+    """Every stage's state merged into one state dict (stages keep the original names), on every worker."""
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, {k: v.detach().cpu() for k, v in stage_module.state_dict().items()})
+    return {k: v for part in parts for k, v in part.items()}
