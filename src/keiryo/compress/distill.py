@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import Dataset, Subset
 
+from keiryo import devices
+from keiryo.data import DataSplits, load_data, tensors_of
 from keiryo.errors import ConfigError
-from keiryo.train import LossFn
+from keiryo.train import LossFn, train
 
 OUTPUT_LOSSES = ("kl", "mse", "cosine")
 
@@ -132,3 +136,262 @@ def soft_target_loss(
         return combine(outputs, targets, teacher_out, temperature, alpha, loss), outputs
 
     return loss_fn
+
+
+# --- hidden features ----------------------------------------------------------------------------------------
+
+
+def feature_mse(student_feats: Sequence[Tensor], teacher_feats: Sequence[Tensor]) -> Tensor:
+    """Mean over the matched layer pairs of the MSE between (projected) student and teacher features."""
+    terms = [F.mse_loss(s.float(), t.float()) for s, t in zip(student_feats, teacher_feats, strict=True)]
+    return torch.stack(terms).mean()
+
+
+def make_projection(student_shape: Sequence[int], teacher_shape: Sequence[int]) -> nn.Module:
+    """A learned map from a student feature to the teacher's shape (FitNets' regressor); identity if equal.
+
+    Shapes include the batch dimension (that of one probe batch, the same for both).
+    Images of the same size get a 1x1 conv, vectors and token sequences a Linear on the last dimension,
+    anything else is flattened, mapped by a Linear and reshaped to the teacher's feature shape.
+    """
+    s, t = tuple(student_shape), tuple(teacher_shape)
+    if s[1:] == t[1:]:
+        return nn.Identity()
+    if len(s) == len(t) == 4 and s[2:] == t[2:]:
+        return nn.Conv2d(s[1], t[1], kernel_size=1, bias=False)
+    if len(s) == len(t) and s[1:-1] == t[1:-1]:
+        return nn.Linear(s[-1], t[-1])
+    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(s[1:]), math.prod(t[1:])), nn.Unflatten(1, t[1:]))
+
+
+def feature_pairs(features: dict[str, str] | Sequence[str] | None) -> list[tuple[str, str]]:
+    """(student layer, teacher layer) name pairs from a {student: teacher} dict or a list of shared names."""
+    if features is None:
+        return []
+    if isinstance(features, str):
+        return [(features, features)]
+    if isinstance(features, dict):
+        pairs = list(features.items())
+    else:
+        pairs = [(name, name) for name in features]
+    if not pairs or not all(isinstance(s, str) and isinstance(t, str) for s, t in pairs):
+        raise ConfigError(f"features must be layer names or a {{student: teacher}} dict, got {features!r}")
+    return pairs
+
+
+class _Taps:
+    """Forward hooks that keep the chosen layers' outputs; a student's goes through its projection first.
+
+    Projecting inside the hook means the projection runs inside the student's forward, so anything that
+    wraps the training module (compile, data parallel) sees the projection's parameters being used.
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, pairs: list[tuple[str, str]]) -> None:
+        self.student: dict[int, Tensor] = {}
+        self.teacher: dict[int, Tensor] = {}
+        self.projections: list[nn.Module] | None = None
+        self.teacher_names = [t for _, t in pairs]
+        self._handles = []
+        for i, (s_name, t_name) in enumerate(pairs):
+            s_layer, t_layer = _layer(student, s_name, "student"), _layer(teacher, t_name, "teacher")
+            self._handles.append(s_layer.register_forward_hook(self._keep(i, self.student, s_name, True)))
+            self._handles.append(t_layer.register_forward_hook(self._keep(i, self.teacher, t_name, False)))
+
+    def _keep(self, i: int, store: dict[int, Tensor], name: str, project: bool):
+        def hook(module: nn.Module, args: tuple, output: object) -> None:
+            if not isinstance(output, Tensor):
+                found = type(output).__name__
+                raise ConfigError(f"layer '{name}' returns a {found}, not a tensor; pick another layer")
+            store[i] = self.projections[i](output) if project and self.projections is not None else output
+
+        return hook
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def _layer(model: nn.Module, name: str, role: str) -> nn.Module:
+    layers = dict(model.named_modules())
+    if name not in layers or not name:
+        known = [n for n in layers if n]
+        shown = ", ".join(known[:12]) + (", ..." if len(known) > 12 else "")
+        raise ConfigError(f"the {role} has no layer '{name}' (layers: {shown})")
+    return layers[name]
+
+
+class _Distillee(nn.Module):
+    """The student plus its feature projections, so that the training loop's optimizer updates both.
+
+    Its forward is the student's; `distill` returns the bare student and drops the projections.
+    """
+
+    def __init__(self, student: nn.Module, projections: list[nn.Module]) -> None:
+        super().__init__()
+        self.student = student
+        self.projections = nn.ModuleList(projections)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.student(x)
+
+
+# --- teacher-output cache -----------------------------------------------------------------------------------
+
+
+class _Indexed(Dataset):
+    """(index, target) items: the loss looks the input and the teacher's cached outputs up by the index.
+
+    Targets stay the real labels, so the loop's accuracy figures keep their meaning.
+    """
+
+    def __init__(self, targets: Tensor, offset: int) -> None:
+        self.targets, self.offset = targets, offset
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        return torch.tensor(self.offset + i), self.targets[i]
+
+
+@dataclass
+class TeacherCache:
+    """The teacher's view of every training and validation sample, computed once (rows = global index)."""
+
+    inputs: Tensor
+    outputs: Tensor  # soft targets ("kl") or raw outputs ("mse", "cosine")
+    features: list[Tensor]  # one per matched layer pair
+
+
+@torch.no_grad()
+def _cache(
+    teachers, taps, splits: DataSplits, temperature, loss, device, precision
+) -> tuple[TeacherCache, DataSplits]:
+    """Run the teacher once over train+val; return the cache and splits of `_Indexed` items pointing into it.
+
+    Only right when the data is not augmented: every epoch must see exactly the inputs cached here.
+    """
+    train_x, train_y = tensors_of(splits.train)
+    if len(splits.val):
+        val_x, val_y = tensors_of(splits.val)
+    else:
+        val_x, val_y = train_x[:0], train_y[:0]
+    inputs = torch.cat([train_x, val_x])
+    outputs, features = [], [[] for _ in taps.teacher_names]
+    for start in range(0, len(inputs), 256):
+        batch = inputs[start : start + 256].to(device)
+        with devices.autocast(device, precision):
+            outputs.append(teacher_targets(teachers, batch, temperature, loss).float().cpu())
+        for i, store in enumerate(features):
+            store.append(taps.teacher[i].float().cpu())
+    cache = TeacherCache(inputs, torch.cat(outputs), [torch.cat(f) for f in features])
+    indexed = replace(splits, train=_Indexed(train_y, 0), val=_Indexed(val_y, len(train_x)))
+    return cache, indexed
+
+
+# --- distillation -------------------------------------------------------------------------------------------
+
+
+def _distill_loss(teachers, taps, cache, temperature, alpha, loss, feature_weight) -> LossFn:
+    """The loop's loss: the output term and label term (`combine`), plus the weighted hidden-feature term."""
+    pairs = len(taps.teacher_names)
+
+    def loss_fn(model: nn.Module, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        if cache is not None:  # `inputs` are row indices into the cache
+            rows, device = inputs.cpu(), targets.device
+            inputs = devices.move_batch(cache.inputs[rows], device)
+        outputs = model(inputs)  # the taps keep the student's (projected) features
+        if cache is not None:
+            teacher_out = devices.move_batch(cache.outputs[rows], device)
+            teacher_feats = [devices.move_batch(f[rows], device) for f in cache.features]
+        else:
+            teacher_out = teacher_targets(teachers, inputs, temperature, loss)
+            teacher_feats = [taps.teacher[i] for i in range(pairs)]
+        total = combine(outputs, targets, teacher_out, temperature, alpha, loss)
+        if pairs and feature_weight > 0:
+            student_feats = [taps.student[i] for i in range(pairs)]
+            total = total + feature_weight * feature_mse(student_feats, teacher_feats)
+        return total, outputs
+
+    return loss_fn
+
+
+def distill(
+    teacher: nn.Module | Sequence[nn.Module],
+    student: nn.Module,
+    data: object,
+    temperature: float = 4.0,
+    alpha: float = 0.9,
+    *,
+    features: dict[str, str] | Sequence[str] | None = None,
+    feature_weight: float = 1.0,
+    loss: str = "kl",
+    cache_teacher: bool = False,
+    **train_options,
+) -> nn.Module:
+    """Train `student` on `data` to match a frozen teacher (or an ensemble); returns the trained student.
+
+    `features` matches hidden layers by name ({student layer: teacher layer}) with learned projections;
+    `loss` "mse"/"cosine" distils regression or embedding outputs; `cache_teacher` runs the teacher once per
+    sample (only for data without augmentation). `train_options` go to `keiryo.train.train` (epochs, lr,
+    device, precision, checkpoint, ...). After pruning, `distill(unpruned, pruned, data)` is the fine-tuning.
+    """
+    check_options(temperature, alpha, loss)
+    if isinstance(feature_weight, bool) or not isinstance(feature_weight, (int, float)) or feature_weight < 0:
+        raise ConfigError(f"feature_weight must be a number ≥ 0, got {feature_weight!r}")
+    teachers = _as_list(teacher)
+    if any(t is student for t in teachers):
+        raise ConfigError("the student must be a different model from the teacher (copy it first)")
+    pairs = feature_pairs(features)
+    if pairs and len(teachers) > 1:
+        raise ConfigError(
+            f"hidden-feature distillation takes one teacher, got an ensemble of {len(teachers)}"
+        )
+    splits = data if isinstance(data, DataSplits) else load_data(data, seed=train_options.get("seed", 0))
+    if loss == "kl" and splits.num_classes is None:
+        raise ConfigError(
+            "loss 'kl' needs class outputs but the data has regression targets (use mse or cosine)"
+        )
+    device = devices.resolve_device(train_options.get("device", "auto"))
+    precision = train_options.get("precision", "fp32")
+    was_training = [t.training for t in teachers]
+    for t in teachers:
+        t.to(device).eval()
+    taps = _Taps(student.to(device), teachers[0], pairs)
+    try:
+        projections = _probe(teachers, student, taps, splits, temperature, loss, device, train_options)
+        taps.projections = projections
+        cache = None
+        if cache_teacher:
+            cache, splits = _cache(teachers, taps, splits, temperature, loss, device, precision)
+        loss_fn = _distill_loss(teachers, taps, cache, temperature, alpha, loss, feature_weight)
+        train(_Distillee(student, projections), splits, loss_fn=loss_fn, **train_options)
+    finally:
+        taps.remove()
+        for t, mode in zip(teachers, was_training, strict=True):
+            t.train(mode)
+    return student.eval()
+
+
+@torch.no_grad()
+def _probe(teachers, student, taps, splits, temperature, loss, device, train_options) -> list[nn.Module]:
+    """Run one small batch through everyone: check that output shapes match, and size the projections.
+
+    The student runs in eval mode, so its batch-norm statistics are untouched before training starts.
+    """
+    if len(splits.train) == 0:
+        raise ConfigError(f"data '{splits.name}' has no training samples")
+    inputs, _ = tensors_of(Subset(splits.train, range(min(8, len(splits.train)))))
+    inputs = inputs.to(device)
+    was_training = student.training
+    student.eval()
+    student_out = student(inputs)
+    student.train(was_training)
+    for t in teachers:  # the first teacher's forward also fills the teacher's taps
+        check_shapes(student_out, t(inputs))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(train_options.get("seed", 0))
+        return [
+            make_projection(taps.student[i].shape, taps.teacher[i].shape).to(device)
+            for i in range(len(taps.teacher_names))
+        ]
