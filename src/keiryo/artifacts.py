@@ -20,6 +20,7 @@ import os
 import pickle
 import tempfile
 import zipfile
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -152,12 +153,18 @@ def save(
             "cannot save a model without a factory: build it with keiryo.models.build_model "
             "or pass factory='package.module:function'"
         )
+    state = model.state_dict()
     payload = {
         "format": MODEL_FORMAT,
         "spec": spec,
         "structure": getattr(model, STRUCTURE_ATTR, None) or capture_structure(model),
         "transforms": list(getattr(model, TRANSFORMS_ATTR, [])),
-        "state_dict": {k: encode_sparse(v.detach().cpu()) for k, v in model.state_dict().items()},
+        "state_dict": {  # torch.ao quantized Linear layers also store their dtype (a torch.dtype) here
+            k: encode_sparse(v.detach().cpu()) if isinstance(v, torch.Tensor) else v
+            for k, v in state.items()
+        },
+        # each module's state_dict version: torch.ao's quantized layers read their saved format from it
+        "versions": {k: m.get("version") for k, m in getattr(state, "_metadata", {}).items()},
         "metadata": {**getattr(model, "_keiryo_metadata", {}), **(metadata or {})},
         "torch": str(torch.__version__),
     }
@@ -251,7 +258,7 @@ def load(path: str | Path, *, trust_code: bool = False) -> nn.Module:
     for transform in payload["transforms"]:
         _replay(model, transform, payload)
     try:
-        model.load_state_dict(payload["state_dict"], strict=True, assign=True)
+        model.load_state_dict(_with_versions(payload), strict=True, assign=True)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0]
         raise ArtifactError(f"model file '{path}' does not match its architecture: {first}") from exc
@@ -261,6 +268,14 @@ def load(path: str | Path, *, trust_code: bool = False) -> nn.Module:
     model._keiryo_metadata = dict(payload.get("metadata") or {})
     model.eval()
     return model
+
+
+def _with_versions(payload: dict) -> dict:
+    """The saved state_dict with the module versions that `load_state_dict` reads from `_metadata`."""
+    state = OrderedDict(payload["state_dict"])
+    versions = payload.get("versions") or {}
+    state._metadata = OrderedDict((k, {"version": v}) for k, v in versions.items() if v is not None)
+    return state
 
 
 def metadata_of(model: nn.Module) -> dict[str, Any]:

@@ -93,14 +93,24 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(total, non-zero) parameter counts; packed or quantized weights count by their logical elements."""
     total = nonzero = 0
     seen: set[int] = set()
-    for tensor in _weight_tensors(model):
+    tensors = list(_weight_tensors(model))  # held alive: ids of freed temporaries (packed weights) get reused
+    for tensor in tensors:
         if id(tensor) in seen:
             continue
         seen.add(id(tensor))
         total += tensor.numel()
-        dense = tensor.dequantize() if tensor.is_quantized else tensor
-        nonzero += int(torch.count_nonzero(dense.detach()))
+        nonzero += _nonzero(tensor)
     return total, nonzero
+
+
+def _nonzero(tensor: Tensor) -> int:
+    """Non-zero logical elements; quantized tensors and torchao's tensor subclasses count dequantized."""
+    if tensor.is_quantized or type(tensor) not in (Tensor, nn.Parameter):
+        try:
+            tensor = tensor.dequantize()
+        except (NotImplementedError, RuntimeError, AttributeError):  # packed formats that cannot expand
+            return tensor.numel()
+    return int(torch.count_nonzero(tensor.detach()))
 
 
 def _weight_tensors(model: nn.Module) -> Iterator[Tensor]:
