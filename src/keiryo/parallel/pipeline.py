@@ -47,21 +47,24 @@ def split_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def balanced_split_points(model: nn.Module, stages: int) -> list[str]:
     """`stages - 1` split points that spread the parameters as evenly as the model's units allow.
 
-    Each point cuts before the first unit at which the running parameter count passes k/stages of the total.
+    A point cuts before the unit that would take its stage further past its share (k/stages of the total) than
+    the stage falls short without it; every stage keeps at least one unit.
     """
     units = split_units(model)
     if len(units) < stages:
         names = ", ".join(n for n, _ in units)
         raise ConfigError(
-            f"pipeline: the model has {len(units)} units ({names}), too few for {stages} stages"
+            f"pipeline: {stages} stages need {stages} units; the model has {len(units)} ({names})"
         )
     sizes = [sum(p.numel() for p in m.parameters()) for _, m in units]
     total, points, running = sum(sizes), [], 0
     for i, (name, _) in enumerate(units[1:], start=1):
         running += sizes[i - 1]
         k = len(points) + 1
-        left = len(units) - i  # units from here on; each later stage needs at least one
-        if k < stages and (running >= k * total / stages or left == stages - k):
+        if k == stages:
+            break
+        target = k * total / stages
+        if running + sizes[i] - target > target - running or len(units) - i == stages - k:
             points.append(name)
     return points
 
