@@ -248,7 +248,8 @@ def load(path: str | Path, *, trust_code: bool = False) -> nn.Module:
     payload = read(path)
     spec = payload["spec"]
     factory = spec["factory"]
-    if factory not in models.BUILTIN and not trust_code:
+    # A Hugging Face directory (hf:PATH) is read as config + weights, never with remote code: no trust needed.
+    if factory not in models.BUILTIN and not factory.startswith("hf:") and not trust_code:
         raise ArtifactError(
             f"model file '{path}' is built by '{factory}', which runs code; "
             "pass trust_code=True (CLI: --trust-code) if you trust it"

@@ -194,7 +194,7 @@ BUILTIN: dict[str, Callable[..., nn.Module]] = {"mlp": mlp, "cnn": cnn, "transfo
 
 
 def build_model(spec: str, **kwargs: Any) -> nn.Module:
-    """Build a model from a built-in name, "package.module:factory" or "path/file.py:factory".
+    """Build a model from a built-in name, "package.module:factory", "path/file.py:factory" or "hf:DIR".
 
     The factory and its kwargs are recorded on the model (`SPEC_ATTR`) so it can be saved and rebuilt;
     kwargs must therefore be JSON-able (tuples are stored, and passed, as lists).
@@ -257,6 +257,10 @@ def _locate(spec: str) -> tuple[str, Callable[..., nn.Module]]:
     """(the name to record, the factory) for a spec; file paths are recorded absolute."""
     if not isinstance(spec, str) or not spec.strip():
         raise ModelError(f"model must be a name such as 'cnn' or 'package.module:function', got {spec!r}")
+    if spec.startswith("hf:"):  # a local Hugging Face directory (needs the `hf` extra)
+        from keiryo.hf import hf_factory
+
+        return hf_factory(spec)
     if ":" not in spec:
         if spec in BUILTIN:
             return spec, BUILTIN[spec]

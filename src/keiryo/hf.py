@@ -1,0 +1,392 @@
+"""Hugging Face models from a local directory as keiryo models: `build_model("hf:PATH")`, offline.
+
+`load_hf` wraps a transformers model in `HFModel`, whose forward takes token ids as one tensor (B, 2, L)
+— input_ids and attention_mask stacked — or a list of texts, which go through the directory's own tokenizer.
+An encoder returns its sentence embedding (mean pooling over the mask, L2-normalised where the directory is a
+sentence-transformers model, as all-MiniLM is); a sequence classifier returns its logits. So `measure`,
+`compare`, `quantize`, `prune`, `distill` and `save`/`load` treat it like any other model.
+
+BERT-style self-attention (separate query/key/value Linears) is rebuilt as `FusedSelfAttention` with one
+`qkv` Linear and an int `num_heads` (the layout keiryo's pruner removes whole heads from); the arithmetic is
+the same. Nothing is downloaded: transformers runs with `local_files_only=True` and no remote code.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from keiryo.data import DataSplits, split_tensors
+from keiryo.errors import ConfigError, ModelError
+
+HF_PREFIX = "hf:"
+TASKS = ("embedding", "classifier")
+POOLINGS = ("mean", "cls", "max")
+
+
+def is_hf_spec(spec: object) -> bool:
+    """Whether a model spec names a Hugging Face directory ("hf:PATH")."""
+    return isinstance(spec, str) and spec.startswith(HF_PREFIX)
+
+
+def hf_factory(spec: str) -> tuple[str, Any]:
+    """(the spec to record, with the path made absolute; the factory) for `build_model("hf:PATH")`."""
+    directory = model_dir(spec[len(HF_PREFIX) :])
+    return f"{HF_PREFIX}{directory}", functools.partial(load_hf, str(directory))
+
+
+def model_dir(path: str | os.PathLike) -> Path:
+    """The absolute model directory, checked to hold a config.json."""
+    directory = Path(path).expanduser().resolve()
+    if not str(path).strip():
+        raise ModelError("model 'hf:' needs a directory: use hf:PATH (a folder with config.json)")
+    if not directory.is_dir():
+        raise ModelError(f"Hugging Face model directory '{directory}' does not exist")
+    if not (directory / "config.json").is_file():
+        raise ModelError(f"'{directory}' has no config.json, so it is not a Hugging Face model directory")
+    return directory
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError as exc:
+        raise ModelError(
+            "Hugging Face models need the transformers package: pip install 'keiryo[hf]'"
+        ) from exc
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    return transformers
+
+
+# --- the model ----------------------------------------------------------------------------------------------
+
+
+class FusedSelfAttention(nn.Module):
+    """BERT self-attention with query, key and value in one `qkv` Linear and an int `num_heads`.
+
+    The head size is read from `qkv` at every call, so the module keeps working after whole heads are
+    pruned (set `num_heads` to the new count). Encoder self-attention only (no cache, no cross-attention).
+    """
+
+    def __init__(self, hidden: int, all_head_size: int, num_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.dropout = dropout
+        self.qkv = nn.Linear(hidden, 3 * all_head_size)
+
+    @classmethod
+    def from_hf(cls, attention: nn.Module) -> FusedSelfAttention:
+        """The fused twin of a BertSelfAttention-like module, with its weights."""
+        q, k, v = attention.query, attention.key, attention.value
+        fused = cls(q.in_features, q.out_features, attention.num_attention_heads, attention.dropout.p)
+        with torch.no_grad():
+            fused.qkv.weight.copy_(torch.cat([q.weight, k.weight, v.weight]))
+            fused.qkv.bias.copy_(torch.cat([q.bias, k.bias, v.bias]))
+        return fused
+
+    def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None, **kwargs: Any):
+        if kwargs.get("encoder_hidden_states") is not None or kwargs.get("cache") is not None:
+            raise ModelError("FusedSelfAttention is encoder self-attention: no cross-attention or cache")
+        b, n, _ = hidden_states.shape
+        head_dim = self.qkv.out_features // 3 // self.num_heads
+        qkv = self.qkv(hidden_states).reshape(b, n, 3, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        if attention_mask is not None and attention_mask.dtype != torch.bool:
+            attention_mask = attention_mask.to(q.dtype)  # an additive mask (eager implementation)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attention_mask, dropout_p=self.dropout if self.training else 0.0
+        )
+        return out.transpose(1, 2).reshape(b, n, self.num_heads * head_dim), None
+
+
+class HFModel(nn.Module):
+    """A transformers model whose forward takes (B, 2, L) token ids (or texts) and returns one vector each.
+
+    Float token ids are accepted (data files store inputs as float32, exact for any vocabulary below 2²⁴).
+    Padding on the right is trimmed to the batch's longest sequence before the model runs.
+    """
+
+    def __init__(
+        self, model: nn.Module, source: str, task: str, pooling: str, normalize: bool, max_length: int
+    ):
+        super().__init__()
+        self.model = model
+        self.source = source  # the directory; its tokenizer is looked up, not stored (deep copies stay cheap)
+        self.task = task
+        self.pooling = pooling
+        self.normalize = normalize
+        self.max_length = max_length
+
+    def forward(self, tokens: Tensor | Sequence[str] | Mapping[str, Tensor]) -> Tensor:
+        ids, mask = self._ids_and_mask(tokens)
+        length = max(int(mask.sum(1).max()), 1) if len(mask) else mask.shape[1]
+        ids, mask = ids[:, :length], mask[:, :length]
+        out = self.model(input_ids=ids, attention_mask=mask)
+        if self.task == "classifier":
+            return out.logits
+        hidden = out.last_hidden_state
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        if self.pooling == "cls":
+            pooled = hidden[:, 0]
+        elif self.pooling == "max":
+            pooled = hidden.masked_fill(weights == 0, torch.finfo(hidden.dtype).min).amax(1)
+        else:
+            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+        return F.normalize(pooled, dim=-1) if self.normalize else pooled
+
+    def _ids_and_mask(self, tokens: Any) -> tuple[Tensor, Tensor]:
+        if isinstance(tokens, Mapping):
+            ids = tokens["input_ids"]
+            mask = tokens.get("attention_mask", torch.ones_like(ids))
+            return ids.long(), mask.long()
+        if isinstance(tokens, (list, tuple)) and all(isinstance(t, str) for t in tokens):
+            tokens = self.tokenize(tokens)
+        if not isinstance(tokens, Tensor) or tokens.dim() != 3 or tokens.shape[1] != 2:
+            shape = tuple(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__
+            raise ModelError(
+                f"a Hugging Face model takes token ids as a (batch, 2, length) tensor (input_ids, "
+                f"attention_mask), a dict of them, or a list of texts; got {shape}"
+            )
+        tokens = tokens.round().long() if tokens.is_floating_point() else tokens.long()
+        return tokens[:, 0], tokens[:, 1]
+
+    def tokenize(self, texts: Sequence[str]) -> Tensor:
+        """Texts → (N, 2, L) token ids and attention mask by the directory's tokenizer, padded alike."""
+        tokenizer = tokenizer_for(self.source)
+        encoded = tokenizer(
+            list(texts), padding="longest", truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        return torch.stack([encoded["input_ids"], encoded["attention_mask"]], dim=1).long()
+
+    @torch.inference_mode()
+    def encode(self, texts: Sequence[str] | Tensor, batch_size: int = 64) -> Tensor:
+        """Embeddings (or logits) of texts or token ids, batch by batch, in eval mode."""
+        tokens = self.tokenize(texts) if not isinstance(texts, Tensor) else texts
+        was_training = self.training
+        self.eval()
+        out = torch.cat([self(tokens[i : i + batch_size]).float() for i in range(0, len(tokens), batch_size)])
+        self.train(was_training)
+        return out
+
+
+@functools.lru_cache(maxsize=8)
+def tokenizer_for(directory: str):
+    """The tokenizer saved in a model directory (loaded once per process)."""
+    path = Path(directory)
+    names = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "spiece.model", "vocab.json")
+    if not any((path / name).is_file() for name in names):
+        raise ConfigError(f"'{path}' has no tokenizer; pass token ids (a (batch, 2, length) tensor) instead")
+    try:
+        return _transformers().AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ModelError(f"cannot load the tokenizer in '{path}': {_one_line(exc)}") from exc
+
+
+def load_hf(
+    path: str,
+    task: str | None = None,
+    layers: int | list[int] | None = None,
+    intermediate_size: int | None = None,
+    max_length: int = 128,
+    pooling: str | None = None,
+) -> HFModel:
+    """The model in a local Hugging Face directory as an `HFModel`, offline, in eval mode.
+
+    `task` "embedding" | "classifier" (default: classifier when the config names a *ForSequenceClassification
+    architecture). `layers` keeps that many encoder layers, evenly spaced (or the listed indices), and
+    `intermediate_size` keeps the feed-forward neurons of largest weight norm: the student of the same config.
+    """
+    transformers = _transformers()
+    directory = model_dir(path)
+    config = transformers.AutoConfig.from_pretrained(str(directory), local_files_only=True)
+    archs = config.architectures or []
+    task = task or (
+        "classifier" if any(a.endswith("ForSequenceClassification") for a in archs) else "embedding"
+    )
+    if task not in TASKS:
+        raise ConfigError(f"unknown task '{task}' for a Hugging Face model (choose {', '.join(TASKS)})")
+    auto = transformers.AutoModelForSequenceClassification if task == "classifier" else transformers.AutoModel
+    try:
+        model = auto.from_pretrained(
+            str(directory), config=config, local_files_only=True, attn_implementation="sdpa"
+        )
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(f"cannot load the model in '{directory}': {_one_line(exc)}") from exc
+    if task == "embedding" and getattr(model, "pooler", None) is not None:
+        model.pooler = None  # sentence embeddings pool the tokens themselves; the CLS pooler is never used
+    if layers is not None:
+        _keep_layers(model, layers)
+    if intermediate_size is not None:
+        _narrow_feed_forward(model, intermediate_size)
+    _fuse_attention(model)
+    pool, normalize = _sentence_transformers_head(directory)
+    pool = pooling or pool
+    if pool not in POOLINGS:
+        raise ConfigError(f"unknown pooling '{pool}' (choose {', '.join(POOLINGS)})")
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+        raise ConfigError(f"max_length must be a whole number ≥ 1, got {max_length!r}")
+    return HFModel(model, str(directory), task, pool, normalize, max_length).eval()
+
+
+def _sentence_transformers_head(directory: Path) -> tuple[str, bool]:
+    """(pooling, normalize) from a sentence-transformers directory's files; ("mean", False) otherwise."""
+    pooling, normalize = "mean", False
+    config = directory / "1_Pooling" / "config.json"
+    if config.is_file():
+        options = json.loads(config.read_text())
+        pooling = next((p for p in ("cls", "max") if options.get(f"pooling_mode_{p}_token")), "mean")
+    modules = directory / "modules.json"
+    if modules.is_file():
+        normalize = any(str(m.get("type", "")).endswith("Normalize") for m in json.loads(modules.read_text()))
+    return pooling, normalize
+
+
+def encoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The list of encoder layers of a BERT-style model (`encoder.layer`)."""
+    base = getattr(model, "base_model", model)
+    found = getattr(getattr(base, "encoder", None), "layer", None)
+    if not isinstance(found, nn.ModuleList):
+        raise ModelError(
+            f"{type(model).__name__} has no encoder.layer list: layer and width changes need a "
+            "BERT-style encoder"
+        )
+    return found
+
+
+def _keep_layers(model: nn.Module, layers: int | list[int]) -> None:
+    """Keep `layers` encoder layers evenly spaced from first to last (an int) or the listed indices."""
+    blocks = encoder_layers(model)
+    total = len(blocks)
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        if not 1 <= layers <= total:
+            raise ConfigError(f"layers must be between 1 and {total} (the model's layer count), got {layers}")
+        keep = [round(i * (total - 1) / (layers - 1)) for i in range(layers)] if layers > 1 else [total - 1]
+    elif isinstance(layers, list) and layers and all(isinstance(i, int) and 0 <= i < total for i in layers):
+        keep = sorted(set(layers))
+    else:
+        raise ConfigError(f"layers must be a count or a list of indices in [0, {total}), got {layers!r}")
+    kept = nn.ModuleList([blocks[i] for i in keep])
+    for i, block in enumerate(kept):
+        for module in block.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = i
+    model.base_model.encoder.layer = kept
+    model.config.num_hidden_layers = len(kept)
+
+
+@torch.no_grad()
+def _narrow_feed_forward(model: nn.Module, size: int) -> None:
+    """Keep the `size` feed-forward neurons of each layer with the largest in/out weight norm."""
+    for block in encoder_layers(model):
+        up, down = block.intermediate.dense, block.output.dense
+        if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= up.out_features:
+            raise ConfigError(f"intermediate_size must be between 1 and {up.out_features}, got {size!r}")
+        score = up.weight.norm(dim=1) * down.weight.norm(dim=0)
+        keep = score.topk(size).indices.sort().values
+        new_up, new_down = nn.Linear(up.in_features, size), nn.Linear(size, down.out_features)
+        new_up.weight.copy_(up.weight[keep])
+        new_up.bias.copy_(up.bias[keep])
+        new_down.weight.copy_(down.weight[:, keep])
+        new_down.bias.copy_(down.bias)
+        block.intermediate.dense, block.output.dense = new_up, new_down
+    model.config.intermediate_size = size
+
+
+def _fuse_attention(model: nn.Module) -> None:
+    """Replace each BertSelfAttention-like module (query/key/value Linears) by a FusedSelfAttention."""
+    for name, module in list(model.named_modules()):
+        parts = [getattr(module, p, None) for p in ("query", "key", "value")]
+        if all(isinstance(p, nn.Linear) for p in parts) and isinstance(
+            getattr(module, "num_attention_heads", None), int
+        ):
+            if getattr(module, "is_decoder", False):
+                continue  # decoders keep their own attention (caches, causal masks)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, FusedSelfAttention.from_hf(module))
+
+
+# --- text data and quality ----------------------------------------------------------------------------------
+
+
+def text_data(model: HFModel, texts: Sequence[str], *, seed: int = 0, batch_size: int = 64) -> DataSplits:
+    """Splits of (token ids, the model's own outputs): data to distil or measure an embedding model on."""
+    if not isinstance(model, HFModel):
+        raise ConfigError(f"text_data needs an HFModel (build_model('hf:PATH')), got {type(model).__name__}")
+    if len(texts) < 3:
+        raise ConfigError(f"text_data needs at least 3 texts to split, got {len(texts)}")
+    tokens = model.tokenize(texts)
+    targets = model.encode(tokens, batch_size)
+    train, val, test = split_tensors(tokens, targets, seed=seed, val_fraction=0.1, test_fraction=0.1)
+    return DataSplits(train, val, test, None, tuple(tokens.shape[1:]), "texts")
+
+
+@dataclass
+class EmbeddingQuality:
+    """How closely a model's sentence embeddings follow a reference model's on the same sentences."""
+
+    cosine_mean: float  # mean cosine similarity of each sentence's two embeddings
+    cosine_min: float
+    top1_agreement: float  # fraction of sentences whose nearest neighbour (in the set) is the same
+    top5_overlap: float  # mean share of the k nearest neighbours the two models have in common
+    sentences: int
+
+
+def embedding_quality(
+    model: nn.Module, reference: nn.Module, inputs: Tensor | Sequence[str], *, k: int = 5
+) -> EmbeddingQuality:
+    """Cosine to the reference's embeddings and agreement of nearest-neighbour retrieval among `inputs`."""
+    if isinstance(inputs, (list, tuple)):
+        tokenizer_model = reference if isinstance(reference, HFModel) else model
+        inputs = tokenizer_model.tokenize(inputs)
+    mine, ref = _embed(model, inputs), _embed(reference, inputs)
+    if mine.shape != ref.shape:
+        raise ConfigError(f"embeddings differ in shape: {tuple(mine.shape)} vs reference {tuple(ref.shape)}")
+    n = len(mine)
+    if n <= k:
+        raise ConfigError(f"nearest-neighbour agreement at k={k} needs more than {k} sentences, got {n}")
+    cosine = F.cosine_similarity(mine, ref, dim=1, eps=1e-12)
+    mine_nn, ref_nn = _neighbours(mine, k), _neighbours(ref, k)
+    top1 = (mine_nn[:, 0] == ref_nn[:, 0]).float().mean()
+    overlap = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(mine_nn, ref_nn, strict=True))
+    return EmbeddingQuality(
+        cosine_mean=float(cosine.mean()),
+        cosine_min=float(cosine.min()),
+        top1_agreement=float(top1),
+        top5_overlap=overlap / (n * k),
+        sentences=n,
+    )
+
+
+def _embed(model: nn.Module, inputs: Tensor, batch_size: int = 64) -> Tensor:
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        out = torch.cat(
+            [model(inputs[i : i + batch_size]).float() for i in range(0, len(inputs), batch_size)]
+        )
+    model.train(was_training)
+    return out
+
+
+def _neighbours(embeddings: Tensor, k: int) -> Tensor:
+    """Indices of each row's k most cosine-similar other rows, nearest first."""
+    unit = F.normalize(embeddings, dim=1)
+    similarity = unit @ unit.T
+    similarity.fill_diagonal_(-float("inf"))
+    return similarity.topk(k, dim=1).indices
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else type(exc).__name__
