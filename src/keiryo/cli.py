@@ -406,6 +406,56 @@ def optimize_command(
     )
 
 
+@app.command("hf")
+def hf_command(
+    model_dir: Annotated[Path, typer.Argument(help="A local Hugging Face model folder (config.json...).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the keiryo model file.")] = Path(
+        "hf-model.pt"
+    ),
+    texts: Annotated[
+        Path | None, typer.Option(help="Text file, one text per line, to measure on (default: 8 samples).")
+    ] = None,
+    data_out: Annotated[
+        Path | None,
+        typer.Option("--data-out", help="Write the texts' token ids and outputs as a .pt file for --data."),
+    ] = None,
+    task: Annotated[
+        str | None, typer.Option(help="embedding | classifier (default: from the config).")
+    ] = None,
+    layers: Annotated[int | None, typer.Option(help="Keep this many encoder layers, evenly spaced.")] = None,
+    intermediate_size: Annotated[
+        int | None, typer.Option(help="Keep this many feed-forward neurons per layer.")
+    ] = None,
+    max_length: Annotated[int, typer.Option(help="Truncate texts to this many tokens.")] = 128,
+    runs: Annotated[int, typer.Option(help="Timed runs per batch size in the table.")] = 30,
+    threads: Annotated[int | None, typer.Option(help="Intra-op threads for the timing.")] = None,
+) -> None:
+    """Turn a Hugging Face model folder into a keiryo model file, offline, and measure it on texts.
+
+    The file works with every command that takes a model file; give them the --data-out file as --data:
+    keiryo bench/prune/export MODEL --data TOKENS.pt, and
+    keiryo distill --teacher MODEL --student hf:DIR -a layers=3 --loss cosine --data TOKENS.pt.
+
+    Example: keiryo hf ./all-MiniLM-L6-v2 --texts sentences.txt --out minilm.pt --data-out sentences.pt
+    """
+    from keiryo import hf
+
+    options = {"task": task, "layers": layers, "intermediate_size": intermediate_size}
+    kwargs = {key: value for key, value in options.items() if value is not None}
+    model = models.build_model(f"hf:{model_dir}", max_length=max_length, **kwargs)
+    lines = hf.read_texts(texts) if texts else list(hf.SAMPLE_TEXTS)
+    tokens = model.tokenize(lines)
+    metadata = {"source": str(model_dir.resolve()), "task": model.task, "sequence_length": tokens.shape[-1]}
+    artifacts.save(model, out, metadata=metadata)
+    if data_out:
+        hf.write_text_data(model, lines, data_out)
+    sizes = (1, len(tokens))
+    result = compare({model_dir.name: model}, tokens, batch_sizes=sizes, runs=runs, num_threads=threads)
+    report.print_report(result, title=f"keiryo hf ({model.task}, {len(lines)} texts)", console=console)
+    wrote = f" · data {data_out}" if data_out else ""
+    console.print(f"saved {out} ({report.human_bytes(out.stat().st_size)}){wrote}")
+
+
 # Technique commands (quantize, prune, distill, ...) are added above this line, one function each.
 
 

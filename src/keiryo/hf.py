@@ -331,6 +331,39 @@ def text_data(model: HFModel, texts: Sequence[str], *, seed: int = 0, batch_size
     return DataSplits(train, val, test, None, tuple(tokens.shape[1:]), "texts")
 
 
+SAMPLE_TEXTS = (
+    "A man is eating food.",
+    "A man is eating a piece of bread.",
+    "The girl is carrying a baby.",
+    "A man is riding a horse.",
+    "A woman is playing violin.",
+    "Two men pushed carts through the woods.",
+    "A man is riding a white horse on an enclosed ground.",
+    "A monkey is playing drums.",
+)
+"""A few sentences to measure on when the user gives none."""
+
+
+def read_texts(path: str | os.PathLike) -> list[str]:
+    """The non-empty lines of a UTF-8 text file: one text each."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"text file '{path}' does not exist")
+    texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not texts:
+        raise ConfigError(f"text file '{path}' has no lines of text")
+    return texts
+
+
+def write_text_data(model: HFModel, texts: Sequence[str], path: str | os.PathLike) -> Path:
+    """Save {"inputs": token ids, "targets": the model's outputs}: a data file that `--data` reads."""
+    from keiryo.artifacts import atomic_torch_save
+
+    tokens = model.tokenize(texts)
+    atomic_torch_save({"inputs": tokens, "targets": model.encode(tokens)}, path)
+    return Path(path)
+
+
 @dataclass
 class EmbeddingQuality:
     """How closely a model's sentence embeddings follow a reference model's on the same sentences."""
