@@ -406,6 +406,80 @@ def optimize_command(
     )
 
 
+@app.command()
+def distill(
+    teacher: Annotated[Path, typer.Option("--teacher", "-t", help="The trained teacher's model file.")],
+    student: Annotated[
+        str, typer.Option("--student", "-s", help="mlp | cnn | transformer | pkg.mod:fn | file.py:fn")
+    ] = "mlp",
+    data_source: DataOpt = "digits",
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the student's model file.")] = Path(
+        "student.pt"
+    ),
+    student_arg: Annotated[
+        list[str] | None,
+        typer.Option("--student-arg", "-a", help="Student factory argument name=value (repeatable)."),
+    ] = None,
+    temperature: Annotated[float, typer.Option(help="Softmax temperature T of soft targets (> 0).")] = 4.0,
+    alpha: Annotated[float, typer.Option(help="Teacher term weight; 1 − alpha goes to the labels.")] = 0.9,
+    loss: Annotated[str, typer.Option(help="kl (classes) | mse | cosine (regression, embeddings).")] = "kl",
+    feature: Annotated[
+        list[str] | None,
+        typer.Option(help="Match hidden layers: student_layer=teacher_layer (repeatable)."),
+    ] = None,
+    cache_teacher: Annotated[
+        bool, typer.Option("--cache-teacher", help="Run the teacher once per sample (data not augmented).")
+    ] = False,
+    epochs: Annotated[int, typer.Option(help="Passes over the training split.")] = 30,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, cosine decay).")] = 3e-3,
+    device: Annotated[str, typer.Option(help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps.")] = "auto",
+    precision: Annotated[str, typer.Option(help="fp32 | bf16 | fp16 (autocast).")] = "fp32",
+    runs: Annotated[int, typer.Option(help="Timed runs per batch size in the table.")] = 50,
+    trust_code: Annotated[
+        bool, typer.Option("--trust-code", help="Allow a teacher file built by your factory.")
+    ] = False,
+    seed: SeedOpt = 0,
+    progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
+) -> None:
+    """Train a small student to match a frozen teacher's soft targets, save it, and compare the two.
+
+    Example: keiryo distill --teacher cnn.pt --student mlp -a hidden=[128] --data digits --out student.pt
+    """
+    from keiryo.compress.distill import distill as run_distill
+
+    splits = data.load_data(data_source, seed=seed)
+    teacher_model = artifacts.load(teacher, trust_code=trust_code)
+    net = _build_for_data(student, splits, _parse_kwargs(student_arg), seed)
+    features = dict(_parse_pair(f, "--feature") for f in feature or [])
+    options = dict(epochs=epochs, lr=lr, device=device, precision=precision, seed=seed, progress=progress)
+    run_distill(
+        teacher_model,
+        net,
+        splits,
+        temperature,
+        alpha,
+        features=features or None,
+        loss=loss,
+        cache_teacher=cache_teacher,
+        **options,
+    )
+    trained, teacher_model = net.cpu(), teacher_model.cpu()
+    test_acc = accuracy(trained, splits.test)
+    extra = {"distilled_from": str(teacher), "temperature": temperature, "alpha": alpha}
+    artifacts.save(trained, out, metadata={**_metadata(splits, test_acc), **extra})
+    side_by_side = {"teacher": teacher_model, "student": trained}
+    result = compare(side_by_side, data.example_inputs(splits, 64), splits, runs=runs)
+    report.print_report(result, title="keiryo distill", console=console)
+    console.print(f"saved {out} ({report.human_bytes(out.stat().st_size)})")
+
+
+def _parse_pair(text: str, option: str) -> tuple[str, str]:
+    left, sep, right = text.partition("=")
+    if not sep or not left.strip() or not right.strip():
+        raise ConfigError(f"{option} '{text}' must look like student_layer=teacher_layer")
+    return left.strip(), right.strip()
+
+
 @app.command("hf")
 def hf_command(
     model_dir: Annotated[Path, typer.Argument(help="A local Hugging Face model folder (config.json...).")],

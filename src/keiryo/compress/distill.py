@@ -84,11 +84,19 @@ def teacher_targets(
     """
     total = None
     for teacher in teachers:
+        _place(teacher, inputs.device)
         teacher.eval()  # batch-norm statistics and dropout must not change
         out = teacher(inputs).float()
         out = F.softmax(out / temperature, dim=-1) if loss == "kl" else out
         total = out if total is None else total + out
     return total / len(teachers)
+
+
+def _place(teacher: nn.Module, device: torch.device) -> None:
+    """Move a teacher to the inputs' device if it is elsewhere (a parallel worker has its own device)."""
+    first = next(teacher.parameters(), None)
+    if first is not None and first.device != device:
+        teacher.to(device)
 
 
 def check_shapes(student_out: Tensor, teacher_out: Tensor) -> None:
@@ -119,6 +127,46 @@ def combine(
     return total
 
 
+class DistillLoss:
+    """The training loop's loss for distillation: teacher term + label term (+ weighted hidden-feature term).
+
+    A class rather than a closure so that it pickles, and so reaches parallel workers with the model. With
+    a `cache`, the loop's inputs are row indices into it and the teacher does not run at all.
+    """
+
+    def __init__(
+        self,
+        teachers: list[nn.Module],
+        temperature: float,
+        alpha: float,
+        loss: str,
+        teacher_taps: _Taps | None = None,
+        cache: TeacherCache | None = None,
+        feature_weight: float = 1.0,
+    ) -> None:
+        self.teachers, self.temperature, self.alpha, self.loss = teachers, temperature, alpha, loss
+        self.teacher_taps, self.cache, self.feature_weight = teacher_taps, cache, feature_weight
+
+    def __call__(self, model: nn.Module, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        pairs = len(self.teacher_taps.names) if self.teacher_taps is not None else 0
+        if self.cache is not None:  # `inputs` are row indices into the cache
+            rows, device = inputs.cpu(), targets.device
+            inputs = devices.move_batch(self.cache.inputs[rows], device)
+        outputs = model(inputs)  # the taps keep the student's (projected) features
+        if self.cache is not None:
+            teacher_out = devices.move_batch(self.cache.outputs[rows], device)
+            teacher_feats = [devices.move_batch(f[rows], device) for f in self.cache.features]
+        else:
+            teacher_out = teacher_targets(self.teachers, inputs, self.temperature, self.loss)
+            teacher_feats = [self.teacher_taps.kept[i] for i in range(pairs)]
+        total = combine(outputs, targets, teacher_out, self.temperature, self.alpha, self.loss)
+        if pairs and self.feature_weight > 0:
+            student_taps = _student_taps(model)
+            student_feats = [student_taps.kept[i] for i in range(pairs)]
+            total = total + self.feature_weight * feature_mse(student_feats, teacher_feats)
+        return total, outputs
+
+
 def soft_target_loss(
     teacher: nn.Module | Sequence[nn.Module], temperature: float = 4.0, alpha: float = 0.9, loss: str = "kl"
 ) -> LossFn:
@@ -128,14 +176,7 @@ def soft_target_loss(
     With loss="mse" or "cosine" the teacher term compares raw outputs (regression, embeddings) instead.
     """
     check_options(temperature, alpha, loss)
-    teachers = _as_list(teacher)
-
-    def loss_fn(model: nn.Module, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-        outputs = model(inputs)
-        teacher_out = teacher_targets(teachers, inputs, temperature, loss)
-        return combine(outputs, targets, teacher_out, temperature, alpha, loss), outputs
-
-    return loss_fn
+    return DistillLoss(_as_list(teacher), temperature, alpha, loss)
 
 
 # --- hidden features ----------------------------------------------------------------------------------------
@@ -180,35 +221,53 @@ def feature_pairs(features: dict[str, str] | Sequence[str] | None) -> list[tuple
 
 
 class _Taps:
-    """Forward hooks that keep the chosen layers' outputs; a student's goes through its projection first.
+    """Forward hooks that keep the outputs of named layers; a student's go through its projections first.
 
     Projecting inside the hook means the projection runs inside the student's forward, so anything that
     wraps the training module (compile, data parallel) sees the projection's parameters being used.
     """
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, pairs: list[tuple[str, str]]) -> None:
-        self.student: dict[int, Tensor] = {}
-        self.teacher: dict[int, Tensor] = {}
-        self.projections: list[nn.Module] | None = None
-        self.teacher_names = [t for _, t in pairs]
-        self._handles = []
-        for i, (s_name, t_name) in enumerate(pairs):
-            s_layer, t_layer = _layer(student, s_name, "student"), _layer(teacher, t_name, "teacher")
-            self._handles.append(s_layer.register_forward_hook(self._keep(i, self.student, s_name, True)))
-            self._handles.append(t_layer.register_forward_hook(self._keep(i, self.teacher, t_name, False)))
+    def __init__(self, model: nn.Module, names: list[str], role: str) -> None:
+        self.names = names
+        self.kept: dict[int, Tensor] = {}
+        self.projections: list[nn.Module] | None = None  # set after the probe has measured the shapes
+        self.handles = [
+            _layer(model, name, role).register_forward_hook(_Keep(self, i, name, role))
+            for i, name in enumerate(names)
+        ]
 
-    def _keep(self, i: int, store: dict[int, Tensor], name: str, project: bool):
-        def hook(module: nn.Module, args: tuple, output: object) -> None:
-            if not isinstance(output, Tensor):
-                found = type(output).__name__
-                raise ConfigError(f"layer '{name}' returns a {found}, not a tensor; pick another layer")
-            store[i] = self.projections[i](output) if project and self.projections is not None else output
-
-        return hook
+    def clear(self) -> None:
+        """Forget kept outputs (they hold autograd graphs, and must not travel when the taps are pickled)."""
+        self.kept.clear()
 
     def remove(self) -> None:
-        for handle in self._handles:
+        self.clear()
+        for handle in self.handles:
             handle.remove()
+
+
+class _Keep:
+    """One forward hook (a class, so that it pickles with the model): keep the layer's output in the taps."""
+
+    def __init__(self, taps: _Taps, index: int, name: str, role: str) -> None:
+        self.taps, self.index, self.name, self.role = taps, index, name, role
+
+    def __call__(self, module: nn.Module, args: tuple, output: object) -> None:
+        if not isinstance(output, Tensor):
+            found = type(output).__name__
+            raise ConfigError(
+                f"{self.role} layer '{self.name}' returns a {found}, not a tensor; pick another"
+            )
+        projections = self.taps.projections
+        self.taps.kept[self.index] = output if projections is None else projections[self.index](output)
+
+
+def _student_taps(model: nn.Module) -> _Taps:
+    """The student's taps, found through whatever wraps the training module (DDP, compile, a copy)."""
+    for module in model.modules():
+        if isinstance(module, _Distillee):
+            return module.taps
+    raise ConfigError("hidden-feature distillation needs the model that distill() trains")
 
 
 def _layer(model: nn.Module, name: str, role: str) -> nn.Module:
@@ -226,10 +285,12 @@ class _Distillee(nn.Module):
     Its forward is the student's; `distill` returns the bare student and drops the projections.
     """
 
-    def __init__(self, student: nn.Module, projections: list[nn.Module]) -> None:
+    def __init__(self, student: nn.Module, projections: list[nn.Module], taps: _Taps) -> None:
         super().__init__()
         self.student = student
         self.projections = nn.ModuleList(projections)
+        self.taps = taps  # travels with the module, so a worker's copy keeps its own features
+        taps.projections = list(self.projections)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.student(x)
@@ -277,43 +338,19 @@ def _cache(
     else:
         val_x, val_y = train_x[:0], train_y[:0]
     inputs = torch.cat([train_x, val_x])
-    outputs, features = [], [[] for _ in taps.teacher_names]
+    outputs, features = [], [[] for _ in taps.names]
     for start in range(0, len(inputs), 256):
         batch = inputs[start : start + 256].to(device)
         with devices.autocast(device, precision):
             outputs.append(teacher_targets(teachers, batch, temperature, loss).float().cpu())
         for i, store in enumerate(features):
-            store.append(taps.teacher[i].float().cpu())
+            store.append(taps.kept[i].float().cpu())
     cache = TeacherCache(inputs, torch.cat(outputs), [torch.cat(f) for f in features])
     indexed = replace(splits, train=_Indexed(train_y, 0), val=_Indexed(val_y, len(train_x)))
     return cache, indexed
 
 
 # --- distillation -------------------------------------------------------------------------------------------
-
-
-def _distill_loss(teachers, taps, cache, temperature, alpha, loss, feature_weight) -> LossFn:
-    """The loop's loss: the output term and label term (`combine`), plus the weighted hidden-feature term."""
-    pairs = len(taps.teacher_names)
-
-    def loss_fn(model: nn.Module, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-        if cache is not None:  # `inputs` are row indices into the cache
-            rows, device = inputs.cpu(), targets.device
-            inputs = devices.move_batch(cache.inputs[rows], device)
-        outputs = model(inputs)  # the taps keep the student's (projected) features
-        if cache is not None:
-            teacher_out = devices.move_batch(cache.outputs[rows], device)
-            teacher_feats = [devices.move_batch(f[rows], device) for f in cache.features]
-        else:
-            teacher_out = teacher_targets(teachers, inputs, temperature, loss)
-            teacher_feats = [taps.teacher[i] for i in range(pairs)]
-        total = combine(outputs, targets, teacher_out, temperature, alpha, loss)
-        if pairs and feature_weight > 0:
-            student_feats = [taps.student[i] for i in range(pairs)]
-            total = total + feature_weight * feature_mse(student_feats, teacher_feats)
-        return total, outputs
-
-    return loss_fn
 
 
 def distill(
@@ -357,24 +394,28 @@ def distill(
     was_training = [t.training for t in teachers]
     for t in teachers:
         t.to(device).eval()
-    taps = _Taps(student.to(device), teachers[0], pairs)
+    student_taps = _Taps(student.to(device), [s for s, _ in pairs], "student")
+    teacher_taps = _Taps(teachers[0], [t for _, t in pairs], "teacher")
     try:
-        projections = _probe(teachers, student, taps, splits, temperature, loss, device, train_options)
-        taps.projections = projections
+        projections = _probe(teachers, student, student_taps, teacher_taps, splits, device, train_options)
+        model = _Distillee(student, projections, student_taps)
         cache = None
         if cache_teacher:
-            cache, splits = _cache(teachers, taps, splits, temperature, loss, device, precision)
-        loss_fn = _distill_loss(teachers, taps, cache, temperature, alpha, loss, feature_weight)
-        train(_Distillee(student, projections), splits, loss_fn=loss_fn, **train_options)
+            cache, splits = _cache(teachers, teacher_taps, splits, temperature, loss, device, precision)
+        student_taps.clear()
+        teacher_taps.clear()
+        loss_fn = DistillLoss(teachers, temperature, alpha, loss, teacher_taps, cache, feature_weight)
+        train(model, splits, loss_fn=loss_fn, **train_options)
     finally:
-        taps.remove()
+        student_taps.remove()
+        teacher_taps.remove()
         for t, mode in zip(teachers, was_training, strict=True):
             t.train(mode)
     return student.eval()
 
 
 @torch.no_grad()
-def _probe(teachers, student, taps, splits, temperature, loss, device, train_options) -> list[nn.Module]:
+def _probe(teachers, student, student_taps, teacher_taps, splits, device, train_options) -> list[nn.Module]:
     """Run one small batch through everyone: check that output shapes match, and size the projections.
 
     The student runs in eval mode, so its batch-norm statistics are untouched before training starts.
@@ -392,6 +433,6 @@ def _probe(teachers, student, taps, splits, temperature, loss, device, train_opt
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(train_options.get("seed", 0))
         return [
-            make_projection(taps.student[i].shape, taps.teacher[i].shape).to(device)
-            for i in range(len(taps.teacher_names))
+            make_projection(student_taps.kept[i].shape, teacher_taps.kept[i].shape).to(device)
+            for i in range(len(teacher_taps.names))
         ]
