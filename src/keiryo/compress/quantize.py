@@ -46,6 +46,7 @@ SPEED_METHODS = (
 OBSERVERS = ("minmax", "histogram", "percentile")
 GRANULARITIES = ("per-tensor", "per-channel")
 REPORT_ATTR = "quantize_report"
+MAX_CALIBRATION = 1024  # calibration inputs used (the first ones): ranges settle long before this
 
 
 @dataclass
@@ -109,6 +110,7 @@ def quantize(
     min_cosine: float = 0.99,
     min_top1: float = 0.98,
     qat: TrainConfig | None = None,
+    compile: bool = True,
     runs: int = 30,
 ) -> nn.Module:
     """A quantized copy of `model` by `method` (see `METHODS`); the original is left as it was.
@@ -117,15 +119,17 @@ def quantize(
     for qat. `granularity` (per-tensor | per-channel) and `symmetric` set the int8 weight scheme; None tries
     both under auto. `skip`: layer names kept in float. `group_size`: int4 weights per scale. `observer`:
     minmax | histogram | percentile activation ranges for int8-static. Quality tolerance: output cosine
-    ≥ `min_cosine` and top-1 agreement ≥ `min_top1` (class outputs) against the float model.
+    ≥ `min_cosine` and top-1 agreement ≥ `min_top1` (class outputs) against the float model. `compile`:
+    auto also tries torch.compile'd kernels (tens of seconds each to build). `runs`: timed runs per candidate.
     """
     _validate(model, method, backend, granularity, observer, group_size, calibration)
     layers = _layers(model, method, tuple(skip))
-    cal_inputs = _calibration_inputs(calibration) if calibration is not None else None
+    cal_inputs = _calibration_inputs(calibration)[:MAX_CALIBRATION] if calibration is not None else None
     settings = Settings(symmetric, group_size, observer, cal_inputs, calibration, qat)
     built: dict[str, nn.Module] = {}
     candidates: dict[str, Candidate] = {}
-    for b in BACKENDS[method] if backend == "auto" else (backend,):
+    auto = [b for b in BACKENDS[method] if compile or not b.endswith("-compile")]
+    for b in auto if backend == "auto" else (backend,):
         for g in _granularities(method, b, granularity, backend == "auto"):
             key = b if g is None else f"{b} {g}"
             candidates[key] = Candidate(backend=b, granularity=g)
@@ -141,7 +145,7 @@ def quantize(
         raise ModelError(f"no backend could quantize this model by {method} ({notes})")
     quality_inputs = cal_inputs[:1024] if cal_inputs is not None else example_inputs
     _measure(model, method, built, candidates, quality_inputs, example_inputs, (min_cosine, min_top1), runs)
-    return _choose(model, method, layers, built, candidates)
+    return _choose(model, method, layers, built, candidates, forced=backend != "auto")
 
 
 @dataclass
@@ -182,22 +186,26 @@ def _measure(model, method, built, candidates, quality_inputs, example_inputs, t
             candidates[key].speedup[size] = lat["float"].p50_ms / lat[key].p50_ms
 
 
-def _choose(model, method, layers, built, candidates) -> nn.Module:
-    """The fastest candidate within tolerance, with its report attached (or float, for a speed method)."""
+def _choose(model, method, layers, built, candidates, *, forced: bool) -> nn.Module:
+    """The fastest candidate within tolerance, with its report attached (or float, for a speed method).
+
+    `forced`: the caller named the backend, so its kernel is returned whatever it measured.
+    """
+    may_keep_float = method in SPEED_METHODS and not forced
     passing = [k for k in built if candidates[k].passed]
     best = max(passing, key=lambda k: candidates[k].score) if passing else None
-    if best is None and method in SPEED_METHODS:
+    if best is None and may_keep_float:
         return _kept_float(model, method, layers, candidates, "no kernel stays within tolerance")
     if best is None:
         best = max(built, key=lambda k: candidates[k].cosine or 0.0)
         message = f"{best}: no kernel met the tolerance; this is the closest to float (see candidates)"
-    elif candidates[best].speedup and candidates[best].score <= 1.0 and method in SPEED_METHODS:
+    elif candidates[best].speedup and candidates[best].score <= 1.0 and may_keep_float:
         return _kept_float(model, method, layers, candidates, "no int8 kernel beats float here")
     else:
         ups = ", ".join(f"{u:.2f}× at batch {b}" for b, u in candidates[best].speedup.items())
         message = f"{best}" + (f": {ups} vs float" if ups else " (speed not measured: no example inputs)")
         if candidates[best].speedup and candidates[best].score <= 1.0:
-            message += " (slower than float; kept because the method was asked for)"
+            message += " (slower than float; kept because this method or backend was asked for)"
     c = candidates[best]
     report = QuantizeReport(
         method, c.backend, c.granularity, layers, list(candidates.values()), False, message
@@ -316,7 +324,7 @@ def sensitivity(
     inputs = _calibration_inputs(calibration)[:512] if calibration is not None else example_inputs
     if inputs is None:
         raise ConfigError("sensitivity needs example_inputs or calibration data to measure outputs on")
-    cal_inputs = _calibration_inputs(calibration) if calibration is not None else None
+    cal_inputs = _calibration_inputs(calibration)[:MAX_CALIBRATION] if calibration is not None else None
     settings = Settings(
         options.get("symmetric", True), options.get("group_size", 32), options.get("observer", "histogram"),
         cal_inputs, calibration, None,

@@ -1,0 +1,241 @@
+"""Is keiryo's quantization really faster, smaller and still accurate? Every method, measured side by side.
+
+Run: python benchmarks/quantize.py [--runs 50] [--skip-compile]
+
+It prints (and writes to benchmarks/out/quantize.md), with 2 threads, latencies as p50 of interleaved runs:
+1. the 4x1024 Linear stack: keiryo `int8-dynamic` (backend="auto", its measured candidates) against fp32 and
+   against each backend called directly (torch.ao fbgemm, torchao eager, torchao compiled): speed-up at
+   batch 1 and 64, file size, and keiryo's time over the best direct call;
+2. the `cnn` and `mlp` trained on digits: every method × {latency b1, b64, bytes, test accuracy};
+3. the `transformer` trained on digits: int8 output cosine similarity against fp32 and the speed-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from keiryo import artifacts
+from keiryo.compress.quantize import quantize, report_of
+from keiryo.data import example_inputs, load_data
+from keiryo.measure import Report, compare
+from keiryo.models import build_model, kwargs_for_data
+from keiryo.train import TrainConfig, train
+
+OUT = Path(__file__).parent / "out" / "quantize.md"
+warnings.filterwarnings("ignore")
+
+
+def table(report: Report, notes: dict[str, str] | None = None) -> str:
+    """Markdown: one row per model with latency b1/b64, speed-ups, bytes (ratio), accuracy and agreement."""
+    base = report.baseline
+    lines = [
+        "| model | p50 b1 (ms) | p50 b64 (ms) | speed-up b1 | speed-up b64 | file | × fp32 file | accuracy | "
+        "cosine vs fp32 | note |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report.rows:
+        agree = r.agreement
+        cells = [
+            r.name,
+            f"{r.latency[1].p50_ms:.3f}",
+            f"{r.latency[64].p50_ms:.3f}",
+            f"{report.speedup(r, 1):.2f}×",
+            f"{report.speedup(r, 64):.2f}×",
+            f"{r.bytes / 1024:.0f} KiB",
+            f"{r.bytes / base.bytes:.3f}",
+            f"{r.accuracy:.2%}" if r.accuracy is not None else "-",
+            f"{agree.cosine:.4f}" if agree else "-",
+            (notes or {}).get(r.name, ""),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def candidates_table(model: nn.Module) -> str:
+    """Markdown: what backend='auto' measured for one quantize call."""
+    rep = report_of(model)
+    lines = [
+        f"auto chose: **{rep.message}**",
+        "",
+        "| candidate | p50 b1 (ms) | p50 b64 (ms) | speed-up b1 | speed-up b64 | cosine | top-1 | "
+        "within tolerance | note |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in rep.candidates:
+        name = c.backend + (f" {c.granularity}" if c.granularity else "")
+        lat = [f"{c.p50_ms[b]:.3f}" if b in c.p50_ms else "-" for b in (1, 64)]
+        ups = [f"{c.speedup[b]:.2f}×" if b in c.speedup else "-" for b in (1, 64)]
+        cos = f"{c.cosine:.4f}" if c.cosine is not None else "-"
+        top1 = f"{c.top1:.3f}" if c.top1 is not None else "-"
+        lines.append(
+            f"| {name} | {' | '.join(lat)} | {' | '.join(ups)} | {cos} | {top1} | {c.passed} | {c.note} |"
+        )
+    return "\n".join(lines)
+
+
+def linear_stack(runs: int, compile_too: bool) -> str:
+    """Section 1: keiryo's int8-dynamic against fp32 and each backend called directly."""
+    from torch.ao.quantization import quantize_dynamic
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+    torch.manual_seed(0)
+    fp32 = build_model("mlp", in_features=1024, hidden=[1024, 1024, 1024], num_classes=1024).eval()
+    x = torch.randn(64, 1024)
+    started = time.perf_counter()
+    keiryo_q = quantize(fp32, "int8-dynamic", example_inputs=x, compile=compile_too, runs=runs)
+    seconds = time.perf_counter() - started
+    direct = {"fbgemm direct": quantize_dynamic(fp32, {nn.Linear}, dtype=torch.qint8)}
+    ao = build_model("mlp", in_features=1024, hidden=[1024, 1024, 1024], num_classes=1024).eval()
+    ao.load_state_dict(fp32.state_dict())
+    quantize_(ao, Int8DynamicActivationInt8WeightConfig())
+    direct["torchao direct"] = ao
+    if compile_too:
+        aoc = build_model("mlp", in_features=1024, hidden=[1024, 1024, 1024], num_classes=1024).eval()
+        aoc.load_state_dict(fp32.state_dict())
+        quantize_(aoc, Int8DynamicActivationInt8WeightConfig())
+        direct["torchao compiled direct"] = torch.compile(aoc)
+    models = {"fp32": fp32, "keiryo int8-dynamic": keiryo_q, **direct}
+    rep = compare(models, x, batch_sizes=(1, 64), runs=runs, num_threads=2)
+    rows = {r.name: r for r in rep.rows}
+    best = {b: min(rows[n].latency[b].p50_ms for n in direct) for b in (1, 64)}
+    mine = rows["keiryo int8-dynamic"]
+    summary = [
+        f"- keiryo int8-dynamic: **{rep.speedup(mine, 64):.2f}×** fp32 at batch 64, "
+        f"**{rep.speedup(mine, 1):.2f}×** at batch 1; file **{rep.size_ratio(mine):.3f}×** fp32; "
+        "time over the best direct backend: "
+        f"{mine.latency[64].p50_ms / best[64]:.3f}× (b64), {mine.latency[1].p50_ms / best[1]:.3f}× (b1) "
+        f"(targets: ≥ 2.8×, ≥ 4×, ≤ 0.27×, ≤ 1.05×)",
+        f"- choosing the backend (building and measuring every candidate) took {seconds:.0f} s",
+    ]
+    return "\n\n".join(
+        [
+            "## 1. 4 × Linear(1024, 1024), random weights, random inputs",
+            table(rep, {"torchao compiled direct": "torch.compile(model)"}),
+            "\n".join(summary),
+            "### What backend='auto' measured",
+            candidates_table(keiryo_q),
+        ]
+    )
+
+
+def digits_methods(name: str, splits, epochs: int, runs: int, compile_too: bool) -> str:
+    """Section 2: every method on a model trained on digits."""
+    torch.manual_seed(0)
+    model = build_model(name, **kwargs_for_data(name, splits.input_shape, splits.num_classes))
+    train(model, splits, epochs=epochs, progress=False, device="cpu", seed=0)
+    model.eval()
+    x = example_inputs(splits, 64)
+    qat_config = TrainConfig(epochs=3, lr=5e-4, device="cpu", progress=False)
+    calls = {
+        "fp16": dict(method="fp16"),
+        "bf16": dict(method="bf16"),
+        "int8-dynamic (auto)": dict(method="int8-dynamic", example_inputs=x, compile=compile_too),
+        "int8-dynamic fbgemm": dict(method="int8-dynamic", backend="fbgemm", example_inputs=x),
+        "int8-weight-only": dict(method="int8-weight-only", backend="torchao", example_inputs=x),
+        "int4-weight-only": dict(method="int4-weight-only", backend="torchao", example_inputs=x),
+        "int8-static minmax": dict(
+            method="int8-static", calibration=splits, observer="minmax", example_inputs=x
+        ),
+        "int8-static histogram": dict(method="int8-static", calibration=splits, example_inputs=x),
+        "qat": dict(method="qat", calibration=splits, example_inputs=x, qat=qat_config),
+    }
+    models, notes = {"fp32": model}, {}
+    for label, kwargs in calls.items():
+        q = quantize(model, runs=runs, **kwargs)
+        models[label] = q
+        notes[label] = report_of(q).message.replace("|", "/")
+    rep = compare(models, x, splits, batch_sizes=(1, 64), runs=runs, num_threads=2)
+    rows = {r.name: r for r in rep.rows}
+    base = rows["fp32"].accuracy
+    checks = [
+        f"- {label}: accuracy {rows[label].accuracy - base:+.2%} points vs fp32 (target ≥ −0.5)"
+        for label in ("int8-dynamic fbgemm", "int8-static histogram", "qat")
+    ]
+    checks.append(
+        f"- qat {rows['qat'].accuracy:.2%} vs int8-static {rows['int8-static histogram'].accuracy:.2%} "
+        "(target: qat ≥ int8-static)"
+    )
+    checks.append(
+        f"- int4-weight-only file: {rep.size_ratio(rows['int4-weight-only']):.3f}× fp32 (target ≤ 0.2)"
+    )
+    return "\n\n".join(
+        [
+            f"## 2. `{name}` trained on digits ({epochs} epochs), every method",
+            table(rep, notes),
+            "\n".join(checks),
+        ]
+    )
+
+
+def transformer_section(splits, runs: int, compile_too: bool) -> str:
+    """Section 3: int8 on the transformer, cosine similarity and speed-up."""
+    torch.manual_seed(0)
+    kwargs = {
+        **kwargs_for_data("transformer", splits.input_shape, splits.num_classes),
+        "dim": 256,
+        "depth": 4,
+    }
+    kwargs["heads"] = 8
+    model = build_model("transformer", **kwargs)
+    train(model, splits, epochs=4, progress=False, device="cpu", seed=0, lr=1e-3)
+    model.eval()
+    x = example_inputs(splits, 64)
+    q = quantize(model, "int8-dynamic", example_inputs=x, compile=compile_too, runs=runs)
+    static = quantize(model, "int8-static", calibration=splits, example_inputs=x, runs=runs)
+    rep = compare(
+        {"fp32": model, "int8-dynamic (auto)": q, "int8-static (auto)": static},
+        x,
+        splits,
+        runs=runs,
+        num_threads=2,
+    )
+    return "\n\n".join(
+        [
+            "## 3. `transformer` (dim 256, depth 4, 8 heads) trained on digits (4 epochs)",
+            table(
+                rep,
+                {
+                    "int8-dynamic (auto)": report_of(q).message,
+                    "int8-static (auto)": report_of(static).message,
+                },
+            ),
+            "### What backend='auto' measured (int8-dynamic)",
+            candidates_table(q),
+        ]
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--runs", type=int, default=50, help="timed runs per model and batch size")
+    parser.add_argument("--skip-compile", action="store_true", help="leave torch.compile candidates out")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    started = time.perf_counter()
+    splits = load_data("digits")
+    sections = [
+        "# Quantization on this CPU (2 threads)",
+        f"`python benchmarks/quantize.py` · torch {torch.__version__} · load average at start "
+        f"{os.getloadavg()[0]:.1f} · latencies are p50 of {args.runs} interleaved runs after warm-up",
+        linear_stack(args.runs, not args.skip_compile),
+        digits_methods("cnn", splits, 8, args.runs, not args.skip_compile),
+        digits_methods("mlp", splits, 20, args.runs, not args.skip_compile),
+        transformer_section(splits, args.runs, not args.skip_compile),
+        f"_whole run: {time.perf_counter() - started:.0f} s; load average at end {os.getloadavg()[0]:.1f}_",
+    ]
+    text = "\n\n".join(sections) + "\n"
+    print(text)
+    artifacts.atomic_write_bytes(text.encode(), OUT)
+
+
+if __name__ == "__main__":
+    main()

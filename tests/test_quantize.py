@@ -1,0 +1,219 @@
+"""Quantization: outputs stay close to float, files shrink and round-trip, errors are clear."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from keiryo import artifacts
+from keiryo.compress import quant_static
+from keiryo.compress.quantize import METHODS, quantize, report_of, sensitivity
+from keiryo.data import example_inputs
+from keiryo.errors import ConfigError, ModelError
+from keiryo.measure import accuracy, agreement, file_bytes
+from keiryo.models import build_model, kwargs_for_data
+from keiryo.train import TrainConfig, train
+
+
+def _trained(name: str, digits, epochs: int = 3, **kwargs) -> nn.Module:
+    torch.manual_seed(0)
+    model = build_model(name, **{**kwargs_for_data(name, digits.input_shape, digits.num_classes), **kwargs})
+    train(model, digits, epochs=epochs, progress=False, device="cpu", seed=0)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def mlp(digits) -> nn.Module:
+    return _trained("mlp", digits, hidden=[256, 128])
+
+
+@pytest.fixture(scope="module")
+def cnn(digits) -> nn.Module:
+    return _trained("cnn", digits, epochs=2, width=16, blocks=1)
+
+
+def _round_trip(model: nn.Module, inputs: torch.Tensor, tmp_path) -> nn.Module:
+    """Save, load with weights_only, and check the loaded model computes exactly the same outputs."""
+    path = artifacts.save(model, tmp_path / "q.pt")
+    loaded = artifacts.load(path)
+    with torch.inference_mode():
+        assert torch.equal(loaded(inputs), model(inputs))
+    return loaded
+
+
+def _float_linear(module: nn.Module) -> bool:
+    """A Linear that still holds a plain float weight (torchao keeps the class, swaps the weight's type)."""
+    return type(module) is nn.Linear and type(module.weight) is nn.Parameter
+
+
+def test_unknown_method_lists_the_known_ones(mlp):
+    with pytest.raises(ConfigError, match="unknown quantization method 'int3'.*int8-dynamic.*qat"):
+        quantize(mlp, "int3")
+
+
+def test_static_methods_need_calibration_data(mlp):
+    for method in ("int8-static", "qat"):
+        with pytest.raises(ConfigError, match=f"'{method}' needs .*calibration="):
+            quantize(mlp, method)
+
+
+def test_backend_that_cannot_run_the_method_is_named_with_the_ones_that_can(mlp):
+    with pytest.raises(ConfigError, match="backend 'fbgemm' cannot run int4-weight-only.*torchao"):
+        quantize(mlp, "int4-weight-only", backend="fbgemm")
+
+
+def test_model_without_quantizable_layers_is_refused(mlp):
+    with pytest.raises(ModelError, match="no Linear layers"):
+        quantize(nn.Sequential(nn.ReLU(), nn.Tanh()), "int8-dynamic")
+    every = [n for n, m in mlp.named_modules() if isinstance(m, nn.Linear)]
+    with pytest.raises(ModelError, match="after skipping"):
+        quantize(mlp, "int8-dynamic", skip=every)
+
+
+def test_int8_on_a_gpu_model_says_what_runs_there(mlp):
+    meta = build_model("mlp").to("meta")
+    with pytest.raises(ConfigError, match="not supported on meta.*fp16"):
+        quantize(meta, "int8-dynamic", backend="fbgemm")
+
+
+def test_precision_casts(tmp_path, digits):
+    x = example_inputs(digits, 32)
+    fp64 = build_model("mlp", hidden=[64]).double().eval()
+    fp32 = quantize(fp64, "fp32", example_inputs=x.double())
+    assert {p.dtype for p in fp32.parameters()} == {torch.float32}
+    with torch.inference_mode():
+        assert torch.allclose(fp32(x.double()), fp64(x.double()).float(), atol=1e-5)
+    base = build_model("mlp", hidden=[256, 128]).eval()
+    for method, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
+        half = quantize(base, method, example_inputs=x)
+        assert {p.dtype for p in half.parameters()} == {dtype}
+        assert half(x).dtype == torch.float32  # float32 in, float32 out
+        assert agreement(half, base, x).cosine > 0.999
+        assert file_bytes(half) < 0.55 * file_bytes(base)
+        _round_trip(half, x, tmp_path)
+
+
+@pytest.mark.parametrize("backend", ["fbgemm", "torchao"])
+@pytest.mark.parametrize("granularity", ["per-tensor", "per-channel"])
+def test_int8_dynamic_is_close_smaller_and_round_trips(mlp, digits, tmp_path, backend, granularity):
+    x = example_inputs(digits, 64)
+    q = quantize(mlp, "int8-dynamic", example_inputs=x, backend=backend, granularity=granularity, runs=3)
+    assert report_of(q).backend == backend and not report_of(q).kept_float
+    assert agreement(q, mlp, x).cosine > 0.999
+    assert abs(accuracy(q, digits.test) - accuracy(mlp, digits.test)) <= 0.01
+    assert file_bytes(q) < 0.35 * file_bytes(mlp)  # (per-channel scales are float64: 8 bytes a row)
+    loaded = _round_trip(q, x, tmp_path)
+    assert not any(_float_linear(m) for m in loaded.modules())
+
+
+def test_asymmetric_weights_with_fbgemm(mlp, digits):
+    x = example_inputs(digits, 64)
+    q = quantize(mlp, "int8-dynamic", example_inputs=x, backend="fbgemm", symmetric=False, runs=3)
+    assert q.fc0.weight().qscheme() == torch.per_tensor_affine
+    assert agreement(q, mlp, x).cosine > 0.999
+
+
+def test_weight_only_int8_and_int4(mlp, cnn, digits, tmp_path):
+    x = example_inputs(digits, 64)
+    int8 = quantize(mlp, "int8-weight-only", example_inputs=x, backend="torchao", runs=3)
+    assert agreement(int8, mlp, x).cosine > 0.999
+    _round_trip(int8, x, tmp_path)
+    for model, most in ((mlp, 0.2), (cnn, 0.6)):  # the tiny test cnn's file is mostly names and shapes
+        int4 = quantize(model, "int4-weight-only", example_inputs=x, backend="torchao", runs=3)
+        assert agreement(int4, model, x).cosine > 0.98
+        assert file_bytes(int4) <= most * file_bytes(model)
+        _round_trip(int4, x, tmp_path)
+
+
+def test_int4_packing_of_a_conv_is_exact_on_representable_weights():
+    conv = nn.Conv2d(2, 8, 4)  # 2 × 4 × 4 = 32 weights per output channel: one group each
+    with torch.no_grad():  # per group of 32 weights: 16 levels between -1 and 1 hold exactly
+        levels = torch.linspace(-1, 1, 16)
+        conv.weight.copy_(levels[torch.randint(0, 16, conv.weight.shape)])
+        conv.weight.view(8, -1)[:, :32:16] = torch.tensor([-1.0, 1.0])  # every group reaches both ends
+    packed = quantize(nn.Sequential(conv), "int4-weight-only", backend="torchao")[0]
+    assert torch.allclose(packed.weight(), conv.weight, atol=1e-2)
+
+
+def test_int8_static_folds_batchnorm_and_keeps_accuracy(cnn, digits, tmp_path):
+    x = example_inputs(digits, 64)
+    q = quantize(cnn, "int8-static", calibration=digits, example_inputs=x, runs=3)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in q.modules())
+    assert sum(isinstance(m, quant_static.StaticQuantized) for m in q.modules()) == 4  # stem, 2 convs, fc
+    assert accuracy(q, digits.test) >= accuracy(cnn, digits.test) - 0.01
+    assert file_bytes(q) < 0.7 * file_bytes(cnn)  # a tiny cnn: names and shapes weigh much of its file
+    loaded = _round_trip(q, x, tmp_path)  # rebuilt without calibration: scales come from the file
+    assert isinstance(loaded.stem[0], quant_static.StaticQuantized)
+
+
+@pytest.mark.parametrize("observer", ["minmax", "percentile"])
+def test_other_observers_calibrate_too(mlp, digits, observer):
+    calibration = example_inputs(digits, 256)
+    q = quantize(mlp, "int8-static", calibration=calibration, observer=observer, granularity="per-channel")
+    assert report_of(q).candidates[0].cosine > 0.99
+    assert accuracy(q, digits.test) >= accuracy(mlp, digits.test) - 0.01
+
+
+def test_qat_trains_with_fake_quantization_then_converts(mlp, digits, tmp_path):
+    x = example_inputs(digits, 64)
+    config = TrainConfig(epochs=1, lr=5e-4, device="cpu", progress=False)
+    q = quantize(mlp, "qat", calibration=digits, example_inputs=x, qat=config, runs=3)
+    assert all(isinstance(getattr(q, n), quant_static.StaticQuantized) for n in ("fc0", "fc1", "classifier"))
+    assert accuracy(q, digits.test) >= accuracy(mlp, digits.test) - 0.02
+    _round_trip(q, x, tmp_path)
+
+
+def test_qat_needs_labels(mlp, digits):
+    with pytest.raises(ConfigError, match="labelled"):
+        quantize(mlp, "qat", calibration=example_inputs(digits, 64))
+
+
+def test_skipped_layers_stay_float(mlp, digits):
+    q = quantize(
+        mlp, "int8-dynamic", example_inputs=example_inputs(digits, 8), backend="fbgemm", skip=["fc0"]
+    )
+    assert _float_linear(q.fc0) and not _float_linear(q.fc1)
+    assert report_of(q).layers == ["fc1", "classifier"]
+
+
+def test_auto_measures_every_candidate_and_picks_the_fastest_within_tolerance(mlp, digits):
+    x = example_inputs(digits, 64)
+    q = quantize(mlp, "int8-dynamic", example_inputs=x, compile=False, runs=5)
+    rep = report_of(q)
+    names = {(c.backend, c.granularity) for c in rep.candidates}
+    assert names == {("fbgemm", "per-tensor"), ("fbgemm", "per-channel"), ("torchao", "per-channel")}
+    assert all(c.cosine is not None and set(c.speedup) == {1, 64} for c in rep.candidates)
+    passing = [c for c in rep.candidates if c.passed]
+    best = max(passing, key=lambda c: c.score)
+    if rep.kept_float:  # nothing beat float on this machine, and the report says so
+        assert best.score <= 1.0 and "kept float" in rep.message
+        assert all(_float_linear(m) for m in q.modules() if isinstance(m, nn.Linear))
+    else:
+        assert (rep.backend, rep.granularity) == (best.backend, best.granularity)
+
+
+def test_auto_keeps_float_when_no_kernel_meets_the_tolerance(mlp, digits):
+    x = example_inputs(digits, 64)
+    q = quantize(mlp, "int8-dynamic", example_inputs=x, compile=False, min_cosine=1.01, runs=3)
+    rep = report_of(q)
+    assert rep.kept_float and rep.backend == "float" and "tolerance" in rep.message
+    assert not any(c.passed for c in rep.candidates)
+    with torch.inference_mode():
+        assert torch.equal(q(x), mlp(x))
+
+
+def test_sensitivity_ranks_the_layer_with_an_outlier_worst(digits):
+    torch.manual_seed(0)
+    model = build_model("mlp", hidden=[64, 64]).eval()
+    with torch.no_grad():
+        model.fc1.weight[0, 0] = 50.0  # one outlier: per-tensor int8 rounds the rest of fc1 to zero
+    ranking = sensitivity(model, "int8-dynamic", example_inputs(digits, 128), granularity="per-tensor")
+    assert [r.name for r in ranking][0] == "fc1"
+    assert len(ranking) == 3 and ranking[0].sqnr_db < ranking[-1].sqnr_db
+
+
+def test_every_method_is_listed():
+    assert set(METHODS) == {
+        "fp32", "fp16", "bf16", "int8-dynamic", "int8-weight-only", "int4-weight-only", "int8-static", "qat",
+    }  # fmt: skip
