@@ -209,8 +209,19 @@ def load_checkpoint(path: str | Path) -> dict:
     return ckpt
 
 
-def _restore(path: str, worker: Worker, model, optimizer, scheduler) -> dict:
-    ckpt = load_checkpoint(path)
+def _resume_state(path: str | None, worker: Worker) -> dict | None:
+    """The checkpoint to resume from, or None; rank 0 reads it and sends it to the others (whose disks may
+    not hold it), so that every worker makes the same choice."""
+    if worker.world_size == 1:
+        return load_checkpoint(path) if path and Path(path).exists() else None
+    import torch.distributed as dist
+
+    box = [load_checkpoint(path) if worker.rank == 0 and path and Path(path).exists() else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _restore(ckpt: dict, path: str, worker: Worker, model, optimizer, scheduler) -> None:
     try:
         if worker.load_state_dicts is not None:
             worker.load_state_dicts(model, optimizer, ckpt["model"], ckpt["optimizer"])
@@ -222,7 +233,6 @@ def _restore(path: str, worker: Worker, model, optimizer, scheduler) -> dict:
         raise ArtifactError(f"checkpoint '{path}' does not match this model: {first}") from exc
     scheduler.load_state_dict(ckpt["scheduler"])
     torch.set_rng_state(ckpt["rng"])
-    return ckpt
 
 
 def fit(
@@ -253,8 +263,9 @@ def fit(
 
     history: list[EpochLog] = []
     start_epoch, skip_steps, global_step, resumed_from = 0, 0, 0, None
-    if config.resume and config.checkpoint and Path(config.checkpoint).exists():
-        ckpt = _restore(config.checkpoint, worker, model, optimizer, scheduler)
+    ckpt = _resume_state(config.checkpoint, worker) if config.resume else None
+    if ckpt is not None:
+        _restore(ckpt, config.checkpoint, worker, model, optimizer, scheduler)
         start_epoch, skip_steps = ckpt["epoch"], ckpt["step_in_epoch"]
         global_step = resumed_from = ckpt["global_step"]
         history = [EpochLog(**h) for h in ckpt["history"]]

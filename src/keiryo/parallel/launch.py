@@ -139,6 +139,7 @@ def train_worker(
         dist.all_gather_object(prints, fingerprint(state))
         info.update(fingerprint=prints[dist.get_rank()], weights_identical=len(set(prints)) == 1)
         history = [asdict(h) for h in result.history]
+        dist.barrier()  # all workers are done with the group before any of them leaves it
         return {"state": state, "history": history, "resumed_from": result.resumed_from, "parallel": info}
     finally:
         teardown()
