@@ -217,3 +217,20 @@ def test_every_method_is_listed():
     assert set(METHODS) == {
         "fp32", "fp16", "bf16", "int8-dynamic", "int8-weight-only", "int4-weight-only", "int8-static", "qat",
     }  # fmt: skip
+
+
+def test_cli_quantize_prints_before_after_and_writes_a_loadable_file(mlp, digits, tmp_path, capsys):
+    from keiryo.cli import main
+
+    source = artifacts.save(mlp, tmp_path / "mlp.pt", metadata={"input_shape": [1, 8, 8]})
+    out = tmp_path / "mlp-int8.pt"
+    args = ["quantize", str(source), "--method", "int8-static", "--calibration", "digits", "--out", str(out)]
+    code = main([*args, "--granularity", "per-channel", "--threads", "2", "--sensitivity"])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    assert "int8-static" in printed.out and "candidate fbgemm per-channel" in printed.out
+    assert "layer fc0" in printed.out and out.exists()
+    assert out.stat().st_size < 0.35 * source.stat().st_size
+    assert isinstance(artifacts.load(out).fc0, quant_static.StaticQuantized)
+    assert main(["quantize", str(source), "--method", "int8-static", "--out", str(out)]) == 2
+    assert "needs calibration data" in " ".join(capsys.readouterr().err.split())

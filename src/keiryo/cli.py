@@ -530,6 +530,98 @@ def hf_command(
     console.print(f"saved {out} ({report.human_bytes(out.stat().st_size)}){wrote}")
 
 
+@app.command("quantize")
+def quantize_command(
+    model_file: Annotated[Path, typer.Argument(help="The trained model file to quantize.")],
+    method: Annotated[
+        str,
+        typer.Option(
+            help="fp32 | fp16 | bf16 | int8-dynamic | int8-weight-only | int4-weight-only | int8-static | qat"
+        ),
+    ] = "int8-dynamic",
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the quantized model.")] = Path(
+        "quantized.pt"
+    ),
+    calibration: Annotated[
+        str | None,
+        typer.Option("--calibration", "-c", help="Data to calibrate int8-static on and to train qat with."),
+    ] = None,
+    data_source: Annotated[
+        str | None, typer.Option("--data", "-d", help="Data for the accuracy column (else --calibration).")
+    ] = None,
+    backend: Annotated[
+        str, typer.Option(help="auto (measure all, keep the fastest within tolerance) | fbgemm | torchao...")
+    ] = "auto",
+    granularity: Annotated[
+        str | None, typer.Option(help="int8 weight scales: per-tensor | per-channel (auto tries both).")
+    ] = None,
+    affine: Annotated[bool, typer.Option("--affine", help="Affine int8 weights, not symmetric.")] = False,
+    skip: Annotated[list[str] | None, typer.Option(help="Layer to keep in float (repeatable).")] = None,
+    group_size: Annotated[int, typer.Option(help="int4 weights per scale: 32 | 64 | 128.")] = 32,
+    observer: Annotated[str, typer.Option(help="int8-static ranges: histogram | minmax | percentile.")] = (
+        "histogram"
+    ),
+    compile: Annotated[
+        bool, typer.Option("--compile/--no-compile", help="Let auto also try torch.compile'd kernels.")
+    ] = True,
+    qat_epochs: Annotated[int, typer.Option(help="Fake-quantized training epochs for qat.")] = 3,
+    sensitivity: Annotated[
+        bool, typer.Option("--sensitivity", help="Also print the error each layer adds when quantized alone.")
+    ] = False,
+    threads: Annotated[int | None, typer.Option(help="Intra-op threads for the timing.")] = None,
+    trust_code: Annotated[
+        bool, typer.Option("--trust-code", help="Allow model files built by your factories.")
+    ] = False,
+    seed: SeedOpt = 0,
+) -> None:
+    """Quantize a model file with the fastest kernel that keeps its outputs, and show before/after.
+
+    Example: keiryo quantize cnn.pt --method int8-static --calibration digits --out cnn-int8.pt
+    """
+    from keiryo.compress.quantize import quantize as quantize_model
+    from keiryo.compress.quantize import report_of
+    from keiryo.compress.quantize import sensitivity as layer_sensitivity
+    from keiryo.measure import threads as fixed_threads
+
+    original = artifacts.load(model_file, trust_code=trust_code)
+    cal = data.load_data(calibration, seed=seed) if calibration else None
+    splits = data.load_data(data_source, seed=seed) if data_source else cal
+    example = _example_inputs(model_file, original, splits, 64, seed)
+    with fixed_threads(threads):
+        quantized = quantize_model(
+            original,
+            method,
+            cal,
+            example,
+            backend=backend,
+            granularity=granularity,
+            symmetric=not affine,
+            skip=tuple(skip or ()),
+            group_size=group_size,
+            observer=observer,
+            compile=compile,
+            qat=TrainConfig(epochs=qat_epochs, lr=5e-4, seed=seed, device="cpu", progress=False),
+        )
+    chosen = report_of(quantized)
+    test_acc = accuracy(quantized, splits.test) if splits is not None else None
+    artifacts.save(quantized, out, metadata={"test_accuracy": test_acc} if splits is not None else {})
+    result = compare({model_file.stem: original, method: quantized}, example, splits, num_threads=threads)
+    title = f"keiryo quantize ({method}, backend {chosen.backend})"
+    report.print_report(result, title=title, console=console)
+    for c in chosen.candidates:
+        timing = ", ".join(f"b{b} {ms:.3f} ms ({c.speedup[b]:.2f}×)" for b, ms in c.p50_ms.items())
+        cosine = f"cosine {c.cosine:.4f}" if c.cosine is not None else "cosine -"
+        name = c.backend + (f" {c.granularity}" if c.granularity else "")
+        note = f" · {c.note}" if c.note else ""
+        console.print(f"  candidate {name}: {cosine}, {timing or 'not timed'}{note}", markup=False)
+    console.print(f"chosen: {chosen.message}", markup=False)
+    if sensitivity and method not in ("fp32", "fp16", "bf16"):
+        sens_method = "int8-static" if method == "qat" else method
+        for s in layer_sensitivity(original, sens_method, example, cal, granularity=granularity):
+            console.print(f"  layer {s.name} ({s.kind}): SQNR {s.sqnr_db:.1f} dB, cosine {s.cosine:.4f}")
+    console.print(f"saved {out} ({report.human_bytes(out.stat().st_size)})")
+
+
 # Technique commands (quantize, prune, distill, ...) are added above this line, one function each.
 
 
