@@ -111,3 +111,35 @@ def test_run_goes_on_without_a_dead_worker_when_configured(digits):
 def test_bad_config_is_one_line(digits, overrides, message):
     with pytest.raises(ConfigError, match=message):
         train_async(_mlp(), digits, _config(**overrides))
+
+
+def test_train_cli_runs_the_async_strategy(tmp_path, capsys):
+    from keiryo import artifacts
+    from keiryo.cli import main
+
+    out = tmp_path / "async.pt"
+    args = [
+        "train",
+        "--model",
+        "mlp",
+        "--strategy",
+        "async",
+        "--workers",
+        "2",
+        "--epochs",
+        "2",
+        "--lr",
+        "0.1",
+        "--async-mode",
+        "bounded",
+        "--slowdown",
+        "1,2",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
+    assert main(args) == 0, capsys.readouterr().err
+    assert "test accuracy" in capsys.readouterr().out
+    assert artifacts.load(out)(torch.zeros(1, 1, 8, 8)).shape == (1, 10)
+    assert main([*args[:-2], "--slowdown", "fast", "--out", str(out)]) == 2
+    assert "--slowdown" in capsys.readouterr().err

@@ -89,7 +89,7 @@ def train(
     seed: SeedOpt = 0,
     progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
     strategy: Annotated[
-        str, typer.Option(help="single | ddp | fsdp | pipeline (the last three run --workers processes).")
+        str, typer.Option(help="single | ddp | fsdp | pipeline (--workers processes) | async (Ray workers).")
     ] = "single",
     workers: Annotated[
         int, typer.Option(help="Local worker processes (under torchrun: its WORLD_SIZE decides).")
@@ -103,6 +103,16 @@ def train(
     ] = None,
     pipeline_schedule: Annotated[str | None, typer.Option(help="Pipeline schedule: gpipe | 1f1b.")] = None,
     microbatches: Annotated[int | None, typer.Option(help="Pipeline micro-batches per batch.")] = None,
+    async_mode: Annotated[
+        str, typer.Option(help="Async: async | bounded | scaled | dcasgd | sync (barrier, to compare).")
+    ] = "async",
+    staleness_bound: Annotated[int, typer.Option(help="Async bounded: discard pushes staler than S.")] = 4,
+    slowdown: Annotated[
+        str | None, typer.Option(help="Async: per-worker slowdown factors, e.g. 1,1,1,4 (experiments).")
+    ] = None,
+    ray_address: Annotated[
+        str | None, typer.Option(help="Async: join this Ray cluster (default: start Ray locally).")
+    ] = None,
 ) -> None:
     """Train a model and save it with its measured test accuracy; in one process, N local workers or torchrun.
 
@@ -135,6 +145,7 @@ def train(
         split_points=split_point,
         pipeline_schedule=pipeline_schedule,
         microbatches=microbatches,
+        async_options=_async_options(strategy, async_mode, staleness_bound, slowdown, ray_address),
         **{k: getattr(config, k) for k in TrainConfig.__dataclass_fields__},
     )
     trained = result.model.cpu()
@@ -162,6 +173,21 @@ def train(
         console.print(f"resumed from step {result.resumed_from} of {checkpoint}")
     acc_text = f"test accuracy {test_acc:.2%}" if test_acc is not None else "trained (regression)"
     console.print(f"{acc_text} · saved {out} ({report.human_bytes(out.stat().st_size)})")
+
+
+def _async_options(
+    strategy: str, mode: str, bound: int, slowdown: str | None, address: str | None
+) -> dict | None:
+    """The parameter server's options, for --strategy async only."""
+    if strategy != "async":
+        return None
+    options: dict = {"mode": mode, "staleness_bound": bound, "ray_address": address}
+    if slowdown:
+        try:
+            options["slowdown"] = [float(v) for v in slowdown.split(",")]
+        except ValueError:
+            raise ConfigError(f"--slowdown must be comma-separated numbers, got '{slowdown}'") from None
+    return options
 
 
 def _metadata(splits: data.DataSplits, test_accuracy: float | None) -> dict:

@@ -450,7 +450,7 @@ class _Progress:
             self._bar.console.print("  ".join(parts))
 
 
-STRATEGIES = ("single", "ddp", "fsdp", "pipeline")
+STRATEGIES = ("single", "ddp", "fsdp", "pipeline", "async")
 
 
 def train(
@@ -466,13 +466,16 @@ def train(
     split_points: list[str] | None = None,
     pipeline_schedule: str | None = None,
     microbatches: int | None = None,
+    async_options: dict | None = None,
     **options,
 ) -> TrainResult:
     """Train a model with a strategy; `options` are `TrainConfig` fields (epochs, lr, checkpoint, ...).
 
     ddp, fsdp and pipeline start `workers` local processes, or join the torchrun job this process is part of;
     a worker that fails or hangs stops the run within `timeout` seconds. `split_points` (module names),
-    `pipeline_schedule` (gpipe | 1f1b) and `microbatches` shape the pipeline.
+    `pipeline_schedule` (gpipe | 1f1b) and `microbatches` shape the pipeline. async trains on a Ray
+    parameter server with `workers` workers; `async_options` are `AsyncConfig` fields (mode, staleness_bound,
+    slowdown, ray_address, ...), and `epochs` counts updates as epochs of the whole training split.
     """
     if strategy not in STRATEGIES:
         raise ConfigError(f"unknown strategy '{strategy}' (choose from {', '.join(STRATEGIES)})")
@@ -497,6 +500,9 @@ def train(
             extra = f"workers={workers}" if workers != 1 else ", ".join(pipeline)
             raise ConfigError(f"strategy 'single' runs one worker without pipeline options; got {extra}")
         return fit(model, data, config, loss_fn=loss_fn)
+    if strategy == "async":
+        splits = data if isinstance(data, DataSplits) else load_data(data, seed=config.seed)
+        return _train_async(model, splits, config, loss_fn, workers, async_options or {})
     if timeout <= 0:
         raise ConfigError(f"timeout must be > 0 seconds, got {timeout}")
     from keiryo.parallel.launch import train_parallel
@@ -512,3 +518,36 @@ def train(
         timeout_s=timeout,
         pipeline=pipeline,
     )
+
+
+def _train_async(model, splits, config, loss_fn, workers, options) -> TrainResult:
+    """The async strategy: `epochs` of updates on a Ray parameter server, history one line per epoch."""
+    from keiryo.parallel.async_ps import AsyncConfig, train_async
+
+    unknown = set(options) - set(AsyncConfig.__dataclass_fields__)
+    if unknown:
+        raise ConfigError(f"unknown async option(s) {', '.join(sorted(unknown))}")
+    steps = math.ceil(len(splits.train) / config.batch_size)
+    async_config = AsyncConfig(
+        workers=workers,
+        lr=options.pop("lr", config.lr),
+        batch_size=config.batch_size,
+        max_updates=steps * config.epochs,
+        checkpoint=config.checkpoint,
+        resume=config.resume,
+        seed=config.seed,
+        progress=config.progress,
+        **options,
+    )
+    result = train_async(model, splits, async_config, loss_fn=loss_fn)
+    history, last, used = [], 0.0, set()
+    for epoch in range(1, config.epochs + 1):
+        point = next((t for t in result.timeline if t["version"] >= epoch * steps), None)
+        if point is None or id(point) in used:  # the driver checks every eval_every seconds, not every epoch
+            continue
+        used.add(id(point))
+        history.append(
+            EpochLog(epoch, point["loss"], None, None, point["val_accuracy"], point["seconds"] - last)
+        )
+        last = point["seconds"]
+    return TrainResult(model=result.model, history=history)

@@ -396,14 +396,14 @@ def train_async(
 
 
 class _LiveLine:
-    """One live status line: updates/s, staleness, loss, accuracy and pushes per worker."""
+    """One live status line: updates/s, staleness, loss, accuracy and pushes per worker; kept at the end."""
 
     def __init__(self, enabled: bool) -> None:
-        self.live = None
+        self.live, self.text = None, ""
         if enabled:
             from rich.live import Live
 
-            self.live = Live("", refresh_per_second=4, transient=False)
+            self.live = Live("", refresh_per_second=4, transient=True)
             self.live.__enter__()
 
     def update(self, stats: dict, seconds: float, val_acc: float | None) -> None:
@@ -412,11 +412,14 @@ class _LiveLine:
         rate = stats["version"] / seconds if seconds else 0.0
         pushes = " ".join(f"w{w}:{n}" for w, n in sorted(stats["pushes"].items()))
         acc = f"  val acc {val_acc:.1%}" if val_acc is not None else ""
-        self.live.update(
+        self.text = (
             f"updates {stats['version']} ({rate:.0f}/s)  staleness mean {stats['staleness_mean']:.1f} "
             f"max {stats['staleness_max']}  loss {stats['loss']:.4f}{acc}  pushes {pushes}"
         )
+        self.live.update(self.text)
 
     def close(self) -> None:
         if self.live is not None:
             self.live.__exit__(None, None, None)
+            if self.text:
+                self.live.console.print(self.text, highlight=False)
