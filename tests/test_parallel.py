@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from keiryo.errors import ConfigError
 from keiryo.models import build_model
-from keiryo.parallel.launch import free_port, init_worker, run_local
+from keiryo.parallel.launch import WorkerError, free_port, init_worker, run_local
 from keiryo.parallel.pipeline import apply_pipeline, balanced_split_points, split_units
 from keiryo.train import classification_loss, load_checkpoint, train
 
@@ -154,6 +154,25 @@ def test_refusals_come_before_any_worker_starts(digits):
         train(_mlp(), digits, strategy="ddp", workers=2, microbatches=2)
     with pytest.raises(ConfigError, match="strategy 'single' runs one worker"):
         train(_mlp(), digits, workers=2)
+
+
+class HangOnRank1:
+    """A loss that makes worker 1 hang at its first training step, as a deadlocked worker would."""
+
+    def __call__(self, model, inputs, targets):
+        if os.environ.get("RANK") == "1" and model.training:
+            time.sleep(600)
+        return classification_loss(model, inputs, targets)
+
+
+def test_hung_worker_stops_the_run_within_the_timeout(digits):
+    """Worker 0 waits in the gradient all-reduce until the group timeout ends it; the launcher stops all."""
+    started = time.monotonic()
+    with pytest.raises(WorkerError, match=r"^worker 0 failed: .*") as caught:
+        options = dict(epochs=1, progress=False, device="cpu", loss_fn=HangOnRank1())
+        train(_mlp(), digits, strategy="ddp", workers=2, timeout=5, **options)
+    assert "\n" not in str(caught.value)
+    assert time.monotonic() - started < 60  # worker start-up (slow on a loaded machine) + the 5 s timeout
 
 
 def _keiryo_train(*args: str) -> list[str]:
