@@ -148,7 +148,7 @@ def digits_methods(name: str, splits, epochs: int, runs: int, compile_too: bool)
     }
     models, notes = {"fp32": model}, {}
     for label, kwargs in calls.items():
-        q = quantize(model, runs=runs, **kwargs)
+        q = quantize(model, runs=runs, class_scores=True, **kwargs)
         models[label] = q
         notes[label] = report_of(q).message.replace("|", "/")
     rep = compare(models, x, splits, batch_sizes=(1, 64), runs=runs, num_threads=2)
@@ -187,7 +187,7 @@ def transformer_section(splits, runs: int, compile_too: bool) -> str:
     train(model, splits, epochs=4, progress=False, device="cpu", seed=0, lr=1e-3)
     model.eval()
     x = example_inputs(splits, 64)
-    q = quantize(model, "int8-dynamic", example_inputs=x, compile=compile_too, runs=runs)
+    q = quantize(model, "int8-dynamic", example_inputs=x, class_scores=True, compile=compile_too, runs=runs)
     static = quantize(model, "int8-static", calibration=splits, example_inputs=x, runs=runs)
     rep = compare(
         {"fp32": model, "int8-dynamic (auto)": q, "int8-static (auto)": static},
@@ -222,19 +222,27 @@ def main() -> None:
     torch.set_num_threads(2)
     started = time.perf_counter()
     splits = load_data("digits")
+    compile_too = not args.skip_compile
+    steps = [
+        lambda: linear_stack(args.runs, compile_too),
+        lambda: digits_methods("cnn", splits, 8, args.runs, compile_too),
+        lambda: digits_methods("mlp", splits, 20, args.runs, compile_too),
+        lambda: transformer_section(splits, args.runs, compile_too),
+    ]
     sections = [
         "# Quantization on this CPU (2 threads)",
         f"`python benchmarks/quantize.py` · torch {torch.__version__} · load average at start "
         f"{os.getloadavg()[0]:.1f} · latencies are p50 of {args.runs} interleaved runs after warm-up",
-        linear_stack(args.runs, not args.skip_compile),
-        digits_methods("cnn", splits, 8, args.runs, not args.skip_compile),
-        digits_methods("mlp", splits, 20, args.runs, not args.skip_compile),
-        transformer_section(splits, args.runs, not args.skip_compile),
-        f"_whole run: {time.perf_counter() - started:.0f} s; load average at end {os.getloadavg()[0]:.1f}_",
     ]
-    text = "\n\n".join(sections) + "\n"
-    print(text)
-    artifacts.atomic_write_bytes(text.encode(), OUT)
+    print("\n\n".join(sections), flush=True)
+    for step in steps:
+        sections.append(step())
+        print("\n" + sections[-1], flush=True)
+    sections.append(
+        f"_whole run: {time.perf_counter() - started:.0f} s; load average at end {os.getloadavg()[0]:.1f}_"
+    )
+    print("\n" + sections[-1])
+    artifacts.atomic_write_bytes(("\n\n".join(sections) + "\n").encode(), OUT)
 
 
 if __name__ == "__main__":

@@ -234,3 +234,11 @@ def test_cli_quantize_prints_before_after_and_writes_a_loadable_file(mlp, digits
     assert isinstance(artifacts.load(out).fc0, quant_static.StaticQuantized)
     assert main(["quantize", str(source), "--method", "int8-static", "--out", str(out)]) == 2
     assert "needs calibration data" in " ".join(capsys.readouterr().err.split())
+
+
+def test_top1_counts_only_where_outputs_are_class_scores(mlp, digits):
+    x = example_inputs(digits, 64)
+    strict = dict(example_inputs=x, compile=False, min_top1=1.01, runs=3)
+    assert report_of(quantize(mlp, "int8-dynamic", class_scores=True, **strict)).kept_float
+    relaxed = report_of(quantize(mlp, "int8-dynamic", class_scores=False, **strict))
+    assert all(c.passed for c in relaxed.candidates)  # the cosine alone decides

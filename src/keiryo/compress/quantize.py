@@ -39,10 +39,8 @@ BACKENDS = {
     "qat": ("fbgemm",),
 }
 METHODS = tuple(BACKENDS)
-SPEED_METHODS = (
-    "int8-dynamic",
-    "int8-weight-only",
-)  # exist for speed: under auto, float stays if it is faster
+# Methods that exist for speed: under backend="auto", the float model stays when no kernel beats it.
+SPEED_METHODS = ("int8-dynamic", "int8-weight-only")
 OBSERVERS = ("minmax", "histogram", "percentile")
 GRANULARITIES = ("per-tensor", "per-channel")
 REPORT_ATTR = "quantize_report"
@@ -109,6 +107,7 @@ def quantize(
     observer: str = "histogram",
     min_cosine: float = 0.99,
     min_top1: float = 0.98,
+    class_scores: bool | None = None,
     qat: TrainConfig | None = None,
     compile: bool = True,
     runs: int = 30,
@@ -119,7 +118,8 @@ def quantize(
     for qat. `granularity` (per-tensor | per-channel) and `symmetric` set the int8 weight scheme; None tries
     both under auto. `skip`: layer names kept in float. `group_size`: int4 weights per scale. `observer`:
     minmax | histogram | percentile activation ranges for int8-static. Quality tolerance: output cosine
-    ≥ `min_cosine` and top-1 agreement ≥ `min_top1` (class outputs) against the float model. `compile`:
+    ≥ `min_cosine`, and top-1 agreement ≥ `min_top1` when outputs are `class_scores` (None: known from
+    labelled calibration data or the model's recorded num_classes) against the float model. `compile`:
     auto also tries torch.compile'd kernels (tens of seconds each to build). `runs`: timed runs per candidate.
     """
     _validate(model, method, backend, granularity, observer, group_size, calibration)
@@ -144,7 +144,10 @@ def quantize(
         notes = "; ".join(f"{k}: {c.note}" for k, c in candidates.items())
         raise ModelError(f"no backend could quantize this model by {method} ({notes})")
     quality_inputs = cal_inputs[:1024] if cal_inputs is not None else example_inputs
-    _measure(model, method, built, candidates, quality_inputs, example_inputs, (min_cosine, min_top1), runs)
+    if class_scores is None:
+        class_scores = _class_outputs(model, calibration)
+    tolerance = (min_cosine, min_top1 if class_scores else None)
+    _measure(model, method, built, candidates, quality_inputs, example_inputs, tolerance, runs)
     return _choose(model, method, layers, built, candidates, forced=backend != "auto")
 
 
@@ -170,11 +173,12 @@ def _measure(model, method, built, candidates, quality_inputs, example_inputs, t
             continue
         agree = agreement(qmodel, model.eval(), quality_inputs)
         c.cosine, c.top1 = agree.cosine, agree.top1
-        c.passed = agree.cosine >= min_cosine and (agree.top1 is None or agree.top1 >= min_top1)
+        c.passed = agree.cosine >= min_cosine and (min_top1 is None or (agree.top1 or 0.0) >= min_top1)
         if method == "qat":  # retrained on purpose: agreement with the old float model is for information
             c.passed, c.note = True, "retrained with fake quantization; agreement is with the float model"
         elif not c.passed:
-            c.note = f"outside tolerance (cosine ≥ {min_cosine}, top-1 ≥ {min_top1})"
+            top1 = f", top-1 ≥ {min_top1}" if min_top1 is not None else ""
+            c.note = f"outside tolerance (cosine ≥ {min_cosine}{top1})"
     timed = {k: m for k, m in built.items() if candidates[k].passed}
     if example_inputs is None or not timed:
         return
@@ -314,9 +318,14 @@ def sensitivity(
     granularity: str | None = None,
     **options,
 ) -> list[LayerSensitivity]:
-    """The error each layer adds when it alone is quantized, worst first: the layers worth `skip`ping."""
+    """The error each layer adds when it alone is quantized, worst first: the layers worth `skip`ping.
+
+    `options`: symmetric, group_size, observer, as in `quantize`. Backend: the first eager one for `method`.
+    """
     if method == "qat":
         raise ConfigError("sensitivity trains nothing; use method='int8-static' to rank layers for qat")
+    if method in CASTS:
+        raise ConfigError(f"sensitivity ranks int8/int4 layers; '{method}' casts the whole model at once")
     _validate(
         model, method, backend or "auto", granularity, options.get("observer", "histogram"), 32, calibration
     )
@@ -418,6 +427,17 @@ def _calibration_inputs(calibration: object) -> Tensor:
         "calibration must be a tensor, (inputs, targets), a Dataset or a data name, "
         f"got {type(calibration).__name__}"
     )
+
+
+def _class_outputs(model: nn.Module, calibration: object) -> bool:
+    """Whether the outputs are class scores: labelled calibration data says so, or the model's metadata."""
+    if isinstance(calibration, DataSplits):
+        return calibration.num_classes is not None
+    if isinstance(calibration, tuple) and len(calibration) == 2:
+        return not calibration[1].is_floating_point()
+    if isinstance(calibration, (str, Path)):
+        return load_data(calibration).num_classes is not None
+    return bool(artifacts.metadata_of(model).get("num_classes"))
 
 
 def _labelled(calibration: object) -> DataSplits:
