@@ -68,7 +68,7 @@ STEP_FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
         "temperature": (int, float),
         "alpha": (int, float),
     },
-    "quantize": {**_NAME, "method": str, "backend": str},
+    "quantize": {**_NAME, "method": str, "backend": str, "compile": bool},
     "export": {**_NAME, "format": str},
 }
 TOP_FIELDS: dict[str, type | tuple[type, ...]] = {"name": str, "data": str, "seed": int, "steps": list}
@@ -355,6 +355,7 @@ def _run_step(step, recipe, splits, example, loaded, out, progress):
             calibration=splits,
             example_inputs=example,
             backend=o.get("backend", "auto"),
+            compile=o.get("compile", True),
         )
         return model, {}
     if step.kind == "export":
