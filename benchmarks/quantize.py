@@ -238,6 +238,7 @@ def main() -> None:
     for step in steps:
         sections.append(step())
         print("\n" + sections[-1], flush=True)
+        artifacts.atomic_write_bytes(("\n\n".join(sections) + "\n\n_(partial)_\n").encode(), OUT)
     sections.append(
         f"_whole run: {time.perf_counter() - started:.0f} s; load average at end {os.getloadavg()[0]:.1f}_"
     )

@@ -242,3 +242,16 @@ def test_top1_counts_only_where_outputs_are_class_scores(mlp, digits):
     assert report_of(quantize(mlp, "int8-dynamic", class_scores=True, **strict)).kept_float
     relaxed = report_of(quantize(mlp, "int8-dynamic", class_scores=False, **strict))
     assert all(c.passed for c in relaxed.candidates)  # the cosine alone decides
+
+
+def test_torchao_files_load_in_a_fresh_process_with_weights_only(mlp, tmp_path):
+    import subprocess
+    import sys
+
+    path = artifacts.save(quantize(mlp, "int4-weight-only", backend="torchao"), tmp_path / "int4.pt")
+    code = (
+        f"from keiryo import artifacts; m = artifacts.load({str(path)!r}); print(type(m.fc0.weight).__name__)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "Int4OpaqueTensor"

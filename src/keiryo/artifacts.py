@@ -68,6 +68,7 @@ def safe_torch_load(path: str | Path, *, what: str = "model file") -> Any:
         raise ArtifactError(f"{what} '{path}' does not exist")
     if path.is_dir():
         raise ArtifactError(f"{what} '{path}' is a directory, not a file")
+    _allow_quantized_tensors(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -79,6 +80,19 @@ def safe_torch_load(path: str | Path, *, what: str = "model file") -> Any:
         raise ArtifactError(f"{what} '{path}' is corrupt or not a PyTorch file") from exc
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
         raise ArtifactError(f"{what} '{path}' is corrupt or not a PyTorch file") from exc
+
+
+def _allow_quantized_tensors(path: Path) -> None:
+    """Import torchao when the file holds its quantized weights: importing it allowlists exactly its tensor
+    classes for weights_only loading (no other global is allowed)."""
+    try:
+        needed = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # not a zip checkpoint, corrupt...: torch.load will say so
+        return
+    if any(name.startswith("torchao.") for name in needed):
+        from keiryo.compress.quant_backends import import_torchao
+
+        import_torchao()
 
 
 def record_transform(model: nn.Module, kind: str, **options: Any) -> None:

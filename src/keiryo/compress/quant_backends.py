@@ -48,11 +48,15 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-def _quiet_torchao() -> None:
-    """Import torchao once without its warnings about CUDA-only extensions this CPU build cannot load."""
+def import_torchao() -> None:
+    """Import torchao quietly (its CUDA-only extensions cannot load on this build, and it says so at length).
+
+    Importing it also allowlists its quantized tensor classes for `torch.load(weights_only=True)`.
+    """
     logging.getLogger("torchao").setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        import torchao.prototype.quantization.int4  # noqa: F401  (the CPU int4 tensor)
         import torchao.quantization  # noqa: F401
 
 
@@ -108,7 +112,7 @@ def fbgemm_dynamic(model: nn.Module, layers: list[str], per_channel: bool, symme
 
 def torchao_config(method: str, per_channel: bool, group_size: int) -> object:
     """The torchao config that does `method` (per-row weights for per-channel, else per-tensor)."""
-    _quiet_torchao()
+    import_torchao()
     from torchao.quantization import (
         Int8DynamicActivationInt8WeightConfig,
         Int8WeightOnlyConfig,
@@ -135,7 +139,7 @@ def torchao_linear(model: nn.Module, layers: list[str], config: object, *, bf16:
 
     `bf16`: run those layers in bfloat16 (int4: the CPU kernel is ~30x slower with float32 activations).
     """
-    _quiet_torchao()
+    import_torchao()
     from torchao.quantization import quantize_
 
     wanted = set(layers)
