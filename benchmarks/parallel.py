@@ -129,9 +129,13 @@ def main() -> None:
         print(rows[-1], flush=True)
 
     keiryo_s, plain_s, ratios = [], [], []
-    for _ in range(args.rounds):  # alternating, so a change of load hits both alike
-        k_round = keiryo_epochs("ddp", 2, args.epochs)[1:]
-        p_round = plain_ddp_epochs(2, args.epochs)[1:]
+    for i in range(args.rounds):  # alternating, and in ABBA order, so a change of load hits both alike
+        if i % 2 == 0:
+            k_round = keiryo_epochs("ddp", 2, args.epochs)[1:]
+            p_round = plain_ddp_epochs(2, args.epochs)[1:]
+        else:
+            p_round = plain_ddp_epochs(2, args.epochs)[1:]
+            k_round = keiryo_epochs("ddp", 2, args.epochs)[1:]
         keiryo_s, plain_s = keiryo_s + k_round, plain_s + p_round
         ratios.append(statistics.median(k_round) / statistics.median(p_round))
         print(
