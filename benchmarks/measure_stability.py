@@ -37,7 +37,8 @@ def spread(values: list[float]) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    raw = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=raw)
     parser.add_argument("--repeats", type=int, default=10, help="compare() calls")
     parser.add_argument("--runs", type=int, default=50, help="timed runs per compare() call and batch size")
     args = parser.parse_args()
@@ -64,7 +65,7 @@ def main() -> None:
     floor = time_models({"identity": nn.Identity()}, x, runs=1000, warmup=50)["identity"].p50_ms * 1000
 
     lines = [
-        f"Repeated `compare` on cnn and mlp (digits, 2 threads): {args.repeats} calls × {args.runs} timed runs.",
+        f"Repeated `compare` on cnn and mlp (digits, 2 threads): {args.repeats} calls × {args.runs} runs.",
         "",
         "| figure | min | median | max | CV |",
         "|---|---|---|---|---|",
@@ -75,7 +76,7 @@ def main() -> None:
     w = spread(walls)
     lines += [
         "",
-        f"One `compare` call (2 models, params + bytes + FLOPs + latency at b1 and b64): median {w['median']:.2f} s.",
+        f"One `compare` call (2 models; params, bytes, FLOPs, latency at b1 and b64): {w['median']:.2f} s.",
         f"Timer floor (identity module, p50): {floor:.2f} µs.",
     ]
     text = "\n".join(lines) + "\n"
