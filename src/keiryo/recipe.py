@@ -293,8 +293,9 @@ def _run_step(step, recipe, splits, example, loaded, out, progress):
             progress=progress,
             seed=seed,
             device="cpu",
-            checkpoint=str(out / f"{step.name}.ckpt"),
-            resume=True,
+            # resumable, except pipeline training, which keeps no checkpoints
+            checkpoint=None if o.get("strategy") == "pipeline" else str(out / f"{step.name}.ckpt"),
+            resume=o.get("strategy") != "pipeline",
             **options,
         )
         return model, {}
