@@ -74,9 +74,12 @@ def test_models_are_timed_interleaved():
             calls.append(self.name)
             return x
 
-    lat = time_models({"a": Tag("a"), "b": Tag("b")}, torch.zeros(4, 2), runs=5, warmup=2)
-    assert calls == ["a", "b"] * 7
-    assert lat["a"].runs == 5 and lat["a"].batch_size == 4
+    lat = time_models({"a": Tag("a"), "b": Tag("b")}, torch.zeros(4, 2), runs=20, warmup=2)
+    assert calls[:4] == ["a", "b"] * 2
+    rounds = ["".join(calls[i : i + 4]) for i in range(4, len(calls), 4)]
+    # Each round visits both models (an untimed call, then the timed one), in a shuffled order.
+    assert len(rounds) == 20 and set(rounds) == {"aabb", "bbaa"}
+    assert lat["a"].runs == 20 and lat["a"].batch_size == 4
     assert lat["a"].p90_ms >= lat["a"].p50_ms > 0
 
 

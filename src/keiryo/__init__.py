@@ -7,6 +7,7 @@ compare`), since `keiryo.train` and `keiryo.measure` name the functions, not the
 from keiryo.artifacts import load, save
 from keiryo.compress.distill import distill
 from keiryo.compress.prune import prune
+from keiryo.compress.quantize import quantize
 from keiryo.errors import KeiryoError
 from keiryo.measure import compare, measure
 from keiryo.train import train
@@ -21,4 +22,4 @@ def run(recipe, out_dir=None, *, progress: bool = True, force: bool = False):
     return run_recipe(recipe, out_dir, progress=progress, force=force)[0]
 
 
-__all__ = ["KeiryoError", "compare", "distill", "load", "measure", "prune", "run", "save", "train"]
+__all__ = ["KeiryoError", "compare", "distill", "load", "measure", "prune", "quantize", "run", "save", "train"]

@@ -120,6 +120,23 @@ class StaticQuantized(nn.Module):
         q = torch.quantize_per_tensor(x, float(self.input_scale), int(self.input_zero_point), torch.quint8)
         return self.inner(q).dequantize()
 
+    # Models read their layers' shapes in forward (e.g. the head size from `qkv.out_features`).
+    @property
+    def in_features(self) -> int:
+        return self.inner.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.inner.out_features
+
+    @property
+    def in_channels(self) -> int:
+        return self.inner.in_channels
+
+    @property
+    def out_channels(self) -> int:
+        return self.inner.out_channels
+
 
 def empty_static(layer: nn.Module) -> StaticQuantized:
     """A StaticQuantized shell shaped like the float `layer`, weights and scales to be loaded or set."""

@@ -44,6 +44,9 @@ SPEED_METHODS = ("int8-dynamic", "int8-weight-only")
 OBSERVERS = ("minmax", "histogram", "percentile")
 GRANULARITIES = ("per-tensor", "per-channel")
 REPORT_ATTR = "quantize_report"
+# A kernel must be this much faster (geometric mean over the batch sizes timed) to replace float under auto:
+# back-to-back timings on a shared CPU differ by a few percent, and a 1.03× "win" is noise, not a speed-up.
+MIN_SPEEDUP = 1.1
 MAX_CALIBRATION = 1024  # calibration inputs used (the first ones): ranges settle long before this
 
 
@@ -203,8 +206,9 @@ def _choose(model, method, layers, built, candidates, *, forced: bool) -> nn.Mod
     if best is None:
         best = max(built, key=lambda k: candidates[k].cosine or 0.0)
         message = f"{best}: no kernel met the tolerance; this is the closest to float (see candidates)"
-    elif candidates[best].speedup and candidates[best].score <= 1.0 and may_keep_float:
-        return _kept_float(model, method, layers, candidates, "no int8 kernel beats float here")
+    elif candidates[best].speedup and candidates[best].score < MIN_SPEEDUP and may_keep_float:
+        why = f"no int8 kernel is ≥ {MIN_SPEEDUP}× faster than float here"
+        return _kept_float(model, method, layers, candidates, why)
     else:
         ups = ", ".join(f"{u:.2f}× at batch {b}" for b, u in candidates[best].speedup.items())
         message = f"{best}" + (f": {ups} vs float" if ups else " (speed not measured: no example inputs)")
