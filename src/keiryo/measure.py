@@ -135,13 +135,21 @@ def file_bytes(model: nn.Module) -> int | None:
 
 
 def count_flops(model: nn.Module, example_inputs: Tensor) -> int | None:
-    """FLOPs of one forward pass on one sample, by torch.utils.flop_counter (None if it can't trace)."""
+    """FLOPs of one forward pass on one sample, by torch.utils.flop_counter (None if it can't trace).
+
+    A compiled model is counted through its eager forward: calling compiled code under the counter's dispatch
+    mode recompiles it, and the recompiled graphs ran 2x slower than before in every later call.
+    """
+    model = getattr(model, "_orig_mod", model)  # torch.compile(model) wraps; model.compile() does not
+    compiled, model._compiled_call_impl = getattr(model, "_compiled_call_impl", None), None
     try:
         with torch.inference_mode(), FlopCounterMode(display=False) as counter:
             model(example_inputs[:1])
         return int(counter.get_total_flops())
     except Exception:  # quantized kernels the counter does not know; report "unknown", not a wrong number
         return None
+    finally:
+        model._compiled_call_impl = compiled
 
 
 @contextlib.contextmanager
