@@ -31,6 +31,22 @@ def test_parameters_and_flops_of_a_known_model_are_exact():
     assert count_flops(conv, torch.randn(2, 3, 6, 6)) == 2 * (3 * 3 * 3) * 4 * 6 * 6
 
 
+def test_flops_of_kernels_the_counter_cannot_see_are_unknown_not_zero():
+    from torch.ao.quantization import quantize_dynamic
+
+    model = nn.Sequential(nn.Linear(10, 5), nn.ReLU(), nn.Linear(5, 2))
+    assert count_flops(quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8), torch.randn(8, 10)) is None
+
+
+def test_a_compiled_model_is_counted_through_its_eager_forward():
+    model = nn.Sequential(nn.Linear(10, 5), nn.ReLU(), nn.Linear(5, 2))
+    compiled = torch.compile(model)
+    assert count_flops(compiled, torch.randn(8, 10)) == 2 * 10 * 5 + 2 * 5 * 2
+    model.compile()
+    assert count_flops(model, torch.randn(8, 10)) == 2 * 10 * 5 + 2 * 5 * 2
+    assert model._compiled_call_impl is not None  # still compiled afterwards
+
+
 def test_nonzero_counts_zeroed_weights():
     model = nn.Linear(10, 10)
     with torch.no_grad():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,9 @@ from torch import Tensor, nn
 from keiryo import artifacts
 from keiryo.compress.quant_backends import CONV, replace_module
 from keiryo.train import TrainConfig, fit
+
+# The deprecation (above) is known and deliberate here; users should not see it on every quantized model.
+warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor, torch\.quantize_per_channel")
 
 
 def conv_bn_pairs(model: nn.Module) -> list[list[str]]:
