@@ -23,6 +23,29 @@ def test_onnx_export_runs_in_onnxruntime_and_matches(tmp_path, name):
     assert result.runtime_p50_ms > 0 and result.torch_p50_ms > 0
 
 
+def test_onnx_int8_is_quantized_by_onnxruntime_smaller_and_close(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("mlp", hidden=[256, 256]).eval()
+    x = torch.randn(16, 1, 8, 8)
+    full = export(model, x, tmp_path / "f.onnx", "onnx")
+    int8 = export(model, x, tmp_path / "q.onnx", "onnx-int8")
+    assert int8.format == "onnx-int8" and int8.bytes < 0.35 * full.bytes
+    with torch.inference_mode():
+        scale = float(model(x).abs().max())
+    assert 0 < int8.max_error < 0.05 * scale  # int8 rounding, not a broken graph
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.onnx", "q.onnx"]
+
+
+def test_a_torch_int8_model_points_to_onnx_int8(tmp_path):
+    from torch.ao.quantization import quantize_dynamic
+
+    model = quantize_dynamic(build_model("mlp", hidden=[32]).eval(), {nn.Linear}, dtype=torch.qint8)
+    with pytest.raises(ExportError, match="onnx-int8") as info:
+        export(model, torch.randn(4, 1, 8, 8), tmp_path / "q.onnx", "onnx")
+    assert "\n" not in str(info.value) and "\x1b" not in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_onnx_file_has_a_dynamic_batch(tmp_path):
     import onnxruntime as ort
 

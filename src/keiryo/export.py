@@ -11,6 +11,7 @@ import contextlib
 import io
 import logging
 import os
+import re
 import shutil
 import statistics
 import tempfile
@@ -26,7 +27,7 @@ from torch import Tensor, nn
 from keiryo.errors import KeiryoError
 from keiryo.measure import batch_of, time_models
 
-FORMATS = ("onnx", "torch-export", "safetensors")
+FORMATS = ("onnx", "onnx-int8", "torch-export", "safetensors")
 
 
 class ExportError(KeiryoError):
@@ -77,8 +78,16 @@ def _staged(path: str | Path) -> Iterator[Path]:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()  # the exporters colour their messages
     return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+def _has_int8_kernels(model: nn.Module) -> bool:
+    """torch.ao quantized modules, keiryo's static int8 layers, or torchao's quantized weight tensors."""
+    kinds = ("torch.ao.nn.quantized", "keiryo.compress.quant_")
+    if any(type(m).__module__.startswith(kinds) for m in model.modules()):
+        return True
+    return any(type(p) not in (Tensor, nn.Parameter) for p in model.parameters())
 
 
 def _p50_ms(fn: Callable[[], object], runs: int = 30, warmup: int = 5) -> float:
@@ -93,9 +102,18 @@ def _p50_ms(fn: Callable[[], object], runs: int = 30, warmup: int = 5) -> float:
 
 
 def export_onnx(
-    model: nn.Module, example_inputs: Tensor, path: str | Path, *, threads: int | None = None
+    model: nn.Module,
+    example_inputs: Tensor,
+    path: str | Path,
+    *,
+    threads: int | None = None,
+    int8: bool = False,
 ) -> ExportResult:
-    """ONNX via the dynamo exporter, with a dynamic batch dimension; checked in onnxruntime."""
+    """ONNX via the dynamo exporter, with a dynamic batch dimension; checked in onnxruntime.
+
+    `int8`: export the float model, then quantize the ONNX graph with onnxruntime's dynamic int8 (int8 weights,
+    activations quantized per batch), since PyTorch's int8 kernels have no ONNX translation.
+    """
     import onnxruntime as ort
 
     model = model.eval()
@@ -112,7 +130,14 @@ def export_onnx(
                     external_data=False,  # one self-contained file (fine below ONNX's 2 GB limit)
                 )
         except Exception as exc:
+            if _has_int8_kernels(model):
+                raise ExportError(
+                    "ONNX export failed: this model runs PyTorch int8 kernels, which the ONNX exporter "
+                    "cannot translate; export the float model as onnx-int8 instead"
+                ) from exc
             raise ExportError(f"ONNX export failed: {_first_line(exc)}") from exc
+        if int8:
+            _quantize_onnx(staged)
         torch_ms = time_models({"torch": model}, example_inputs, runs=30, warmup=5)["torch"].p50_ms
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()  # same threads as PyTorch: fair
@@ -129,7 +154,26 @@ def export_onnx(
             want = model(check).float()
         runtime = _p50_ms(lambda: session.run(None, {name: example_inputs.numpy()}))
         size = staged.stat().st_size
-    return ExportResult("onnx", Path(path), size, float((got - want).abs().max()), runtime, torch_ms)
+    error = float((got - want).abs().max())
+    return ExportResult("onnx-int8" if int8 else "onnx", Path(path), size, error, runtime, torch_ms)
+
+
+def _quantize_onnx(path: Path) -> None:
+    """Rewrite the ONNX file at `path` with onnxruntime's dynamic int8 quantization (MatMul/Gemm/Conv weights)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    float_copy = path.with_name("float." + path.name)
+    path.rename(float_copy)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # it logs a pre-processing tip on the root logger at every call
+    try:
+        with _quiet():
+            quantize_dynamic(str(float_copy), str(path), weight_type=QuantType.QInt8)
+    except Exception as exc:
+        raise ExportError(f"onnxruntime int8 quantization failed: {_first_line(exc)}") from exc
+    finally:
+        root.setLevel(level)
 
 
 def export_program(model: nn.Module, example_inputs: Tensor, path: str | Path) -> ExportResult:
@@ -175,8 +219,8 @@ def export_safetensors(model: nn.Module, path: str | Path) -> ExportResult:
 
 def export(model: nn.Module, example_inputs: Tensor, path: str | Path, format: str = "onnx") -> ExportResult:
     """Export in one of FORMATS and verify the file; see the functions above for each format."""
-    if format == "onnx":
-        return export_onnx(model, example_inputs, path)
+    if format in ("onnx", "onnx-int8"):
+        return export_onnx(model, example_inputs, path, int8=format == "onnx-int8")
     if format == "torch-export":
         return export_program(model, example_inputs, path)
     if format == "safetensors":
