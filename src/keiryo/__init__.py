@@ -22,4 +22,15 @@ def run(recipe, out_dir=None, *, progress: bool = True, force: bool = False):
     return run_recipe(recipe, out_dir, progress=progress, force=force)[0]
 
 
-__all__ = ["KeiryoError", "compare", "distill", "load", "measure", "prune", "quantize", "run", "save", "train"]
+__all__ = [
+    "KeiryoError",
+    "compare",
+    "distill",
+    "load",
+    "measure",
+    "prune",
+    "quantize",
+    "run",
+    "save",
+    "train",
+]

@@ -336,7 +336,9 @@ def _example_inputs(model_file: Path, model: object, splits: data.DataSplits | N
 def export_command(
     model_file: Annotated[Path, typer.Argument(help="A keiryo model file.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="The exported file (.onnx, .pt2, .safetensors).")],
-    format: Annotated[str, typer.Option(help="onnx | onnx-int8 (int8 by onnxruntime) | torch-export | safetensors.")] = "onnx",
+    format: Annotated[
+        str, typer.Option(help="onnx | onnx-int8 (int8 by onnxruntime) | torch-export | safetensors.")
+    ] = "onnx",
     data_source: Annotated[
         str | None, typer.Option("--data", "-d", help="Data whose inputs check the export (else random).")
     ] = None,

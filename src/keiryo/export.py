@@ -111,8 +111,8 @@ def export_onnx(
 ) -> ExportResult:
     """ONNX via the dynamo exporter, with a dynamic batch dimension; checked in onnxruntime.
 
-    `int8`: export the float model, then quantize the ONNX graph with onnxruntime's dynamic int8 (int8 weights,
-    activations quantized per batch), since PyTorch's int8 kernels have no ONNX translation.
+    `int8`: export the float model, then quantize the ONNX graph with onnxruntime's dynamic int8 (int8
+    weights, activations quantized per batch), since PyTorch's int8 kernels have no ONNX translation.
     """
     import onnxruntime as ort
 
@@ -159,7 +159,7 @@ def export_onnx(
 
 
 def _quantize_onnx(path: Path) -> None:
-    """Rewrite the ONNX file at `path` with onnxruntime's dynamic int8 quantization (MatMul/Gemm/Conv weights)."""
+    """Rewrite the ONNX file at `path` with onnxruntime's dynamic int8 (MatMul/Gemm/Conv weights)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     float_copy = path.with_name("float." + path.name)

@@ -362,7 +362,7 @@ def _run_step(step, recipe, splits, example, loaded, out, progress):
     if step.kind == "export":
         from keiryo.export import export
 
-        suffix = {"onnx": ".onnx", "torch-export": ".pt2", "safetensors": ".safetensors"}.get(
+        suffix = {"onnx": ".onnx", "onnx-int8": ".onnx", "torch-export": ".pt2", "safetensors": ".safetensors"}.get(
             o.get("format", "onnx"), ""
         )
         result = export(source, example, out / f"{step.name}{suffix}", o.get("format", "onnx"))
