@@ -174,8 +174,7 @@ def save(
         "structure": getattr(model, STRUCTURE_ATTR, None) or capture_structure(model),
         "transforms": list(getattr(model, TRANSFORMS_ATTR, [])),
         "state_dict": {  # torch.ao quantized Linear layers also store their dtype (a torch.dtype) here
-            k: encode_sparse(v.detach().cpu()) if isinstance(v, torch.Tensor) else v
-            for k, v in state.items()
+            k: encode_sparse(v.detach().cpu()) if isinstance(v, torch.Tensor) else v for k, v in state.items()
         },
         # each module's state_dict version: torch.ao's quantized layers read their saved format from it
         "versions": {k: m.get("version") for k, m in getattr(state, "_metadata", {}).items()},
