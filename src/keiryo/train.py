@@ -296,11 +296,12 @@ def fit(
                     weight = (
                         len(targets) * worker.world_size / batch_sizes[step] if worker.shard_data else 1.0
                     )
+                    weighted = loss if weight == 1.0 else loss * weight
                     if scaler is not None:
-                        scaler.scale(loss * weight).backward()
+                        scaler.scale(weighted).backward()
                         scaler.unscale_(optimizer)
                     else:
-                        (loss * weight).backward()
+                        weighted.backward()
                 if config.grad_clip:
                     nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
                 if scaler is not None:
