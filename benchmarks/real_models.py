@@ -217,9 +217,14 @@ def training_sentences(limit: int) -> list[str]:
     return out[:limit]
 
 
-def embedding_splits(teacher, sentences: list[str]) -> DataSplits:
-    """(token ids, the teacher's embeddings) as splits to distil on."""
-    tokens = teacher.tokenize(sentences)
+def embedding_splits(teacher, sentences: list[str], max_tokens: int = 48) -> DataSplits:
+    """(token ids, the teacher's embeddings) as splits to distil on.
+
+    Sentences longer than `max_tokens` are left out: one long docstring would pad every sentence to its
+    length (the corpus is tokenized as one batch), tripling the cost of each step for nothing.
+    """
+    lengths = teacher.tokenize(sentences)[:, 1].sum(1)
+    tokens = teacher.tokenize([s for s, n in zip(sentences, lengths.tolist(), strict=True) if n <= max_tokens])
     train, val, test = split_tensors(
         tokens, teacher.encode(tokens), seed=0, val_fraction=0.05, test_fraction=0.05
     )

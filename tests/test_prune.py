@@ -196,6 +196,21 @@ def test_iterative_taylor_with_finetuning_and_teacher(digits):
     assert artifacts.metadata_of(tuned)["pruning"]["distilled"] is True
 
 
+def test_activation_importance_removes_the_neuron_the_data_never_uses():
+    model = build_model("mlp", in_features=4, hidden=[4], num_classes=2).eval()
+    with torch.no_grad():
+        model.fc0.weight.copy_(torch.eye(4) * torch.tensor([[10.0], [1.0], [2.0], [3.0]]))
+        model.fc0.bias.copy_(torch.tensor([-100.0, 0.0, 0.0, 0.0]))  # neuron 0: the largest, never active
+    x = torch.rand(32, 4)
+    by_magnitude = prune(model, 0.25, example_inputs=x, importance="l2")
+    by_activation = prune(model, 0.25, example_inputs=x, importance="activation")
+    assert by_magnitude.fc0.out_features == by_activation.fc0.out_features == 3
+    assert torch.equal(by_activation(x), model(x))  # the dead neuron went: nothing changed
+    assert not torch.allclose(by_magnitude(x), model(x))  # magnitude kept it and removed a live one
+    with pytest.raises(ConfigError, match="needs example inputs"):
+        prune(build_model("mlp", hidden=[16]), 0.5, importance="activation")
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
     [
@@ -204,7 +219,7 @@ def test_iterative_taylor_with_finetuning_and_teacher(digits):
         ({"ratio": -0.5}, ConfigError, "between 0 and 1"),
         ({"importance": "taylor"}, ConfigError, "needs data"),
         ({"importance": "bn"}, ConfigError, "batch-norm"),
-        ({"importance": "random"}, ConfigError, "l1, l2, bn, taylor"),
+        ({"importance": "random"}, ConfigError, "l1, l2, bn, taylor, activation"),
         ({"target": "latency", "structured": False}, ConfigError, "need structured"),
         ({"protect": ["fc9"]}, ConfigError, "no such layer 'fc9'|layer 'fc9'"),
         ({"finetune_epochs": 1}, ConfigError, "needs data"),

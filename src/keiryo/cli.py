@@ -257,7 +257,9 @@ def prune(
     unstructured: Annotated[
         bool, typer.Option("--unstructured", help="Zero single weights instead of removing channels.")
     ] = False,
-    importance: Annotated[str, typer.Option(help="l1 | l2 | bn | taylor (needs --data).")] = "l2",
+    importance: Annotated[
+        str, typer.Option(help="l1 | l2 | bn | taylor (needs --data) | activation.")
+    ] = "l2",
     target: Annotated[
         str, typer.Option(help="What --ratio removes: channels | params | flops | latency.")
     ] = "channels",

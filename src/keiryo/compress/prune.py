@@ -25,9 +25,10 @@ from keiryo.errors import ConfigError, ModelError
 from keiryo.measure import batch_of, count_flops, count_parameters, time_models
 from keiryo.train import LossFn, TrainConfig, classification_loss, fit
 
-IMPORTANCES = ("l1", "l2", "bn", "taylor")
+IMPORTANCES = ("l1", "l2", "bn", "taylor", "activation")
 TARGETS = ("channels", "params", "flops", "latency")
 TAYLOR_BATCHES = 4  # batches whose loss gradients score channels for "taylor"
+ACTIVATION_SAMPLES = 256  # inputs whose activations score channels for "activation"
 _PRUNABLE = (nn.Linear, nn.modules.conv._ConvNd)
 
 
@@ -44,6 +45,7 @@ class _Job:
     finetune_epochs: int = 0
     finetune: TrainConfig | None = None
     teacher: nn.Module | None = None
+    activation_inputs: Tensor | None = None
 
 
 def prune(
@@ -68,7 +70,8 @@ def prune(
     all of them with `global_pruning`), "params", "flops", or "latency" (0.5 = a measured 2× speed-up at
     batch 64). Unstructured (`structured=False`) zeroes `ratio` of the Linear/Conv weights, per layer or
     globally. The classifier (the last Linear/Conv to run) and the layers in `protect` keep their outputs.
-    `importance`: "l1"/"l2" weight magnitude, "bn" batch-norm scale, "taylor" (first-order, needs `data`).
+    `importance`: "l1"/"l2" weight magnitude, "bn" batch-norm scale, "taylor" (first-order, needs `data`),
+    "activation" (summed |activation| into the layers that read each channel, on `example_inputs` or `data`).
     With `finetune_epochs`, each of the `iterative_steps` is followed by that many epochs on `data` (settings
     from `finetune`, a TrainConfig), distilling from `teacher` when given.
     """
@@ -86,6 +89,7 @@ def prune(
         finetune_epochs=finetune_epochs,
         finetune=finetune,
         teacher=teacher,
+        activation_inputs=_activation_inputs(example_inputs, splits) if importance == "activation" else None,
     )
     if structured:
         limit = _max_channel_ratio(pruned, job)
@@ -120,6 +124,8 @@ def _prune_structured(model: nn.Module, channel_ratio: float, job: _Job) -> None
     for _ in range(job.steps):
         if job.importance == "taylor":
             _accumulate_gradients(model, job.splits)
+        if job.importance == "activation":
+            _record_activations(model, pruner.importance, job.activation_inputs)
         pruner.step()
         model.zero_grad(set_to_none=True)
         _sync_heads(model, pruner)
@@ -147,6 +153,7 @@ def _pruner(model: nn.Module, channel_ratio: float, job: _Job):
         "l2": lambda: tp.importance.MagnitudeImportance(p=2),
         "bn": lambda: tp.importance.BNScaleImportance(),
         "taylor": lambda: tp.importance.TaylorImportance(),
+        "activation": lambda: tp.importance.ActivationImportance(),
     }[job.importance]()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
@@ -204,6 +211,31 @@ def _accumulate_gradients(model: nn.Module, splits: DataSplits) -> None:
             break
         loss, _ = classification_loss(model, inputs, targets)
         loss.backward()
+    model.train(was_training)
+
+
+def _activation_inputs(example: Tensor | None, splits: DataSplits | None) -> Tensor:
+    """Inputs whose activations score channels: the example inputs, else the first training samples."""
+    if example is not None:
+        return example[:ACTIVATION_SAMPLES].cpu()
+    if splits is None:
+        raise ConfigError("importance 'activation' needs example inputs or data (pass example_inputs=)")
+    from keiryo.data import example_inputs
+
+    return example_inputs(splits, ACTIVATION_SAMPLES)
+
+
+@torch.no_grad()
+def _record_activations(model: nn.Module, scorer, inputs: Tensor) -> None:
+    """One forward on `inputs` for ActivationImportance (one batch: torch-pruning keeps the last one's sums).
+
+    It scores a channel by the summed |activation| flowing into the layers that read it. It needs no labels
+    and no gradient, so it suits models scored against themselves (embeddings), where Taylor's gradient is 0.
+    """
+    was_training = model.training
+    model.eval()
+    with scorer.compute_importance(model):
+        model(inputs)
     model.train(was_training)
 
 
