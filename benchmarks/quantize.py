@@ -125,7 +125,7 @@ def linear_stack(runs: int, compile_too: bool) -> str:
     )
 
 
-def digits_methods(name: str, splits, epochs: int, runs: int, compile_too: bool) -> str:
+def digits_methods(number: int, name: str, splits, epochs: int, runs: int, compile_too: bool) -> str:
     """Section 2: every method on a model trained on digits."""
     torch.manual_seed(0)
     model = build_model(name, **kwargs_for_data(name, splits.input_shape, splits.num_classes))
@@ -167,7 +167,7 @@ def digits_methods(name: str, splits, epochs: int, runs: int, compile_too: bool)
     )
     return "\n\n".join(
         [
-            f"## 2. `{name}` trained on digits ({epochs} epochs), every method",
+            f"## {number}. `{name}` trained on digits ({epochs} epochs), every method",
             table(rep, notes),
             "\n".join(checks),
         ]
@@ -198,7 +198,7 @@ def transformer_section(splits, runs: int, compile_too: bool) -> str:
     )
     return "\n\n".join(
         [
-            "## 3. `transformer` (dim 256, depth 4, 8 heads) trained on digits (4 epochs)",
+            "## 4. `transformer` (dim 256, depth 4, 8 heads) trained on digits (4 epochs)",
             table(
                 rep,
                 {
@@ -225,8 +225,8 @@ def main() -> None:
     compile_too = not args.skip_compile
     steps = [
         lambda: linear_stack(args.runs, compile_too),
-        lambda: digits_methods("cnn", splits, 8, args.runs, compile_too),
-        lambda: digits_methods("mlp", splits, 20, args.runs, compile_too),
+        lambda: digits_methods(2, "cnn", splits, 8, args.runs, compile_too),
+        lambda: digits_methods(3, "mlp", splits, 20, args.runs, compile_too),
         lambda: transformer_section(splits, args.runs, compile_too),
     ]
     sections = [

