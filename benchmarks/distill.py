@@ -1,11 +1,12 @@
 """Knowledge distillation on digits: a cnn teacher's soft targets against labels alone, for an 8x smaller mlp.
 
-Run: python benchmarks/distill.py            (about 5 minutes on 2 quiet CPU cores; --quick for a smoke run)
+Run: python benchmarks/distill.py            (about 2-3 minutes on 2 quiet CPU cores; --quick: a smoke run)
 
 For each of 5 seeds: train the teacher (keiryo's residual cnn) on the training split, then train the same
-student (an mlp, hidden=[256], 7.8x fewer parameters) from the same initial weights twice on the same batches: on the labels alone,
-and distilled (T=4, alpha=0.9). Once on the full training split and once on 10% of it (drawn per seed), and
-then distilled at T = 1, 2, 4, 8, 20 for the temperature table in the spirit of Hinton et al. 2015, Table 1.
+student (an mlp, hidden=[256], 7.8x fewer parameters) from the same initial weights twice on the same
+batches: on the labels alone, and distilled (T=4, alpha=0.9). Once on the full training split and once on
+10% of it (drawn per seed), and then distilled at T = 1, 2, 4, 8, 20 for the temperature table in the spirit
+of Hinton et al. 2015, Table 1.
 The split (train/val/test) is the fixed seed-0 split; seeds change the initial weights, shuffles and the 10%.
 Errors are counted on the 270-image test split. The teacher's outputs are cached (the data is not augmented),
 and the last table measures what that saves, as a ratio of interleaved timings.
@@ -130,7 +131,11 @@ def report(results: list[dict], splits: DataSplits, cfg: dict, saving: float) ->
                 f"| {setting} | {label} | {mean_std(errs)} | {mean_std([100 * a for a in acc], 2)}% | "
                 f"{mean_std(kept)}% | {saved} |"
             )
-    lines += ["", "Targets (5 seeds; a gain is errors of labels alone − errors distilled, paired by seed):", ""]
+    lines += [
+        "",
+        "Targets (5 seeds; a gain is errors of labels alone − errors distilled, paired by seed):",
+        "",
+    ]
     for setting in ("full", "10%"):
         alone = [r[f"alone {setting}"] for r in results]
         dist = [r[f"distilled {setting} {t}"] for r in results]

@@ -33,9 +33,12 @@ def test_parameters_and_flops_of_a_known_model_are_exact():
 
 def test_flops_of_kernels_the_counter_cannot_see_are_unknown_not_zero():
     from torch.ao.quantization import quantize_dynamic
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
     model = nn.Sequential(nn.Linear(10, 5), nn.ReLU(), nn.Linear(5, 2))
     assert count_flops(quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8), torch.randn(8, 10)) is None
+    quantize_(model, Int8WeightOnlyConfig())  # torchao: quantized weights as tensor subclasses
+    assert count_flops(model, torch.randn(8, 10)) is None
 
 
 def test_a_compiled_model_is_counted_through_its_eager_forward():

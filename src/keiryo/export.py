@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from keiryo.errors import KeiryoError
-from keiryo.measure import batch_of, time_models
+from keiryo.measure import batch_of, has_int8_kernels, time_models
 
 FORMATS = ("onnx", "onnx-int8", "torch-export", "safetensors")
 
@@ -82,14 +82,6 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
-def _has_int8_kernels(model: nn.Module) -> bool:
-    """torch.ao quantized modules, keiryo's static int8 layers, or torchao's quantized weight tensors."""
-    kinds = ("torch.ao.nn.quantized", "keiryo.compress.quant_")
-    if any(type(m).__module__.startswith(kinds) for m in model.modules()):
-        return True
-    return any(type(p) not in (Tensor, nn.Parameter) for p in model.parameters())
-
-
 def _p50_ms(fn: Callable[[], object], runs: int = 30, warmup: int = 5) -> float:
     for _ in range(warmup):
         fn()
@@ -130,7 +122,7 @@ def export_onnx(
                     external_data=False,  # one self-contained file (fine below ONNX's 2 GB limit)
                 )
         except Exception as exc:
-            if _has_int8_kernels(model):
+            if has_int8_kernels(model):
                 raise ExportError(
                     "ONNX export failed: this model runs PyTorch int8 kernels, which the ONNX exporter "
                     "cannot translate; export the float model as onnx-int8 instead"

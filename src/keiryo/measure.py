@@ -134,6 +134,14 @@ def file_bytes(model: nn.Module) -> int | None:
         return path.stat().st_size
 
 
+def has_int8_kernels(model: nn.Module) -> bool:
+    """Whether the model runs quantized kernels: torch.ao quantized modules (keiryo's static int8 wraps them)
+    or torchao's quantized weight tensors (tensor subclasses)."""
+    if any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in model.modules()):
+        return True
+    return any(type(p) not in (Tensor, nn.Parameter) for p in model.parameters())
+
+
 def count_flops(model: nn.Module, example_inputs: Tensor) -> int | None:
     """FLOPs of one forward pass on one sample, by torch.utils.flop_counter (None if it can't trace).
 
@@ -145,8 +153,7 @@ def count_flops(model: nn.Module, example_inputs: Tensor) -> int | None:
     try:
         with torch.inference_mode(), FlopCounterMode(display=False) as counter:
             model(example_inputs[:1])
-        # torch.ao's quantized kernels are invisible to the counter: their FLOPs are unknown, not zero.
-        if any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in model.modules()):
+        if has_int8_kernels(model):  # invisible to the counter: their FLOPs are unknown, not zero
             return None
         return int(counter.get_total_flops())
     except Exception:  # quantized kernels the counter does not know; report "unknown", not a wrong number
