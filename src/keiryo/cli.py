@@ -36,6 +36,10 @@ DataOpt = Annotated[
     str, typer.Option("--data", "-d", help="'digits' (built in), or a .npz/.pt/.csv file or an image folder.")
 ]
 SeedOpt = Annotated[int, typer.Option(help="Seed for the split, the initial weights and the shuffle.")]
+ThreadsOpt = Annotated[int | None, typer.Option(help="Intra-op threads for the timing.")]
+TrustCodeOpt = Annotated[
+    bool, typer.Option("--trust-code", help="Allow model files built by your factories.")
+]
 
 
 def _parse_kwargs(pairs: list[str] | None) -> dict:
@@ -213,9 +217,7 @@ def bench(
     markdown_out: Annotated[
         Path | None, typer.Option("--markdown", help="Also write a markdown table.")
     ] = None,
-    trust_code: Annotated[
-        bool, typer.Option("--trust-code", help="Allow model files built by your factories.")
-    ] = False,
+    trust_code: TrustCodeOpt = False,
     seed: SeedOpt = 0,
 ) -> None:
     """Measure model files side by side: size, FLOPs, latency, throughput, accuracy, agreement.
@@ -277,10 +279,8 @@ def prune(
     distill: Annotated[
         bool, typer.Option("--distill", help="Fine-tune against the unpruned model's soft targets.")
     ] = False,
-    threads: Annotated[int | None, typer.Option(help="Intra-op threads for the timing.")] = None,
-    trust_code: Annotated[
-        bool, typer.Option("--trust-code", help="Allow model files built by your factories.")
-    ] = False,
+    threads: ThreadsOpt = None,
+    trust_code: TrustCodeOpt = False,
     seed: SeedOpt = 0,
 ) -> None:
     """Prune a model file: remove channels, neurons and heads (or zero weights), and show before/after.
@@ -345,9 +345,7 @@ def export_command(
         str | None, typer.Option("--data", "-d", help="Data whose inputs check the export (else random).")
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Batch size of the check and the timing.")] = 64,
-    trust_code: Annotated[
-        bool, typer.Option("--trust-code", help="Allow model files built by your factories.")
-    ] = False,
+    trust_code: TrustCodeOpt = False,
     seed: SeedOpt = 0,
 ) -> None:
     """Export a model for deployment and verify the file: max error against PyTorch, and runtime latency.
@@ -385,9 +383,7 @@ def optimize_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the chosen model.")] = Path(
         "optimized.pt"
     ),
-    trust_code: Annotated[
-        bool, typer.Option("--trust-code", help="Allow model files built by your factories.")
-    ] = False,
+    trust_code: TrustCodeOpt = False,
     seed: SeedOpt = 0,
 ) -> None:
     """Search pruning × distillation × quantization for the cheapest model within an accuracy budget.
@@ -532,7 +528,7 @@ def hf_command(
     ] = None,
     max_length: Annotated[int, typer.Option(help="Truncate texts to this many tokens.")] = 128,
     runs: Annotated[int, typer.Option(help="Timed runs per batch size in the table.")] = 30,
-    threads: Annotated[int | None, typer.Option(help="Intra-op threads for the timing.")] = None,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Turn a Hugging Face model folder into a keiryo model file, offline, and measure it on texts.
 
@@ -598,10 +594,8 @@ def quantize_command(
     sensitivity: Annotated[
         bool, typer.Option("--sensitivity", help="Also print the error each layer adds when quantized alone.")
     ] = False,
-    threads: Annotated[int | None, typer.Option(help="Intra-op threads for the timing.")] = None,
-    trust_code: Annotated[
-        bool, typer.Option("--trust-code", help="Allow model files built by your factories.")
-    ] = False,
+    threads: ThreadsOpt = None,
+    trust_code: TrustCodeOpt = False,
     seed: SeedOpt = 0,
 ) -> None:
     """Quantize a model file with the fastest kernel that keeps its outputs, and show before/after.
