@@ -42,12 +42,17 @@ def test_flops_of_kernels_the_counter_cannot_see_are_unknown_not_zero():
 
 
 def test_a_compiled_model_is_counted_through_its_eager_forward():
+    def compiled_code(*args, **kwargs):
+        raise AssertionError("the compiled code ran under the FLOP counter")
+
     model = nn.Sequential(nn.Linear(10, 5), nn.ReLU(), nn.Linear(5, 2))
-    compiled = torch.compile(model)
-    assert count_flops(compiled, torch.randn(8, 10)) == 2 * 10 * 5 + 2 * 5 * 2
-    model.compile()
-    assert count_flops(model, torch.randn(8, 10)) == 2 * 10 * 5 + 2 * 5 * 2
-    assert model._compiled_call_impl is not None  # still compiled afterwards
+    flops = 2 * 10 * 5 + 2 * 5 * 2
+    wrapped = torch.compile(model)
+    wrapped.forward = compiled_code  # what torch.compile(model)'s wrapper would run
+    assert count_flops(wrapped, torch.randn(8, 10)) == flops
+    model._compiled_call_impl = compiled_code  # what model.compile() installs in place
+    assert count_flops(model, torch.randn(8, 10)) == flops
+    assert model._compiled_call_impl is compiled_code  # still compiled afterwards
 
 
 def test_nonzero_counts_zeroed_weights():

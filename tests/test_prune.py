@@ -211,6 +211,27 @@ def test_activation_importance_removes_the_neuron_the_data_never_uses():
         prune(build_model("mlp", hidden=[16]), 0.5, importance="activation")
 
 
+def test_activation_importance_prunes_conv1d_channels_and_leaves_no_scores_behind():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv1d(2, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv1d(16, 16, 3, padding=1),
+        nn.AdaptiveAvgPool1d(1),
+        nn.Flatten(),
+        nn.Linear(16, 3),
+    ).eval()
+    x = torch.randn(32, 2, 8)
+    pruned = prune(model, 0.5, example_inputs=x, importance="activation")
+    by_magnitude = prune(model, 0.5, example_inputs=x, importance="l2")
+    assert pruned[0].out_channels == pruned[2].out_channels == 8
+    assert [m.weight.shape for m in pruned if hasattr(m, "weight")] == [
+        m.weight.shape for m in by_magnitude if hasattr(m, "weight")
+    ]
+    assert pruned(x).shape == (32, 3)
+    assert not any(hasattr(m, "_importance") for m in pruned.modules())
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
     [

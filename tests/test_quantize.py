@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from keiryo import artifacts
-from keiryo.compress import quant_static
+from keiryo.compress import quant_backends, quant_static
 from keiryo.compress.quantize import METHODS, MIN_SPEEDUP, quantize, report_of, sensitivity
 from keiryo.data import example_inputs
 from keiryo.errors import ConfigError, ModelError
@@ -134,6 +134,23 @@ def test_int4_packing_of_a_conv_is_exact_on_representable_weights():
         conv.weight.view(8, -1)[:, :32:16] = torch.tensor([-1.0, 1.0])  # every group reaches both ends
     packed = quantize(nn.Sequential(conv), "int4-weight-only", backend="torchao")[0]
     assert torch.allclose(packed.weight(), conv.weight, atol=1e-2)
+
+
+@pytest.mark.parametrize(
+    ("method", "layer_type"),
+    [("int8-static", quant_static.StaticQuantized), ("int4-weight-only", quant_backends.PackedInt4)],
+)
+def test_a_transformer_that_reads_layer_shapes_in_forward_still_runs(digits, tmp_path, method, layer_type):
+    torch.manual_seed(0)
+    model = build_model("transformer", dim=40, heads=4, depth=1).eval()  # 40: no int4 kernel, so packed
+    x = example_inputs(digits, 16)
+    q = quantize(
+        model, method, calibration=digits, example_inputs=x, backend="fbgemm" if "8" in method else "torchao"
+    )
+    assert isinstance(q.blocks[0].attn.qkv, layer_type)  # its forward reads qkv.out_features
+    assert q.blocks[0].attn.qkv.out_features == 120 and q.blocks[0].attn.qkv.in_features == 40
+    assert agreement(q, model, x).cosine > 0.98
+    _round_trip(q, x, tmp_path)
 
 
 def test_int8_static_folds_batchnorm_and_keeps_accuracy(cnn, digits, tmp_path):

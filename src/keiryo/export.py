@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from keiryo.errors import KeiryoError
-from keiryo.measure import batch_of, has_int8_kernels, time_models
+from keiryo.measure import batch_of, has_quantized_kernels, time_models
 
 FORMATS = ("onnx", "onnx-int8", "torch-export", "safetensors")
 
@@ -122,7 +122,7 @@ def export_onnx(
                     external_data=False,  # one self-contained file (fine below ONNX's 2 GB limit)
                 )
         except Exception as exc:
-            if has_int8_kernels(model):
+            if has_quantized_kernels(model):
                 raise ExportError(
                     "ONNX export failed: this model runs PyTorch int8 kernels, which the ONNX exporter "
                     "cannot translate; export the float model as onnx-int8 instead"

@@ -1,8 +1,9 @@
 """Measurement: one definition of every figure keiryo reports, used by every step and every report.
 
 Latency is the median (p50) and p90 of many timed forward passes after warm-up, under `inference_mode`, at a
-fixed thread count. `compare` times several models interleaved (A, B, C, A, B, C, ...) in one process, so that
-noise from a shared machine falls on all of them alike and their ratios stay meaningful.
+fixed thread count. `compare` times several models interleaved in one process (every round visits them all,
+in a new random order), so that noise from a shared machine falls on all of them alike and their ratios stay
+meaningful.
 """
 
 from __future__ import annotations
@@ -134,12 +135,19 @@ def file_bytes(model: nn.Module) -> int | None:
         return path.stat().st_size
 
 
-def has_int8_kernels(model: nn.Module) -> bool:
+def has_quantized_kernels(model: nn.Module) -> bool:
     """Whether the model runs quantized kernels: torch.ao quantized modules (keiryo's static int8 wraps them)
-    or torchao's quantized weight tensors (tensor subclasses)."""
+    or torchao's quantized weight tensors (tensor subclasses; other subclasses such as DTensor are not)."""
     if any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in model.modules()):
         return True
-    return any(type(p) not in (Tensor, nn.Parameter) for p in model.parameters())
+    subclassed = [p for p in model.parameters() if type(p) not in (Tensor, nn.Parameter)]
+    if not subclassed:
+        return False
+    try:
+        from torchao.utils import TorchAOBaseTensor
+    except ImportError:
+        return False
+    return any(isinstance(p, TorchAOBaseTensor) for p in subclassed)
 
 
 def count_flops(model: nn.Module, example_inputs: Tensor) -> int | None:
@@ -153,7 +161,7 @@ def count_flops(model: nn.Module, example_inputs: Tensor) -> int | None:
     try:
         with torch.inference_mode(), FlopCounterMode(display=False) as counter:
             model(example_inputs[:1])
-        if has_int8_kernels(model):  # invisible to the counter: their FLOPs are unknown, not zero
+        if has_quantized_kernels(model):  # invisible to the counter: their FLOPs are unknown, not zero
             return None
         return int(counter.get_total_flops())
     except Exception:  # quantized kernels the counter does not know; report "unknown", not a wrong number

@@ -89,7 +89,11 @@ def prune(
         finetune_epochs=finetune_epochs,
         finetune=finetune,
         teacher=teacher,
-        activation_inputs=_activation_inputs(example_inputs, splits) if importance == "activation" else None,
+        activation_inputs=(
+            _example_inputs(pruned, example_inputs, splits, ACTIVATION_SAMPLES, random_ok=False)
+            if importance == "activation"
+            else None
+        ),
     )
     if structured:
         limit = _max_channel_ratio(pruned, job)
@@ -125,8 +129,11 @@ def _prune_structured(model: nn.Module, channel_ratio: float, job: _Job) -> None
         if job.importance == "taylor":
             _accumulate_gradients(model, job.splits)
         if job.importance == "activation":
-            _record_activations(model, pruner.importance, job.activation_inputs)
+            _record_activations(model, job.activation_inputs)
         pruner.step()
+        for module in model.modules():  # the scores' sizes are those before this step: never keep them
+            if hasattr(module, "_importance"):
+                del module._importance
         model.zero_grad(set_to_none=True)
         _sync_heads(model, pruner)
         _check_forward(model, job.example, "after pruning")
@@ -214,29 +221,32 @@ def _accumulate_gradients(model: nn.Module, splits: DataSplits) -> None:
     model.train(was_training)
 
 
-def _activation_inputs(example: Tensor | None, splits: DataSplits | None) -> Tensor:
-    """Inputs whose activations score channels: the example inputs, else the first training samples."""
-    if example is not None:
-        return example[:ACTIVATION_SAMPLES].cpu()
-    if splits is None:
-        raise ConfigError("importance 'activation' needs example inputs or data (pass example_inputs=)")
-    from keiryo.data import example_inputs
-
-    return example_inputs(splits, ACTIVATION_SAMPLES)
-
-
 @torch.no_grad()
-def _record_activations(model: nn.Module, scorer, inputs: Tensor) -> None:
-    """One forward on `inputs` for ActivationImportance (one batch: torch-pruning keeps the last one's sums).
+def _record_activations(model: nn.Module, inputs: Tensor) -> None:
+    """One forward on `inputs`, keeping on each Linear/Conv the summed |input| per input channel, which
+    torch-pruning's ActivationImportance reads as `_importance` to score the channels those layers consume.
 
-    It scores a channel by the summed |activation| flowing into the layers that read it. It needs no labels
-    and no gradient, so it suits models scored against themselves (embeddings), where Taylor's gradient is 0.
+    Our hooks, not the library's: its own only cover Linear and Conv2d, and a Conv1d model would silently
+    keep every channel. It needs no labels and no gradient, so it suits models scored against themselves
+    (embeddings), where Taylor's gradient is 0.
     """
+
+    def keep(module: nn.Module, args: tuple, output: object) -> None:
+        x = args[0].abs()
+        if isinstance(module, nn.Linear):
+            module._importance = x.reshape(-1, x.shape[-1]).sum(0)
+        else:  # (batch, channels, *spatial), averaged over all but the channels as the library does
+            module._importance = x.transpose(0, 1).reshape(x.shape[1], -1).mean(1)
+
+    hooks = [m.register_forward_hook(keep) for m in model.modules() if isinstance(m, _PRUNABLE)]
     was_training = model.training
     model.eval()
-    with scorer.compute_importance(model):
+    try:
         model(inputs)
-    model.train(was_training)
+    finally:
+        model.train(was_training)
+        for hook in hooks:
+            hook.remove()
 
 
 def _max_channel_ratio(model: nn.Module, job: _Job) -> float:
@@ -397,17 +407,26 @@ def _splits(
     return load_data(data)
 
 
-def _example_inputs(model: nn.Module, example: Tensor | None, splits: DataSplits | None) -> Tensor:
-    """Inputs to trace with: given ones, else from the data, else random ones of the recorded input shape."""
+def _example_inputs(
+    model: nn.Module,
+    example: Tensor | None,
+    splits: DataSplits | None,
+    count: int = 8,
+    *,
+    random_ok: bool = True,
+) -> Tensor:
+    """Up to `count` inputs: given ones, else from the data, else (`random_ok`, enough to trace with) random
+    ones of the recorded input shape."""
     if example is not None:
-        return example[:8].cpu()
+        return example[:count].cpu()
     if splits is not None:
         from keiryo.data import example_inputs
 
-        return example_inputs(splits, 8)
+        return example_inputs(splits, count)
     shape = getattr(model, "_keiryo_metadata", {}).get("input_shape")
-    if not shape:
-        raise ConfigError("pruning needs example inputs (or data) to trace the model; pass example_inputs=")
+    if not shape or not random_ok:
+        why = "to score activations" if not random_ok else "to trace the model"
+        raise ConfigError(f"pruning needs example inputs (or data) {why}; pass example_inputs=")
     return torch.randn(2, *shape, generator=torch.Generator().manual_seed(0))
 
 

@@ -202,6 +202,23 @@ class PackedInt4(nn.Module):
         columns = math.prod(self.shape[1:])
         return groups.reshape(self.shape[0], -1)[:, :columns].reshape(self.shape)
 
+    # Models read their layers' shapes in forward (e.g. the head size from `qkv.out_features`).
+    @property
+    def out_features(self) -> int:
+        return self.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.shape[1]
+
+    @property
+    def out_channels(self) -> int:
+        return self.shape[0]
+
+    @property
+    def in_channels(self) -> int:
+        return self.shape[1] * self.conv.get("groups", 1)
+
     def forward(self, x: Tensor) -> Tensor:
         if self.kind == "linear":
             return F.linear(x, self.weight(), self.bias)

@@ -20,9 +20,6 @@ from keiryo import artifacts
 from keiryo.compress.quant_backends import CONV, replace_module
 from keiryo.train import TrainConfig, fit
 
-# The deprecation (above) is known and deliberate here; users should not see it on every quantized model.
-warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor, torch\.quantize_per_channel")
-
 
 def conv_bn_pairs(model: nn.Module) -> list[list[str]]:
     """[conv, bn] names of every BatchNorm that directly follows a Conv (whose output nothing else reads).
@@ -142,9 +139,18 @@ class StaticQuantized(nn.Module):
         return self.inner.out_channels
 
 
+@functools.cache
+def _silence_deprecation() -> None:
+    """Once static int8 layers exist in this process, hide torch's deprecation of quantized tensors (known and
+    deliberate here, see above): it would otherwise surface at some user's first quantized forward."""
+    warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor, torch\.quantize_per_channel")
+
+
 def empty_static(layer: nn.Module) -> StaticQuantized:
     """A StaticQuantized shell shaped like the float `layer`, weights and scales to be loaded or set."""
     import torch.ao.nn.quantized as nnq
+
+    _silence_deprecation()
 
     if isinstance(layer, nn.Linear):
         inner = nnq.Linear(layer.in_features, layer.out_features, bias_=layer.bias is not None)
@@ -171,6 +177,7 @@ def make_static(
     weight_fake_quant: nn.Module,
 ) -> StaticQuantized:
     """The static int8 version of a float layer, given calibrated activation ranges and a weight observer."""
+    _silence_deprecation()
     weight = layer.weight.detach().float()
     weight_fake_quant(weight)
     scale, zero_point = weight_fake_quant.calculate_qparams()

@@ -292,7 +292,7 @@ def _transform(model: nn.Module, options: dict) -> None:
         for name in packed:
             qb.replace_module(model, name, qb.PackedInt4(model.get_submodule(name), group_size))
         if backend == "torchao-compile":
-            model.compile(dynamic=False)  # in place: the state_dict keeps its keys (no `_orig_mod.`)
+            model.compile()  # in place: the state_dict keeps its keys (no `_orig_mod.`)
 
 
 def replay(model: nn.Module, **options) -> None:
