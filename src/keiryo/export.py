@@ -27,7 +27,9 @@ from torch import Tensor, nn
 from keiryo.errors import KeiryoError
 from keiryo.measure import batch_of, has_quantized_kernels, time_models
 
-FORMATS = ("onnx", "onnx-int8", "torch-export", "safetensors")
+# Each format and the file suffix it is written with.
+SUFFIXES = {"onnx": ".onnx", "onnx-int8": ".onnx", "torch-export": ".pt2", "safetensors": ".safetensors"}
+FORMATS = tuple(SUFFIXES)
 
 
 class ExportError(KeiryoError):

@@ -157,12 +157,12 @@ def count_flops(model: nn.Module, example_inputs: Tensor) -> int | None:
     mode recompiles it, and the recompiled graphs ran 2x slower than before in every later call.
     """
     model = getattr(model, "_orig_mod", model)  # torch.compile(model) wraps; model.compile() does not
+    if has_quantized_kernels(model):  # invisible to the counter: their FLOPs are unknown, not zero
+        return None
     compiled, model._compiled_call_impl = getattr(model, "_compiled_call_impl", None), None
     try:
         with torch.inference_mode(), FlopCounterMode(display=False) as counter:
             model(example_inputs[:1])
-        if has_quantized_kernels(model):  # invisible to the counter: their FLOPs are unknown, not zero
-            return None
         return int(counter.get_total_flops())
     except Exception:  # quantized kernels the counter does not know; report "unknown", not a wrong number
         return None

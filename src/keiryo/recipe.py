@@ -360,14 +360,9 @@ def _run_step(step, recipe, splits, example, loaded, out, progress):
         )
         return model, {}
     if step.kind == "export":
-        from keiryo.export import export
+        from keiryo.export import SUFFIXES, export
 
-        suffix = {
-            "onnx": ".onnx",
-            "onnx-int8": ".onnx",
-            "torch-export": ".pt2",
-            "safetensors": ".safetensors",
-        }.get(o.get("format", "onnx"), "")
+        suffix = SUFFIXES.get(o.get("format", "onnx"), "")
         result = export(source, example, out / f"{step.name}{suffix}", o.get("format", "onnx"))
         timing = {"runtime_p50_ms": result.runtime_p50_ms, "torch_p50_ms": result.torch_p50_ms}
         info = {"file": result.path.name, "bytes": result.bytes, "max_error": f"{result.max_error:.2e}"}
