@@ -1,6 +1,12 @@
-"""Errors a user can cause. The CLI catches `KeiryoError` once and prints its one-line message."""
+"""Errors a user can cause, and the limits that keep a small malicious file from exhausting memory.
+
+The CLI catches `KeiryoError` once and prints its one-line message with exit status 2. This module imports
+nothing from keiryo: every other module may use it.
+"""
 
 from __future__ import annotations
+
+import os
 
 
 class KeiryoError(Exception):
@@ -8,7 +14,7 @@ class KeiryoError(Exception):
 
 
 class DataError(KeiryoError):
-    """A data set could not be read: missing file, wrong format, mismatched shapes."""
+    """A data set could not be read: missing file, wrong format, mismatched shapes, non-finite values."""
 
 
 class ModelError(KeiryoError):
@@ -21,3 +27,68 @@ class ArtifactError(KeiryoError):
 
 class ConfigError(KeiryoError):
     """An option or recipe value is invalid."""
+
+
+class TrustError(KeiryoError):
+    """A file asks keiryo to import or run code, and the user did not pass --trust-code / trust_code=True."""
+
+
+class ResourceError(KeiryoError):
+    """Reading an input would allocate more memory than `KEIRYO_MAX_BYTES` allows."""
+
+
+class TrainingError(KeiryoError):
+    """Training cannot go on: the loss became NaN/inf, or a worker failed, hung or was interrupted."""
+
+
+DEFAULT_MAX_BYTES = 1 << 30  # 1 GiB: far above digits/MiniLM/SmolLM2-135M, far below this machine's RAM
+
+
+def max_bytes() -> int:
+    """The most bytes one input (a data array, a recipe, a model's recorded tensors) may unpack to.
+
+    Set `KEIRYO_MAX_BYTES` (a number of bytes, or with a K/M/G suffix) to raise it for bigger inputs.
+    """
+    raw = os.environ.get("KEIRYO_MAX_BYTES", "").strip()
+    if not raw:
+        return DEFAULT_MAX_BYTES
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(raw[-1].upper(), 1)
+    number = raw[:-1] if scale > 1 else raw
+    try:
+        value = int(float(number) * scale)
+    except ValueError:
+        raise ConfigError(f"KEIRYO_MAX_BYTES='{raw}' is not a size (use e.g. 4G or 4294967296)") from None
+    if value <= 0:
+        raise ConfigError(f"KEIRYO_MAX_BYTES='{raw}' must be positive")
+    return value
+
+
+def check_bytes(nbytes: int, what: str) -> None:
+    """Refuse, before allocating, anything that would unpack to more than `max_bytes()`."""
+    limit = max_bytes()
+    if nbytes > limit:
+        raise ResourceError(
+            f"{what} would need {_human(nbytes)} of memory, above the limit of {_human(limit)}; "
+            "set KEIRYO_MAX_BYTES (e.g. KEIRYO_MAX_BYTES=8G) if you trust it"
+        )
+
+
+def one_line(error: BaseException, limit: int = 200) -> str:
+    """An exception as one short line: a keiryo error's own message, else its type and first line."""
+    text = " ".join(str(error).split()) if isinstance(error, KeiryoError) else _first_line(error)
+    if not isinstance(error, KeiryoError):
+        text = f"{type(error).__name__}: {text}".rstrip(": ")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0].strip() if text else ""
+
+
+def _human(nbytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(nbytes) < 1024 or unit == "TiB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return f"{nbytes:.1f} TiB"
