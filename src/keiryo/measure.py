@@ -3,7 +3,8 @@
 Latency is the median (p50) and p90 of many timed forward passes after warm-up, under `inference_mode`, at a
 fixed thread count. `compare` times several models interleaved in one process (every round visits them all,
 in a new random order), so that noise from a shared machine falls on all of them alike and their ratios stay
-meaningful.
+meaningful. Before any figure, each model runs one sample of the example inputs and of the data, so that
+inputs it cannot take fail as one ModelError that names both shapes.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from torch.utils.data import Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
 from keiryo import artifacts
-from keiryo.data import DataSplits, load_data, tensors_of
-from keiryo.errors import ConfigError, KeiryoError
+from keiryo.data import DataSplits, check_targets, describe, load_data, probe_model, tensors_of
+from keiryo.errors import ConfigError, DataError, KeiryoError, ModelError
 
 
 @dataclass
@@ -239,7 +240,7 @@ def agreement(model: nn.Module, reference: nn.Module, inputs: Tensor) -> Agreeme
     """Top-1 agreement, max/mean absolute error and cosine similarity of outputs against a reference."""
     mine, ref = _outputs(model, inputs), _outputs(reference, inputs)
     if mine.shape != ref.shape:
-        raise KeiryoError(f"outputs differ in shape: {tuple(mine.shape)} vs reference {tuple(ref.shape)}")
+        raise ModelError(f"outputs differ in shape: {tuple(mine.shape)} vs reference {tuple(ref.shape)}")
     diff = (mine - ref).abs()
     top1 = None
     if mine.dim() == 2 and mine.shape[1] > 1:
@@ -254,17 +255,24 @@ def agreement(model: nn.Module, reference: nn.Module, inputs: Tensor) -> Agreeme
     )
 
 
-def accuracy(model: nn.Module, dataset: Dataset, batch_size: int = 256) -> float | None:
-    """Top-1 accuracy on a labelled data set (None for regression targets)."""
+def accuracy(
+    model: nn.Module, dataset: Dataset, batch_size: int = 256, *, what: str = "the data you passed"
+) -> float | None:
+    """Top-1 accuracy on a labelled data set (None for regression targets); labels the model has no output
+    for are refused (`what` names the data in that message), not counted as misses."""
     inputs, targets = tensors_of(dataset)
     if targets.is_floating_point() or len(targets) == 0:
         return None
-    return float((_outputs(model, inputs, batch_size).argmax(-1) == targets).float().mean())
+    outputs = _outputs(model, inputs, batch_size)
+    check_targets(outputs, targets, what)
+    return float((outputs.argmax(-1) == targets).float().mean())
 
 
 def _eval_set(data: object) -> Dataset | None:
     if data is None:
         return None
+    if isinstance(data, tuple) and len(data) != 2:
+        raise DataError(f"data: expected an (inputs, targets) pair, got {len(data)} items")
     splits = data if isinstance(data, DataSplits) else None
     if splits is None and isinstance(data, (str, Path)):
         splits = load_data(data)
@@ -293,7 +301,15 @@ def compare(
     if not models:
         raise ConfigError("compare needs at least one model")
     eval_set = _eval_set(data)
-    agree_inputs = tensors_of(eval_set)[0][:1024] if eval_set is not None else example_inputs
+    what = describe(data) if isinstance(data, DataSplits) else "the data you passed"
+    what = f"data '{data}'" if isinstance(data, (str, Path)) else what
+    eval_x, eval_y = tensors_of(eval_set) if eval_set is not None else (example_inputs, None)
+    agree_inputs = eval_x[:1024]
+    for model in models.values():  # one sample each, so that a misfit is a one-line error, not a torch trace
+        probe_model(model, example_inputs, "the example inputs")
+        outputs = probe_model(model, eval_x, what) if eval_y is not None else None
+        if outputs is not None and not eval_y.is_floating_point():
+            check_targets(outputs, eval_y, what)
     reference_name = next(iter(models))
     was_training = {name: m.training for name, m in models.items()}
     for m in models.values():
@@ -308,7 +324,7 @@ def compare(
                 nonzero_params=nonzero,
                 bytes=file_bytes(model),
                 flops=count_flops(model, example_inputs),
-                accuracy=accuracy(model, eval_set) if eval_set is not None else None,
+                accuracy=accuracy(model, eval_set, what=what) if eval_set is not None else None,
                 agreement=None
                 if name == reference_name
                 else agreement(model, models[reference_name], agree_inputs),

@@ -3,10 +3,13 @@
 Every strategy and distillation reuse `fit`: they change the loss (`loss_fn`) or wrap the model, not the loop.
 Resume is exact on CPU: epoch k always sees the same shuffle (the loader is seeded by seed and epoch), and the
 checkpoint holds the model, the optimizer, the schedule, the RNG state and the position inside the epoch.
+Nothing bad is trained on silently: options are checked when the config is made, the model is fed one sample
+before any work, and a loss or weights that become NaN/inf stop the run before a checkpoint could keep them.
 """
 
 from __future__ import annotations
 
+import glob
 import math
 import time
 from collections.abc import Callable
@@ -20,8 +23,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from keiryo import devices
 from keiryo.artifacts import atomic_torch_save, safe_torch_load
-from keiryo.data import DataSplits, load_data, make_loader
-from keiryo.errors import ArtifactError, ConfigError
+from keiryo.data import DataSplits, check_model_fits, describe, load_data, make_loader
+from keiryo.errors import ArtifactError, ConfigError, DataError, TrainingError
 
 LossFn = Callable[[nn.Module, Tensor, Tensor], tuple[Tensor, Tensor]]
 """(model, inputs, targets) -> (loss, outputs). Distillation and QAT pass their own."""
@@ -49,19 +52,39 @@ class TrainConfig:
     resume: bool = False
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
-        """Reject values that would fail later, with a one-line message."""
-        if self.epochs < 1:
-            raise ConfigError(f"epochs must be ≥ 1, got {self.epochs}")
-        if self.batch_size < 1:
-            raise ConfigError(f"batch size must be ≥ 1, got {self.batch_size}")
-        if not self.lr > 0:
-            raise ConfigError(f"learning rate must be > 0, got {self.lr}")
+        """Reject values that would fail later or train on garbage, in one line, before any work starts."""
+        _whole("epochs", self.epochs, 1)
+        _whole("batch size", self.batch_size, 1)
+        _whole("checkpoint_every (steps; 0 checkpoints at epoch ends only)", self.checkpoint_every, 0)
+        _whole("seed", self.seed, None)
+        if not _finite(self.lr) or self.lr <= 0:
+            raise ConfigError(f"learning rate must be a finite number > 0, got {self.lr}")
+        if not _finite(self.weight_decay) or self.weight_decay < 0:
+            raise ConfigError(f"weight decay must be a finite number ≥ 0, got {self.weight_decay}")
+        if self.grad_clip is not None and (not _finite(self.grad_clip) or self.grad_clip <= 0):
+            raise ConfigError(f"grad_clip must be a finite number > 0 (or None), got {self.grad_clip}")
+        if self.resume and not self.checkpoint:
+            raise ConfigError("resume needs a checkpoint file to resume from (--checkpoint)")
         if self.optimizer not in ("adamw", "sgd"):
             raise ConfigError(f"unknown optimizer '{self.optimizer}' (choose adamw or sgd)")
         if self.schedule not in ("cosine", "constant"):
             raise ConfigError(f"unknown schedule '{self.schedule}' (choose cosine or constant)")
         devices.check_precision(self.precision)
+
+
+def _whole(name: str, value: object, least: int | None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or (least is not None and value < least):
+        raise ConfigError(
+            f"{name} must be a whole number{f' ≥ {least}' if least is not None else ''}, got {value}"
+        )
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -177,7 +200,19 @@ def _scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_step
 
 
 def _save_checkpoint(path, worker, model, optimizer, scheduler, position, history):
-    """Rank 0 writes the checkpoint; with sharded state every worker takes part in gathering it first."""
+    """Rank 0 writes the checkpoint; with sharded state every worker takes part in gathering it first.
+
+    Weights that became NaN/inf stop the run instead (every worker decides alike), so the checkpoint on disk
+    stays the last good one.
+    """
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
+    (bad,) = worker.all_sum(float(sum(not bool(torch.isfinite(p.detach()).all()) for p in local)))
+    if bad:
+        kept = f"; checkpoint '{path}' keeps the last good weights" if Path(path).exists() else ""
+        raise TrainingError(
+            f"training diverged: the weights became NaN/inf by step {position[2]}; "
+            f"lower the learning rate or set grad_clip{kept}"
+        )
     if worker.state_dicts is not None:
         model_state, optimizer_state = worker.state_dicts(model, optimizer)
     else:
@@ -207,6 +242,13 @@ def load_checkpoint(path: str | Path) -> dict:
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ArtifactError(f"checkpoint '{path}' is not a keiryo training checkpoint")
     return ckpt
+
+
+def _remove_stale_temps(path: str) -> None:
+    """Delete the temporary files (`.name.*.tmp`) a killed run's atomic save left beside the checkpoint."""
+    target = Path(path)
+    for stale in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
+        stale.unlink(missing_ok=True)
 
 
 def _resume_state(path: str | None, worker: Worker) -> dict | None:
@@ -252,9 +294,15 @@ def fit(
     config.validate()
     worker = worker or Worker()
     splits = data if isinstance(data, DataSplits) else load_data(data, seed=config.seed)
+    if len(splits.train) == 0:
+        raise DataError(f"{describe(splits)} has no training samples")
     device = devices.resolve_device(config.device)
     torch.manual_seed(config.seed)
     model.to(device)
+    if worker.world_size == 1 and worker.step is None and loss_fn is classification_loss:
+        check_model_fits(model, splits)  # other losses (distillation) feed the model their own way
+    if config.checkpoint and worker.rank == 0:
+        _remove_stale_temps(config.checkpoint)
     forward_model = worker.forward or devices.maybe_compile(model, config.compile)
     optimizer = _optimizer(model, config)
     steps_per_epoch = len(_global_batches(len(splits.train), config, 0, worker))
@@ -312,7 +360,10 @@ def fit(
                 scheduler.step()
                 global_step += 1
                 if loss is not None:  # a pipeline's loss lives on its last stage only
-                    loss_sum += float(loss.detach()) * len(targets)
+                    value = float(loss.detach())
+                    if not math.isfinite(value):
+                        raise _diverged(value, epoch, step, global_step, config)
+                    loss_sum += value * len(targets)
                     c = _correct(outputs.detach(), targets)
                     has_acc = has_acc and c is not None
                     correct += c or 0
@@ -349,6 +400,17 @@ def fit(
                 _save_checkpoint(config.checkpoint, worker, model, optimizer, scheduler, position, history)
     model.eval()
     return TrainResult(model=model, history=history, resumed_from=resumed_from)
+
+
+def _diverged(value: float, epoch: int, step: int, global_step: int, config: TrainConfig) -> TrainingError:
+    """The error for a NaN/inf loss: where it happened, what to try, and that the checkpoint was kept."""
+    kept = ""
+    if config.checkpoint and Path(config.checkpoint).exists():
+        kept = f"; checkpoint '{config.checkpoint}' keeps the last good weights"
+    return TrainingError(
+        f"training diverged: the loss became {value} at epoch {epoch + 1}, step {step + 1} "
+        f"(step {global_step} overall); lower the learning rate (now {config.lr:g}) or set grad_clip{kept}"
+    )
 
 
 def _global_batches(n: int, config: TrainConfig, epoch: int, worker: Worker) -> list[list[int]]:
@@ -501,14 +563,15 @@ def train(
             extra = f"workers={workers}" if workers != 1 else ", ".join(pipeline)
             raise ConfigError(f"strategy 'single' runs one worker without pipeline options; got {extra}")
         return fit(model, data, config, loss_fn=loss_fn)
-    if strategy == "async":
-        splits = data if isinstance(data, DataSplits) else load_data(data, seed=config.seed)
-        return _train_async(model, splits, config, loss_fn, workers, async_options or {})
-    if timeout <= 0:
+    if strategy != "async" and timeout <= 0:
         raise ConfigError(f"timeout must be > 0 seconds, got {timeout}")
+    splits = data if isinstance(data, DataSplits) else load_data(data, seed=config.seed)
+    if loss_fn is classification_loss:  # here, on the whole model, before any worker starts
+        check_model_fits(model, splits)
+    if strategy == "async":
+        return _train_async(model, splits, config, loss_fn, workers, async_options or {})
     from keiryo.parallel.launch import train_parallel
 
-    splits = data if isinstance(data, DataSplits) else load_data(data, seed=config.seed)
     return train_parallel(
         model,
         splits,
