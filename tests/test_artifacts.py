@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from keiryo import artifacts
-from keiryo.errors import ArtifactError
+from keiryo.errors import ArtifactError, TrustError
 from keiryo.models import build_model
 
 
@@ -111,9 +111,9 @@ def test_user_factories_need_trust(tmp_path, monkeypatch):
         "import torch\n\ndef tiny(width=3):\n    return torch.nn.Linear(2, width)\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    model = build_model("mynets:tiny", width=5)
+    model = build_model("mynets:tiny", trust_code=True, width=5)
     path = artifacts.save(model, tmp_path / "tiny.pt")
-    with pytest.raises(ArtifactError, match="trust"):
+    with pytest.raises(TrustError, match="--trust-code"):
         artifacts.load(path)
     loaded = artifacts.load(path, trust_code=True)
     assert loaded.out_features == 5 and torch.equal(loaded.weight, model.weight)

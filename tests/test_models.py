@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from keiryo import models
-from keiryo.errors import ModelError
+from keiryo.errors import ModelError, ResourceError, TrustError
 from keiryo.models import BUILTIN, SPEC_ATTR, Attention, build_model, kwargs_for_data, spec_of
 
 DIGITS = torch.rand(5, 1, 8, 8)
@@ -46,7 +46,9 @@ def test_builtins_map_digits_to_ten_logits(name):
 def test_builtin_table_and_resolve():
     assert BUILTIN == {"mlp": models.mlp, "cnn": models.cnn, "transformer": models.transformer}
     assert models.resolve_factory("cnn") is models.cnn
-    assert models.resolve_factory("torch.nn:Identity") is nn.Identity
+    assert models.resolve_factory("torch.nn:Identity", trust_code=True) is nn.Identity
+    with pytest.raises(TrustError, match="--trust-code"):
+        models.resolve_factory("torch.nn:Identity")
 
 
 def test_mlp_parameter_count_is_exact():
@@ -109,21 +111,23 @@ def test_transformer_still_works_after_heads_are_pruned():
 
 def test_build_from_file_records_absolute_path(factory_file, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    model = build_model("my_models.py:tiny", width=5)
+    with pytest.raises(TrustError, match="trust_code=True"):
+        build_model("my_models.py:tiny", width=5)
+    model = build_model("my_models.py:tiny", trust_code=True, width=5)
     assert isinstance(model, nn.Linear) and model.out_features == 5
     spec = spec_of(model)
     assert spec == {"factory": f"{factory_file.resolve()}:tiny", "kwargs": {"width": 5}}
-    again = build_model(spec["factory"], **spec["kwargs"])  # the recorded spec rebuilds from anywhere
+    again = build_model(spec["factory"], trust_code=True, **spec["kwargs"])  # rebuilds from anywhere
     assert type(again) is type(model) and again.weight.shape == model.weight.shape
 
 
 def test_build_from_module_path(tmp_path, monkeypatch):
     (tmp_path / "keiryo_test_factories.py").write_text(FACTORY_FILE)
     monkeypatch.syspath_prepend(str(tmp_path))
-    model = build_model("keiryo_test_factories:tiny", width=2)
+    model = build_model("keiryo_test_factories:tiny", trust_code=True, width=2)
     assert model.out_features == 2
     assert spec_of(model) == {"factory": "keiryo_test_factories:tiny", "kwargs": {"width": 2}}
-    assert isinstance(build_model("torch.nn:Identity"), nn.Identity)
+    assert isinstance(build_model("torch.nn:Identity", trust_code=True), nn.Identity)
 
 
 def test_spec_is_attached_and_json_serialisable():
@@ -175,10 +179,65 @@ def test_errors_are_one_line_model_errors(spec, kwargs, needle, factory_file, tm
     bad.write_text(BAD_FILE_IMPORT)
     spec = spec.format(file=factory_file, bad=bad)
     with pytest.raises(ModelError) as info:
-        build_model(spec, **kwargs)
+        build_model(spec, trust_code=True, **kwargs)
     message = str(info.value)
     assert needle in message
     assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    "spec", ["os:system", "subprocess:run", "builtins:exec", "{file}:tiny", "pkg.mod:fn", "missing.py:f"]
+)
+def test_code_is_refused_without_trust_before_import(spec, factory_file, tmp_path):
+    """Nothing is imported: a module that would write a marker on import never runs."""
+    marker = tmp_path / "imported"
+    evil = tmp_path / "evil_on_import.py"
+    evil.write_text(f"open({str(marker)!r}, 'w').write('ran')\ndef tiny():\n    return None\n")
+    for one in (spec.format(file=factory_file), f"{evil}:tiny"):
+        with pytest.raises(TrustError, match="--trust-code") as info:
+            build_model(one, command=f"touch {marker}")
+        assert "\n" not in str(info.value) and one in str(info.value)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [
+        ("mlp", {}),
+        ("mlp", {"in_features": 11, "hidden": [3, 5, 7], "num_classes": 2}),
+        ("mlp", {"hidden": []}),
+        ("cnn", {}),
+        ("cnn", {"in_channels": 3, "width": 5, "blocks": 3, "num_classes": 4}),
+        ("transformer", {}),
+        ("transformer", {"in_features": 5, "seq_len": 3, "dim": 12, "depth": 3, "heads": 3, "mlp_ratio": 3}),
+    ],
+)
+def test_builtins_refuse_sizes_above_the_limit_before_allocating(name, kwargs, monkeypatch):
+    """Each built-in counts its parameters and buffers (as float32) exactly: at the limit it builds, one
+    byte less not."""
+    model = build_model(name, **kwargs)
+    nbytes = sum(t.numel() * 4 for t in [*model.parameters(), *model.buffers()])
+    monkeypatch.setenv("KEIRYO_MAX_BYTES", str(nbytes))
+    build_model(name, **kwargs)
+    monkeypatch.setenv("KEIRYO_MAX_BYTES", str(nbytes - 1))
+    with pytest.raises(ResourceError, match="KEIRYO_MAX_BYTES"):
+        build_model(name, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "needle"),
+    [
+        ("mlp", {"hidden": [10**6, 10**6]}, "TiB"),
+        ("cnn", {"width": 10**6}, "TiB"),
+        ("transformer", {"dim": 2**16, "heads": 1, "depth": 50}, "TiB"),
+        ("mlp", {"hidden": [1] * 5000}, "at most 1000"),
+        ("transformer", {"depth": 10**9}, "at most 1000"),
+    ],
+)
+def test_memory_bombs_fail_fast_in_one_line(name, kwargs, needle):
+    with pytest.raises((ResourceError, ModelError), match=needle) as info:
+        build_model(name, **kwargs)
+    assert "\n" not in str(info.value)
 
 
 @pytest.mark.parametrize(

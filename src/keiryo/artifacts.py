@@ -9,7 +9,11 @@ A keiryo model file is a `torch.save`d dict of plain data and tensors, so it loa
   (unstructured pruning) are stored as their non-zero values plus a packed bitmask, and decoded by `read`.
 
 Loading is *structure replay*: build from the spec, reshape to `structure`, replay `transforms`, load weights.
-Built-in factories are always allowed; any other factory is imported only with `trust_code=True`.
+Nothing in a file is trusted: built-in factories (and hf:DIR, read as config and weights) are always allowed,
+any other factory is imported only with `trust_code=True` (TrustError otherwise). Every part of the payload is
+checked for its type, and what it would allocate (the file itself, sparse tensors, recorded layer shapes, the
+recorded input shape) is checked against `KEIRYO_MAX_BYTES` before anything is allocated; whatever is wrong
+with a file ends as one line (ArtifactError, TrustError or ResourceError), never a raw exception.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import math
 import os
 import pickle
 import tempfile
+import warnings
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
@@ -28,7 +33,15 @@ import torch
 from torch import nn
 
 from keiryo import models
-from keiryo.errors import ArtifactError
+from keiryo.errors import (
+    ArtifactError,
+    KeiryoError,
+    ModelError,
+    ResourceError,
+    TrustError,
+    check_bytes,
+    one_line,
+)
 
 MODEL_FORMAT = "keiryo-model/1"
 TRANSFORMS_ATTR = "_keiryo_transforms"
@@ -36,6 +49,8 @@ STRUCTURE_ATTR = "_keiryo_float_structure"
 SPARSE_FORMAT = "keiryo-sparse/1"
 SPARSE_MAX_FRACTION = 0.75  # a tensor is stored sparse only if that takes at most this share of its bytes
 _PRIMITIVE = (bool, int, float, str)
+EXAMPLE_BATCH = 64  # the batch of random inputs the CLI makes from a recorded input shape
+MAX_DIMS = 8  # dimensions a recorded tensor or input shape may have
 
 
 def atomic_write_bytes(data: bytes, path: str | Path) -> None:
@@ -62,15 +77,23 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
 
 
 def safe_torch_load(path: str | Path, *, what: str = "model file") -> Any:
-    """`torch.load` with `weights_only=True`; every failure becomes a one-line ArtifactError."""
+    """`torch.load` with `weights_only=True`; every failure becomes a one-line ArtifactError.
+
+    The file's size, and for a zip checkpoint the unpacked size of its records, are checked against
+    `KEIRYO_MAX_BYTES` first, so a small file cannot unpack to more memory than that.
+    """
     path = Path(path)
     if not path.exists():
         raise ArtifactError(f"{what} '{path}' does not exist")
     if path.is_dir():
         raise ArtifactError(f"{what} '{path}' is a directory, not a file")
+    check_bytes(path.stat().st_size, f"{what} '{path}'")
+    _check_unpacked_size(path, what)
     _allow_quantized_tensors(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's note on a foreign pickle protocol: the error says enough
+            warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         text = str(exc).lower()
         if "unsupported global" in text or "global" in text and "allowed" in text:
@@ -80,6 +103,18 @@ def safe_torch_load(path: str | Path, *, what: str = "model file") -> Any:
         raise ArtifactError(f"{what} '{path}' is corrupt or not a PyTorch file") from exc
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
         raise ArtifactError(f"{what} '{path}' is corrupt or not a PyTorch file") from exc
+    except (MemoryError, RecursionError, TypeError, KeyError, AttributeError, IndexError) as exc:
+        raise ArtifactError(f"{what} '{path}' is corrupt: {one_line(exc)}") from exc
+
+
+def _check_unpacked_size(path: Path, what: str) -> None:
+    """Refuse a zip checkpoint whose records unpack to more than the limit (a compressed zip bomb)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            unpacked = sum(info.file_size for info in archive.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        return  # not a zip (legacy format, or corrupt): torch.load will say so
+    check_bytes(unpacked, f"{what} '{path}' (unpacked)")
 
 
 def _allow_quantized_tensors(path: Path) -> None:
@@ -124,16 +159,20 @@ def capture_structure(model: nn.Module) -> dict[str, dict]:
 
 
 def apply_structure(model: nn.Module, structure: dict[str, dict]) -> None:
-    """Reshape a freshly built model to a recorded structure (e.g. after pruning removed channels)."""
+    """Reshape a freshly built model to a recorded structure (e.g. after pruning removed channels).
+
+    Only attributes that already hold plain values (sizes, head counts) are changed, and only to values of
+    the same kind: a file cannot replace a method or a layer. Call `check_structure` first.
+    """
     for name, entry in structure.items():
         try:
             module = model.get_submodule(name)
         except AttributeError as exc:
-            raise ArtifactError(f"model file has a layer '{name}' that its factory does not build") from exc
+            raise ArtifactError(f"it records a layer '{name}' that its factory does not build") from exc
         for key, value in entry["attrs"].items():
             current = getattr(module, key, None)
             restored = tuple(value) if isinstance(current, tuple) else value
-            if hasattr(module, key) and current != restored:
+            if _same_kind(current, restored) and current != restored:
                 setattr(module, key, restored)
         for key, shape in entry["shapes"].items():
             store = module._parameters if key in module._parameters else module._buffers
@@ -145,6 +184,48 @@ def apply_structure(model: nn.Module, structure: dict[str, dict]) -> None:
                     store[key] = nn.Parameter(fresh, requires_grad=requires_grad)
                 else:
                     store[key] = fresh
+
+
+def _same_kind(current: Any, value: Any) -> bool:
+    """Whether a recorded attribute may replace `current`: plain values of the same type (lists: of plain
+    values)."""
+    if isinstance(current, (tuple, list)):
+        return isinstance(value, type(current)) and all(isinstance(v, _PRIMITIVE) for v in value)
+    return isinstance(current, _PRIMITIVE) and type(value) is type(current)
+
+
+def check_structure(structure: Any, what: str) -> None:
+    """Check a recorded structure's form and refuse, before allocating, shapes above `KEIRYO_MAX_BYTES`."""
+    if not isinstance(structure, dict):
+        raise ArtifactError(f"{what} has no valid 'structure' (a mapping of layer names)")
+    elements = 0
+    for name, entry in structure.items():
+        if not (
+            isinstance(name, str)
+            and isinstance(entry, dict)
+            and isinstance(entry.get("attrs"), dict)
+            and isinstance(entry.get("shapes"), dict)
+        ):
+            raise ArtifactError(f"{what} has a malformed structure entry for layer {name!r}")
+        for key, shape in entry["shapes"].items():
+            elements += math.prod(_shape(shape, f"{what}: layer '{name}' tensor '{key}'"))
+    check_bytes(4 * elements, f"{what}: the recorded layer shapes")
+
+
+def _shape(value: Any, what: str) -> list[int]:
+    """A recorded shape, checked to be at most `MAX_DIMS` whole numbers ≥ 0."""
+    if (
+        not isinstance(value, (list, tuple))
+        or len(value) > MAX_DIMS
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+    ):
+        raise ArtifactError(f"{what} has shape {_short(value)}, not a list of at most {MAX_DIMS} sizes ≥ 0")
+    return list(value)
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def save(
@@ -193,10 +274,63 @@ def read(path: str | Path) -> dict[str, Any]:
             f"model file '{path}' is a PyTorch file but not a keiryo model "
             "(save models with keiryo.save or `keiryo train --out`)"
         )
-    state = payload.get("state_dict")
-    if isinstance(state, dict):
-        payload["state_dict"] = {k: decode_sparse(v, f"model file '{path}'") for k, v in state.items()}
+    what = f"model file '{path}'"
+    _check_payload(payload, what)
+    state = payload["state_dict"]
+    check_bytes(sum(_dense_bytes(v, what) for v in state.values()), f"{what}: its sparse tensors decoded")
+    payload["state_dict"] = {k: decode_sparse(v, what) for k, v in state.items()}
     return payload
+
+
+def _check_payload(payload: dict, what: str) -> None:
+    """Check that every part `load` reads has the type it expects; ArtifactError naming the part if not."""
+    spec = payload.get("spec")
+    if not (
+        isinstance(spec, dict)
+        and isinstance(spec.get("factory"), str)
+        and spec["factory"].strip()
+        and isinstance(spec.get("kwargs"), dict)
+        and all(isinstance(k, str) for k in spec["kwargs"])
+    ):
+        raise ArtifactError(
+            f"{what} has no valid 'spec' (the factory that builds it); it is corrupt or foreign"
+        )
+    check_structure(payload.get("structure"), what)
+    transforms = payload.get("transforms", [])
+    if not isinstance(transforms, list) or not all(
+        isinstance(t, dict) and isinstance(t.get("kind"), str) and isinstance(t.get("options"), dict)
+        for t in transforms
+    ):
+        raise ArtifactError(f"{what} has malformed 'transforms'")
+    payload["transforms"] = transforms
+    state = payload.get("state_dict")
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+        raise ArtifactError(f"{what} has no valid 'state_dict' (a mapping of tensor names)")
+    for key in ("versions", "metadata"):
+        if not isinstance(payload.get(key) or {}, dict):
+            raise ArtifactError(f"{what} has a malformed '{key}' (not a mapping)")
+    input_shape_of(payload.get("metadata") or {}, batch=1, what=what)  # one sample must fit
+
+
+def input_shape_of(
+    model_or_metadata: nn.Module | dict, batch: int = EXAMPLE_BATCH, *, what: str = "model"
+) -> tuple[int, ...] | None:
+    """The recorded input shape of one sample (None if none is recorded), checked to be whole numbers ≥ 1 and
+    to fit `batch` float32 samples in `KEIRYO_MAX_BYTES`; use it before making example inputs from it."""
+    meta = model_or_metadata if isinstance(model_or_metadata, dict) else metadata_of(model_or_metadata)
+    shape = meta.get("input_shape")
+    if shape is None:
+        return None
+    if (
+        not isinstance(shape, (list, tuple))
+        or not 1 <= len(shape) <= MAX_DIMS
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in shape)
+    ):
+        raise ArtifactError(
+            f"{what} records input shape {_short(shape)}, not a list of 1 to {MAX_DIMS} sizes ≥ 1"
+        )
+    check_bytes(4 * batch * math.prod(shape), f"{what}: a batch of {batch} inputs of its recorded shape")
+    return tuple(shape)
 
 
 def encode_sparse(tensor: torch.Tensor) -> torch.Tensor | dict[str, Any]:
@@ -223,11 +357,13 @@ def encode_sparse(tensor: torch.Tensor) -> torch.Tensor | dict[str, Any]:
 
 
 def decode_sparse(entry: Any, what: str = "model file") -> Any:
-    """The dense tensor that `encode_sparse` stored (anything else is returned unchanged)."""
+    """The dense tensor that `encode_sparse` stored (anything else is returned unchanged); its size is checked
+    against `KEIRYO_MAX_BYTES` before it is allocated."""
     if not (isinstance(entry, dict) and entry.get("format") == SPARSE_FORMAT):
         return entry
     try:
-        shape, mask, values = [int(s) for s in entry["shape"]], entry["mask"], entry["values"]
+        check_bytes(_dense_bytes(entry, what), f"{what}: a sparse tensor")
+        shape, mask, values = entry["shape"], entry["mask"], entry["values"]
         numel = math.prod(shape)
         keep = _unpack_bits(mask, numel)
         if int(keep.sum()) != values.numel():
@@ -236,7 +372,17 @@ def decode_sparse(entry: Any, what: str = "model file") -> Any:
         dense[keep] = values.flatten()
         return dense.view(shape)
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
-        raise ArtifactError(f"{what} has a corrupt sparse tensor ({exc})") from exc
+        raise ArtifactError(f"{what} has a corrupt sparse tensor ({one_line(exc)})") from exc
+
+
+def _dense_bytes(entry: Any, what: str) -> int:
+    """Bytes a stored sparse tensor decodes to (0 for anything else)."""
+    if not (isinstance(entry, dict) and entry.get("format") == SPARSE_FORMAT):
+        return 0
+    values = entry.get("values")
+    if not isinstance(values, torch.Tensor):
+        raise ArtifactError(f"{what} has a corrupt sparse tensor (its values are not a tensor)")
+    return math.prod(_shape(entry.get("shape"), f"{what}: a sparse tensor")) * values.element_size()
 
 
 _BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
@@ -257,31 +403,59 @@ def _unpack_bits(packed: torch.Tensor, count: int) -> torch.Tensor:
 
 
 def load(path: str | Path, *, trust_code: bool = False) -> nn.Module:
-    """Rebuild the model saved at `path`: factory → recorded shapes → replayed transforms → weights."""
+    """Rebuild the model saved at `path`: factory → recorded shapes → replayed transforms → weights.
+
+    A factory other than a built-in or hf:DIR imports and runs code, so it is refused (TrustError) unless
+    `trust_code=True`. Whatever else is wrong with the file is one ArtifactError or ResourceError line.
+    """
     payload = read(path)
+    what = f"model file '{path}'"
     spec = payload["spec"]
     factory = spec["factory"]
-    # A Hugging Face directory (hf:PATH) is read as config + weights, never with remote code: no trust needed.
-    if factory not in models.BUILTIN and not factory.startswith("hf:") and not trust_code:
-        raise ArtifactError(
-            f"model file '{path}' is built by '{factory}', which runs code; "
-            "pass trust_code=True (CLI: --trust-code) if you trust it"
+    if models.needs_trust(factory) and not trust_code:
+        raise TrustError(
+            f"{what} is built by '{factory}', which imports and runs Python code; "
+            "pass --trust-code (Python: trust_code=True) only if you trust the file"
         )
-    model = models.build_model(factory, **spec["kwargs"])
-    apply_structure(model, payload["structure"])
-    for transform in payload["transforms"]:
-        _replay(model, transform, payload)
     try:
+        model = models.build_model(factory, trust_code=trust_code, **spec["kwargs"])
+    except (ModelError, ResourceError) as exc:
+        raise type(exc)(f"{what}: {exc}") from exc
+    expected = {}
+    try:
+        apply_structure(model, payload["structure"])
+        for transform in payload["transforms"]:
+            _replay(model, transform)
+        expected = _shapes(model.state_dict())
         model.load_state_dict(_with_versions(payload), strict=True, assign=True)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise ArtifactError(f"model file '{path}' does not match its architecture: {first}") from exc
+    except KeiryoError as exc:  # a layer or transform this file cannot have: keep the kind, name the file
+        raise type(exc)(f"{what}: {exc}") from exc
+    except (RuntimeError, KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        why = _mismatch(expected, payload["state_dict"]) if expected else one_line(exc)
+        raise ArtifactError(
+            f"{what} does not match its recorded architecture: {why or one_line(exc)}"
+        ) from exc
     setattr(model, TRANSFORMS_ATTR, list(payload["transforms"]))
     if payload["transforms"]:
         setattr(model, STRUCTURE_ATTR, payload["structure"])
     model._keiryo_metadata = dict(payload.get("metadata") or {})
     model.eval()
     return model
+
+
+def _shapes(state: dict) -> dict[str, list[int] | None]:
+    return {k: list(v.shape) if isinstance(v, torch.Tensor) else None for k, v in state.items()}
+
+
+def _mismatch(expected: dict[str, list[int] | None], given: dict) -> str:
+    """The first difference between the tensors a model expects and those a file holds, in words."""
+    for key, shape in expected.items():
+        if key not in given:
+            return f"'{key}' is missing"
+        if shape is not None and isinstance(given[key], torch.Tensor) and list(given[key].shape) != shape:
+            return f"'{key}' has shape {list(given[key].shape)}, the layer needs {shape}"
+    extra = next((k for k in given if k not in expected), None)
+    return f"'{extra}' belongs to no layer" if extra else ""
 
 
 def _with_versions(payload: dict) -> dict:
@@ -297,7 +471,7 @@ def metadata_of(model: nn.Module) -> dict[str, Any]:
     return dict(getattr(model, "_keiryo_metadata", {}))
 
 
-def _replay(model: nn.Module, transform: dict, payload: dict) -> None:
+def _replay(model: nn.Module, transform: dict) -> None:
     """Re-apply one recorded class-changing step to the rebuilt float model (weights come after)."""
     kind = transform["kind"]
     if kind == "quantize":
@@ -305,4 +479,4 @@ def _replay(model: nn.Module, transform: dict, payload: dict) -> None:
 
         replay_quantize(model, **transform["options"])
         return
-    raise ArtifactError(f"model file uses transform '{kind}', which this keiryo version cannot replay")
+    raise ArtifactError(f"it records transform '{kind}', which this keiryo version cannot replay")

@@ -9,13 +9,23 @@ sentence-transformers model, as all-MiniLM is); a sequence classifier returns it
 BERT-style self-attention (separate query/key/value Linears) is rebuilt as `FusedSelfAttention` with one
 `qkv` Linear and an int `num_heads` (the layout keiryo's pruner removes whole heads from); the arithmetic is
 the same. Nothing is downloaded: transformers runs with `local_files_only=True` and no remote code.
+
+A folder is data, never code: one that asks for its own Python (`auto_map` in config.json or
+tokenizer_config.json) is refused before transformers is called, with or without --trust-code. Weights are
+read from safetensors (whose header is checked first) or from `.bin` files that hold nothing but tensors
+(torch.load with weights_only=True); the model the config describes is sized on the meta device and checked
+against `KEIRYO_MAX_BYTES` before anything is allocated. A broken file is one ArtifactError naming it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import importlib
 import json
+import math
 import os
+import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,11 +36,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from keiryo.data import DataSplits, split_tensors
-from keiryo.errors import ConfigError, ModelError
+from keiryo.errors import ArtifactError, ConfigError, ModelError, TrustError, check_bytes, one_line
 
 HF_PREFIX = "hf:"
 TASKS = ("embedding", "classifier")
 POOLINGS = ("mean", "cls", "max")
+MAX_JSON_BYTES = 64 << 20  # a config or tokenizer config; real ones are kilobytes
+MAX_HEADER_BYTES = 100 << 20  # a safetensors header (the format's own limit)
+DTYPE_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
+    "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8, "C64": 8,
+}  # fmt: skip
 
 
 def is_hf_spec(spec: object) -> bool:
@@ -56,6 +72,93 @@ def model_dir(path: str | os.PathLike) -> Path:
     return directory
 
 
+def read_json(path: Path, what: str) -> Any:
+    """A JSON file of a model folder, or one ArtifactError naming it (too big, unreadable, not JSON)."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_JSON_BYTES:
+            raise ArtifactError(f"{what} '{path}' is {size} bytes, too big for a JSON config")
+        return json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError) as exc:
+        raise ArtifactError(f"{what} '{path}' is not valid JSON: {one_line(exc)}") from exc
+
+
+def check_no_remote_code(directory: Path) -> dict:
+    """The folder's config.json, after refusing a folder that asks transformers to run its own Python."""
+    config = read_json(directory / "config.json", "Hugging Face config")
+    if not isinstance(config, dict):
+        raise ArtifactError(f"Hugging Face config '{directory / 'config.json'}' is not a JSON object")
+    for name in ("config.json", "tokenizer_config.json"):
+        data = config if name == "config.json" else _optional_json(directory / name)
+        if isinstance(data, dict) and "auto_map" in data:
+            raise TrustError(
+                f"Hugging Face folder '{directory}' asks to run its own Python code (auto_map in {name}); "
+                "keiryo never runs a folder's code, not even with --trust-code: use a model that "
+                "transformers ships (e.g. BERT), or load it yourself and pass the torch.nn.Module"
+            )
+    return config
+
+
+def _optional_json(path: Path) -> Any:
+    return read_json(path, "Hugging Face file") if path.is_file() else None
+
+
+def check_weights(directory: Path) -> None:
+    """Refuse weight files that are broken, hold pickled Python objects, or unpack beyond the limit."""
+    safetensors = sorted(directory.glob("*.safetensors"))
+    for path in safetensors:
+        check_bytes(_safetensors_bytes(path), f"weights '{path}'")
+    if safetensors:
+        return  # transformers prefers them; .bin files beside them are not read
+    from keiryo.artifacts import safe_torch_load
+
+    for path in sorted(directory.glob("pytorch_model*.bin")):
+        check_bytes(path.stat().st_size, f"weights '{path}'")
+        try:
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception:  # not a zip checkpoint (legacy, or corrupt): torch.load says which
+            safe_torch_load(path, what="weights")
+            continue
+        if unsafe:
+            raise ArtifactError(
+                f"weights '{path}' hold pickled Python objects ({', '.join(unsafe[:3])}), not just tensors; "
+                "refusing to unpickle them: convert the folder to safetensors"
+            )
+
+
+def _safetensors_bytes(path: Path) -> int:
+    """The bytes a safetensors file's tensors take, from its header, checked against the file's size."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise ValueError("shorter than its 8-byte header length")
+            (length,) = struct.unpack("<Q", raw)
+            if length > min(MAX_HEADER_BYTES, size - 8):
+                raise ValueError(f"its header claims {length} bytes, the file has {size}")
+            header = json.loads(f.read(length))
+        if not isinstance(header, dict):
+            raise ValueError("its header is not a JSON object")
+        data = size - 8 - length
+        total = 0
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            dtype, shape, (start, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            if (
+                not all(isinstance(v, int) and v >= 0 for v in [*shape, start, end])
+                or not start <= end <= data
+            ):
+                raise ValueError(f"tensor '{name}' lies outside the file")
+            if dtype in DTYPE_BYTES and math.prod(shape) * DTYPE_BYTES[dtype] != end - start:
+                raise ValueError(f"tensor '{name}' has {end - start} bytes for shape {shape} of {dtype}")
+            total += end - start
+        return total
+    except (OSError, ValueError, KeyError, TypeError, struct.error, RecursionError) as exc:
+        raise ArtifactError(f"weights '{path}' are not a valid safetensors file: {one_line(exc)}") from exc
+
+
 def _transformers():
     try:
         import transformers
@@ -67,6 +170,27 @@ def _transformers():
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     return transformers
+
+
+def _no_init_weights():
+    """transformers' context that skips weight initialisation (where it lives differs between versions)."""
+    for where in ("transformers.initialization", "transformers.modeling_utils"):
+        with contextlib.suppress(ImportError, AttributeError):
+            return importlib.import_module(where).no_init_weights()
+    return contextlib.nullcontext()
+
+
+def _check_model_size(auto: Any, config: Any, directory: Path) -> None:
+    """Size the model the config describes on the meta device (nothing allocated) and check the limit."""
+    try:
+        with torch.device("meta"), _no_init_weights():
+            probe = auto.from_config(config, trust_remote_code=False)
+    except Exception as exc:  # transformers reading a foreign config: any failure is the folder's
+        raise ArtifactError(
+            f"cannot build the model that '{directory}/config.json' describes: {one_line(exc)}"
+        ) from exc
+    nbytes = sum(t.numel() * t.element_size() for t in [*probe.parameters(), *probe.buffers()])
+    check_bytes(nbytes, f"the model in '{directory}'")
 
 
 # --- the model ----------------------------------------------------------------------------------------------
@@ -187,10 +311,13 @@ def tokenizer_for(directory: str):
     names = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "spiece.model", "vocab.json")
     if not any((path / name).is_file() for name in names):
         raise ConfigError(f"'{path}' has no tokenizer; pass token ids (a (batch, 2, length) tensor) instead")
+    check_no_remote_code(path)
     try:
-        return _transformers().AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError, TypeError) as exc:
-        raise ModelError(f"cannot load the tokenizer in '{path}': {_one_line(exc)}") from exc
+        return _transformers().AutoTokenizer.from_pretrained(
+            str(path), local_files_only=True, trust_remote_code=False
+        )
+    except Exception as exc:  # the tokenizer library reading a user's files: any failure is the files'
+        raise ArtifactError(f"cannot load the tokenizer in '{path}': {one_line(exc)}") from exc
 
 
 def load_hf(
@@ -207,9 +334,16 @@ def load_hf(
     architecture). `layers` keeps that many encoder layers, evenly spaced (or the listed indices), and
     `intermediate_size` keeps the feed-forward neurons of largest weight norm: the student of the same config.
     """
-    transformers = _transformers()
     directory = model_dir(path)
-    config = transformers.AutoConfig.from_pretrained(str(directory), local_files_only=True)
+    check_no_remote_code(directory)  # before transformers sees the folder
+    check_weights(directory)
+    transformers = _transformers()
+    try:
+        config = transformers.AutoConfig.from_pretrained(
+            str(directory), local_files_only=True, trust_remote_code=False
+        )
+    except Exception as exc:  # transformers reading a user's config: any failure is the file's
+        raise ArtifactError(f"cannot read '{directory / 'config.json'}': {one_line(exc)}") from exc
     archs = config.architectures or []
     task = task or (
         "classifier" if any(a.endswith("ForSequenceClassification") for a in archs) else "embedding"
@@ -217,12 +351,17 @@ def load_hf(
     if task not in TASKS:
         raise ConfigError(f"unknown task '{task}' for a Hugging Face model (choose {', '.join(TASKS)})")
     auto = transformers.AutoModelForSequenceClassification if task == "classifier" else transformers.AutoModel
+    _check_model_size(auto, config, directory)
     try:
         model = auto.from_pretrained(
-            str(directory), config=config, local_files_only=True, attn_implementation="sdpa"
+            str(directory),
+            config=config,
+            local_files_only=True,
+            trust_remote_code=False,
+            attn_implementation="sdpa",
         )
-    except (OSError, ValueError, KeyError) as exc:
-        raise ModelError(f"cannot load the model in '{directory}': {_one_line(exc)}") from exc
+    except Exception as exc:  # transformers reading a user's weights: any failure is the files'
+        raise ArtifactError(f"cannot load the model in '{directory}': {one_line(exc)}") from exc
     if task == "embedding" and getattr(model, "pooler", None) is not None:
         model.pooler = None  # sentence embeddings pool the tokens themselves; the CLS pooler is never used
     if layers is not None:
@@ -242,13 +381,13 @@ def load_hf(
 def _sentence_transformers_head(directory: Path) -> tuple[str, bool]:
     """(pooling, normalize) from a sentence-transformers directory's files; ("mean", False) otherwise."""
     pooling, normalize = "mean", False
-    config = directory / "1_Pooling" / "config.json"
-    if config.is_file():
-        options = json.loads(config.read_text())
+    options = _optional_json(directory / "1_Pooling" / "config.json")
+    if isinstance(options, dict):
         pooling = next((p for p in ("cls", "max") if options.get(f"pooling_mode_{p}_token")), "mean")
-    modules = directory / "modules.json"
-    if modules.is_file():
-        normalize = any(str(m.get("type", "")).endswith("Normalize") for m in json.loads(modules.read_text()))
+    modules = _optional_json(directory / "modules.json")
+    if isinstance(modules, list):
+        types = [str(m.get("type", "")) for m in modules if isinstance(m, dict)]
+        normalize = any(t.endswith("Normalize") for t in types)
     return pooling, normalize
 
 
@@ -418,8 +557,3 @@ def _neighbours(embeddings: Tensor, k: int) -> Tensor:
     similarity = unit @ unit.T
     similarity.fill_diagonal_(-float("inf"))
     return similarity.topk(k, dim=1).indices
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else type(exc).__name__

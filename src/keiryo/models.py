@@ -6,6 +6,11 @@ the transformer has a timm-style `Attention` (one `qkv` Linear plus `num_heads`)
 
 `build_model("cnn" | "pkg.mod:fn" | "path/file.py:fn", **kwargs)` builds a model and records the factory and
 its (JSON-able) kwargs on it, so `keiryo.save` can rebuild the architecture without pickling code.
+
+Trust: a spec that names Python code ("pkg.mod:fn", "file.py:fn") is imported only with `trust_code=True`,
+since importing and calling it runs whatever it contains; the built-ins and "hf:DIR" (read as config and
+weights, never with the folder's code) need no trust. Each built-in counts its parameters before it builds, so
+a size that asks for more memory than `KEIRYO_MAX_BYTES` is refused before anything is allocated.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import hashlib
 import importlib
 import importlib.util
 import inspect
+import itertools
 import math
 import numbers
 import sys
@@ -26,9 +32,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from keiryo.errors import ModelError
+from keiryo.errors import ModelError, TrustError, check_bytes, one_line
 
 SPEC_ATTR = "_keiryo_spec"
+MAX_LAYERS = (
+    1000  # hidden layers / blocks a built-in may have: far above these small models, far below a bomb
+)
 """Attribute set on every model `build_model` returns: {"factory": str, "kwargs": dict}."""
 
 
@@ -42,8 +51,12 @@ def mlp(
     _check_positive("mlp", in_features=in_features, num_classes=num_classes)
     if isinstance(hidden, (str, bytes)) or not isinstance(hidden, Sequence):
         raise ModelError(f"model 'mlp': hidden must be a list of layer sizes, got {hidden!r}")
+    _check_count("mlp", "hidden", len(hidden))
     _check_positive("mlp", **{f"hidden[{i}]": h for i, h in enumerate(hidden)})
     _check_dropout("mlp", dropout)
+    widths = [in_features, *hidden, num_classes]
+    elements = sum(a * b + b for a, b in itertools.pairwise(widths))
+    _check_size("mlp", elements, in_features=in_features, widest_hidden=max(hidden, default=0))
     layers: OrderedDict[str, nn.Module] = OrderedDict(flatten=nn.Flatten())
     width = in_features
     for i, size in enumerate(hidden):
@@ -101,6 +114,12 @@ def cnn(in_channels: int = 1, num_classes: int = 10, width: int = 64, blocks: in
     """
     _check_positive("cnn", in_channels=in_channels, num_classes=num_classes, width=width)
     _check_positive("cnn", blocks=blocks, allow_zero=True)
+    _check_count("cnn", "blocks", blocks)
+    bn = 4 * width + 1  # weight, bias, running mean and variance per channel; the batch counter
+    elements = (
+        in_channels * width * 9 + bn + 2 * blocks * (width * width * 9 + bn) + (width + 1) * num_classes
+    )
+    _check_size("cnn", elements, in_channels=in_channels, width=width, blocks=blocks)
     return CNN(in_channels, num_classes, width, blocks)
 
 
@@ -180,9 +199,14 @@ def transformer(
     sizes = dict(in_features=in_features, seq_len=seq_len, dim=dim, heads=heads, mlp_ratio=mlp_ratio)
     _check_positive("transformer", num_classes=num_classes, **sizes)
     _check_positive("transformer", depth=depth, allow_zero=True)
+    _check_count("transformer", "depth", depth)
     _check_dropout("transformer", dropout)
     if dim % heads:
         raise ModelError(f"model 'transformer': dim ({dim}) must be a multiple of heads ({heads})")
+    hidden = mlp_ratio * dim
+    block = 4 * dim + 4 * dim * dim + 4 * dim + 2 * dim * hidden + hidden + dim  # norms, qkv+proj, mlp
+    elements = (in_features + 1 + seq_len) * dim + depth * block + 2 * dim + (dim + 1) * num_classes
+    _check_size("transformer", elements, dim=dim, depth=depth, mlp_ratio=mlp_ratio, seq_len=seq_len)
     blocks = [Block(dim, heads, mlp_ratio, dropout) for _ in range(depth)]
     return Transformer(in_features, seq_len, dim, blocks, num_classes)
 
@@ -193,13 +217,14 @@ BUILTIN: dict[str, Callable[..., nn.Module]] = {"mlp": mlp, "cnn": cnn, "transfo
 # --- building models from a spec ----------------------------------------------------------------------------
 
 
-def build_model(spec: str, **kwargs: Any) -> nn.Module:
+def build_model(spec: str, *, trust_code: bool = False, **kwargs: Any) -> nn.Module:
     """Build a model from a built-in name, "package.module:factory", "path/file.py:factory" or "hf:DIR".
 
-    The factory and its kwargs are recorded on the model (`SPEC_ATTR`) so it can be saved and rebuilt;
-    kwargs must therefore be JSON-able (tuples are stored, and passed, as lists).
+    Specs that name Python code are refused (TrustError) unless `trust_code=True`. The factory and its kwargs
+    are recorded on the model (`SPEC_ATTR`) so it can be saved and rebuilt; kwargs must therefore be JSON-able
+    (tuples are stored, and passed, as lists).
     """
-    name, factory = _locate(spec)
+    name, factory = _locate(spec, trust_code)
     clean = {key: _json_value(value, f"model '{spec}': argument '{key}'") for key, value in kwargs.items()}
     try:
         inspect.signature(factory).bind(**clean)
@@ -212,16 +237,32 @@ def build_model(spec: str, **kwargs: Any) -> nn.Module:
     except ModelError:
         raise
     except (TypeError, ValueError, RuntimeError) as exc:
-        raise ModelError(f"model '{spec}' could not be built with {clean}: {_one_line(exc)}") from exc
+        raise ModelError(f"model '{spec}' could not be built with {clean}: {one_line(exc)}") from exc
     if not isinstance(model, nn.Module):
         raise ModelError(f"model factory '{spec}' returned a {type(model).__name__}, not a torch.nn.Module")
     setattr(model, SPEC_ATTR, {"factory": name, "kwargs": clean})
     return model
 
 
-def resolve_factory(factory: str) -> Callable[..., nn.Module]:
-    """The callable that a built-in name, "package.module:fn" or "path/file.py:fn" names."""
-    return _locate(factory)[1]
+def needs_trust(spec: str) -> bool:
+    """Whether building `spec` imports and runs Python code: anything but a built-in name or "hf:DIR"."""
+    return not (isinstance(spec, str) and (spec in BUILTIN or spec.startswith("hf:")))
+
+
+def check_trusted(spec: str, trust_code: bool, where: str = "") -> None:
+    """Refuse (TrustError) a spec that runs code unless the caller trusted it; `where` says who named it."""
+    if trust_code or not needs_trust(spec):
+        return
+    raise TrustError(
+        f"{where + ': ' if where else ''}model '{spec}' imports and runs Python code; keiryo builds only its "
+        f"built-in models ({_builtin_names()}) and hf:DIR unless you pass --trust-code "
+        "(Python: trust_code=True), so do that only for code you trust"
+    )
+
+
+def resolve_factory(factory: str, *, trust_code: bool = False) -> Callable[..., nn.Module]:
+    """The callable a built-in name, "package.module:fn" or "path/file.py:fn" names (code needs trust)."""
+    return _locate(factory, trust_code)[1]
 
 
 def spec_of(model: nn.Module) -> dict | None:
@@ -253,8 +294,11 @@ def kwargs_for_data(name: str, input_shape: tuple[int, ...], num_classes: int | 
     return {"in_features": math.prod(shape) // seq_len, "seq_len": seq_len, "num_classes": outputs}
 
 
-def _locate(spec: str) -> tuple[str, Callable[..., nn.Module]]:
-    """(the name to record, the factory) for a spec; file paths are recorded absolute."""
+def _locate(spec: str, trust_code: bool) -> tuple[str, Callable[..., nn.Module]]:
+    """(the name to record, the factory) for a spec; file paths are recorded absolute.
+
+    The spec's form is checked first, then trust, and only then is anything imported.
+    """
     if not isinstance(spec, str) or not spec.strip():
         raise ModelError(f"model must be a name such as 'cnn' or 'package.module:function', got {spec!r}")
     if spec.startswith("hf:"):  # a local Hugging Face directory (needs the `hf` extra)
@@ -273,6 +317,7 @@ def _locate(spec: str) -> tuple[str, Callable[..., nn.Module]]:
     where, _, attr = spec.rpartition(":")
     if not where or not attr.isidentifier():
         raise ModelError(f"model '{spec}' must look like 'package.module:function' or 'file.py:function'")
+    check_trusted(spec, trust_code)
     if where.endswith(".py") or "/" in where or "\\" in where:
         path = Path(where).expanduser().resolve()
         module = _import_file(path)
@@ -292,9 +337,9 @@ def _import_module(module_name: str) -> Any:
     try:
         return importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        raise ModelError(f"cannot import module '{module_name}' for a model: {_one_line(exc)}") from exc
+        raise ModelError(f"cannot import module '{module_name}' for a model: {one_line(exc)}") from exc
     except Exception as exc:  # the user's code failed while importing; say so in one line
-        raise ModelError(f"importing module '{module_name}' failed: {_one_line(exc)}") from exc
+        raise ModelError(f"importing module '{module_name}' failed: {one_line(exc)}") from exc
 
 
 def _import_file(path: Path) -> Any:
@@ -313,7 +358,7 @@ def _import_file(path: Path) -> Any:
         spec.loader.exec_module(module)
     except Exception as exc:  # the user's code failed while importing; say so in one line
         del sys.modules[module_name]
-        raise ModelError(f"importing model file '{path}' failed: {_one_line(exc)}") from exc
+        raise ModelError(f"importing model file '{path}' failed: {one_line(exc)}") from exc
     return module
 
 
@@ -344,10 +389,16 @@ def _check_dropout(model: str, dropout: Any) -> None:
         raise ModelError(f"model '{model}': dropout must be a number in [0, 1), got {dropout!r}")
 
 
+def _check_count(model: str, key: str, count: int) -> None:
+    if count > MAX_LAYERS:
+        raise ModelError(f"model '{model}': {key} asks for {count} layers; at most {MAX_LAYERS} are allowed")
+
+
+def _check_size(model: str, elements: int, **sizes: Any) -> None:
+    """Refuse, before allocating, a built-in whose float32 parameters would pass `KEIRYO_MAX_BYTES`."""
+    shown = ", ".join(f"{k}={v}" for k, v in sizes.items())
+    check_bytes(4 * elements, f"model '{model}' ({shown})")
+
+
 def _builtin_names() -> str:
     return ", ".join(sorted(BUILTIN))
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__

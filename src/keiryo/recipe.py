@@ -15,12 +15,18 @@ Each step takes the model of the step before it (or of `from: <step name>`) and 
 `<name>.json` in the output folder. A step whose options and inputs are unchanged is not run again, so an
 interrupted recipe resumes where it stopped (and a train step resumes from its own checkpoint).
 Finally every model is measured side by side and `report.md`, `report.html` and `metrics.json` are written.
+
+A recipe is data, not code: a model spec that would import Python (anything but the built-ins and hf:DIR)
+is refused unless the run passes `trust_code=True`, and so is a cached step file that names one. Step and
+recipe names become file names, so they must be plain names (no folders, no `..`, no leading dot), and
+a recipe file is refused when it is over 1 MiB or its YAML aliases expand to more than 10,000 nodes.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +38,7 @@ from torch import nn
 
 import keiryo
 from keiryo import artifacts, data, models
-from keiryo.errors import ConfigError
+from keiryo.errors import ArtifactError, ConfigError
 
 _NAME = {"name": str, "from": str}
 STEP_FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
@@ -73,6 +79,11 @@ STEP_FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
 }
 TOP_FIELDS: dict[str, type | tuple[type, ...]] = {"name": str, "data": str, "seed": int, "steps": list}
 MODEL_STEPS = ("train", "prune", "distill", "quantize")
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a page of YAML; 1 MiB is far more than any needs
+MAX_RECIPE_NODES = 10_000  # YAML values after expanding aliases: stops "billion laughs" files
+MAX_RECIPE_DEPTH = 64  # nested [ and {: PyYAML's scanner takes time quadratic in this depth
+PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+RESERVED_NAMES = ("metrics",)  # metrics.json is the report's; a step of that name would overwrite it
 
 
 @dataclass
@@ -128,24 +139,14 @@ def load_recipe(source: str | Path | dict | Recipe) -> Recipe:
         path, raw, lines = "<dict>", source, {}
     else:
         path = str(source)
-        if not Path(path).is_file():
-            raise ConfigError(f"recipe '{path}' does not exist")
-        text = Path(path).read_text()
-        try:
-            raw = yaml.safe_load(text)
-            node = yaml.compose(text)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            line = mark.line + 1 if mark else None
-            raise ConfigError(
-                f"{_where(path, line)}: not valid YAML ({getattr(exc, 'problem', exc)})"
-            ) from exc
-        lines = _step_lines(node)
+        raw, lines = _read_yaml(path)
     if not isinstance(raw, dict):
         raise ConfigError(f"recipe '{path}': expected a mapping with 'steps', got {type(raw).__name__}")
     _check_fields(f"recipe '{path}'", "the recipe", raw, TOP_FIELDS)
     if not raw.get("steps"):
         raise ConfigError(f"recipe '{path}': 'steps' must be a non-empty list")
+    recipe_name = raw.get("name") or _plain(Path(path).stem if path != "<dict>" else "recipe")
+    _check_name(recipe_name, f"recipe '{path}'", "the recipe's name")
     steps: list[Step] = []
     for i, entry in enumerate(raw["steps"]):
         where = _where(path, lines.get(i))
@@ -155,11 +156,14 @@ def load_recipe(source: str | Path | dict | Recipe) -> Recipe:
         if kind not in STEP_FIELDS and kind != "measure":
             allowed = ", ".join([*STEP_FIELDS, "measure"])
             raise ConfigError(f"{where}: unknown step '{kind}' (allowed: {allowed})")
+        if options is not None and not isinstance(options, dict):
+            raise ConfigError(f"{where}: the options of step '{kind}' must be a mapping, got {options!r}")
         options = dict(options or {})
         if kind == "measure":
             continue  # every recipe ends by measuring all its models; the step is accepted for readability
         _check_fields(where, f"step '{kind}'", options, STEP_FIELDS[kind])
         name = options.pop("name", None) or _unique(kind, steps)
+        _check_name(name, where, "a step's name")
         if any(s.name == name for s in steps):
             raise ConfigError(f"{where}: step name '{name}' is used twice")
         source = options.pop("from", None)
@@ -176,12 +180,110 @@ def load_recipe(source: str | Path | dict | Recipe) -> Recipe:
             options["model"] = "cnn"
         steps.append(Step(kind, name, options, lines.get(i, 0), source))
     return Recipe(
-        name=raw.get("name") or Path(path).stem,
+        name=recipe_name,
         data=raw.get("data", "digits"),
         seed=raw.get("seed", 0),
         steps=steps,
         path=path,
     )
+
+
+def _check_name(name: Any, where: str, what: str) -> None:
+    """Refuse a name that would put a file outside the output folder, hide it, or overwrite the report."""
+    if (
+        not isinstance(name, str)
+        or not PLAIN_NAME.fullmatch(name)
+        or ".." in name
+        or name.lower() in RESERVED_NAMES
+    ):
+        raise ConfigError(
+            f"{where}: {what} must be a plain file name (letters, digits, '_', '-', '.'; not starting with "
+            f"'.' or '-', no '..' or '/', not {' or '.join(RESERVED_NAMES)}), got {_short(name)}"
+        )
+
+
+def _plain(stem: str) -> str:
+    """A file's stem made a plain name (for the default output folder): other characters become '_'."""
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", stem).lstrip(".-").replace("..", "_")[:64]
+    return name if name and name.lower() not in RESERVED_NAMES else "recipe"
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _read_yaml(path: str) -> tuple[Any, dict[int, int]]:
+    """(the data, the line of each step) of a recipe file, refusing huge files and alias bombs first."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"recipe '{path}' does not exist")
+    size = file.stat().st_size
+    if size > MAX_RECIPE_BYTES:
+        raise ConfigError(f"recipe '{path}' is {size} bytes; a recipe may have at most {MAX_RECIPE_BYTES}")
+    try:
+        text = file.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"recipe '{path}' is not UTF-8 text (byte {exc.start})") from exc
+    except OSError as exc:
+        raise ConfigError(f"recipe '{path}' cannot be read: {exc.strerror or exc}") from exc
+    _check_depth(text, path)
+    loader = yaml.SafeLoader(text)  # the pure-Python loader: libyaml's recursion can crash the process
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None, {}
+        _count_nodes(node, path)
+        return loader.construct_document(node), _step_lines(node)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark else None
+        raise ConfigError(f"{_where(path, line)}: not valid YAML ({getattr(exc, 'problem', exc)})") from exc
+    except RecursionError as exc:
+        raise ConfigError(f"recipe '{path}': its YAML is nested too deeply") from exc
+    finally:
+        loader.dispose()
+
+
+def _check_depth(text: str, path: str) -> None:
+    """Refuse brackets nested deeper than MAX_RECIPE_DEPTH (counting those in strings too: a real recipe is
+    nowhere near), before the YAML scanner spends minutes on them."""
+    depth = 0
+    for char in re.sub(r"[^\[\]{}]", "", text):
+        depth = depth + 1 if char in "[{" else max(depth - 1, 0)
+        if depth > MAX_RECIPE_DEPTH:
+            raise ConfigError(f"recipe '{path}': its YAML nests [ and {{ more than {MAX_RECIPE_DEPTH} deep")
+
+
+def _count_nodes(root: yaml.Node, path: str) -> int:
+    """The number of YAML values once every alias is expanded; refuses more than MAX_RECIPE_NODES and
+    aliases that contain themselves. Each node is counted once, so this takes time in the file's size."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in open_nodes:
+            raise ConfigError(f"{_where(path, node.start_mark.line + 1)}: a YAML alias contains itself")
+        open_nodes.add(key)
+        if isinstance(node, yaml.SequenceNode):
+            total = 1 + sum(size(child) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            total = 1 + sum(size(k) + size(v) for k, v in node.value)
+        else:
+            total = 1
+        open_nodes.discard(key)
+        if total > MAX_RECIPE_NODES:
+            raise ConfigError(
+                f"recipe '{path}': its YAML expands to more than {MAX_RECIPE_NODES} values "
+                "(aliases repeated inside aliases?); write the recipe out plainly"
+            )
+        sizes[key] = total
+        return total
+
+    return size(root)
 
 
 def _step_lines(node: yaml.Node | None) -> dict[int, int]:
@@ -222,12 +324,22 @@ def run_recipe(
     progress: bool = True,
     force: bool = False,
     on_step=None,
+    trust_code: bool = False,
 ) -> tuple[keiryo.measure.Report, list[StepOutcome]]:
-    """Run every step (reusing unchanged ones), measure all models side by side, write the report files."""
+    """Run every step (reusing unchanged ones), measure all models side by side, write the report files.
+
+    Model specs that import code, and cached step files built by such code, are refused (TrustError) unless
+    `trust_code=True`; this is checked for every step before the first one runs.
+    """
     from keiryo.measure import compare
     from keiryo.report import write_reports
 
     recipe = load_recipe(source)
+    for step in recipe.steps:
+        spec = step.options.get("model" if step.kind == "train" else "student")
+        if spec is not None:
+            where = f"{_where(recipe.path, step.line)} (step '{step.name}')"
+            models.check_trusted(spec, trust_code, where)
     out = Path(out_dir or Path("keiryo-out") / recipe.name)
     out.mkdir(parents=True, exist_ok=True)
     splits = data.load_data(recipe.data, seed=recipe.seed)
@@ -242,15 +354,17 @@ def run_recipe(
         model_path = out / f"{step.name}.pt" if step.kind in MODEL_STEPS else None
         if on_step is not None:
             on_step(step)
-        previous = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        previous = _read_meta(meta_path)
         fresh = not force and previous.get("key") == key and (model_path is None or model_path.exists())
         started = time.perf_counter()
-        if fresh:
-            info = previous.get("info", {})
-            if model_path is not None:
-                loaded[step.name] = artifacts.load(model_path, trust_code=True)
-        else:
-            model, info = _run_step(step, recipe, splits, example, loaded, out, progress)
+        info = previous.get("info") if isinstance(previous.get("info"), dict) else {}
+        if fresh and model_path is not None:
+            try:
+                loaded[step.name] = artifacts.load(model_path, trust_code=trust_code)
+            except ArtifactError:  # corrupt or foreign: run the step again, which replaces it
+                fresh = False
+        if not fresh:
+            model, info = _run_step(step, recipe, splits, example, loaded, out, progress, trust_code)
             if model is not None:
                 artifacts.save(model, model_path, metadata={"recipe": recipe.name, "step": step.name})
                 loaded[step.name] = model
@@ -262,6 +376,17 @@ def run_recipe(
     return report, outcomes
 
 
+def _read_meta(path: Path) -> dict[str, Any]:
+    """A step's saved key and figures; {} (run the step again) when missing, too big, or not a JSON object."""
+    try:
+        if not path.is_file() or path.stat().st_size > MAX_RECIPE_BYTES:
+            return {}
+        meta = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
 def _notes(outcomes: list[StepOutcome]) -> list[str]:
     notes = []
     for o in outcomes:
@@ -271,7 +396,7 @@ def _notes(outcomes: list[StepOutcome]) -> list[str]:
     return notes
 
 
-def _run_step(step, recipe, splits, example, loaded, out, progress):
+def _run_step(step, recipe, splits, example, loaded, out, progress, trust_code=False):
     """The one place that maps a step to the public API; returns (model or None, info for the report)."""
     o = step.options
     seed = recipe.seed
@@ -283,7 +408,7 @@ def _run_step(step, recipe, splits, example, loaded, out, progress):
             if spec in models.BUILTIN
             else {}
         )
-        model = models.build_model(spec, **{**kwargs, **o.get("model_args", {})})
+        model = models.build_model(spec, trust_code=trust_code, **{**kwargs, **o.get("model_args", {})})
         options = {
             k: o[k] for k in ("epochs", "batch_size", "lr", "strategy", "workers", "precision") if k in o
         }
@@ -330,7 +455,9 @@ def _run_step(step, recipe, splits, example, loaded, out, progress):
                 if spec in models.BUILTIN
                 else {}
             )
-            student = models.build_model(spec, **{**kwargs, **o.get("student_args", {})})
+            student = models.build_model(
+                spec, trust_code=trust_code, **{**kwargs, **o.get("student_args", {})}
+            )
         else:
             student = copy_model(source)
         teacher = loaded[o.get("teacher", step.source)]
