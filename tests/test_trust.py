@@ -20,7 +20,7 @@ import torch
 
 from keiryo import artifacts
 from keiryo.cli import main
-from keiryo.errors import ArtifactError, ConfigError, KeiryoError, ResourceError, TrustError
+from keiryo.errors import ArtifactError, ConfigError, KeiryoError, ModelError, ResourceError, TrustError
 from keiryo.models import build_model
 from keiryo.recipe import MAX_RECIPE_BYTES, load_recipe, run_recipe
 
@@ -93,6 +93,13 @@ def test_recipe_code_is_refused_before_anything_runs(tmp_path, capsys, marker, e
     assert not marker.exists() and not out.exists()  # refused before the first step: nothing written
 
 
+def test_unknown_names_are_model_errors_not_trust_errors(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("steps:\n  - train: {model: resnet, epochs: 1}\n")
+    with pytest.raises(ModelError, match="unknown model 'resnet'"):
+        run_recipe(recipe, tmp_path / "out", progress=False)
+
+
 def test_trusted_recipe_runs_the_factory(tmp_path, marker, evil, quick):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"name: r\nsteps:\n  - train: {{model: '{evil}:make', epochs: 1}}\n")
@@ -153,6 +160,14 @@ def test_recipe_names_are_plain_file_names(tmp_path, name, where):
         assert f"line {step_line}" in message
     with pytest.raises(ConfigError, match="plain file name"):
         load_recipe(raw)
+
+
+def test_recipe_objects_are_checked_too(tmp_path):
+    recipe = load_recipe({"name": "ok", "steps": [{"train": {"model": "mlp"}}]})
+    recipe.steps[0].name = "../../escape"
+    with pytest.raises(ConfigError, match="plain file name"):
+        run_recipe(recipe, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
 
 
 def test_refused_names_write_nothing_anywhere(tmp_path, capsys):

@@ -106,8 +106,7 @@ def _optional_json(path: Path) -> Any:
 def check_weights(directory: Path) -> None:
     """Refuse weight files that are broken, hold pickled Python objects, or unpack beyond the limit."""
     safetensors = sorted(directory.glob("*.safetensors"))
-    for path in safetensors:
-        check_bytes(_safetensors_bytes(path), f"weights '{path}'")
+    check_bytes(sum(_safetensors_bytes(path) for path in safetensors), f"the weights in '{directory}'")
     if safetensors:
         return  # transformers prefers them; .bin files beside them are not read
     from keiryo.artifacts import safe_torch_load

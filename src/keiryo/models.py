@@ -245,8 +245,9 @@ def build_model(spec: str, *, trust_code: bool = False, **kwargs: Any) -> nn.Mod
 
 
 def needs_trust(spec: str) -> bool:
-    """Whether building `spec` imports and runs Python code: anything but a built-in name or "hf:DIR"."""
-    return not (isinstance(spec, str) and (spec in BUILTIN or spec.startswith("hf:")))
+    """Whether building `spec` imports and runs Python code: "pkg.mod:fn" and "file.py:fn" do; built-in
+    names and "hf:DIR" do not (an unknown name imports nothing: building it is a ModelError)."""
+    return isinstance(spec, str) and ":" in spec and not spec.startswith("hf:")
 
 
 def check_trusted(spec: str, trust_code: bool, where: str = "") -> None:

@@ -335,7 +335,9 @@ def run_recipe(
     from keiryo.report import write_reports
 
     recipe = load_recipe(source)
+    _check_name(recipe.name, f"recipe '{recipe.path}'", "the recipe's name")  # also for Recipe objects
     for step in recipe.steps:
+        _check_name(step.name, _where(recipe.path, step.line), "a step's name")
         spec = step.options.get("model" if step.kind == "train" else "student")
         if spec is not None:
             where = f"{_where(recipe.path, step.line)} (step '{step.name}')"
