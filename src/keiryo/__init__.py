@@ -15,11 +15,15 @@ from keiryo.train import train
 __version__ = "0.1.0"
 
 
-def run(recipe, out_dir=None, *, progress: bool = True, force: bool = False):
-    """Run a recipe (a YAML path or a dict) and return its side-by-side `Report`; see `keiryo.recipe`."""
+def run(recipe, out_dir=None, *, progress: bool = True, force: bool = False, trust_code: bool = False):
+    """Run a recipe (a YAML path or a dict) and return its side-by-side `Report`; see `keiryo.recipe`.
+
+    A recipe is data: a model spec in it that is not one of keiryo's built-ins (code it would import) is
+    refused unless `trust_code=True`.
+    """
     from keiryo.recipe import run_recipe
 
-    return run_recipe(recipe, out_dir, progress=progress, force=force)[0]
+    return run_recipe(recipe, out_dir, progress=progress, force=force, trust_code=trust_code)[0]
 
 
 __all__ = [
