@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from keiryo.export import ExportError, export
+from keiryo.export import SUFFIXES, ExportError, export
 from keiryo.models import build_model
 
 SMALL = {"mlp": {"hidden": [32]}, "cnn": {"width": 8, "blocks": 1}, "transformer": {"dim": 32, "depth": 1}}
@@ -107,3 +107,102 @@ def test_cli_export_reports_error_and_latency(tmp_path, capsys):
     assert (tmp_path / "m.onnx").exists()
     assert main(["export", str(model), "--out", str(tmp_path / "m.x"), "--format", "tflite"]) == 2
     assert "unknown export format" in capsys.readouterr().err
+
+
+def _negated(model: nn.Module) -> nn.Module:
+    """A copy whose float weights are negated: a different model with the same architecture."""
+    import copy
+
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.neg_()
+    return other
+
+
+@pytest.mark.parametrize("format", ["onnx", "onnx-int8", "torch-export", "safetensors"])
+def test_the_check_reads_the_written_file_and_a_wrong_file_is_not_kept(tmp_path, monkeypatch, format):
+    """Each writer is made to write another model's file: the check, which loads what was written into a
+    fresh object, must catch it, and the file already at the target must stay as it was."""
+    import safetensors.torch
+
+    torch.manual_seed(0)
+    model = build_model("mlp", hidden=[32]).eval()
+    other, x = _negated(model), torch.randn(8, 1, 8, 8)
+    if format.startswith("onnx"):
+        real = torch.onnx.export
+        monkeypatch.setattr(torch.onnx, "export", lambda m, args, path, **kw: real(other, args, path, **kw))
+    elif format == "torch-export":
+        real_save, batch = torch.export.save, torch.export.Dim("batch", min=1, max=1 << 16)
+        program = torch.export.export(other, (x,), dynamic_shapes=({0: batch},))
+        monkeypatch.setattr(torch.export, "save", lambda _, path: real_save(program, path))
+    else:
+        real_file = safetensors.torch.save_file
+        monkeypatch.setattr(
+            safetensors.torch, "save_file", lambda t, path: real_file({k: -v for k, v in t.items()}, path)
+        )
+    target = tmp_path / ("model" + SUFFIXES[format])
+    target.write_bytes(b"previous export")
+    with pytest.raises(ExportError, match="written") as info:
+        export(model, x, target, format)
+    assert "\n" not in str(info.value)
+    assert target.read_bytes() == b"previous export"
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]  # the temporary folder is gone
+
+
+def test_safetensors_is_checked_by_running_a_fresh_copy_of_the_architecture(tmp_path, monkeypatch):
+    """The outputs come from a new copy loaded from the file, not from the model itself."""
+    import copy
+
+    model = build_model("cnn", **SMALL["cnn"]).eval()
+    copies: list[nn.Module] = []
+    real_deepcopy = copy.deepcopy
+
+    def spy(obj, *args):
+        result = real_deepcopy(obj, *args)
+        if obj is model:
+            copies.append(result)
+        return result
+
+    monkeypatch.setattr(copy, "deepcopy", spy)
+    result = export(model, torch.randn(4, 1, 8, 8), tmp_path / "w.safetensors", "safetensors")
+    assert result.max_error == 0.0 and len(copies) == 1 and copies[0] is not model
+
+
+def test_int8_dynamic_to_safetensors_is_refused_in_one_line(tmp_path):
+    """Packed int8 weights are not plain tensors: refused with the format that keeps them, never a tiny file
+    of scales that claims success."""
+    from keiryo.compress.quantize import quantize
+
+    model = build_model("mlp", hidden=[32]).eval()
+    q = quantize(model, "int8-dynamic", backend="fbgemm", runs=1, compile=False)
+    with pytest.raises(ExportError, match="keiryo .pt") as info:
+        export(q, torch.randn(4, 1, 8, 8), tmp_path / "q.safetensors", "safetensors")
+    assert "\n" not in str(info.value) and "'fc0'" in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_during_an_export_leaves_no_temporary_folder(tmp_path, monkeypatch):
+    def interrupted(model, args, path, **kwargs):
+        with open(path, "wb") as f:
+            f.write(b"half an onnx file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch.onnx, "export", interrupted)
+    target = tmp_path / "m.onnx"
+    target.write_bytes(b"previous export")
+    with pytest.raises(KeyboardInterrupt):
+        export(build_model("mlp", hidden=[8]), torch.randn(2, 1, 8, 8), target, "onnx")
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"] and target.read_bytes() == b"previous export"
+
+
+def test_export_refuses_bad_targets_and_inputs_before_any_work(tmp_path):
+    model = build_model("mlp", hidden=[8])
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(ExportError, match="folder"):
+        export(model, torch.randn(2, 1, 8, 8), tmp_path, "onnx")
+    with pytest.raises(ExportError, match="is a file"):
+        export(model, torch.randn(2, 1, 8, 8), tmp_path / "file.txt" / "m.onnx", "onnx")
+    with pytest.raises(ExportError, match="example inputs"):
+        export(model, torch.randn(0, 1, 8, 8), tmp_path / "m.onnx", "onnx")
+    assert [p.name for p in tmp_path.iterdir()] == ["file.txt"]

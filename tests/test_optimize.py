@@ -87,3 +87,29 @@ def test_cli_optimize_writes_the_chosen_model(trained, tmp_path, capsys):
     assert "chosen:" in text and "tried p0.5" in text and out.exists()
     assert main(["optimize", str(path), "--ratios", "half"]) == 2
     assert "--ratios" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"ratios": (0.5, 1.5)}, "between 0 and 1"),
+        ({"ratios": (0.95,)}, "narrowest layer"),  # the model has an 8-wide layer: ≤ 0.875
+        ({"time_limit": -5.0}, "time limit"),
+        ({"methods": (None, "int3")}, "int3"),
+        ({"finetune_epochs": -1}, "finetune_epochs"),
+        ({"seed": 2**70}, "seed"),
+    ],
+)
+def test_bad_search_options_fail_before_any_candidate(digits, options, message):
+    tried = []
+    model = build_model("mlp", in_features=64, hidden=[8], num_classes=10)
+    with pytest.raises(ConfigError, match=message):
+        optimize(model, digits, on_candidate=tried.append, **options)
+    assert tried == []
+
+
+def test_negative_or_nan_durations_are_refused():
+    for text in ("-5", "-1m", "nan"):
+        with pytest.raises(ConfigError, match="time limit"):
+            parse_duration(text)
+    assert parse_duration("0") == 0

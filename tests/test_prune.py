@@ -307,3 +307,20 @@ def test_cli_prune_prints_before_after_and_saves(tmp_path, capsys):
     assert artifacts.load(out).stem[0].out_channels == 4
     code = main(["prune", str(source), "--ratio", "2"])
     assert code == 2 and "between 0 and 1" in capsys.readouterr().err
+
+
+def test_check_options_and_max_ratio_refuse_before_any_work():
+    from keiryo.compress.prune import check_options, max_ratio
+
+    check_options(0.5, importance="taylor", finetune_epochs=2, has_data=True, has_teacher=True)
+    for kwargs, message in (
+        ({"ratio": 1.0}, "between 0 and 1"),
+        ({"ratio": 0.5, "importance": "taylor", "has_data": False}, "taylor"),
+        ({"ratio": 0.5, "finetune_epochs": 1, "has_data": False}, "fine-tuning needs data"),
+        ({"ratio": 0.5, "has_teacher": True}, "finetune_epochs"),
+        ({"ratio": 0.5, "iterative_steps": 0}, "iterative_steps"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            check_options(**kwargs)
+    model = build_model("mlp", in_features=64, hidden=[8, 4], num_classes=10)
+    assert max_ratio(model, X) == pytest.approx(0.75, abs=1e-5)  # the 4-wide layer keeps one neuron

@@ -273,3 +273,27 @@ def test_torchao_files_load_in_a_fresh_process_with_weights_only(mlp, tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "Int4OpaqueTensor"
+
+
+def test_unknown_skip_layers_and_a_second_quantization_are_refused():
+    model = build_model("mlp", in_features=64, hidden=[16], num_classes=10).eval()
+    with pytest.raises(ConfigError, match="cannot skip layer 'fc9'.*fc0, classifier"):
+        quantize(model, "int8-dynamic", skip=["fc9"], backend="fbgemm", runs=1)
+    once = quantize(model, "fp16", runs=1)
+    with pytest.raises(ConfigError, match=r"already quantized \(fp16\)"):
+        quantize(once, "int8-dynamic", backend="fbgemm", runs=1)
+
+
+def test_check_options_needs_no_model():
+    from keiryo.compress.quantize import check_options
+
+    check_options("int8-static", observer="minmax")
+    for kwargs, message in (
+        ({"method": "int3"}, "int3"),
+        ({"method": "int8-dynamic", "backend": "tensorrt"}, "tensorrt"),
+        ({"method": "int8-static", "observer": "median"}, "observer"),
+        ({"method": "int4-weight-only", "group_size": 7}, "group_size"),
+        ({"method": "qat", "has_calibration": False}, "labelled"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            check_options(**kwargs)

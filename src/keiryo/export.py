@@ -1,16 +1,22 @@
 """Export a model for deployment: ONNX (checked in onnxruntime), torch.export programs, safetensors weights.
 
-Every export is verified, not just written: the file is loaded back, run on the example inputs, and its
-largest deviation from the PyTorch model is reported (with onnxruntime's latency beside PyTorch's for ONNX).
-Files are written to a temporary folder beside the target and renamed into place.
+Every export is verified, not just written: the written file is loaded into a fresh object (an onnxruntime
+session, a `torch.export.load`ed program, a fresh copy of the architecture with the safetensors weights), run
+on a batch of the example inputs, and compared with the PyTorch model; a file that does not reproduce it is an
+ExportError, and its largest deviation is reported (with the runtime's latency beside PyTorch's).
+Files are written to a temporary folder beside the target and renamed into place only once verified; the
+folder is removed whatever happens (an error, Ctrl-C), so a failed export leaves an existing file as it was.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import logging
+import math
 import os
+import platform
 import re
 import shutil
 import statistics
@@ -30,6 +36,9 @@ from keiryo.measure import batch_of, has_quantized_kernels, time_models
 # Each format and the file suffix it is written with.
 SUFFIXES = {"onnx": ".onnx", "onnx-int8": ".onnx", "torch-export": ".pt2", "safetensors": ".safetensors"}
 FORMATS = tuple(SUFFIXES)
+# Largest |exported − PyTorch| accepted, relative to the largest |output|: float kernels differ in rounding,
+# onnxruntime's int8 rounds weights and activations, and safetensors must give back the very same weights.
+TOLERANCE = {"onnx": 1e-2, "onnx-int8": 0.2, "torch-export": 1e-2, "safetensors": 1e-5}
 
 
 class ExportError(KeiryoError):
@@ -84,6 +93,51 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
+def check_target(path: str | Path, format: str) -> Path:
+    """Refuse, before any work, an unknown format or a path that cannot be written (one-line ExportError)."""
+    if format not in SUFFIXES:
+        raise ExportError(f"unknown export format '{format}' (choose from {', '.join(FORMATS)})")
+    path = Path(path)
+    if path.is_dir():
+        example = path / ("model" + SUFFIXES[format])
+        raise ExportError(f"export path '{path}' is a folder; give a file path such as {example}")
+    folder = path.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ExportError(f"export path '{path}': '{folder}' is a file, so no folder can be made there")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".keiryo-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ExportError(f"export path '{path}': cannot write in '{folder}' ({exc.strerror})") from None
+    return path
+
+
+def _check_inputs(example_inputs: object) -> None:
+    if not isinstance(example_inputs, Tensor) or example_inputs.dim() == 0 or len(example_inputs) < 1:
+        raise ExportError("export needs example inputs: a tensor with a batch of at least one sample")
+
+
+def _verify(format: str, got: Tensor, want: Tensor) -> float:
+    """The largest |got − want|; an ExportError when the written file does not reproduce the model."""
+    got, want = got.float(), want.float()
+    if got.shape != want.shape:
+        raise ExportError(
+            f"the written {format} file gives outputs of shape {tuple(got.shape)}, the model "
+            f"{tuple(want.shape)}; the export is broken and was not kept"
+        )
+    error = float((got - want).abs().max()) if got.numel() else 0.0
+    scale = max(float(want.abs().max()) if want.numel() else 0.0, 1e-6)
+    if not math.isfinite(error) or error > TOLERANCE[format] * scale:
+        raise ExportError(
+            f"the written {format} file does not reproduce the model (max |exported − PyTorch| {error:.3g} "
+            f"for outputs up to {scale:.3g}); it was not kept"
+        )
+    return error
+
+
 def _p50_ms(fn: Callable[[], object], runs: int = 30, warmup: int = 5) -> float:
     for _ in range(warmup):
         fn()
@@ -110,6 +164,9 @@ def export_onnx(
     """
     import onnxruntime as ort
 
+    format = "onnx-int8" if int8 else "onnx"
+    check_target(path, format)
+    _check_inputs(example_inputs)
     model = model.eval()
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
     with _staged(path) as staged:
@@ -142,14 +199,16 @@ def export_onnx(
             raise ExportError(f"onnxruntime cannot load the exported model: {_first_line(exc)}") from exc
         name = session.get_inputs()[0].name
         check = batch_of(example_inputs, max(3, len(example_inputs) + 1))  # a batch size not seen at export
-        feed = {name: check.numpy()}
-        got = torch.from_numpy(session.run(None, feed)[0])
+        try:
+            got = torch.from_numpy(session.run(None, {name: check.numpy()})[0])
+        except Exception as exc:
+            raise ExportError(f"onnxruntime cannot run the exported model: {_first_line(exc)}") from exc
         with torch.inference_mode():
             want = model(check).float()
+        error = _verify(format, got, want)
         runtime = _p50_ms(lambda: session.run(None, {name: example_inputs.numpy()}))
         size = staged.stat().st_size
-    error = float((got - want).abs().max())
-    return ExportResult("onnx-int8" if int8 else "onnx", Path(path), size, error, runtime, torch_ms)
+    return ExportResult(format, Path(path), size, error, runtime, torch_ms)
 
 
 def _quantize_onnx(path: Path) -> None:
@@ -163,15 +222,31 @@ def _quantize_onnx(path: Path) -> None:
     root.setLevel(logging.ERROR)  # it logs a pre-processing tip on the root logger at every call
     try:
         with _quiet():
-            quantize_dynamic(str(float_copy), str(path), weight_type=QuantType.QInt8)
+            quantize_dynamic(
+                str(float_copy), str(path), weight_type=QuantType.QInt8, reduce_range=_saturating_cpu()
+            )
     except Exception as exc:
         raise ExportError(f"onnxruntime int8 quantization failed: {_first_line(exc)}") from exc
     finally:
         root.setLevel(level)
 
 
+def _saturating_cpu() -> bool:
+    """Whether onnxruntime's int8 kernels saturate here: x86 without VNNI multiplies u8 × s8 with VPMADDUBSW,
+    whose int16 sums overflow (a 20% output error measured on an AVX2 CPU); onnxruntime's documented remedy
+    is 7-bit weights (`reduce_range`), which cost almost nothing in accuracy (1.7% there)."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
+        return False
+    try:
+        return "vnni" not in Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: assume the worst, 7-bit weights are safe everywhere
+        return True
+
+
 def export_program(model: nn.Module, example_inputs: Tensor, path: str | Path) -> ExportResult:
     """A `torch.export` program (.pt2): the graph and weights, loadable without the model's Python code."""
+    check_target(path, "torch-export")
+    _check_inputs(example_inputs)
     model = model.eval()
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
     with _staged(path) as staged:
@@ -179,44 +254,99 @@ def export_program(model: nn.Module, example_inputs: Tensor, path: str | Path) -
             with _quiet():
                 program = torch.export.export(model, (example_inputs,), dynamic_shapes=({0: batch},))
             torch.export.save(program, str(staged))
+        except Exception as exc:
+            if has_quantized_kernels(model):
+                raise ExportError(
+                    "torch.export failed: this model runs PyTorch int8 kernels, which it cannot trace; "
+                    "keep it as a keiryo .pt file, or export the float model (onnx-int8 gives an int8 file)"
+                ) from exc
+            raise ExportError(f"torch.export failed: {_first_line(exc)}") from exc
+        del program  # what is checked is the written file, loaded afresh
+        try:
             loaded = torch.export.load(str(staged)).module()
         except Exception as exc:
-            raise ExportError(f"torch.export failed: {_first_line(exc)}") from exc
+            raise ExportError(
+                f"torch.export.load cannot read the written program: {_first_line(exc)}"
+            ) from exc
         check = batch_of(example_inputs, max(3, len(example_inputs) + 1))
         with torch.inference_mode():
-            err = float((loaded(check).float() - model(check).float()).abs().max())
+            try:
+                got = loaded(check)
+            except Exception as exc:
+                raise ExportError(f"the written program fails to run: {_first_line(exc)}") from exc
+            err = _verify("torch-export", got, model(check))
         lat = time_models({"program": loaded, "torch": model}, example_inputs, runs=30, warmup=5)
         size = staged.stat().st_size
     return ExportResult("torch-export", Path(path), size, err, lat["program"].p50_ms, lat["torch"].p50_ms)
 
 
-def export_safetensors(model: nn.Module, path: str | Path) -> ExportResult:
-    """The float weights as safetensors (no code, no pickle), for loaders in other frameworks."""
+def export_safetensors(
+    model: nn.Module, path: str | Path, example_inputs: Tensor | None = None
+) -> ExportResult:
+    """The weights as safetensors (no code, no pickle), for loaders in other frameworks.
+
+    Checked by loading the written file into a fresh copy of the architecture: its outputs on
+    `example_inputs` (when given) must be the model's, and every tensor the very same. safetensors holds plain
+    tensors only; a model with packed or quantized weights (int8, torchao) is refused, not half written.
+    """
     from safetensors.torch import load_file, save_file
 
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if isinstance(v, Tensor)}
-    if any(type(v) is not Tensor or v.is_quantized for v in state.values()):
-        raise ExportError("safetensors holds plain tensors only; export the float model, or use torch-export")
+    check_target(path, "safetensors")
+    if example_inputs is not None:
+        _check_inputs(example_inputs)
+    state = model.state_dict()
+    for key, value in state.items():
+        if type(value) is not Tensor or value.is_quantized:
+            layer = key.split("._packed_params")[0] if "_packed_params" in key else key.rpartition(".")[0]
+            raise ExportError(
+                f"safetensors holds plain tensors only, and layer '{layer or key}' keeps packed or quantized "
+                "weights (int8/int4); keep this model as a keiryo .pt file (keiryo.save, keiryo quantize "
+                "--out x.pt), or export the float model (onnx-int8 gives an int8 file)"
+            )
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    seen: dict[int, str] = {}
+    for key, value in list(tensors.items()):  # tied weights share storage; safetensors wants copies
+        ptr = value.untyped_storage().data_ptr()
+        if ptr in seen:
+            tensors[key] = value.clone()
+        seen.setdefault(ptr, key)
     with _staged(path) as staged:
-        seen: dict[int, str] = {}
-        for key, value in list(state.items()):  # tied weights share storage; safetensors wants copies
-            ptr = value.untyped_storage().data_ptr()
-            if ptr in seen:
-                state[key] = value.clone()
-            seen.setdefault(ptr, key)
-        save_file(state, str(staged))
-        loaded = load_file(str(staged))
-        err = max((float((loaded[k].float() - v.float()).abs().max()) for k, v in state.items()), default=0.0)
+        try:
+            save_file(tensors, str(staged))
+            loaded = load_file(str(staged))
+        except Exception as exc:
+            raise ExportError(
+                f"safetensors could not write and read back the weights: {_first_line(exc)}"
+            ) from exc
+        if loaded.keys() != tensors.keys():
+            missing = sorted(tensors.keys() - loaded.keys())[:3]
+            raise ExportError(f"the written safetensors file lacks {', '.join(missing)}; it was not kept")
+        err = max(
+            (_verify("safetensors", loaded[k], v) for k, v in tensors.items() if v.numel()), default=0.0
+        )
+        if example_inputs is not None:
+            fresh = copy.deepcopy(model).eval()
+            try:
+                fresh.load_state_dict(loaded, strict=True)
+            except RuntimeError as exc:
+                raise ExportError(
+                    f"the written weights do not fit the architecture: {_first_line(exc)}"
+                ) from exc
+            check = batch_of(example_inputs, max(3, len(example_inputs) + 1))
+            with torch.inference_mode():
+                err = max(err, _verify("safetensors", fresh(check), model(check)))
         size = staged.stat().st_size
     return ExportResult("safetensors", Path(path), size, err)
 
 
 def export(model: nn.Module, example_inputs: Tensor, path: str | Path, format: str = "onnx") -> ExportResult:
-    """Export in one of FORMATS and verify the file; see the functions above for each format."""
+    """Export in one of FORMATS and verify the written file; see the functions above for each format."""
+    check_target(path, format)
     if format in ("onnx", "onnx-int8"):
         return export_onnx(model, example_inputs, path, int8=format == "onnx-int8")
     if format == "torch-export":
         return export_program(model, example_inputs, path)
+    check_target(path, format)
     if format == "safetensors":
-        return export_safetensors(model, path)
+        return export_safetensors(model, path, example_inputs)
     raise ExportError(f"unknown export format '{format}' (choose from {', '.join(FORMATS)})")

@@ -11,6 +11,7 @@ No new candidate starts after the time limit.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -69,19 +70,27 @@ def optimize(
     on_candidate: Callable[[Candidate], None] | None = None,
 ) -> OptimizeResult:
     """Search pruning × distillation × quantization for the cheapest model within `max_drop` points."""
-    from keiryo.compress.prune import prune
+    from keiryo.compress.prune import max_ratio, prune
     from keiryo.train import TrainConfig
 
-    if objective not in OBJECTIVES:
-        raise ConfigError(f"unknown objective '{objective}' (choose from {', '.join(OBJECTIVES)})")
-    if not 0 <= max_drop < 100:
-        raise ConfigError(f"max_drop is in accuracy points, 0 ≤ max_drop < 100; got {max_drop}")
+    check_options(max_drop, objective, time_limit, ratios, methods, finetune_epochs)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**64:
+        raise ConfigError(f"seed must be a whole number that fits in 64 bits, got {seed!r}")
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"optimize needs a torch.nn.Module, got a {type(model).__name__}")
     splits = data if isinstance(data, DataSplits) else load_data(data, seed=seed)
     if splits.num_classes is None:
         raise ConfigError("optimize needs a classification data set (its budget is in accuracy points)")
     model = model.eval()
-    base_val, base_test = accuracy(model, splits.val), accuracy(model, splits.test)
     example = example_inputs(splits, 64)
+    if ratios:  # a ratio that would empty a layer is refused now, not after the candidates before it
+        limit = max_ratio(model, example)
+        if max(ratios) > limit:
+            raise ConfigError(
+                f"pruning ratio {max(ratios)} would remove every channel of the model's narrowest layer; "
+                f"use ratios ≤ {limit:.3f}"
+            )
+    base_val, base_test = accuracy(model, splits.val), accuracy(model, splits.test)
     start = time.perf_counter()
     candidates: list[Candidate] = []
     stopped = False
@@ -154,13 +163,45 @@ def _quantize(model: nn.Module, method: str, splits: DataSplits, example: torch.
     return quantize(copy.deepcopy(model), method, calibration=splits, example_inputs=example)
 
 
+def check_options(
+    max_drop: float = 1.0,
+    objective: str = "latency",
+    time_limit: float | None = 600.0,
+    ratios: tuple[float, ...] = (0.25, 0.5, 0.75),
+    methods: tuple[str | None, ...] = (None, "int8-dynamic"),
+    finetune_epochs: int = 4,
+) -> None:
+    """Reject, in one line and before any work, search options `optimize` cannot run with."""
+    from keiryo.compress.quantize import METHODS
+
+    if objective not in OBJECTIVES:
+        raise ConfigError(f"unknown objective '{objective}' (choose from {', '.join(OBJECTIVES)})")
+    if not _number(max_drop) or not 0 <= max_drop < 100:
+        raise ConfigError(f"max_drop is in accuracy points, 0 ≤ max_drop < 100; got {max_drop}")
+    if time_limit is not None and (not _number(time_limit) or not time_limit >= 0):
+        raise ConfigError(f"time limit must be a number of seconds ≥ 0 (or None), got {time_limit}")
+    for ratio in ratios:
+        if not _number(ratio) or not 0 < ratio < 1:
+            raise ConfigError(f"pruning ratios must be between 0 and 1 (exclusive), got {ratio}")
+    for method in methods:
+        if method is not None and method not in METHODS:
+            raise ConfigError(f"unknown quantization method '{method}' (known: none, {', '.join(METHODS)})")
+    if isinstance(finetune_epochs, bool) or not isinstance(finetune_epochs, int) or finetune_epochs < 0:
+        raise ConfigError(f"finetune_epochs must be a whole number ≥ 0, got {finetune_epochs!r}")
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+
+
 def parse_duration(text: str) -> float:
-    """'90s', '10m', '1h', '45' (seconds) -> seconds."""
+    """'90s', '10m', '1h', '45' (seconds) -> seconds; negative or not-a-number durations are refused."""
     units = {"s": 1, "m": 60, "h": 3600}
     text = text.strip().lower()
     try:
-        if text and text[-1] in units:
-            return float(text[:-1]) * units[text[-1]]
-        return float(text)
+        seconds = float(text[:-1]) * units[text[-1]] if text and text[-1] in units else float(text)
     except ValueError:
         raise ConfigError(f"time limit '{text}' is not a duration like 90s, 10m or 1h") from None
+    if math.isnan(seconds) or seconds < 0:
+        raise ConfigError(f"time limit '{text}' must be a duration ≥ 0, like 90s, 10m or 1h")
+    return seconds

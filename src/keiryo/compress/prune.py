@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from keiryo.data import DataSplits, load_data, make_loader
-from keiryo.errors import ConfigError, ModelError
+from keiryo.errors import ConfigError, ModelError, one_line
 from keiryo.measure import batch_of, count_flops, count_parameters, time_models
 from keiryo.train import LossFn, TrainConfig, classification_loss, fit
 
@@ -75,8 +75,12 @@ def prune(
     With `finetune_epochs`, each of the `iterative_steps` is followed by that many epochs on `data` (settings
     from `finetune`, a TrainConfig), distilling from `teacher` when given.
     """
-    _check_options(model, ratio, structured, importance, target, iterative_steps, finetune_epochs)
-    splits = _splits(data, importance, finetune_epochs, teacher)
+    _check_model(model)
+    check_options(
+        ratio, structured, importance, target, iterative_steps, finetune_epochs,
+        has_data=data is not None, has_teacher=teacher is not None,
+    )  # fmt: skip
+    splits = _splits(data)
     pruned = copy.deepcopy(model).cpu().eval()
     example = _example_inputs(pruned, example_inputs, splits)
     job = _Job(
@@ -117,6 +121,18 @@ def prune(
     )
     pruned._keiryo_metadata = {**getattr(model, "_keiryo_metadata", {}), "pruning": record}
     return pruned.eval()
+
+
+def max_ratio(
+    model: nn.Module, example_inputs: Tensor, protect: Sequence[str | nn.Module] | None = None
+) -> float:
+    """The largest channel ratio structured `prune` accepts for `model`: every layer keeps a channel (head).
+
+    Cheap (one forward), so a caller trying several ratios can refuse an impossible one before any work.
+    """
+    copy_ = copy.deepcopy(model).cpu().eval()
+    example = example_inputs[:8].cpu()
+    return _max_channel_ratio(copy_, _Job(example, _protected_layers(model, copy_, example, protect)))
 
 
 # --- structured ---------------------------------------------------------------------------------------------
@@ -180,7 +196,7 @@ def _pruner(model: nn.Module, channel_ratio: float, job: _Job):
             )
         except Exception as exc:
             layer = _failing_layer(model, job.example)
-            raise ModelError(f"torch-pruning cannot trace the model{layer}: {_one_line(exc)}") from exc
+            raise ModelError(f"torch-pruning cannot trace the model{layer}: {one_line(exc)}") from exc
     groups = pruner.DG.get_all_groups(
         ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types
     )
@@ -370,13 +386,18 @@ def _distill_loss(teacher: nn.Module) -> LossFn:
     return soft_target_loss(teacher.eval())
 
 
-def _check_options(model, ratio, structured, importance, target, steps, finetune_epochs) -> None:
-    if not isinstance(model, nn.Module):
-        raise ConfigError(f"prune needs a torch.nn.Module, got a {type(model).__name__}")
-    if getattr(model, "_keiryo_transforms", None):
-        raise ConfigError(
-            "this model was already quantized (or transformed otherwise): prune before quantizing"
-        )
+def check_options(
+    ratio: float,
+    structured: bool = True,
+    importance: str = "l2",
+    target: str = "channels",
+    iterative_steps: int = 1,
+    finetune_epochs: int = 0,
+    *,
+    has_data: bool = True,
+    has_teacher: bool = False,
+) -> None:
+    """Reject, in one line and before any work, options `prune` cannot run with (the model aside)."""
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
         raise ConfigError(f"pruning ratio must be between 0 and 1 (exclusive), got {ratio!r}")
     if importance not in IMPORTANCES:
@@ -388,23 +409,32 @@ def _check_options(model, ratio, structured, importance, target, steps, finetune
             f"unstructured pruning zeroes the smallest weights; target '{target}' and importance "
             f"'{importance}' need structured pruning"
         )
-    for what, value, least in (("iterative_steps", steps, 1), ("finetune_epochs", finetune_epochs, 0)):
+    for what, value, least in (
+        ("iterative_steps", iterative_steps, 1),
+        ("finetune_epochs", finetune_epochs, 0),
+    ):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ConfigError(f"{what} must be a whole number ≥ {least}, got {value!r}")
-
-
-def _splits(
-    data: object, importance: str, finetune_epochs: int, teacher: nn.Module | None
-) -> DataSplits | None:
-    if data is None:
+    if not has_data:
         if importance == "taylor":
             raise ConfigError("importance 'taylor' needs data (a few batches of gradients); pass data=")
         if finetune_epochs:
             raise ConfigError("fine-tuning needs data; pass data= (e.g. 'digits')")
-        return None
-    if teacher is not None and not finetune_epochs:
+    if has_teacher and not finetune_epochs:
         raise ConfigError("a teacher is used while fine-tuning; set finetune_epochs ≥ 1")
-    return load_data(data)
+
+
+def _check_model(model: object) -> None:
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"prune needs a torch.nn.Module, got a {type(model).__name__}")
+    if getattr(model, "_keiryo_transforms", None):
+        raise ConfigError(
+            "this model was already quantized (or transformed otherwise): prune before quantizing"
+        )
+
+
+def _splits(data: object) -> DataSplits | None:
+    return None if data is None else load_data(data)
 
 
 def _example_inputs(
@@ -466,7 +496,7 @@ def _check_forward(model: nn.Module, example: Tensor, when: str) -> None:
         with torch.no_grad():
             model(example)
     except Exception as exc:
-        raise ModelError(f"the model fails {when}{_failing_layer(model, example)}: {_one_line(exc)}") from exc
+        raise ModelError(f"the model fails {when}{_failing_layer(model, example)}: {one_line(exc)}") from exc
 
 
 def _failing_layer(model: nn.Module, example: Tensor) -> str:
@@ -497,15 +527,10 @@ def _failing_layer(model: nn.Module, example: Tensor) -> str:
     return f" in layer '{name}' ({type(failed[0]).__name__})"
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
-
-
 def sparsity(model: nn.Module) -> float:
     """Fraction of the model's parameters that are exactly zero."""
     total, nonzero = count_parameters(model)
     return 1 - nonzero / total if total else 0.0
 
 
-__all__ = ["IMPORTANCES", "TARGETS", "magnitude_masks", "prune", "sparsity"]
+__all__ = ["IMPORTANCES", "TARGETS", "check_options", "magnitude_masks", "max_ratio", "prune", "sparsity"]

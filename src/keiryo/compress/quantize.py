@@ -22,7 +22,7 @@ from keiryo import artifacts
 from keiryo.compress import quant_backends as qb
 from keiryo.compress import quant_static as qs
 from keiryo.data import DataSplits, load_data, tensors_of
-from keiryo.errors import ConfigError, ModelError
+from keiryo.errors import ConfigError, ModelError, one_line
 from keiryo.measure import agreement, batch_of, time_models
 from keiryo.train import TrainConfig
 
@@ -142,7 +142,7 @@ def quantize(
             try:
                 built[key] = _apply(model, method, b, g, layers, settings)
             except (RuntimeError, AssertionError, NotImplementedError, ValueError) as exc:
-                candidates[key].note = f"failed: {_one_line(exc)}"
+                candidates[key].note = f"failed: {one_line(exc, 160)}"
     if not built:
         notes = "; ".join(f"{k}: {c.note}" for k, c in candidates.items())
         raise ModelError(f"no backend could quantize this model by {method} ({notes})")
@@ -359,10 +359,16 @@ def sensitivity(
 # --- checks and helpers -------------------------------------------------------------------------------------
 
 
-def _validate(model, method, backend, granularity, observer, group_size, calibration) -> None:
-    """Raise a one-line error for anything `quantize` cannot do here."""
-    if not isinstance(model, nn.Module):
-        raise ConfigError(f"quantize needs a torch.nn.Module, got a {type(model).__name__}")
+def check_options(
+    method: str,
+    backend: str = "auto",
+    granularity: str | None = None,
+    observer: str = "histogram",
+    group_size: int = 32,
+    *,
+    has_calibration: bool = True,
+) -> None:
+    """Reject, in one line and before any work, options `quantize` cannot run with (the model aside)."""
     if method not in BACKENDS:
         raise ConfigError(f"unknown quantization method '{method}' (known: {', '.join(METHODS)})")
     if backend != "auto" and backend not in BACKENDS[method]:
@@ -375,6 +381,27 @@ def _validate(model, method, backend, granularity, observer, group_size, calibra
         raise ConfigError(f"unknown observer '{observer}' (known: {', '.join(OBSERVERS)})")
     if method == "int4-weight-only" and group_size not in qb.INT4_GROUP_SIZES:
         raise ConfigError(f"group_size {group_size} is not supported (choose one of {qb.INT4_GROUP_SIZES})")
+    if method == "int4-weight-only" and not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        raise ConfigError("int4-weight-only needs torch's CPU int4 kernel, which this torch build lacks")
+    if method in ("int8-static", "qat") and not has_calibration:
+        need = "labelled training data" if method == "qat" else "calibration data (a few hundred inputs)"
+        raise ConfigError(f"method '{method}' needs {need}: pass calibration= (CLI: --calibration DATA)")
+
+
+def _validate(model, method, backend, granularity, observer, group_size, calibration) -> None:
+    """Raise a one-line error for anything `quantize` cannot do here."""
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"quantize needs a torch.nn.Module, got a {type(model).__name__}")
+    check_options(method, backend, granularity, observer, group_size, has_calibration=calibration is not None)
+    done = [
+        t.get("options", {}).get("method", t.get("kind"))
+        for t in getattr(model, artifacts.TRANSFORMS_ATTR, [])
+    ]
+    if done:
+        raise ConfigError(
+            f"this model was already quantized ({', '.join(map(str, done))}); "
+            "quantize the float model instead"
+        )
     devices = {p.device.type for p in model.parameters()} | {b.device.type for b in model.buffers()}
     if devices - {"cpu"} and method not in CASTS:
         where = ", ".join(sorted(devices - {"cpu"}))
@@ -382,15 +409,15 @@ def _validate(model, method, backend, granularity, observer, group_size, calibra
             f"method '{method}' is not supported on {where} by this keiryo (there: {', '.join(CASTS)}; "
             "move the model to the CPU for the int8/int4 methods)"
         )
-    if method == "int4-weight-only" and not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
-        raise ConfigError("int4-weight-only needs torch's CPU int4 kernel, which this torch build lacks")
-    if method in ("int8-static", "qat") and calibration is None:
-        need = "labelled training data" if method == "qat" else "calibration data (a few hundred inputs)"
-        raise ConfigError(f"method '{method}' needs {need}: pass calibration= (CLI: --calibration DATA)")
 
 
 def _layers(model: nn.Module, method: str, skip: tuple[str, ...]) -> list[str]:
     """The layers `method` quantizes (all floating parameters for casts); raise if there are none."""
+    known = dict(model.named_modules())
+    for name in skip:
+        if name not in known or not name:
+            listed = ", ".join(qb.target_layers(model, qb.LINEAR + qb.CONV)) or "none"
+            raise ConfigError(f"cannot skip layer {name!r}: the model has no such layer (layers: {listed})")
     if method in CASTS:
         return []
     kinds = qb.LINEAR if method in ("int8-dynamic", "int8-weight-only") else qb.LINEAR + qb.CONV
@@ -456,8 +483,3 @@ def _labelled(calibration: object) -> DataSplits:
 def _outputs(model: nn.Module, inputs: Tensor) -> Tensor:
     with torch.inference_mode():
         return model(inputs).float()
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0][:160]}" if text else type(exc).__name__
