@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
-from keiryo.errors import ConfigError
+from keiryo.errors import ConfigError, TrainingError
 from keiryo.measure import accuracy
 from keiryo.models import build_model
-from keiryo.parallel.async_ps import AsyncConfig, load_checkpoint, train_async
+from keiryo.parallel.async_ps import AsyncConfig, _ray_init, load_checkpoint, train_async
 
 ray = pytest.importorskip("ray")  # a declared dependency; this only keeps a broken install from hiding here
 
 
 @pytest.fixture(scope="module", autouse=True)
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    """One local Ray for the module, started the way train_async starts its own (loopback only)."""
+    started = _ray_init(None)
     yield
-    ray.shutdown()
+    if started:
+        ray.shutdown()
 
 
 def _mlp():
@@ -89,6 +93,27 @@ def test_killed_worker_is_restarted_and_no_update_is_lost(digits, tmp_path):
     resumed = train_async(_mlp(), digits, _config(max_updates=160, checkpoint=ck, resume=True))
     assert resumed.stats["version"] == 160 and resumed.stats["accepted"] == 160
     assert sum(resumed.stats["pushes"].values()) == 40
+
+
+def test_dead_parameter_server_ends_the_run_in_one_line_and_the_checkpoint_resumes(digits, tmp_path):
+    ck = str(tmp_path / "ps.pt")
+
+    def kill_server(ctx):
+        if ctx["stats"]["version"] >= 6:
+            ray.kill(ctx["server"])
+
+    cfg = _config(max_updates=100_000, checkpoint=ck, checkpoint_every=3, eval_every=0.1)
+    with pytest.raises(TrainingError) as caught:
+        train_async(_mlp(), digits, cfg, on_tick=kill_server)
+    saved = load_checkpoint(ck)["version"]
+    assert saved >= 6
+    assert re.fullmatch(
+        r"the parameter server died \(\w+Error; last seen at update \d+\); "
+        rf"rerun with --resume to continue from its checkpoint at update {saved}",
+        str(caught.value),
+    )
+    resumed = train_async(_mlp(), digits, _config(max_updates=saved + 5, checkpoint=ck, resume=True))
+    assert resumed.stats["version"] == saved + 5
 
 
 def test_run_goes_on_without_a_dead_worker_when_configured(digits):

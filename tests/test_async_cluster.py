@@ -63,6 +63,7 @@ def test_async_run_spreads_over_two_nodes(two_node_cluster):
         [sys.executable, "-c", DRIVER, address], env=env, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stderr.strip() == f"note: joined the Ray cluster at {address}, token authentication on"
     stats = json.loads(proc.stdout.strip().splitlines()[-1])
     assert stats["version"] == stats["accepted"] == 60
     assert len(stats["nodes"]) == 4

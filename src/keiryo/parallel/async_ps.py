@@ -11,18 +11,24 @@ pulled version), or controls staleness by mode:
 - ``dcasgd``  delay compensation (Zheng et al. 2017): g + λ·g⊙g⊙(w_now − w_pulled);
 - ``sync``    a barrier: one averaged update per round of all live workers, for side-by-side comparison.
 
-Ray starts locally (embedded) unless `ray_address` names a cluster; workers are spread over its nodes.
+Ray starts locally (embedded) unless `ray_address` names a cluster; workers are spread over its nodes. A
+local Ray listens on 127.0.0.1 only, without a dashboard, with token authentication on, and its log lines stay
+in its own files (Ray's banners and worker errors do not reach the terminal); it is shut down when the run
+ends, however it ends. A run that joins a cluster says on stderr whether token authentication is on.
 Run from the CLI: ``keiryo train --strategy async --workers 4``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
+import logging
 import math
 import os
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -31,7 +37,7 @@ from torch import Tensor, nn
 
 from keiryo.artifacts import atomic_torch_save, safe_torch_load
 from keiryo.data import DataSplits, tensors_of
-from keiryo.errors import ArtifactError, ConfigError, KeiryoError
+from keiryo.errors import ArtifactError, ConfigError, KeiryoError, TrainingError, one_line
 
 MODES = ("async", "bounded", "scaled", "dcasgd", "sync")
 CHECKPOINT_FORMAT = "keiryo-async-checkpoint/1"
@@ -268,26 +274,105 @@ class Worker:
 def _ray_init(address: str | None) -> bool:
     """Start Ray locally (or join `address`) unless already running; True when this call started it.
 
-    A local Ray is kept on the loopback address (Ray's own switch for single-machine clusters), so that an
-    embedded run never listens on the machine's network interfaces.
+    A local Ray is kept on the loopback address with Ray's own switch for single-machine clusters
+    (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, read by every Ray process it starts), so that an embedded run never
+    listens on the machine's network interfaces. Token authentication is Ray's default for a cluster it
+    starts; `_quiet_ray` keeps its banner off the terminal.
     """
-    if address is None:
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
     if ray.is_initialized():
         return False
+    options = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
-        ray.init(
-            address=address,
-            include_dashboard=False,
-            log_to_driver=False,
-            configure_logging=False,
-            **({} if address else {"num_cpus": 2}),
-        )
+        with _quiet_ray():
+            if address is None:
+                with _loopback_only():
+                    ray.init(num_cpus=2, _node_ip_address="127.0.0.1", **options)
+            else:
+                _auth_for_cluster()
+                ray.init(address=address, **options)
     except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise KeiryoError(f"cannot reach the Ray cluster at '{address}': {str(exc).splitlines()[0]}") from exc
+        where = f"the Ray cluster at '{address}'" if address else "a local Ray"
+        raise KeiryoError(f"cannot start {where}: {one_line(exc)}") from exc
+    if address is not None:
+        auth = os.environ.get("RAY_AUTH_MODE", "disabled")
+        note = (
+            "token authentication on"
+            if auth == "token"
+            else "token authentication OFF: anyone who reaches the cluster can run code on it "
+            "(start it with RAY_AUTH_MODE=token)"
+        )
+        print(f"note: joined the Ray cluster at {address}, {note}", file=sys.stderr)
     return True
+
+
+def _auth_for_cluster() -> None:
+    """Keep token authentication on when joining a cluster: Ray enables it by itself only for a cluster it
+    finds on its own, so keiryo asks Ray to when RAY_AUTH_MODE is unset and a token is at hand."""
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    try:  # Ray's own switch (private): sets RAY_AUTH_MODE=token and reloads Ray's cached config
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+    except ImportError:
+        return
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+
+
+@contextlib.contextmanager
+def _loopback_only() -> Iterator[None]:
+    """Ray's "no cluster" switch, on while a local Ray starts: its processes inherit the variable, and the
+    driver's already-imported constant is set too (it was read when ray was first imported)."""
+    import ray._private.ray_constants as constants
+
+    name = constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+    before, flag = os.environ.get(name), constants.ENABLE_RAY_CLUSTER
+    os.environ[name] = "0"
+    constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        constants.ENABLE_RAY_CLUSTER = flag
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
+
+
+@contextlib.contextmanager
+def _quiet_ray() -> Iterator[None]:
+    """Keep Ray's own messages off the terminal unless KEIRYO_DEBUG is set: keiryo reports what went wrong
+    itself, in one line, and Ray's session folder keeps its logs.
+
+    Two channels: Ray's Python loggers (banners, warnings), and the driver thread that prints the errors the
+    raylet publishes (a dead actor's "(raylet) A worker died..." paragraph) straight to stdout; that one has
+    no switch, so its printer is swapped for a debug log line while keiryo runs.
+    """
+    if os.environ.get("KEIRYO_DEBUG"):
+        yield
+        return
+    import ray._private.worker as ray_worker
+
+    ray_logger = logging.getLogger("ray")
+    level, propagate = ray_logger.level, ray_logger.propagate
+    printer = getattr(ray_worker, "print_to_stdstream", None)
+    ray_logger.setLevel(logging.CRITICAL + 1)
+    ray_logger.propagate = False
+    if printer is not None:
+        ray_worker.print_to_stdstream = _to_debug_log
+    try:
+        yield
+    finally:
+        ray_logger.setLevel(level)
+        ray_logger.propagate = propagate
+        if printer is not None:
+            ray_worker.print_to_stdstream = printer
+
+
+def _to_debug_log(data: dict, ignore_prefix: bool = False) -> None:
+    logging.getLogger("ray").debug("(%s) %s", data.get("pid"), " ".join(data.get("lines", [])))
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -308,20 +393,38 @@ def train_async(
 ) -> AsyncResult:
     """Train `model` with a parameter server and `config.workers` workers; returns it with the curve.
 
-    `on_tick(ctx)` is called at every driver check with the live worker handles and the server's stats
-    (ctx keys: "workers", "stats", "seconds"); tests use it to kill a worker mid-run.
+    `on_tick(ctx)` is called at every driver check with the live worker handles, the server's handle and
+    its stats (ctx keys: "workers", "server", "stats", "seconds"); tests use it to kill an actor mid-run.
+    A dead parameter server ends the run with a one-line TrainingError that says how to resume.
     """
+    import ray
+
+    config.validate()
+    loss_fn = loss_fn or _default_loss()
+    resume = config.resume and config.checkpoint and Path(config.checkpoint).exists()
+    state = load_checkpoint(config.checkpoint) if resume else None
+    with _quiet_ray():
+        started_ray = _ray_init(config.ray_address)
+        try:
+            return _run(model, splits, config, loss_fn, on_tick, state)
+        finally:
+            if started_ray:
+                ray.shutdown()
+
+
+def _default_loss() -> Callable:
+    from keiryo.train import classification_loss
+
+    return classification_loss
+
+
+def _run(model, splits, config, loss_fn, on_tick, state) -> AsyncResult:
+    """The driver: start the server and the workers, restart failed workers, evaluate, stop, collect."""
     import ray
     from ray.exceptions import RayActorError, RayTaskError
 
     from keiryo.measure import accuracy
-    from keiryo.train import classification_loss
 
-    config.validate()
-    loss_fn = loss_fn or classification_loss
-    resume = config.resume and config.checkpoint and Path(config.checkpoint).exists()
-    state = load_checkpoint(config.checkpoint) if resume else None
-    started_ray = _ray_init(config.ray_address)
     cfg = asdict(config)
     server_cls = ray.remote(num_cpus=0, max_concurrency=1000)(ParameterServer)
     worker_cls = ray.remote(num_cpus=0, max_restarts=0)(Worker)
@@ -336,12 +439,14 @@ def train_async(
         )
         return handle, handle.run.remote(server, loss_fn)
 
-    running = {i: start(i) for i in range(config.workers)}
-    ray.get(server.set_live.remote(list(running)))
+    running: dict = {}
     timeline, restarts, begin = [], 0, time.perf_counter()
+    stats = {"version": state["version"] if state else 0}
     evaluator = copy.deepcopy(model).cpu().eval()
     line = _LiveLine(config.progress)
     try:
+        running.update({i: start(i) for i in range(config.workers)})
+        ray.get(server.set_live.remote(list(running)))
         while True:
             refs = {ref: wid for wid, (_, ref) in running.items()}
             finished, _ = ray.wait(list(refs), num_returns=len(refs), timeout=config.eval_every)
@@ -370,9 +475,8 @@ def train_async(
             )
             line.update(stats, seconds, val_acc)
             if on_tick is not None:
-                on_tick(
-                    {"workers": {w: h for w, (h, _) in running.items()}, "stats": stats, "seconds": seconds}
-                )
+                workers = {w: h for w, (h, _) in running.items()}
+                on_tick({"workers": workers, "server": server, "stats": stats, "seconds": seconds})
             target_hit = config.target_accuracy is not None and (val_acc or 0.0) >= config.target_accuracy
             out_of_time = config.time_limit is not None and seconds >= config.time_limit
             if target_hit or out_of_time:
@@ -383,16 +487,25 @@ def train_async(
         model.load_state_dict(ray.get(server.state_dict.remote()))
         if config.checkpoint:
             ray.get(server.save.remote(config.checkpoint))
+    except RayActorError as exc:  # worker failures are handled above: here the server itself is gone
+        raise TrainingError(_server_died(config, stats["version"], exc)) from None
     finally:
         line.close()
-        for handle, _ in running.values():
-            ray.kill(handle)
-        ray.kill(server)
-        if started_ray:
-            ray.shutdown()
+        for handle in [h for h, _ in running.values()] + [server]:
+            with contextlib.suppress(Exception):
+                ray.kill(handle)
     if not running and stats["version"] == 0:
-        raise KeiryoError("every async worker failed before the first update")
+        raise TrainingError("every async worker failed before the first update")
     return AsyncResult(model=model.eval(), stats=stats, timeline=timeline, restarts=restarts)
+
+
+def _server_died(config: AsyncConfig, version: int, error: BaseException) -> str:
+    """One line: the server died, when, and what can be resumed."""
+    what = f"the parameter server died ({type(error).__name__}; last seen at update {version})"
+    if config.checkpoint and Path(config.checkpoint).exists():
+        saved = load_checkpoint(config.checkpoint)["version"]
+        return f"{what}; rerun with --resume to continue from its checkpoint at update {saved}"
+    return f"{what}; nothing to resume from (pass --checkpoint to keep one)"
 
 
 class _LiveLine:
