@@ -667,7 +667,12 @@ def distill(
     check_options(temperature, alpha, loss)
     models.check_trusted(student, trust_code, "--student")
     kwargs = _parse_kwargs(student_arg)
-    features = dict(_parse_pair(f, "--feature") for f in feature or [])
+    pairs = [_parse_pair(f, "--feature") for f in feature or []]
+    features = dict(pairs)
+    if len(features) < len(pairs):
+        raise ConfigError(
+            "--feature names a student layer twice; match each student layer to one teacher layer"
+        )
     options = dict(epochs=epochs, lr=lr, device=device, precision=precision, seed=seed, progress=progress)
     TrainConfig(**options)  # its checks, before any work
     teacher_model = artifacts.load(teacher, trust_code=trust_code)
@@ -978,8 +983,9 @@ def _dispatch(args: list[str]) -> int:
         _say("interrupted")
         return 130
     except typer.TyperException as exc:  # usage errors: unknown command or option, bad option value
-        if type(exc).__name__ == "NoArgsIsHelpError":  # plain `keiryo`: the help, as click prints it
-            exc.show()
+        if type(exc).__name__ == "NoArgsIsHelpError":  # plain `keiryo`: the help (typer has printed it)
+            if exc.format_message().strip():
+                print(exc.format_message(), file=sys.stderr)
             return 2
         context = getattr(exc, "ctx", None)
         where = context.command_path if context is not None else "keiryo"

@@ -115,7 +115,11 @@ def check_target(path: str | Path, format: str) -> Path:
     return path
 
 
-def _check_inputs(example_inputs: object) -> None:
+def _check_inputs(model: object, example_inputs: object, required: bool = True) -> None:
+    if not isinstance(model, nn.Module):
+        raise ExportError(f"export needs a torch.nn.Module, got a {type(model).__name__}")
+    if example_inputs is None and not required:
+        return
     if not isinstance(example_inputs, Tensor) or example_inputs.dim() == 0 or len(example_inputs) < 1:
         raise ExportError("export needs example inputs: a tensor with a batch of at least one sample")
 
@@ -166,7 +170,7 @@ def export_onnx(
 
     format = "onnx-int8" if int8 else "onnx"
     check_target(path, format)
-    _check_inputs(example_inputs)
+    _check_inputs(model, example_inputs)
     model = model.eval()
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
     with _staged(path) as staged:
@@ -246,7 +250,7 @@ def _saturating_cpu() -> bool:
 def export_program(model: nn.Module, example_inputs: Tensor, path: str | Path) -> ExportResult:
     """A `torch.export` program (.pt2): the graph and weights, loadable without the model's Python code."""
     check_target(path, "torch-export")
-    _check_inputs(example_inputs)
+    _check_inputs(model, example_inputs)
     model = model.eval()
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
     with _staged(path) as staged:
@@ -292,8 +296,7 @@ def export_safetensors(
     from safetensors.torch import load_file, save_file
 
     check_target(path, "safetensors")
-    if example_inputs is not None:
-        _check_inputs(example_inputs)
+    _check_inputs(model, example_inputs, required=False)
     state = model.state_dict()
     for key, value in state.items():
         if type(value) is not Tensor or value.is_quantized:
