@@ -14,14 +14,12 @@ from keiryo.data import (
     DataSplits,
     digits,
     example_inputs,
-    load_csv,
     load_data,
-    load_image_folder,
-    load_tensor_file,
     make_loader,
     split_tensors,
     tensors_of,
 )
+from keiryo.datafiles import load_csv, load_image_folder, load_tensor_file
 from keiryo.errors import ConfigError, DataError, KeiryoError
 
 
