@@ -174,6 +174,16 @@ def test_folders_of_killed_runs_are_removed_by_the_next_run(tmp_path, monkeypatc
     assert not folders["stale"].exists() and folders["live"].exists() and folders["recent"].exists()
 
 
+def test_an_unreachable_ray_address_is_one_line_at_once():
+    from keiryo.errors import KeiryoError
+    from keiryo.parallel.async_ps import _check_reachable
+
+    started = time.monotonic()
+    with pytest.raises(KeiryoError, match=r"^cannot reach the Ray cluster at '127\.0\.0\.1:\d+': "):
+        _check_reachable(f"127.0.0.1:{launch.free_port()}")
+    assert time.monotonic() - started < 6
+
+
 def test_local_async_run_listens_on_loopback_keeps_ray_quiet_and_stops_it(tmp_path):
     """`keiryo train --strategy async`: Ray's processes listen on loopback only, nothing of Ray's reaches
     stderr (no token-auth banner), and Ray's processes are gone soon after the run."""

@@ -26,6 +26,7 @@ import copy
 import logging
 import math
 import os
+import socket
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -290,6 +291,7 @@ def _ray_init(address: str | None) -> bool:
                 with _loopback_only():
                     ray.init(num_cpus=2, _node_ip_address="127.0.0.1", **options)
             else:
+                _check_reachable(address)
                 _auth_for_cluster()
                 ray.init(address=address, **options)
     except (ConnectionError, RuntimeError, ValueError) as exc:
@@ -305,6 +307,21 @@ def _ray_init(address: str | None) -> bool:
         )
         print(f"note: joined the Ray cluster at {address}, {note}", file=sys.stderr)
     return True
+
+
+def _check_reachable(address: str) -> None:
+    """Fail in one line at once when nothing answers at `address` (host:port, or ray://host:port): Ray
+    itself retries for minutes and prints a warning every few seconds."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return  # "auto" and other forms Ray resolves itself
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except OSError as exc:
+        raise KeiryoError(
+            f"cannot reach the Ray cluster at '{address}': {exc.strerror or type(exc).__name__}; "
+            "check --ray-address (the head's host:port, e.g. 10.0.0.5:6379)"
+        ) from None
 
 
 def _auth_for_cluster() -> None:

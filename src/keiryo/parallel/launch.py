@@ -129,13 +129,14 @@ def train_worker(
     """One worker's whole run: join the group, train, and leave it; returns the trained full state (on every
     worker), the history and what each worker held."""
     device = init_worker(resolve_device(config.device), timeout_s)
-    try:
-        out = _train_in_group(strategy, model, splits, config, loss_fn, pipeline, device)
-        gc.collect()  # the DDP/FSDP wrappers died with _train_in_group's frame; collect any cycles now
-        dist.barrier()  # every worker is done with the group before any of them leaves it
-        return out
-    finally:
-        teardown()
+    # On an error the group is left up: the process is about to end (a local worker reports the error and
+    # exits at once; under torchrun the CLI prints it), and tearing down beside live wrappers and dead peers
+    # can hang or abort before the error is reported.
+    out = _train_in_group(strategy, model, splits, config, loss_fn, pipeline, device)
+    gc.collect()  # the DDP/FSDP wrappers died with _train_in_group's frame; collect any cycles now
+    dist.barrier()  # every worker is done with the group before any of them leaves it
+    teardown()
+    return out
 
 
 def _train_in_group(
