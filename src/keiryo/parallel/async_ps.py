@@ -344,8 +344,8 @@ def _loopback_only() -> Iterator[None]:
     driver's already-imported constant is set too (it was read when ray was first imported)."""
     import ray._private.ray_constants as constants
 
-    name = constants.ENABLE_RAY_CLUSTERS_ENV_VAR
-    before, flag = os.environ.get(name), constants.ENABLE_RAY_CLUSTER
+    name = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+    before, flag = os.environ.get(name), getattr(constants, "ENABLE_RAY_CLUSTER", True)
     os.environ[name] = "0"
     constants.ENABLE_RAY_CLUSTER = False
     try:
