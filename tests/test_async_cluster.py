@@ -17,8 +17,9 @@ from keiryo.models import build_model
 from keiryo.parallel.async_ps import AsyncConfig, train_async
 torch.manual_seed(0)
 model = build_model("mlp", in_features=64, hidden=[32], num_classes=10)
+address = None if sys.argv[1] == "local" else sys.argv[1]
 result = train_async(model, load_data("digits"),
-                     AsyncConfig(workers=4, max_updates=60, progress=False, ray_address=sys.argv[1]))
+                     AsyncConfig(workers=4, max_updates=60, progress=False, ray_address=address))
 print(json.dumps(result.stats))
 """
 
@@ -29,7 +30,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def two_node_cluster():
     """`ray start` a head on 127.0.0.2 and a second node on 127.0.0.3 (both loopback), then stop them."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
@@ -68,3 +69,17 @@ def test_async_run_spreads_over_two_nodes(two_node_cluster):
     assert stats["version"] == stats["accepted"] == 60
     assert len(stats["nodes"]) == 4
     assert len(set(stats["nodes"].values())) == 2  # the workers ran on both nodes
+
+
+def test_a_local_run_starts_its_own_ray_beside_a_running_cluster(two_node_cluster):
+    """Without an address the run starts a Ray of its own: it neither joins the cluster running on this
+    machine (Ray's default for ray.init()) nor fails trying to."""
+    address, env = two_node_cluster
+    proc = subprocess.run(
+        [sys.executable, "-c", DRIVER, "local"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stderr == ""
+    stats = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert stats["version"] == 60
+    assert len(set(stats["nodes"].values())) == 1  # its own single node, not the cluster's two

@@ -273,7 +273,8 @@ class Worker:
 
 
 def _ray_init(address: str | None) -> bool:
-    """Start Ray locally (or join `address`) unless already running; True when this call started it.
+    """Start a Ray of this run's own (or join `address`) unless already connected; True when this call
+    started it.
 
     A local Ray is kept on the loopback address with Ray's own switch for single-machine clusters
     (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, read by every Ray process it starts), so that an embedded run never
@@ -289,7 +290,8 @@ def _ray_init(address: str | None) -> bool:
         with _quiet_ray():
             if address is None:
                 with _loopback_only():
-                    ray.init(num_cpus=2, _node_ip_address="127.0.0.1", **options)
+                    # "local": a new Ray of this run's own, never one found running on the machine
+                    ray.init("local", num_cpus=2, _node_ip_address="127.0.0.1", **options)
             else:
                 _check_reachable(address)
                 _auth_for_cluster()
