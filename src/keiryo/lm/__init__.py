@@ -1,0 +1,30 @@
+"""Causal language models: load (HF folder or GGUF), measure (perplexity, generation speed, memory),
+compress (int8/int4 weight-only by RTN or GPTQ; 50% or 2:4 sparsity by magnitude or Wanda) and store.
+
+One module per job: `load`, `text`, `evaluate`, `calibrate` (layer-by-layer calibration), `kernels`
+(quantized CPU layers), `quant`, `sparsity`, `store`.
+"""
+
+from keiryo.lm.evaluate import Perplexity, Speed, generation_speed, perplexity
+from keiryo.lm.load import load_causal_lm
+from keiryo.lm.quant import quantize_weights
+from keiryo.lm.sparsity import prune_weights
+from keiryo.lm.store import load_compressed, save_compressed
+from keiryo.lm.text import TextSplits, calibration_windows, shakespeare_plays, split_documents, tokenize
+
+__all__ = [
+    "Perplexity",
+    "Speed",
+    "TextSplits",
+    "calibration_windows",
+    "generation_speed",
+    "load_causal_lm",
+    "load_compressed",
+    "perplexity",
+    "prune_weights",
+    "quantize_weights",
+    "save_compressed",
+    "shakespeare_plays",
+    "split_documents",
+    "tokenize",
+]

@@ -1,0 +1,143 @@
+"""Layer-by-layer calibration: what GPTQ and Wanda learn from a few windows of calibration text.
+
+`run_layerwise` feeds calibration windows through the decoder one block at a time, as GPTQ and Wanda do:
+hooks on each Linear of block i gather statistics of that Linear's inputs (GPTQ: the Hessian 2XXᵀ/n of the
+layer-wise squared error; Wanda: each input feature's norm ‖X_j‖₂), a step changes the block's weights
+(quantizes or prunes them), and the block is run again so that block i+1 is calibrated on the outputs of the
+*compressed* block i — errors of earlier blocks are seen, and compensated, by later ones. Only one block's
+activations are held at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from keiryo.errors import ConfigError
+from keiryo.lm.load import decoder_layers
+
+STATISTICS = ("hessian", "norm")
+
+
+class _Captured(Exception):
+    """Raised by the hook on the first block once it has seen its inputs: the rest of the model is skipped."""
+
+
+def linearize(model: nn.Module) -> nn.Module:
+    """Replace GPT-2-style `Conv1D` layers (weight stored (in, out)) by the equivalent `nn.Linear`, in place,
+    so that every method sees one kind of layer."""
+    for name, module in list(model.named_modules()):
+        if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+            weight = module.weight.detach()
+            linear = nn.Linear(weight.shape[0], weight.shape[1], bias=module.bias is not None)
+            with torch.no_grad():
+                linear.weight.copy_(weight.t())
+                if module.bias is not None:
+                    linear.bias.copy_(module.bias.detach())
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, linear)
+    return model
+
+
+def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
+    """The float `nn.Linear` layers inside one decoder block, by name."""
+    return {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
+
+
+@torch.inference_mode()
+def capture_block_inputs(model: nn.Module, windows: Tensor, batch_size: int) -> tuple[list[Tensor], dict]:
+    """The hidden states entering the first decoder block for each batch of `windows`, and the keyword
+    arguments the model passed it (position embeddings, mask), which every block receives alike."""
+    first = decoder_layers(model)[0]
+    inputs: list[Tensor] = []
+    kwargs: dict[str, Any] = {}
+
+    def hook(module: nn.Module, args: tuple, kw: dict) -> None:
+        hidden = args[0] if args else kw["hidden_states"]
+        inputs.append(hidden.detach())
+        if not kwargs:
+            kwargs.update({k: v for k, v in kw.items() if k != "hidden_states"})
+        raise _Captured
+
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for start in range(0, len(windows), batch_size):
+            try:
+                model(windows[start : start + batch_size], use_cache=False)
+            except _Captured:
+                pass
+    finally:
+        handle.remove()
+    kwargs["use_cache"] = False
+    for name in ("cache", "past_key_values", "layer_past"):  # calibration runs without a KV cache
+        kwargs.pop(name, None)
+    return inputs, kwargs
+
+
+def run_layerwise(
+    model: nn.Module,
+    windows: Tensor,
+    step: Callable[[int, nn.Module, dict[str, Tensor]], None],
+    *,
+    statistic: str,
+    batch_size: int = 8,
+    progress: Callable[[int], None] | None = None,
+) -> None:
+    """Calibrate block by block: gather `statistic` of every Linear's input in block i over all `windows`
+    (token ids, (count, length)), call `step(i, block, stats)` to change the block's weights, then run the
+    changed block to produce block i+1's inputs. `progress(1)` is called after each block."""
+    if statistic not in STATISTICS:
+        raise ConfigError(f"unknown calibration statistic '{statistic}' (choose {', '.join(STATISTICS)})")
+    if windows.dim() != 2 or len(windows) == 0:
+        raise ConfigError(
+            f"calibration windows must be a (count, length) tensor of ids, got {tuple(windows.shape)}"
+        )
+    was_training = model.training
+    model.eval()
+    inputs, kwargs = capture_block_inputs(model, windows, batch_size)
+    for index, block in enumerate(decoder_layers(model)):
+        stats = _gather(block, inputs, kwargs, statistic)
+        step(index, block, stats)
+        with torch.inference_mode():
+            inputs = [_hidden(block(x, **kwargs)) for x in inputs]
+        if progress is not None:
+            progress(1)
+    model.train(was_training)
+
+
+def _gather(block: nn.Module, inputs: list[Tensor], kwargs: dict, statistic: str) -> dict[str, Tensor]:
+    """Per Linear of `block`: the Hessian 2·XᵀX/n (hessian) or the squared column norms ΣX_j² (norm)."""
+    linears = block_linears(block)
+    stats: dict[str, Tensor] = {}
+    counts: dict[str, int] = dict.fromkeys(linears, 0)
+
+    def hook_for(name: str):
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+            x = args[0].detach().reshape(-1, module.in_features).double()
+            if statistic == "hessian":
+                update = x.t() @ x
+            else:
+                update = (x * x).sum(0)
+            stats[name] = stats[name] + update if name in stats else update
+            counts[name] += x.shape[0]
+
+        return hook
+
+    handles = [m.register_forward_hook(hook_for(name)) for name, m in linears.items()]
+    try:
+        with torch.inference_mode():
+            for x in inputs:
+                block(x, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if statistic == "hessian":
+        return {name: (2.0 / max(counts[name], 1) * h).float() for name, h in stats.items()}
+    return {name: s.float() for name, s in stats.items()}
+
+
+def _hidden(output: Any) -> Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output

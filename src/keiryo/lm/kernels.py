@@ -1,0 +1,168 @@
+"""Weight-only quantized layers for CPU inference, each running the fastest kernel this CPU has for it.
+
+Which kernel, and why (measured on an AMD EPYC Zen 3, AVX2 only: no AVX-512, no AVX-512 BF16, no VNNI):
+
+- int8 (`Int8Linear`, per-output-channel symmetric scales): for a few rows (decode, ≤ `KERNEL_MAX_ROWS`)
+  torch's fused `torch._weight_int8pack_mm`, which reads the int8 weight directly; it is fast only with
+  bfloat16 activations here (its float32 path is ~10× slower), so decode activations are cast to bf16 for
+  the product and the result back to float32. For many rows (prefill, perplexity windows) the weight is
+  dequantized to float32 for that call and multiplied by the float GEMM, which beats the int8 kernel 2×
+  there. torchao's `Int8WeightOnlyConfig` was measured too: on CPU it converts the whole int8 weight to float
+  on every call (6× slower than float at batch 1), so it is not used.
+- int4 (`Int4Linear`, asymmetric, one bf16 scale and zero per group of `group_size` inputs): torch's tinygemm
+  CPU kernel `_weight_int4pack_mm_for_cpu` (the one torchao's `Int4OpaqueTensor` calls) with bf16 activations,
+  for a few rows; its float32 path is ~50× slower. For many rows the packed weight is unpacked and dequantized
+  to float32 for that call, as for int8.
+- `Int8Embedding` looks up int8 rows and scales them: a tied input embedding shares the lm_head's int8 weight.
+
+Scales and zeros are rounded to bfloat16 when they are chosen (`round_params`), so every path — and GPTQ's
+error compensation, which needs the exact dequantized values — sees the very numbers the kernels use.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+KERNEL_MAX_ROWS = 16  # at most this many rows of activations go through the fused kernels; more: dequantize
+
+
+def round_params(*params: Tensor) -> tuple[Tensor, ...]:
+    """Scales/zeros rounded to bfloat16 (what the kernels read), kept as float32."""
+    return tuple(p.to(torch.bfloat16).float() for p in params)
+
+
+class Int8Linear(nn.Module):
+    """y = x Wᵀ + b with W stored as int8 (out, in) times one scale per output channel."""
+
+    def __init__(self, weight_int8: Tensor, scale: Tensor, bias: Tensor | None = None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight_int8.shape
+        self.register_buffer("weight_int8", weight_int8.to(torch.int8).contiguous())
+        self.register_buffer("scale", scale.reshape(-1).to(torch.bfloat16).contiguous())
+        self.bias = nn.Parameter(bias.detach().float(), requires_grad=False) if bias is not None else None
+
+    def dequantize(self) -> Tensor:
+        """The float32 weight this layer computes with."""
+        return self.weight_int8.float() * self.scale.float().unsqueeze(1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape, dtype = x.shape, x.dtype
+        x2 = x.reshape(-1, self.in_features)
+        if x2.shape[0] <= KERNEL_MAX_ROWS:
+            y = torch._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), self.weight_int8, self.scale)
+            y = y.to(dtype)
+            if self.bias is not None:
+                y = y + self.bias.to(dtype)
+        else:
+            y = F.linear(x2, self.dequantize().to(dtype), None if self.bias is None else self.bias.to(dtype))
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, int8 per-channel, kernel=_weight_int8pack_mm"
+
+
+class Int8Embedding(nn.Module):
+    """An embedding whose table is int8 rows times one scale per row (shareable with an `Int8Linear`)."""
+
+    def __init__(self, weight_int8: Tensor, scale: Tensor, padding_idx: int | None = None) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = weight_int8.shape
+        self.padding_idx = padding_idx
+        self.register_buffer("weight_int8", weight_int8)
+        self.register_buffer("scale", scale)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        rows = F.embedding(ids, self.weight_int8).float()
+        return rows * F.embedding(ids, self.scale.unsqueeze(1)).float()
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8 per-row"
+
+
+class Int4Linear(nn.Module):
+    """y = x Wᵀ + b with W stored as 4-bit integers q in [0, 15] per group of `group_size` inputs:
+    W = (q - 8) · scale + zero, packed two to a byte in the layout of torch's CPU int4 kernel."""
+
+    def __init__(
+        self, q: Tensor, scale: Tensor, zero: Tensor, group_size: int, bias: Tensor | None = None
+    ) -> None:
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        self.group_size = group_size
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
+        self.register_buffer("weight_packed", packed)
+        # tinygemm's (in/group, out, 2) table of bf16 scale and zero
+        table = torch.stack([scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()
+        self.register_buffer("scale_and_zero", table)
+        self.bias = nn.Parameter(bias.detach().float(), requires_grad=False) if bias is not None else None
+        if _unpack_layout() is None or self.out_features % _unpack_layout() != 0:
+            # This CPU packs in a layout `unpack` does not know: keep the plain integers as well.
+            self.register_buffer("q_plain", q.to(torch.uint8).contiguous())
+        else:
+            self.q_plain = None
+
+    def integers(self) -> Tensor:
+        """The (out, in) 4-bit integers, as uint8."""
+        if self.q_plain is not None:
+            return self.q_plain
+        return _unpack(self.weight_packed, self.out_features, self.in_features, _unpack_layout())
+
+    def scale_zero(self) -> tuple[Tensor, Tensor]:
+        """(scale, zero), each (out, in / group_size) float32."""
+        table = self.scale_and_zero.float()
+        return table[..., 0].t().contiguous(), table[..., 1].t().contiguous()
+
+    def dequantize(self) -> Tensor:
+        """The float32 weight this layer computes with."""
+        scale, zero = self.scale_zero()
+        q = self.integers().float().reshape(self.out_features, -1, self.group_size)
+        w = (q - 8) * scale.unsqueeze(-1) + zero.unsqueeze(-1)
+        return w.reshape(self.out_features, self.in_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape, dtype = x.shape, x.dtype
+        x2 = x.reshape(-1, self.in_features)
+        if x2.shape[0] <= KERNEL_MAX_ROWS:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x2.to(torch.bfloat16).contiguous(), self.weight_packed, self.group_size, self.scale_and_zero
+            ).to(dtype)
+            if self.bias is not None:
+                y = y + self.bias.to(dtype)
+        else:
+            y = F.linear(x2, self.dequantize().to(dtype), None if self.bias is None else self.bias.to(dtype))
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in={self.in_features}, out={self.out_features}, int4 group={self.group_size}, "
+            "kernel=_weight_int4pack_mm_for_cpu"
+        )
+
+
+def _unpack(packed: Tensor, rows: int, cols: int, block: int) -> Tensor:
+    """Invert torch's CPU int4 packing: per block of `block` rows and per input column, one byte holds two
+    rows' 4-bit values (AVX2: rows j and j+16 of a 32-row block; AVX-512: lanes 0|2 and 1|3 of 64)."""
+    b = packed.reshape(rows // block, cols, block // 2)
+    if block == 32:
+        parts = [b & 15, b >> 4]
+    else:  # block == 64
+        parts = [b[..., :16] & 15, b[..., 16:] & 15, b[..., :16] >> 4, b[..., 16:] >> 4]
+    return torch.cat(parts, dim=2).permute(0, 2, 1).reshape(rows, cols)
+
+
+@functools.cache
+def _unpack_layout() -> int | None:
+    """The row block of this CPU's int4 packing that `_unpack` inverts (checked on a probe), or None."""
+    probe = torch.randint(0, 16, (128, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 1)
+    for block in (32, 64):
+        try:
+            if torch.equal(_unpack(packed, 128, 64, block).to(torch.int32), probe):
+                return block
+        except RuntimeError:
+            continue
+    return None

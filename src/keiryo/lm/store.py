@@ -1,0 +1,157 @@
+"""A compressed causal LM as one file of plain tensors, and back, without ever holding the float model.
+
+The file is a `torch.save`d dict that loads with `weights_only=True`: the transformers config (JSON text), the
+kind of each quantized layer, and a state dict in which
+
+- int8 layers keep their int8 weight and bf16 scales (a tied embedding shares the head's, stored once);
+- int4 layers store their 4-bit integers two to a byte in plain row order, with bf16 scales and zeros — not
+  the CPU kernel's packed layout, which differs between CPUs (AVX2, AVX-512) — and are packed on load;
+- float tensors that are mostly zeros (pruned weights) go through keiryo's sparse storage (values + bitmask).
+
+`load_compressed` builds the architecture on the meta device (no memory), puts the stored tensors in place,
+and computes the few non-persistent buffers (rotary frequencies) on the CPU: resident memory is what the
+compressed model needs, not the float model's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from keiryo.artifacts import atomic_torch_save, decode_sparse, encode_sparse, safe_torch_load
+from keiryo.errors import ArtifactError, TrustError, check_bytes
+from keiryo.lm.calibrate import linearize
+from keiryo.lm.kernels import Int4Linear, Int8Embedding, Int8Linear
+from keiryo.lm.load import _transformers
+
+FORMAT = "keiryo-lm/1"
+
+
+def save_compressed(model: nn.Module, path: str | os.PathLike) -> int:
+    """Write `model` (float, pruned or quantized by keiryo.lm) to `path` atomically; returns its bytes."""
+    layers: dict[str, dict[str, Any]] = {}
+    state: dict[str, Any] = {}
+    handled: set[str] = set()
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(module, Int4Linear):
+            q = module.integers()
+            scale, zero = module.scale_zero()
+            layers[name] = {"kind": "int4", "group_size": module.group_size}
+            state[prefix + "q4"] = (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)
+            state[prefix + "scale"] = scale.to(torch.bfloat16)
+            state[prefix + "zero"] = zero.to(torch.bfloat16)
+        elif isinstance(module, Int8Linear):
+            layers[name] = {"kind": "int8"}
+            state[prefix + "weight_int8"] = module.weight_int8
+            state[prefix + "scale"] = module.scale
+        elif isinstance(module, Int8Embedding):
+            layers[name] = {"kind": "int8-embedding", "padding_idx": module.padding_idx}
+            state[prefix + "weight_int8"] = module.weight_int8  # the same storage as a tied head: saved once
+            state[prefix + "scale"] = module.scale
+        else:
+            continue
+        if getattr(module, "bias", None) is not None:
+            state[prefix + "bias"] = module.bias.detach()
+        handled.update(f"{prefix}{key}" for key in module.state_dict())
+    for key, tensor in model.state_dict().items():
+        if key not in handled:
+            state[key] = encode_sparse(tensor.detach())
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)  # a GGUF file's: the weights here are keiryo's, not GGUF's
+    payload = {"format": FORMAT, "config": json.dumps(config), "layers": layers, "state": state}
+    atomic_torch_save(payload, path)
+    return Path(path).stat().st_size
+
+
+def load_compressed(path: str | os.PathLike) -> nn.Module:
+    """The model saved by `save_compressed`, in eval mode, built without allocating its float weights."""
+    payload = safe_torch_load(path, what="language model file")
+    what = f"language model file '{path}'"
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ArtifactError(f"{what} is not a keiryo language model file ({FORMAT})")
+    try:
+        config_dict = json.loads(payload["config"])
+        layers, state = payload["layers"], payload["state"]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ArtifactError(f"{what} is missing its config, layers or state") from exc
+    if "auto_map" in config_dict:
+        raise TrustError(f"{what} names its own Python code (auto_map); keiryo never runs code from a model")
+    check_bytes(_stored_bytes(state), what)
+    transformers = _transformers()
+    try:
+        config = transformers.AutoConfig.for_model(**config_dict)
+        with torch.device("meta"):
+            model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+            linearize(model)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ArtifactError(f"{what} has a config transformers cannot build: {exc}") from exc
+    for name, entry in layers.items():
+        _place(model, name, entry, state, what)
+    rest = {k: decode_sparse(v, what) for k, v in state.items() if not _belongs(k, layers)}
+    missing, unexpected = model.load_state_dict(rest, strict=False, assign=True)
+    if unexpected:
+        raise ArtifactError(f"{what} has tensors the architecture does not: {unexpected[:3]}")
+    _materialize_buffers(model, what)
+    if missing := [n for n, p in model.named_parameters() if p.device.type == "meta"]:
+        raise ArtifactError(f"{what} lacks weights for {missing[:3]}")
+    return model.eval()
+
+
+def _belongs(key: str, layers: dict) -> bool:
+    module = key.rpartition(".")[0]
+    return module in layers
+
+
+def _place(model: nn.Module, name: str, entry: dict, state: dict, what: str) -> None:
+    """Put a quantized layer, rebuilt from its stored tensors, in place of the meta module `name`."""
+    prefix = f"{name}."
+    bias = state.get(prefix + "bias")
+    try:
+        kind = entry["kind"]
+        if kind == "int4":
+            packed = state[prefix + "q4"]
+            q = torch.stack([packed & 15, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+            scale, zero = state[prefix + "scale"].float(), state[prefix + "zero"].float()
+            module: nn.Module = Int4Linear(q, scale, zero, int(entry["group_size"]), bias)
+        elif kind == "int8":
+            module = Int8Linear(state[prefix + "weight_int8"], state[prefix + "scale"], bias)
+        elif kind == "int8-embedding":
+            module = Int8Embedding(
+                state[prefix + "weight_int8"], state[prefix + "scale"], entry["padding_idx"]
+            )
+        else:
+            raise ArtifactError(f"{what} has a layer of unknown kind {kind!r}")
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, module)
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
+        raise ArtifactError(f"{what} has a corrupt quantized layer '{name}': {exc}") from exc
+
+
+def _materialize_buffers(model: nn.Module, what: str) -> None:
+    """Non-persistent buffers (not in any state dict) are still on the meta device: compute them on the CPU
+    with transformers' own initialisation (rotary embeddings' inverse frequencies)."""
+    for module in model.modules():
+        if any(b is not None and b.device.type == "meta" for b in module.buffers(recurse=False)):
+            module.to_empty(device="cpu", recurse=False)
+            model._init_weights(module)
+            if "RotaryEmbedding" not in type(module).__name__:
+                raise ArtifactError(f"{what}: cannot rebuild the buffers of {type(module).__name__}")
+
+
+def _stored_bytes(state: dict) -> int:
+    total = 0
+    for value in state.values():
+        if isinstance(value, Tensor):
+            total += value.numel() * value.element_size()
+        elif isinstance(value, dict) and "shape" in value:
+            count = 1
+            for size in value["shape"]:
+                count *= int(size)
+            total += count * 4
+    return total
