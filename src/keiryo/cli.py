@@ -12,6 +12,7 @@ import contextlib
 import math
 import os
 import secrets
+import signal
 import sys
 import tempfile
 import warnings
@@ -142,11 +143,13 @@ def _staged(*targets: Path | None) -> Iterator[list[Path | None]]:
     """A temporary path beside each target; each is renamed onto its target only if the block succeeds.
 
     Whatever ends the block early (an error, Ctrl-C) removes the temporary files and leaves every target as
-    it was.
+    it was; so does a Ctrl-C that a library swallowed during the block.
     """
     temps = [None if t is None else t.with_name(f".{t.name}.{secrets.token_hex(4)}.partial") for t in targets]
     try:
         yield temps
+        if _interrupted():  # Ctrl-C was pressed and a library swallowed it: write nothing
+            raise KeyboardInterrupt
         umask = os.umask(0)
         os.umask(umask)
         for temp, target in zip(temps, targets, strict=True):
@@ -961,6 +964,9 @@ def main(argv: list[str] | None = None) -> int:
     User errors print one line (`error: ...`) and return 2; Ctrl-C prints `interrupted` and returns 130;
     anything else is a keiryo bug: one line and 1 (KEIRYO_DEBUG=1 shows the traceback instead).
     """
+    from keiryo.__main__ import SigintWatch
+
+    watch = SigintWatch.install()  # None when `python -m keiryo` installed one already
     try:
         with warnings.catch_warnings():
             if not os.environ.get("KEIRYO_DEBUG"):
@@ -969,6 +975,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _say("interrupted")
         return 130
+    finally:
+        if watch is not None:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _interrupted() -> bool:
+    """Whether Ctrl-C was pressed during this run, even if a library swallowed its KeyboardInterrupt."""
+    return bool(getattr(signal.getsignal(signal.SIGINT), "fired", False))
 
 
 def _dispatch(args: list[str]) -> int:
@@ -991,10 +1005,13 @@ def _dispatch(args: list[str]) -> int:
         where = context.command_path if context is not None else "keiryo"
         _say(f"error: {' '.join(exc.format_message().split())} (see: {where} --help)")
         return getattr(exc, "exit_code", 2)
-    except KeiryoError as exc:
-        _say(f"error: {one_line(exc, limit=1000)}")
-        return 2
     except Exception as exc:
+        if _interrupted():  # a Ctrl-C that a library turned into another error (see SigintWatch)
+            _say("interrupted")
+            return 130
+        if isinstance(exc, KeiryoError):
+            _say(f"error: {one_line(exc, limit=1000)}")
+            return 2
         if os.environ.get("KEIRYO_DEBUG"):
             raise
         _say(f"error: unexpected {one_line(exc, limit=300)} (set KEIRYO_DEBUG=1 for the traceback)")
