@@ -278,6 +278,64 @@ def test_loads_a_hugging_face_folder_offline_with_its_tokenizer(tmp_path):
     assert torch.allclose(_logits(loaded, IDS), _logits(model, IDS), atol=1e-5)
 
 
+def _write_gguf(model, path):
+    """A float32 GGUF of a tiny Llama with a byte-level vocabulary, laid out as llama.cpp's converter does
+    (q/k rows permuted for its rotary layout, which transformers undoes on load)."""
+    gguf = pytest.importorskip("gguf")
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    config, state = model.config, model.state_dict()
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(VOCAB)
+    writer.add_tokenizer_model("gpt2")
+    byte_chars = bytes_to_unicode()
+    writer.add_token_list([byte_chars[i] for i in range(VOCAB)])
+    writer.add_token_types([1] * VOCAB)
+    writer.add_token_scores([0.0] * VOCAB)
+    writer.add_token_merges([])
+    writer.add_bos_token_id(0)
+    writer.add_eos_token_id(1)
+
+    def permute(weight, heads):
+        return (
+            weight.reshape(heads, 2, weight.shape[0] // heads // 2, -1).swapaxes(1, 2).reshape(weight.shape)
+        )
+
+    names = {"input_layernorm": "attn_norm", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+             "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down"}  # fmt: skip
+    writer.add_tensor("token_embd.weight", state["model.embed_tokens.weight"].numpy())
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        q, k = state[p + "self_attn.q_proj.weight"], state[p + "self_attn.k_proj.weight"]
+        writer.add_tensor(f"blk.{i}.attn_q.weight", permute(q, config.num_attention_heads).numpy())
+        writer.add_tensor(f"blk.{i}.attn_k.weight", permute(k, config.num_key_value_heads).numpy())
+        for hf, gg in names.items():
+            writer.add_tensor(f"blk.{i}.{gg}.weight", state[f"{p}{hf}.weight"].numpy())
+    writer.add_tensor("output_norm.weight", state["model.norm.weight"].numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_loads_a_gguf_file_with_its_tokenizer(tmp_path):
+    pytest.importorskip("accelerate")  # transformers reads GGUF only with accelerate installed
+    model = _model("llama")
+    _write_gguf(model, tmp_path / "tiny.gguf")
+    loaded, tokenizer = load_causal_lm(f"gguf:{tmp_path / 'tiny.gguf'}")
+    assert torch.equal(_logits(loaded, IDS), _logits(model, IDS))
+    assert tokenize(tokenizer, "hi!").tolist() == [104, 105, 33]  # byte-level: one token per byte
+
+
 def test_refuses_a_folder_that_names_its_own_code(tmp_path):
     _model("llama").save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())

@@ -109,19 +109,27 @@ def run_layerwise(
 
 
 def _gather(block: nn.Module, inputs: list[Tensor], kwargs: dict, statistic: str) -> dict[str, Tensor]:
-    """Per Linear of `block`: the Hessian 2·XᵀX/n (hessian) or the squared column norms ΣX_j² (norm)."""
+    """Per Linear of `block`: the Hessian 2·XᵀX/n (hessian) or the squared column norms ΣX_j² (norm).
+
+    Layers that read the same tensor (q/k/v, gate/up) share one computation per batch. Sums are in float32:
+    over a few thousand tokens per batch that is what GPTQ's reference implementation does too.
+    """
     linears = block_linears(block)
     stats: dict[str, Tensor] = {}
     counts: dict[str, int] = dict.fromkeys(linears, 0)
+    # this batch's statistic of each distinct input tensor, with the tensor itself: holding it keeps its
+    # memory from being reused by a later tensor of the same shape, which would then look the same
+    shared: dict[tuple, tuple[Tensor, Tensor]] = {}
 
     def hook_for(name: str):
         def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
-            x = args[0].detach().reshape(-1, module.in_features).double()
-            if statistic == "hessian":
-                update = x.t() @ x
-            else:
-                update = (x * x).sum(0)
-            stats[name] = stats[name] + update if name in stats else update
+            x = args[0].detach().reshape(-1, module.in_features)
+            key = (x.data_ptr(), tuple(x.shape), x.stride())
+            if key not in shared:
+                x32 = x.float()
+                shared[key] = (x, x32.t() @ x32 if statistic == "hessian" else (x32 * x32).sum(0))
+            update = shared[key][1]
+            stats[name] = stats[name] + update if name in stats else update.clone()
             counts[name] += x.shape[0]
 
         return hook
@@ -130,13 +138,14 @@ def _gather(block: nn.Module, inputs: list[Tensor], kwargs: dict, statistic: str
     try:
         with torch.inference_mode():
             for x in inputs:
+                shared.clear()
                 block(x, **kwargs)
     finally:
         for handle in handles:
             handle.remove()
     if statistic == "hessian":
-        return {name: (2.0 / max(counts[name], 1) * h).float() for name, h in stats.items()}
-    return {name: s.float() for name, s in stats.items()}
+        return {name: 2.0 / max(counts[name], 1) * h for name, h in stats.items()}
+    return stats
 
 
 def _hidden(output: Any) -> Tensor:

