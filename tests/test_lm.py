@@ -229,6 +229,7 @@ METHODS = {
     "int4-gptq": lambda m, c: quantize_weights(m, "int4", algorithm="gptq", calibration=c),
     "magnitude-50%": lambda m, c: prune_weights(m, "magnitude"),
     "wanda-50%": lambda m, c: prune_weights(m, "wanda", calibration=c),
+    "magnitude-2:4": lambda m, c: prune_weights(m, "magnitude", "2:4"),
     "wanda-2:4": lambda m, c: prune_weights(m, "wanda", "2:4", calibration=c),
 }
 
