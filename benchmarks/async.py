@@ -19,7 +19,7 @@ import torch
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # the embedded Ray stays on 127.0.0.1
 
 from keiryo.data import load_data  # noqa: E402
-from keiryo.measure import accuracy  # noqa: E402
+from keiryo.metrics import accuracy  # noqa: E402
 from keiryo.models import build_model  # noqa: E402
 from keiryo.parallel.async_ps import AsyncConfig, train_async  # noqa: E402
 

@@ -27,9 +27,9 @@ from torch.utils.data import Subset
 
 from keiryo.compress.distill import distill
 from keiryo.data import DataSplits, load_data
-from keiryo.measure import accuracy, count_parameters
+from keiryo.loop import train
+from keiryo.metrics import accuracy, count_parameters
 from keiryo.models import build_model, kwargs_for_data
-from keiryo.train import train
 
 OUT = Path(__file__).parent / "out"
 SEEDS = (0, 1, 2, 3, 4)

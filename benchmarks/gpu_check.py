@@ -20,9 +20,9 @@ import torch
 
 from keiryo.data import load_data, tensors_of
 from keiryo.errors import KeiryoError
-from keiryo.measure import accuracy, agreement
+from keiryo.loop import train
+from keiryo.metrics import accuracy, agreement
 from keiryo.models import build_model, kwargs_for_data
-from keiryo.train import train
 
 STRATEGIES = ("single", "ddp", "fsdp", "pipeline")
 PRECISIONS = ("fp32", "bf16", "fp16")

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from keiryo.data import example_inputs, load_data
-from keiryo.measure import compare, time_models
+from keiryo.metrics import compare, time_models
 from keiryo.models import build_model, kwargs_for_data
 
 OUT = Path(__file__).parent / "out" / "measure_stability.md"

@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from keiryo.data import load_data
+from keiryo.loop import train
 from keiryo.models import build_model, kwargs_for_data
 from keiryo.parallel.launch import free_port
-from keiryo.train import train
 
 OUT = Path(__file__).parent / "out"
 THREADS = 2

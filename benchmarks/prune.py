@@ -22,10 +22,10 @@ import torch
 
 from keiryo.compress.prune import prune, sparsity
 from keiryo.data import example_inputs, load_data
-from keiryo.measure import compare, file_bytes
+from keiryo.loop import TrainConfig, fit
+from keiryo.metrics import compare, file_bytes
 from keiryo.models import Attention, build_model, kwargs_for_data
 from keiryo.report import markdown
-from keiryo.train import TrainConfig, fit
 
 OUT = Path(__file__).parent / "out"
 FINETUNE = 3  # epochs of fine-tuning after structured pruning

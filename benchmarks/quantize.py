@@ -21,12 +21,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from keiryo import artifacts
+from keiryo import fileio
 from keiryo.compress.quantize import quantize, report_of
 from keiryo.data import example_inputs, load_data
-from keiryo.measure import Report, compare
+from keiryo.loop import TrainConfig, train
+from keiryo.metrics import Report, compare
 from keiryo.models import build_model, kwargs_for_data
-from keiryo.train import TrainConfig, train
 
 OUT = Path(__file__).parent / "out" / "quantize.md"
 warnings.filterwarnings("ignore")
@@ -238,12 +238,12 @@ def main() -> None:
     for step in steps:
         sections.append(step())
         print("\n" + sections[-1], flush=True)
-        artifacts.atomic_write_bytes(("\n\n".join(sections) + "\n\n_(partial)_\n").encode(), OUT)
+        fileio.atomic_write_bytes(("\n\n".join(sections) + "\n\n_(partial)_\n").encode(), OUT)
     sections.append(
         f"_whole run: {time.perf_counter() - started:.0f} s; load average at end {os.getloadavg()[0]:.1f}_"
     )
     print("\n" + sections[-1])
-    artifacts.atomic_write_bytes(("\n\n".join(sections) + "\n").encode(), OUT)
+    fileio.atomic_write_bytes(("\n\n".join(sections) + "\n").encode(), OUT)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ with `ast`, nothing imported), 90% of them; quality is measured on sentences no 
 held-out 5% of those docstrings (the domain the students were distilled on, as a user distils on their own
 text), and 200 hand-written everyday sentences in 20 topics (out of that domain). Quality is the cosine
 similarity of each sentence's embedding to the original's, and agreement of nearest-neighbour retrieval.
-Latency is the median of interleaved runs at batch 1 and 32, 2 threads, by `keiryo.measure.compare`.
+Latency is the median of interleaved runs at batch 1 and 32, 2 threads, by `keiryo.metrics.compare`.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from keiryo.compress.prune import prune
 from keiryo.compress.quantize import quantize, report_of
 from keiryo.data import DataSplits, split_tensors
 from keiryo.hf import embedding_quality, encoder_layers
-from keiryo.measure import compare
+from keiryo.metrics import compare
 from keiryo.models import build_model
 from keiryo.report import markdown
 

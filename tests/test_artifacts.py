@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from keiryo import artifacts
+from keiryo import artifacts, provenance
 from keiryo.errors import ArtifactError, TrustError
 from keiryo.models import build_model
 
@@ -28,7 +28,7 @@ def test_save_load_gives_identical_outputs(tmp_path, name, kwargs, shape):
     loaded = artifacts.load(path)
     assert type(loaded) is type(model)
     assert torch.equal(loaded(x), model(x))
-    assert artifacts.metadata_of(loaded)["input_shape"] == list(shape[1:])
+    assert provenance.metadata_of(loaded)["input_shape"] == list(shape[1:])
 
 
 def test_reshaped_layers_round_trip(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from keiryo.errors import ConfigError, TrainingError
-from keiryo.measure import accuracy
+from keiryo.metrics import accuracy
 from keiryo.models import build_model
 from keiryo.parallel.async_ps import AsyncConfig, _ray_init, load_checkpoint, train_async
 

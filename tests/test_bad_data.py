@@ -25,8 +25,8 @@ import keiryo
 from keiryo.cli import main
 from keiryo.data import load_data
 from keiryo.errors import ConfigError, DataError, KeiryoError, ModelError, ResourceError, TrainingError
+from keiryo.loop import TrainConfig, classification_loss, fit, train
 from keiryo.models import build_model
-from keiryo.train import TrainConfig, classification_loss, fit, train
 
 
 def _one_line(info: pytest.ExceptionInfo) -> str:

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from keiryo import artifacts
+from keiryo import artifacts, provenance
 from keiryo.cli import main
 from keiryo.models import build_model
 
@@ -35,7 +35,7 @@ def test_train_then_bench(tmp_path, capsys):
     )
     assert code == 0, err
     assert "test accuracy" in out and model.exists()
-    meta = artifacts.metadata_of(artifacts.load(model))
+    meta = provenance.metadata_of(artifacts.load(model))
     assert meta["input_shape"] == [1, 8, 8] and meta["test_accuracy"] > 0.8
     small = tmp_path / "small.pt"
     code, _, err = run(

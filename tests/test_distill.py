@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import Subset
 
-from keiryo import artifacts
+from keiryo import artifacts, provenance
 from keiryo.cli import main
 from keiryo.compress import distill as distill_module
 from keiryo.compress.distill import (
@@ -23,8 +23,8 @@ from keiryo.compress.distill import (
 )
 from keiryo.data import load_data, tensors_of
 from keiryo.errors import ConfigError
+from keiryo.loop import load_checkpoint, train
 from keiryo.models import build_model, kwargs_for_data
-from keiryo.train import load_checkpoint, train
 
 QUIET = dict(progress=False, device="cpu")
 
@@ -326,7 +326,7 @@ def test_cli_distill_writes_a_student_and_refuses_bad_values(teacher, tmp_path, 
     assert main([*args, "--out", str(out), *quick]) == 0
     student = artifacts.load(out)
     assert student.fc0.out_features == 16
-    assert artifacts.metadata_of(student)["distilled_from"] == str(teacher_file)
+    assert provenance.metadata_of(student)["distilled_from"] == str(teacher_file)
     assert "teacher" in capsys.readouterr().out
     assert main([*args, "--out", str(tmp_path / "x.pt"), "--temperature", "0", *quick]) == 2
     assert "temperature must be > 0" in capsys.readouterr().err

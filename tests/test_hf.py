@@ -16,7 +16,7 @@ from keiryo.compress.distill import distill  # noqa: E402
 from keiryo.compress.prune import prune  # noqa: E402
 from keiryo.errors import ConfigError, ModelError  # noqa: E402
 from keiryo.hf import HFModel, embedding_quality, text_data  # noqa: E402
-from keiryo.measure import compare  # noqa: E402
+from keiryo.metrics import compare  # noqa: E402
 from keiryo.models import build_model, spec_of  # noqa: E402
 
 WORDS = "the a cat dog sat on mat ran fast slow red blue house car tree big small quickly over under".split()

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from keiryo.errors import ConfigError
+from keiryo.loop import train
 from keiryo.models import build_model
 from keiryo.optimize import optimize, parse_duration
-from keiryo.train import train
 
 
 @pytest.fixture(scope="module")

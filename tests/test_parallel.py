@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 
 from keiryo.errors import ConfigError
+from keiryo.loop import classification_loss, load_checkpoint, train
 from keiryo.models import build_model
 from keiryo.parallel.launch import WorkerError, free_port, init_worker, run_local
 from keiryo.parallel.pipeline import apply_pipeline, balanced_split_points, split_units
-from keiryo.train import classification_loss, load_checkpoint, train
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 

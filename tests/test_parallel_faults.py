@@ -19,9 +19,9 @@ import torch
 from torch.utils.data import Subset
 
 from keiryo.errors import ConfigError, TrainingError
+from keiryo.loop import classification_loss, train
 from keiryo.models import build_model
 from keiryo.parallel import launch
-from keiryo.train import classification_loss, train
 
 # The test process sets RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER (conftest); the runs below must not need it.
 ENV = {

@@ -4,13 +4,13 @@ import pytest
 import torch
 from torch import nn
 
-from keiryo import artifacts
+from keiryo import artifacts, provenance, sparse
 from keiryo.cli import main
 from keiryo.compress.prune import magnitude_masks, prune, sparsity
 from keiryo.errors import ArtifactError, ConfigError, ModelError
-from keiryo.measure import accuracy, count_flops, count_parameters
+from keiryo.loop import TrainConfig, fit
+from keiryo.metrics import accuracy, count_flops, count_parameters
 from keiryo.models import Attention, build_model
-from keiryo.train import TrainConfig, fit
 
 X = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(1))
 SMALL = {
@@ -34,7 +34,7 @@ def test_structured_pruning_shrinks_and_round_trips(tmp_path, name):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the input is untouched
     loaded = artifacts.load(artifacts.save(pruned, tmp_path / "pruned.pt"))
     assert torch.equal(loaded(X), pruned(X))
-    assert artifacts.metadata_of(loaded)["pruning"]["ratio"] == 0.5
+    assert provenance.metadata_of(loaded)["pruning"]["ratio"] == 0.5
 
 
 def test_cnn_channels_tied_by_residuals_and_batchnorm_are_removed_together():
@@ -157,20 +157,20 @@ def test_sparse_encoding_round_trips_exactly(shape):
     values = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     values[torch.rand(shape, generator=torch.Generator().manual_seed(1)) < 0.8] = 0
     values.view(-1)[3] = float("nan")
-    encoded = artifacts.encode_sparse(values)
+    encoded = sparse.encode_sparse(values)
     assert isinstance(encoded, dict) and encoded["values"].numel() == int((values != 0).sum())
-    decoded = artifacts.decode_sparse(encoded)
+    decoded = sparse.decode_sparse(encoded)
     assert decoded.shape == values.shape and torch.equal(decoded.nan_to_num(7.0), values.nan_to_num(7.0))
-    assert artifacts.encode_sparse(torch.randn(shape)) is not None
-    assert isinstance(artifacts.encode_sparse(torch.randn(100)), torch.Tensor)  # dense stays dense
-    assert isinstance(artifacts.encode_sparse(torch.zeros(100, dtype=torch.long)), torch.Tensor)
+    assert sparse.encode_sparse(torch.randn(shape)) is not None
+    assert isinstance(sparse.encode_sparse(torch.randn(100)), torch.Tensor)  # dense stays dense
+    assert isinstance(sparse.encode_sparse(torch.zeros(100, dtype=torch.long)), torch.Tensor)
 
 
 def test_corrupt_sparse_tensor_is_a_clear_error(tmp_path):
-    encoded = artifacts.encode_sparse(torch.zeros(256))
+    encoded = sparse.encode_sparse(torch.zeros(256))
     encoded["values"] = torch.ones(3)
     with pytest.raises(ArtifactError, match="corrupt sparse tensor"):
-        artifacts.decode_sparse(encoded)
+        sparse.decode_sparse(encoded)
 
 
 def test_iterative_unstructured_finetuning_keeps_zeros(digits):
@@ -193,7 +193,7 @@ def test_iterative_taylor_with_finetuning_and_teacher(digits):
     assert tuned.fc0.out_features == one_shot.fc0.out_features == 64
     assert all(p.grad is None for p in tuned.parameters())
     assert accuracy(tuned, digits.test) > max(0.8, accuracy(one_shot, digits.test) + 0.1)
-    assert artifacts.metadata_of(tuned)["pruning"]["distilled"] is True
+    assert provenance.metadata_of(tuned)["pruning"]["distilled"] is True
 
 
 def test_activation_importance_removes_the_neuron_the_data_never_uses():

@@ -11,9 +11,9 @@ from keiryo.compress import quant_backends, quant_static
 from keiryo.compress.quantize import METHODS, MIN_SPEEDUP, quantize, report_of, sensitivity
 from keiryo.data import example_inputs
 from keiryo.errors import ConfigError, ModelError
-from keiryo.measure import accuracy, agreement, file_bytes
+from keiryo.loop import TrainConfig, train
+from keiryo.metrics import accuracy, agreement, file_bytes
 from keiryo.models import build_model, kwargs_for_data
-from keiryo.train import TrainConfig, train
 
 
 def _trained(name: str, digits, epochs: int = 3, **kwargs) -> nn.Module:

@@ -18,7 +18,7 @@ import zipfile
 import pytest
 import torch
 
-from keiryo import artifacts
+from keiryo import artifacts, sparse
 from keiryo.cli import main
 from keiryo.errors import ArtifactError, ConfigError, KeiryoError, ModelError, ResourceError, TrustError
 from keiryo.models import build_model
@@ -50,7 +50,7 @@ def evil(tmp_path, marker):
 @pytest.fixture
 def quick(monkeypatch):
     """Recipe runs that time latency briefly and write no report files: these tests are about trust."""
-    measure = sys.modules["keiryo.measure"]
+    measure = sys.modules["keiryo.metrics"]
     monkeypatch.setattr(measure, "compare", functools.partial(measure.compare, runs=2, warmup=1))
     monkeypatch.setattr(sys.modules["keiryo.report"], "write_reports", lambda *args, **kwargs: None)
 
@@ -246,7 +246,7 @@ def _tampered(tmp_path, change) -> str:
 
 def _sparse_bomb(p):
     p["state_dict"]["fc0.weight"] = {
-        "format": artifacts.SPARSE_FORMAT,
+        "format": sparse.SPARSE_FORMAT,
         "shape": [10**6, 10**6],
         "mask": torch.zeros(4, dtype=torch.uint8),
         "values": torch.zeros(0),

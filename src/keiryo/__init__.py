@@ -1,6 +1,6 @@
 """keiryo: faster PyTorch training and lighter models, with the measurements to prove both.
 
-The public API is the names below. Internal code imports from the submodules (`from keiryo.measure import
+The public API is the names below. Internal code imports from the submodules (`from keiryo.metrics import
 compare`), since `keiryo.train` and `keiryo.measure` name the functions, not the modules.
 """
 
@@ -9,8 +9,8 @@ from keiryo.compress.distill import distill
 from keiryo.compress.prune import prune
 from keiryo.compress.quantize import quantize
 from keiryo.errors import KeiryoError
-from keiryo.measure import compare, measure
-from keiryo.train import train
+from keiryo.loop import train
+from keiryo.metrics import compare, measure
 
 __version__ = "0.1.0"
 

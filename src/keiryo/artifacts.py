@@ -18,13 +18,7 @@ with a file ends as one line (ArtifactError, TrustError or ResourceError), never
 
 from __future__ import annotations
 
-import io
 import math
-import os
-import pickle
-import tempfile
-import warnings
-import zipfile
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -33,6 +27,7 @@ import torch
 from torch import nn
 
 from keiryo import models
+from keiryo.compress.quantize import replay as replay_quantize
 from keiryo.errors import (
     ArtifactError,
     KeiryoError,
@@ -42,120 +37,19 @@ from keiryo.errors import (
     check_bytes,
     one_line,
 )
+from keiryo.fileio import atomic_torch_save, safe_torch_load
+from keiryo.provenance import (
+    METADATA_ATTR,
+    PRIMITIVE,
+    STRUCTURE_ATTR,
+    TRANSFORMS_ATTR,
+    capture_structure,
+    metadata_of,
+)
+from keiryo.sparse import MAX_DIMS, checked_shape, decode_sparse, dense_bytes, encode_sparse, short
 
 MODEL_FORMAT = "keiryo-model/1"
-TRANSFORMS_ATTR = "_keiryo_transforms"
-STRUCTURE_ATTR = "_keiryo_float_structure"
-SPARSE_FORMAT = "keiryo-sparse/1"
-SPARSE_MAX_FRACTION = 0.75  # a tensor is stored sparse only if that takes at most this share of its bytes
-_PRIMITIVE = (bool, int, float, str)
 EXAMPLE_BATCH = 64  # the batch of random inputs the CLI makes from a recorded input shape
-MAX_DIMS = 8  # dimensions a recorded tensor or input shape may have
-
-
-def atomic_write_bytes(data: bytes, path: str | Path) -> None:
-    """Write to a temporary file beside `path`, fsync, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """`torch.save` through `atomic_write_bytes`."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    atomic_write_bytes(buffer.getvalue(), path)
-
-
-def safe_torch_load(path: str | Path, *, what: str = "model file") -> Any:
-    """`torch.load` with `weights_only=True`; every failure becomes a one-line ArtifactError.
-
-    The file's size, and for a zip checkpoint the unpacked size of its records, are checked against
-    `KEIRYO_MAX_BYTES` first, so a small file cannot unpack to more memory than that.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise ArtifactError(f"{what} '{path}' does not exist")
-    if path.is_dir():
-        raise ArtifactError(f"{what} '{path}' is a directory, not a file")
-    check_bytes(path.stat().st_size, f"{what} '{path}'")
-    _check_unpacked_size(path, what)
-    _allow_quantized_tensors(path)
-    try:
-        with warnings.catch_warnings():  # torch's note on a foreign pickle protocol: the error says enough
-            warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        text = str(exc).lower()
-        if "unsupported global" in text or "global" in text and "allowed" in text:
-            raise ArtifactError(
-                f"{what} '{path}' holds Python objects, not just tensors; refusing to unpickle it"
-            ) from exc
-        raise ArtifactError(f"{what} '{path}' is corrupt or not a PyTorch file") from exc
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise ArtifactError(f"{what} '{path}' is corrupt or not a PyTorch file") from exc
-    except (MemoryError, RecursionError, TypeError, KeyError, AttributeError, IndexError) as exc:
-        raise ArtifactError(f"{what} '{path}' is corrupt: {one_line(exc)}") from exc
-
-
-def _check_unpacked_size(path: Path, what: str) -> None:
-    """Refuse a zip checkpoint whose records unpack to more than the limit (a compressed zip bomb)."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            unpacked = sum(info.file_size for info in archive.infolist())
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
-        return  # not a zip (legacy format, or corrupt): torch.load will say so
-    check_bytes(unpacked, f"{what} '{path}' (unpacked)")
-
-
-def _allow_quantized_tensors(path: Path) -> None:
-    """Import torchao when the file holds its quantized weights: importing it allowlists exactly its tensor
-    classes for weights_only loading (no other global is allowed)."""
-    try:
-        needed = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except Exception:  # not a zip checkpoint, corrupt...: torch.load will say so
-        return
-    if any(name.startswith("torchao.") for name in needed):
-        from keiryo.compress.quant_backends import import_torchao
-
-        import_torchao()
-
-
-def record_transform(model: nn.Module, kind: str, **options: Any) -> None:
-    """Note a class-changing step (quantization...) so `load` can replay it; call before changing classes."""
-    if not hasattr(model, STRUCTURE_ATTR):
-        setattr(model, STRUCTURE_ATTR, capture_structure(model))
-    transforms = list(getattr(model, TRANSFORMS_ATTR, []))
-    transforms.append({"kind": kind, "options": options})
-    setattr(model, TRANSFORMS_ATTR, transforms)
-
-
-def capture_structure(model: nn.Module) -> dict[str, dict]:
-    """Each module's class, primitive attributes and parameter/buffer shapes."""
-    structure = {}
-    for name, module in model.named_modules():
-        attrs = {}
-        for key, value in vars(module).items():
-            if key.startswith("_") or key == "training":
-                continue
-            if isinstance(value, _PRIMITIVE) or (
-                isinstance(value, (tuple, list)) and all(isinstance(v, _PRIMITIVE) for v in value)
-            ):
-                attrs[key] = list(value) if isinstance(value, tuple) else value
-        tensors = {
-            k: list(v.shape) for k, v in {**module._parameters, **module._buffers}.items() if v is not None
-        }
-        structure[name] = {"class": type(module).__qualname__, "attrs": attrs, "shapes": tensors}
-    return structure
 
 
 def apply_structure(model: nn.Module, structure: dict[str, dict]) -> None:
@@ -190,8 +84,8 @@ def _same_kind(current: Any, value: Any) -> bool:
     """Whether a recorded attribute may replace `current`: plain values of the same type (lists: of plain
     values)."""
     if isinstance(current, (tuple, list)):
-        return isinstance(value, type(current)) and all(isinstance(v, _PRIMITIVE) for v in value)
-    return isinstance(current, _PRIMITIVE) and type(value) is type(current)
+        return isinstance(value, type(current)) and all(isinstance(v, PRIMITIVE) for v in value)
+    return isinstance(current, PRIMITIVE) and type(value) is type(current)
 
 
 def check_structure(structure: Any, what: str) -> None:
@@ -208,24 +102,8 @@ def check_structure(structure: Any, what: str) -> None:
         ):
             raise ArtifactError(f"{what} has a malformed structure entry for layer {name!r}")
         for key, shape in entry["shapes"].items():
-            elements += math.prod(_shape(shape, f"{what}: layer '{name}' tensor '{key}'"))
+            elements += math.prod(checked_shape(shape, f"{what}: layer '{name}' tensor '{key}'"))
     check_bytes(4 * elements, f"{what}: the recorded layer shapes")
-
-
-def _shape(value: Any, what: str) -> list[int]:
-    """A recorded shape, checked to be at most `MAX_DIMS` whole numbers ≥ 0."""
-    if (
-        not isinstance(value, (list, tuple))
-        or len(value) > MAX_DIMS
-        or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
-    ):
-        raise ArtifactError(f"{what} has shape {_short(value)}, not a list of at most {MAX_DIMS} sizes ≥ 0")
-    return list(value)
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def save(
@@ -259,7 +137,7 @@ def save(
         },
         # each module's state_dict version: torch.ao's quantized layers read their saved format from it
         "versions": {k: m.get("version") for k, m in getattr(state, "_metadata", {}).items()},
-        "metadata": {**getattr(model, "_keiryo_metadata", {}), **(metadata or {})},
+        "metadata": {**getattr(model, METADATA_ATTR, {}), **(metadata or {})},
         "torch": str(torch.__version__),
     }
     atomic_torch_save(payload, path)
@@ -277,7 +155,7 @@ def read(path: str | Path) -> dict[str, Any]:
     what = f"model file '{path}'"
     _check_payload(payload, what)
     state = payload["state_dict"]
-    check_bytes(sum(_dense_bytes(v, what) for v in state.values()), f"{what}: its sparse tensors decoded")
+    check_bytes(sum(dense_bytes(v, what) for v in state.values()), f"{what}: its sparse tensors decoded")
     payload["state_dict"] = {k: decode_sparse(v, what) for k, v in state.items()}
     return payload
 
@@ -327,79 +205,10 @@ def input_shape_of(
         or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in shape)
     ):
         raise ArtifactError(
-            f"{what} records input shape {_short(shape)}, not a list of 1 to {MAX_DIMS} sizes ≥ 1"
+            f"{what} records input shape {short(shape)}, not a list of 1 to {MAX_DIMS} sizes ≥ 1"
         )
     check_bytes(4 * batch * math.prod(shape), f"{what}: a batch of {batch} inputs of its recorded shape")
     return tuple(shape)
-
-
-def encode_sparse(tensor: torch.Tensor) -> torch.Tensor | dict[str, Any]:
-    """A zero-heavy float tensor as {values, packed bitmask, shape}, when that is clearly smaller; else as is.
-
-    Unstructured pruning leaves dense tensors full of zeros; this makes the file shrink with the sparsity
-    (at 80% zeros an fp32 tensor takes 0.2 × 4 + 1/8 bytes per element: 0.23× of dense).
-    """
-    if tensor.is_quantized or not tensor.is_floating_point() or tensor.numel() < 64:
-        return tensor
-    if type(tensor) is not torch.Tensor:  # tensor subclasses (torchao's quantized weights) stay as they are
-        return tensor
-    keep = tensor != 0
-    nonzero = int(keep.sum())
-    sparse_bytes = (tensor.numel() + 7) // 8 + nonzero * tensor.element_size()
-    if sparse_bytes > SPARSE_MAX_FRACTION * tensor.numel() * tensor.element_size():
-        return tensor
-    return {
-        "format": SPARSE_FORMAT,
-        "shape": list(tensor.shape),
-        "mask": _pack_bits(keep.flatten()),
-        "values": tensor[keep].clone(),
-    }
-
-
-def decode_sparse(entry: Any, what: str = "model file") -> Any:
-    """The dense tensor that `encode_sparse` stored (anything else is returned unchanged); its size is checked
-    against `KEIRYO_MAX_BYTES` before it is allocated."""
-    if not (isinstance(entry, dict) and entry.get("format") == SPARSE_FORMAT):
-        return entry
-    try:
-        check_bytes(_dense_bytes(entry, what), f"{what}: a sparse tensor")
-        shape, mask, values = entry["shape"], entry["mask"], entry["values"]
-        numel = math.prod(shape)
-        keep = _unpack_bits(mask, numel)
-        if int(keep.sum()) != values.numel():
-            raise ValueError("mask and values disagree")
-        dense = torch.zeros(numel, dtype=values.dtype)
-        dense[keep] = values.flatten()
-        return dense.view(shape)
-    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
-        raise ArtifactError(f"{what} has a corrupt sparse tensor ({one_line(exc)})") from exc
-
-
-def _dense_bytes(entry: Any, what: str) -> int:
-    """Bytes a stored sparse tensor decodes to (0 for anything else)."""
-    if not (isinstance(entry, dict) and entry.get("format") == SPARSE_FORMAT):
-        return 0
-    values = entry.get("values")
-    if not isinstance(values, torch.Tensor):
-        raise ArtifactError(f"{what} has a corrupt sparse tensor (its values are not a tensor)")
-    return math.prod(_shape(entry.get("shape"), f"{what}: a sparse tensor")) * values.element_size()
-
-
-_BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
-
-
-def _pack_bits(flags: torch.Tensor) -> torch.Tensor:
-    """Booleans → uint8, eight per byte, most significant bit first (like numpy.packbits)."""
-    padded = torch.zeros((flags.numel() + 7) // 8 * 8, dtype=torch.uint8)
-    padded[: flags.numel()] = flags.to(torch.uint8)
-    return (padded.view(-1, 8) * _BIT_WEIGHTS).sum(dim=1, dtype=torch.uint8)
-
-
-def _unpack_bits(packed: torch.Tensor, count: int) -> torch.Tensor:
-    """The first `count` booleans that `_pack_bits` packed."""
-    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() * 8 < count:
-        raise ValueError(f"bitmask of {packed.numel()} bytes cannot hold {count} flags")
-    return (packed.unsqueeze(1) & _BIT_WEIGHTS).ne(0).flatten()[:count]
 
 
 def load(path: str | Path, *, trust_code: bool = False) -> nn.Module:
@@ -466,17 +275,10 @@ def _with_versions(payload: dict) -> dict:
     return state
 
 
-def metadata_of(model: nn.Module) -> dict[str, Any]:
-    """What was saved beside the weights (input shape, classes, provenance)."""
-    return dict(getattr(model, "_keiryo_metadata", {}))
-
-
 def _replay(model: nn.Module, transform: dict) -> None:
     """Re-apply one recorded class-changing step to the rebuilt float model (weights come after)."""
     kind = transform["kind"]
     if kind == "quantize":
-        from keiryo.compress.quantize import replay as replay_quantize
-
         replay_quantize(model, **transform["options"])
         return
     raise ArtifactError(f"it records transform '{kind}', which this keiryo version cannot replay")

@@ -26,12 +26,12 @@ import typer
 import yaml
 from rich.console import Console
 
-from keiryo import artifacts, data, devices, models, report
+from keiryo import artifacts, data, devices, fileio, models, provenance, report
 from keiryo.errors import ArtifactError, ConfigError, KeiryoError, check_bytes, one_line
-from keiryo.measure import accuracy, compare
+from keiryo.loop import TrainConfig
+from keiryo.loop import train as run_training
+from keiryo.metrics import accuracy, compare
 from keiryo.recipe import Recipe, load_recipe, run_recipe
-from keiryo.train import TrainConfig
-from keiryo.train import train as run_training
 
 app = typer.Typer(
     name="keiryo",
@@ -175,7 +175,7 @@ def _save(model: object, path: Path, target: Path, metadata: dict) -> None:
 
 def _write_text(text: str, path: Path, target: Path) -> None:
     try:
-        artifacts.atomic_write_bytes(text.encode(), path)
+        fileio.atomic_write_bytes(text.encode(), path)
     except OSError as exc:
         raise ArtifactError(f"cannot write '{target}': {exc.strerror or one_line(exc)}") from None
 
@@ -504,7 +504,7 @@ def _example_inputs(model_file: Path, model: object, splits: data.DataSplits | N
     if splits is not None:
         check_bytes(batch * 4 * math.prod(splits.input_shape), f"a batch of {batch} inputs")
         return data.example_inputs(splits, batch)
-    shape = artifacts.metadata_of(model).get("input_shape")
+    shape = provenance.metadata_of(model).get("input_shape")
     if not shape:
         raise ConfigError(f"'{model_file}' does not record its input shape; pass --data")
     check_bytes(batch * 4 * math.prod(shape), f"a batch of {batch} inputs")
@@ -818,7 +818,7 @@ def quantize_command(
     from keiryo.compress.quantize import check_options, report_of
     from keiryo.compress.quantize import quantize as quantize_model
     from keiryo.compress.quantize import sensitivity as layer_sensitivity
-    from keiryo.measure import threads as fixed_threads
+    from keiryo.metrics import threads as fixed_threads
 
     _check_output(out, inputs=[model_file, _data_path(calibration), _data_path(data_source)])
     check_options(method, backend, granularity, observer, group_size, has_calibration=calibration is not None)

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from keiryo.errors import KeiryoError
-from keiryo.measure import batch_of, has_quantized_kernels, time_models
+from keiryo.metrics import batch_of, has_quantized_kernels, time_models
 
 # Each format and the file suffix it is written with.
 SUFFIXES = {"onnx": ".onnx", "onnx-int8": ".onnx", "torch-export": ".pt2", "safetensors": ".safetensors"}

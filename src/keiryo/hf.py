@@ -109,7 +109,7 @@ def check_weights(directory: Path) -> None:
     check_bytes(sum(_safetensors_bytes(path) for path in safetensors), f"the weights in '{directory}'")
     if safetensors:
         return  # transformers prefers them; .bin files beside them are not read
-    from keiryo.artifacts import safe_torch_load
+    from keiryo.fileio import safe_torch_load
 
     for path in sorted(directory.glob("pytorch_model*.bin")):
         check_bytes(path.stat().st_size, f"weights '{path}'")
@@ -495,7 +495,7 @@ def read_texts(path: str | os.PathLike) -> list[str]:
 
 def write_text_data(model: HFModel, texts: Sequence[str], path: str | os.PathLike) -> Path:
     """Save {"inputs": token ids, "targets": the model's outputs}: a data file that `--data` reads."""
-    from keiryo.artifacts import atomic_torch_save
+    from keiryo.fileio import atomic_torch_save
 
     tokens = model.tokenize(texts)
     atomic_torch_save({"inputs": tokens, "targets": model.encode(tokens)}, path)

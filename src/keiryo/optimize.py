@@ -21,7 +21,7 @@ from torch import nn
 
 from keiryo.data import DataSplits, example_inputs, load_data
 from keiryo.errors import ConfigError
-from keiryo.measure import Report, accuracy, compare
+from keiryo.metrics import Report, accuracy, compare
 
 OBJECTIVES = ("latency", "size")
 
@@ -71,7 +71,7 @@ def optimize(
 ) -> OptimizeResult:
     """Search pruning × distillation × quantization for the cheapest model within `max_drop` points."""
     from keiryo.compress.prune import max_ratio, prune
-    from keiryo.train import TrainConfig
+    from keiryo.loop import TrainConfig
 
     check_options(max_drop, objective, time_limit, ratios, methods, finetune_epochs)
     if isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**64:

@@ -37,7 +37,7 @@ import yaml
 from torch import nn
 
 import keiryo
-from keiryo import artifacts, data, models
+from keiryo import artifacts, data, fileio, models
 from keiryo.errors import ArtifactError, ConfigError
 
 _NAME = {"name": str, "from": str}
@@ -325,13 +325,13 @@ def run_recipe(
     force: bool = False,
     on_step=None,
     trust_code: bool = False,
-) -> tuple[keiryo.measure.Report, list[StepOutcome]]:
+) -> tuple[keiryo.metrics.Report, list[StepOutcome]]:
     """Run every step (reusing unchanged ones), measure all models side by side, write the report files.
 
     Model specs that import code, and cached step files built by such code, are refused (TrustError) unless
     `trust_code=True`; this is checked for every step before the first one runs.
     """
-    from keiryo.measure import compare
+    from keiryo.metrics import compare
     from keiryo.report import write_reports
 
     recipe = load_recipe(source)
@@ -371,7 +371,7 @@ def run_recipe(
                 artifacts.save(model, model_path, metadata={"recipe": recipe.name, "step": step.name})
                 loaded[step.name] = model
             blob = {"key": key, "kind": step.kind, "options": step.options, "info": info}
-            artifacts.atomic_write_bytes(json.dumps(blob, indent=2, default=str).encode(), meta_path)
+            fileio.atomic_write_bytes(json.dumps(blob, indent=2, default=str).encode(), meta_path)
         outcomes.append(StepOutcome(step, model_path, fresh, time.perf_counter() - started, info))
     report = compare(loaded, example, splits, num_threads=torch.get_num_threads())
     write_reports(report, out, title=f"keiryo recipe: {recipe.name}", notes=_notes(outcomes))
@@ -429,7 +429,7 @@ def _run_step(step, recipe, splits, example, loaded, out, progress, trust_code=F
     source = loaded[step.source]
     if step.kind == "prune":
         from keiryo.compress.prune import prune
-        from keiryo.train import TrainConfig
+        from keiryo.loop import TrainConfig
 
         model = prune(
             source,

@@ -13,7 +13,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from keiryo.measure import Metrics, Report
+from keiryo.metrics import Metrics, Report
 
 
 def human_bytes(n: int | None) -> str:
@@ -187,7 +187,7 @@ def plot_tradeoffs(report: Report, path: str | Path) -> Path | None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
-    from keiryo.artifacts import atomic_write_bytes
+    from keiryo.fileio import atomic_write_bytes
 
     atomic_write_bytes(buffer.getvalue(), path)
     return path
@@ -221,7 +221,7 @@ def html(report: Report, title: str, image: Path | None = None, notes: list[str]
 
 def write_reports(report: Report, out_dir: str | Path, title: str, notes: list[str] | None = None) -> None:
     """report.md, report.html (self-contained), metrics.json and tradeoffs.png in `out_dir`, atomically."""
-    from keiryo.artifacts import atomic_write_bytes
+    from keiryo.fileio import atomic_write_bytes
 
     out = Path(out_dir)
     image = plot_tradeoffs(report, out / "tradeoffs.png")

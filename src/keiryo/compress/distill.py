@@ -19,7 +19,7 @@ from torch.utils.data import Dataset, Subset
 from keiryo import devices
 from keiryo.data import DataSplits, load_data, tensors_of
 from keiryo.errors import ConfigError
-from keiryo.train import LossFn, train
+from keiryo.loop import LossFn, train
 
 OUTPUT_LOSSES = ("kl", "mse", "cosine")
 
@@ -370,7 +370,7 @@ def distill(
 
     `features` matches hidden layers by name ({student layer: teacher layer}) with learned projections;
     `loss` "mse"/"cosine" distils regression or embedding outputs; `cache_teacher` runs the teacher once per
-    sample (only for data without augmentation). `train_options` go to `keiryo.train.train` (epochs, lr,
+    sample (only for data without augmentation). `train_options` go to `keiryo.loop.train` (epochs, lr,
     device, precision, checkpoint, ...). After pruning, `distill(unpruned, pruned, data)` is the fine-tuning.
     """
     check_options(temperature, alpha, loss)

@@ -6,7 +6,7 @@ concatenations) found by torch-pruning's dependency graph: the result is a small
 Unstructured pruning zeroes the smallest weights for good (no masks left); dense kernels are not faster for
 it, but `keiryo.save` stores zero-heavy tensors compactly, so the file shrinks with the sparsity.
 
-Both can run one-shot or iteratively (prune a little, fine-tune with `keiryo.train.fit`, repeat), optionally
+Both can run one-shot or iteratively (prune a little, fine-tune with `keiryo.loop.fit`, repeat), optionally
 distilling from the unpruned model while fine-tuning.
 """
 
@@ -22,8 +22,8 @@ from torch import Tensor, nn
 
 from keiryo.data import DataSplits, load_data, make_loader
 from keiryo.errors import ConfigError, ModelError, one_line
-from keiryo.measure import batch_of, count_flops, count_parameters, time_models
-from keiryo.train import LossFn, TrainConfig, classification_loss, fit
+from keiryo.loop import LossFn, TrainConfig, classification_loss, fit
+from keiryo.metrics import batch_of, count_flops, count_parameters, time_models
 
 IMPORTANCES = ("l1", "l2", "bn", "taylor", "activation")
 TARGETS = ("channels", "params", "flops", "latency")

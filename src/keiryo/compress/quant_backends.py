@@ -14,13 +14,14 @@ calibrated activation ranges, which `int8-static` and `qat` need. Each use is in
 from __future__ import annotations
 
 import functools
-import logging
 import math
 import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from keiryo.optional import import_torchao
 
 LINEAR = (nn.Linear,)
 CONV = (nn.Conv1d, nn.Conv2d)
@@ -46,18 +47,6 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     """Put `new` where the submodule `name` was."""
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-
-
-def import_torchao() -> None:
-    """Import torchao quietly (its CUDA-only extensions cannot load on this build, and it says so at length).
-
-    Importing it also allowlists its quantized tensor classes for `torch.load(weights_only=True)`.
-    """
-    logging.getLogger("torchao").setLevel(logging.ERROR)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import torchao.prototype.quantization.int4  # noqa: F401  (the CPU int4 tensor)
-        import torchao.quantization  # noqa: F401
 
 
 # --- precision casts (fp32, fp16, bf16) --------------------------------------------------------------------

@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from keiryo import artifacts
+from keiryo import provenance
 from keiryo.compress.quant_backends import CONV, replace_module
-from keiryo.train import TrainConfig, fit
+from keiryo.loop import TrainConfig, fit
 
 
 def conv_bn_pairs(model: nn.Module) -> list[list[str]]:
@@ -326,7 +326,7 @@ def quantize_static(
     """
     layers = options["layers"]
     folded = conv_bn_pairs(model)
-    artifacts.record_transform(model, "quantize", **options, folded=folded)
+    provenance.record_transform(model, "quantize", **options, folded=folded)
     apply_folds(model, folded)
     if options["method"] == "int8-static":
         calibrate_static(model, layers, cal_inputs, observer, per_channel, symmetric)

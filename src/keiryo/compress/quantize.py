@@ -18,13 +18,13 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from keiryo import artifacts
+from keiryo import provenance
 from keiryo.compress import quant_backends as qb
 from keiryo.compress import quant_static as qs
 from keiryo.data import DataSplits, load_data, tensors_of
 from keiryo.errors import ConfigError, ModelError, one_line
-from keiryo.measure import agreement, batch_of, time_models
-from keiryo.train import TrainConfig
+from keiryo.loop import TrainConfig
+from keiryo.metrics import agreement, batch_of, time_models
 
 CASTS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Every method and the backends that can run it here, in the order tried; "auto" measures them all.
@@ -268,7 +268,7 @@ def _apply(model, method, backend, granularity, layers, settings: Settings) -> n
         kernel = [n for n, ok in zip(layers, fits, strict=True) if ok]
         packed = [n for n, ok in zip(layers, fits, strict=True) if not ok]
         options.update(group_size=settings.group_size, kernel_layers=kernel, packed_layers=packed)
-    artifacts.record_transform(out, "quantize", **options)  # before any module changes class
+    provenance.record_transform(out, "quantize", **options)  # before any module changes class
     _transform(out, options)
     return out
 
@@ -395,7 +395,7 @@ def _validate(model, method, backend, granularity, observer, group_size, calibra
     check_options(method, backend, granularity, observer, group_size, has_calibration=calibration is not None)
     done = [
         t.get("options", {}).get("method", t.get("kind"))
-        for t in getattr(model, artifacts.TRANSFORMS_ATTR, [])
+        for t in getattr(model, provenance.TRANSFORMS_ATTR, [])
     ]
     if done:
         raise ConfigError(
@@ -468,7 +468,7 @@ def _class_outputs(model: nn.Module, calibration: object) -> bool:
         return not calibration[1].is_floating_point()
     if isinstance(calibration, (str, Path)):
         return load_data(calibration).num_classes is not None
-    return bool(artifacts.metadata_of(model).get("num_classes"))
+    return bool(provenance.metadata_of(model).get("num_classes"))
 
 
 def _labelled(calibration: object) -> DataSplits:

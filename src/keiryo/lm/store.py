@@ -23,11 +23,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from keiryo.artifacts import atomic_torch_save, decode_sparse, encode_sparse, safe_torch_load
 from keiryo.errors import ArtifactError, TrustError, check_bytes
+from keiryo.fileio import atomic_torch_save, safe_torch_load
 from keiryo.lm.calibrate import linearize
 from keiryo.lm.kernels import Int4Linear, Int8Embedding, Int8Linear
 from keiryo.lm.load import _transformers
+from keiryo.sparse import decode_sparse, encode_sparse
 
 FORMAT = "keiryo-lm/1"
 

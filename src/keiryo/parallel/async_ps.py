@@ -36,9 +36,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from keiryo.artifacts import atomic_torch_save, safe_torch_load
 from keiryo.data import DataSplits, tensors_of
 from keiryo.errors import ArtifactError, ConfigError, KeiryoError, TrainingError, one_line
+from keiryo.fileio import atomic_torch_save, safe_torch_load
 
 MODES = ("async", "bounded", "scaled", "dcasgd", "sync")
 CHECKPOINT_FORMAT = "keiryo-async-checkpoint/1"
@@ -432,7 +432,7 @@ def train_async(
 
 
 def _default_loss() -> Callable:
-    from keiryo.train import classification_loss
+    from keiryo.loop import classification_loss
 
     return classification_loss
 
@@ -442,7 +442,7 @@ def _run(model, splits, config, loss_fn, on_tick, state) -> AsyncResult:
     import ray
     from ray.exceptions import RayActorError, RayTaskError
 
-    from keiryo.measure import accuracy
+    from keiryo.metrics import accuracy
 
     cfg = asdict(config)
     server_cls = ray.remote(num_cpus=0, max_concurrency=1000)(ParameterServer)

@@ -2,7 +2,7 @@
 optimizer state sharded over the workers).
 
 Each function wraps any `nn.Module` after the process group is up and returns the `Worker` that tells
-`keiryo.train.fit` how to run: every worker takes its share of each batch, and the gradients are averaged over
+`keiryo.loop.fit` how to run: every worker takes its share of each batch, and the gradients are averaged over
 all workers in backward (DDP all-reduces them, FSDP reduce-scatters them into each worker's shard).
 """
 
@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch import nn
 
 from keiryo.devices import maybe_compile
-from keiryo.train import Worker
+from keiryo.loop import Worker
 
 
 def apply_ddp(model: nn.Module, device: torch.device, compile: bool = False) -> Worker:

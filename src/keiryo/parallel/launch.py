@@ -48,7 +48,7 @@ import torch.multiprocessing as mp
 from keiryo.data import DataSplits, make_loader
 from keiryo.devices import resolve_device
 from keiryo.errors import ConfigError, TrainingError, one_line
-from keiryo.train import EpochLog, LossFn, TrainConfig, TrainResult, classification_loss, fit
+from keiryo.loop import EpochLog, LossFn, TrainConfig, TrainResult, classification_loss, fit
 
 DEFAULT_TIMEOUT_S = 120.0
 FOLDER_PREFIX = "keiryo-workers-"  # + the launcher's pid + "-" + random
@@ -370,7 +370,7 @@ def _entry(
     try:
         result = fn(*args)
         if rank == 0:
-            from keiryo.artifacts import atomic_torch_save
+            from keiryo.fileio import atomic_torch_save
 
             atomic_torch_save(result, folder / "result.pt")
         if dist.is_initialized():  # `fn` left the group up: all leave it together

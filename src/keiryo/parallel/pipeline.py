@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 
 from keiryo.data import make_loader
 from keiryo.errors import ConfigError
-from keiryo.train import Worker
+from keiryo.loop import Worker
 
 SCHEDULES = ("gpipe", "1f1b")
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from keiryo import report
-from keiryo.measure import (
+from keiryo.metrics import (
     agreement,
     batch_of,
     compare,

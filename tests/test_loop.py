@@ -11,8 +11,8 @@ import torch
 
 from keiryo import artifacts
 from keiryo.errors import ArtifactError, ConfigError
+from keiryo.loop import TrainConfig, classification_loss, evaluate, fit, train
 from keiryo.models import build_model
-from keiryo.train import TrainConfig, classification_loss, evaluate, fit, train
 
 
 def _mlp():

@@ -22,9 +22,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from keiryo import devices
-from keiryo.artifacts import atomic_torch_save, safe_torch_load
 from keiryo.data import DataSplits, check_model_fits, describe, load_data, make_loader
 from keiryo.errors import ArtifactError, ConfigError, DataError, TrainingError
+from keiryo.fileio import atomic_torch_save, safe_torch_load
 
 LossFn = Callable[[nn.Module, Tensor, Tensor], tuple[Tensor, Tensor]]
 """(model, inputs, targets) -> (loss, outputs). Distillation and QAT pass their own."""
