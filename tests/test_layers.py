@@ -17,7 +17,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("loop", "checkpoints"),
     ("parallel", "compress"),
     ("artifacts", "compare", "export", "report"),
-    ("strategy", "recipe", "optimize"),
+    ("training", "recipe", "optimize"),
     ("keiryo", "cli", "__main__"),
 ]
 # entry points that import on purpose inside a function: `__main__` imports the command under its Ctrl-C
