@@ -1,0 +1,206 @@
+"""How a model is trained across workers: one small dataclass per strategy.
+
+`keiryo.train(model, data, DDP(workers=4))` and `keiryo.train(model, data, "ddp", workers=4)` are the same
+call; `strategy_of` turns the CLI's and recipes' strings into these objects. Training settings (epochs, lr,
+device, precision) are not here: they are the one `TrainConfig`. A recipe step or a saved model records a
+strategy as its `kind` plus `dataclasses.asdict`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+from keiryo.errors import ConfigError
+
+SCHEDULES = ("gpipe", "1f1b")
+ASYNC_MODES = ("async", "bounded", "scaled", "dcasgd", "sync")
+DEFAULT_TIMEOUT_S = 120.0
+
+
+@dataclass
+class Single:
+    """One process, the plain loop."""
+
+    kind: ClassVar[str] = "single"
+    workers: ClassVar[int] = 1
+
+    def validate(self) -> None:
+        """Nothing to check: a single process has no options."""
+
+
+@dataclass
+class DDP:
+    """Data parallel: `workers` processes each take a share of every batch; gradients are averaged.
+
+    `timeout`: seconds before a crashed or hung worker stops the whole run.
+    """
+
+    kind: ClassVar[str] = "ddp"
+    workers: int = 2
+    timeout: float = DEFAULT_TIMEOUT_S
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Reject values that would fail once workers are started, in one line."""
+        _check_workers(self.workers)
+        _check_timeout(self.timeout)
+
+
+@dataclass
+class FSDP:
+    """Fully sharded data parallel: like DDP, with parameters, gradients and optimizer state sharded."""
+
+    kind: ClassVar[str] = "fsdp"
+    workers: int = 2
+    timeout: float = DEFAULT_TIMEOUT_S
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Reject values that would fail once workers are started, in one line."""
+        _check_workers(self.workers)
+        _check_timeout(self.timeout)
+
+
+@dataclass
+class Pipeline:
+    """Pipeline parallel: the model cut into one stage per worker, batches fed as micro-batches.
+
+    `split_points`: module names a new stage starts at (None: balanced by parameters); `schedule`: gpipe or
+    1f1b (None: 1f1b); `microbatches`: micro-batches per batch (None: 4).
+    """
+
+    kind: ClassVar[str] = "pipeline"
+    workers: int = 2
+    split_points: list[str] | None = None
+    schedule: str | None = None
+    microbatches: int | None = None
+    timeout: float = DEFAULT_TIMEOUT_S
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Reject values that would fail once workers are started, in one line."""
+        _check_workers(self.workers)
+        _check_timeout(self.timeout)
+        if self.split_points is not None and (
+            isinstance(self.split_points, str) or not all(isinstance(s, str) for s in self.split_points)
+        ):
+            raise ConfigError(f"split_points must be a list of module names, got {self.split_points!r}")
+        if self.schedule is not None and self.schedule not in SCHEDULES:
+            raise ConfigError(
+                f"unknown pipeline schedule '{self.schedule}' (choose {' or '.join(SCHEDULES)})"
+            )
+        if self.microbatches is not None:
+            _whole("microbatches", self.microbatches, 1)
+
+
+@dataclass
+class Async:
+    """Asynchronous training on a Ray parameter server with `workers` workers.
+
+    `mode`: async (apply every push), bounded (discard pushes staler than `staleness_bound`), scaled
+    (damp stale pushes), dcasgd (delay compensation with `dc_lambda`), sync (a barrier, to compare).
+    `lr`: None uses `TrainConfig.lr`. `slowdown`: one factor ≥ 1 per worker (experiments). `on_failure`:
+    restart or continue after a worker dies. `checkpoint_every` counts updates. `ray_address`: join that
+    cluster (None: start a local Ray of this run's own).
+    """
+
+    kind: ClassVar[str] = "async"
+    workers: int = 2
+    mode: str = "async"
+    staleness_bound: int = 4
+    dc_lambda: float = 0.04
+    lr: float | None = None
+    momentum: float = 0.0
+    time_limit: float | None = None
+    target_accuracy: float | None = None
+    eval_every: float = 0.5
+    slowdown: list[float] | None = None
+    on_failure: str = "restart"
+    checkpoint_every: int = 200
+    ray_address: str | None = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Reject values that would fail once Ray is started, in one line."""
+        _check_workers(self.workers)
+        if self.mode not in ASYNC_MODES:
+            raise ConfigError(f"unknown async mode '{self.mode}' (choose from {', '.join(ASYNC_MODES)})")
+        _whole("staleness_bound", self.staleness_bound, 0)
+        _whole("checkpoint_every (updates)", self.checkpoint_every, 1)
+        for name in ("dc_lambda", "momentum"):
+            value = getattr(self, name)
+            if not _finite(value) or value < 0:
+                raise ConfigError(f"{name} must be a finite number ≥ 0, got {value}")
+        for name in ("lr", "time_limit", "eval_every"):
+            value = getattr(self, name)
+            if (value is not None or name == "eval_every") and (not _finite(value) or value <= 0):
+                raise ConfigError(f"{name} must be a finite number > 0, got {value}")
+        if self.target_accuracy is not None and not (
+            _finite(self.target_accuracy) and 0 < self.target_accuracy <= 1
+        ):
+            raise ConfigError(f"target_accuracy must be in (0, 1], got {self.target_accuracy}")
+        if self.slowdown is not None and (
+            len(self.slowdown) != self.workers or not all(_finite(v) and v >= 1 for v in self.slowdown)
+        ):
+            raise ConfigError(
+                f"slowdown needs one factor ≥ 1 per worker ({self.workers}), got {self.slowdown}"
+            )
+        if self.on_failure not in ("restart", "continue"):
+            raise ConfigError(f"on_failure must be restart or continue, got '{self.on_failure}'")
+
+
+Strategy = Single | DDP | FSDP | Pipeline | Async
+STRATEGIES: dict[str, type[Strategy]] = {c.kind: c for c in (Single, DDP, FSDP, Pipeline, Async)}
+
+
+def strategy_of(strategy: str | Strategy, workers: int | None = None) -> Strategy:
+    """The strategy config for a name ("ddp") or a config; `workers`, when given, sets its worker count.
+
+    A config given with a different `workers` is refused rather than silently changed.
+    """
+    if isinstance(strategy, str):
+        kind = STRATEGIES.get(strategy)
+        if kind is None:
+            raise ConfigError(f"unknown strategy '{strategy}' (choose from {', '.join(STRATEGIES)})")
+        if kind is Single:
+            if workers not in (None, 1):
+                raise ConfigError(f"strategy 'single' runs one worker; got workers={workers}")
+            return Single()
+        return kind() if workers is None else kind(workers=workers)
+    if not isinstance(strategy, tuple(STRATEGIES.values())):
+        raise ConfigError(
+            f"strategy must be a name ({', '.join(STRATEGIES)}) or a config such as DDP(workers=2), "
+            f"got {type(strategy).__name__}"
+        )
+    strategy.validate()
+    if workers is not None and workers != strategy.workers:
+        raise ConfigError(f"workers={workers} differs from the strategy's own workers={strategy.workers}")
+    return strategy
+
+
+def _check_workers(workers: object) -> None:
+    _whole("workers", workers, 1)
+
+
+def _check_timeout(timeout: object) -> None:
+    if not _finite(timeout) or timeout <= 0:
+        raise ConfigError(f"timeout must be a number of seconds > 0, got {timeout}")
+
+
+def _whole(name: str, value: object, least: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ConfigError(f"{name} must be a whole number ≥ {least}, got {value}")
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
