@@ -13,10 +13,10 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "keiryo"
 # lowest first; a module may import its own layer (without cycles) or any lower one
 LAYERS: list[tuple[str, ...]] = [
     ("errors", "optional", "devices", "fileio", "sparse", "provenance", "inputs"),
-    ("datafiles", "data", "hf", "models", "metrics", "lm"),
+    ("attention", "datafiles", "data", "hf_files", "hf", "hf_text", "models", "metrics", "lm"),
     ("loop", "checkpoints"),
     ("parallel", "compress"),
-    ("artifacts", "compare", "export", "report"),
+    ("artifacts", "measuring", "export", "report"),
     ("training", "recipe", "optimize"),
     ("keiryo", "cli", "__main__"),
 ]
