@@ -54,20 +54,20 @@ def gguf_path() -> Path:
 
 
 def methods(calibration: torch.Tensor) -> dict:
-    from keiryo.lm import prune_weights, quantize_weights
+    from keiryo.lm import Sparsify, WeightQuant, prune_weights, quantize_weights
 
     c = calibration
     return {
         "float (fp32)": None,
         "int8 RTN": lambda m, p: quantize_weights(m, "int8", progress=p),
-        "int4 RTN g64": lambda m, p: quantize_weights(m, "int4", group_size=GROUP, progress=p),
+        "int4 RTN g64": lambda m, p: quantize_weights(m, WeightQuant("int4", group_size=GROUP), progress=p),
         "int4 GPTQ g64": lambda m, p: quantize_weights(
             m, "int4", algorithm="gptq", group_size=GROUP, calibration=c, progress=p
         ),
         "50% magnitude": lambda m, p: prune_weights(m, "magnitude", progress=p),
-        "50% Wanda": lambda m, p: prune_weights(m, "wanda", calibration=c, progress=p),
-        "2:4 magnitude": lambda m, p: prune_weights(m, "magnitude", "2:4", progress=p),
-        "2:4 Wanda": lambda m, p: prune_weights(m, "wanda", "2:4", calibration=c, progress=p),
+        "50% Wanda": lambda m, p: prune_weights(m, "wanda", c, progress=p),
+        "2:4 magnitude": lambda m, p: prune_weights(m, Sparsify("magnitude", "2:4"), progress=p),
+        "2:4 Wanda": lambda m, p: prune_weights(m, Sparsify("wanda", "2:4"), c, progress=p),
     }
 
 

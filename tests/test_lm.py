@@ -14,6 +14,8 @@ transformers = pytest.importorskip("transformers")
 
 from keiryo.errors import ArtifactError, ConfigError, ModelError, TrustError  # noqa: E402
 from keiryo.lm import (  # noqa: E402
+    Sparsify,
+    WeightQuant,
     calibration_windows,
     generation_speed,
     load_causal_lm,
@@ -168,7 +170,7 @@ def test_gptq_reconstructs_a_layer_with_correlated_inputs_better_than_rtn(act_or
 def test_gptq_model_has_int4_layers_and_follows_float(models, calibration):
     model = models["qwen2"]
     rtn = quantize_weights(copy.deepcopy(model), "int4")
-    gptq = quantize_weights(copy.deepcopy(model), "int4", algorithm="gptq", calibration=calibration)
+    gptq = quantize_weights(copy.deepcopy(model), WeightQuant("int4", "gptq"), calibration)
     assert sum(isinstance(m, Int4Linear) for m in gptq.modules()) == 14  # 7 Linears × 2 blocks
     assert _cosine(_logits(gptq, IDS), _logits(model, IDS)) > 0.99
     assert _cosine(_logits(rtn, IDS), _logits(model, IDS)) > 0.99
@@ -177,11 +179,11 @@ def test_gptq_model_has_int4_layers_and_follows_float(models, calibration):
 def test_quantization_options_are_checked(models, calibration):
     model = copy.deepcopy(models["llama"])
     with pytest.raises(ConfigError, match="calibration"):
-        quantize_weights(model, "int4", algorithm="gptq")
+        quantize_weights(model, WeightQuant("int4", "gptq"))
     with pytest.raises(ConfigError, match="unknown"):
         quantize_weights(model, "int3")
     with pytest.raises(ConfigError, match="group size"):
-        quantize_weights(model, "int4", group_size=48)
+        quantize_weights(model, WeightQuant("int4", group_size=48))
 
 
 # --- sparsity ---------------------------------------------------------------------------------------------
@@ -196,8 +198,8 @@ def test_wanda_keeps_the_weights_of_a_large_activation_that_magnitude_prunes(cal
         block.input_layernorm.weight[5] = 40.0
         for proj in (block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj):
             proj.weight[:, 5] = 0.1 * proj.weight.abs().mean() * torch.sign(proj.weight[:, 5])
-    magnitude = prune_weights(copy.deepcopy(model), "magnitude", calibration=calibration)
-    wanda = prune_weights(copy.deepcopy(model), "wanda", calibration=calibration)
+    magnitude = prune_weights(copy.deepcopy(model), "magnitude", calibration)
+    wanda = prune_weights(copy.deepcopy(model), "wanda", calibration)
     for name in ("q_proj", "k_proj", "v_proj"):
         assert (getattr(decoder_layers(magnitude)[0].self_attn, name).weight[:, 5] == 0).all()
         assert (getattr(decoder_layers(wanda)[0].self_attn, name).weight[:, 5] != 0).all()
@@ -214,7 +216,7 @@ def test_wanda_score_weighs_each_input_by_its_activation_norm():
 
 @pytest.mark.parametrize("importance", ["magnitude", "wanda"])
 def test_two_four_leaves_exactly_two_nonzeros_in_every_group_of_four(models, calibration, importance):
-    pruned = prune_weights(copy.deepcopy(models["gpt2"]), importance, "2:4", calibration=calibration)
+    pruned = prune_weights(copy.deepcopy(models["gpt2"]), Sparsify(importance, "2:4"), calibration)
     for block in decoder_layers(pruned):
         for linear in block_linears(block).values():
             groups = (linear.weight != 0).reshape(linear.out_features, -1, 4).sum(-1)
@@ -226,11 +228,11 @@ def test_two_four_leaves_exactly_two_nonzeros_in_every_group_of_four(models, cal
 METHODS = {
     "int8": lambda m, c: quantize_weights(m, "int8"),
     "int4-rtn": lambda m, c: quantize_weights(m, "int4"),
-    "int4-gptq": lambda m, c: quantize_weights(m, "int4", algorithm="gptq", calibration=c),
+    "int4-gptq": lambda m, c: quantize_weights(m, WeightQuant("int4", "gptq"), c),
     "magnitude-50%": lambda m, c: prune_weights(m, "magnitude"),
-    "wanda-50%": lambda m, c: prune_weights(m, "wanda", calibration=c),
-    "magnitude-2:4": lambda m, c: prune_weights(m, "magnitude", "2:4"),
-    "wanda-2:4": lambda m, c: prune_weights(m, "wanda", "2:4", calibration=c),
+    "wanda-50%": lambda m, c: prune_weights(m, "wanda", c),
+    "magnitude-2:4": lambda m, c: prune_weights(m, Sparsify("magnitude", "2:4")),
+    "wanda-2:4": lambda m, c: prune_weights(m, Sparsify("wanda", "2:4"), c),
 }
 
 

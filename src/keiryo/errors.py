@@ -73,6 +73,13 @@ def check_bytes(nbytes: int, what: str) -> None:
         )
 
 
+def check_choice(value: object, choices: tuple[str, ...] | list[str], what: str) -> None:
+    """Refuse a value that is not one of `choices` (ConfigError "unknown {what} 'x' (choose a, b)"), so every
+    config and option says the same thing about a typo."""
+    if not isinstance(value, str) or value not in choices:
+        raise ConfigError(f"unknown {what} {value!r} (choose {', '.join(choices)})")
+
+
 def one_line(error: BaseException, limit: int = 200) -> str:
     """An exception as one short line: a keiryo error's own message, else its type and first line."""
     text = " ".join(str(error).split()) if isinstance(error, KeiryoError) else _first_line(error)

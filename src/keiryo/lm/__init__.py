@@ -7,15 +7,17 @@ One module per job: `load`, `text`, `evaluate`, `calibrate` (layer-by-layer cali
 
 from keiryo.lm.evaluate import Perplexity, Speed, generation_speed, perplexity
 from keiryo.lm.load import load_causal_lm
-from keiryo.lm.quant import quantize_weights
-from keiryo.lm.sparsity import prune_weights
+from keiryo.lm.quant import WeightQuant, quantize_weights
+from keiryo.lm.sparsity import Sparsify, prune_weights
 from keiryo.lm.store import load_compressed, save_compressed
 from keiryo.lm.text import TextSplits, calibration_windows, shakespeare_plays, split_documents, tokenize
 
 __all__ = [
     "Perplexity",
+    "Sparsify",
     "Speed",
     "TextSplits",
+    "WeightQuant",
     "calibration_windows",
     "generation_speed",
     "load_causal_lm",

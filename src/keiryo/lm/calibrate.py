@@ -77,6 +77,34 @@ def capture_block_inputs(model: nn.Module, windows: Tensor, batch_size: int) -> 
     return inputs, kwargs
 
 
+def check_batch_size(batch_size: object) -> None:
+    """A calibration batch is a whole number ≥ 1 (ConfigError otherwise)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"calibration batch size must be a whole number ≥ 1, got {batch_size!r}")
+
+
+def each_block(
+    model: nn.Module,
+    windows: Tensor | None,
+    step: Callable[[int, nn.Module, dict[str, Tensor] | None], None],
+    *,
+    statistic: str | None,
+    batch_size: int = 8,
+    progress: Callable[[int], None] | None = None,
+) -> None:
+    """`run_layerwise` when the method needs a calibration `statistic`; otherwise `step(i, block, None)` for
+    each decoder block (data-free methods: round-to-nearest, magnitude)."""
+    if statistic is not None:
+        if windows is None:
+            raise ConfigError(f"this method needs calibration text (its '{statistic}' statistic)")
+        run_layerwise(model, windows, step, statistic=statistic, batch_size=batch_size, progress=progress)
+        return
+    for index, block in enumerate(decoder_layers(model)):
+        step(index, block, None)
+        if progress is not None:
+            progress(1)
+
+
 def run_layerwise(
     model: nn.Module,
     windows: Tensor,

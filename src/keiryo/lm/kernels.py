@@ -22,6 +22,7 @@ error compensation, which needs the exact dequantized values — sees the very n
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,20 @@ KERNEL_MAX_ROWS = 16  # at most this many rows of activations go through the fus
 def round_params(*params: Tensor) -> tuple[Tensor, ...]:
     """Scales/zeros rounded to bfloat16 (what the kernels read), kept as float32."""
     return tuple(p.to(torch.bfloat16).float() for p in params)
+
+
+def packed_linear(layer: nn.Module, x: Tensor, kernel: Callable[[Tensor], Tensor]) -> Tensor:
+    """`layer`'s output through its packed `kernel` (bf16 rows in) for up to KERNEL_MAX_ROWS rows — decode and
+    short prompts — else through the dequantized weight, where a float GEMM is faster."""
+    shape, dtype = x.shape, x.dtype
+    x2 = x.reshape(-1, layer.in_features)
+    if x2.shape[0] <= KERNEL_MAX_ROWS:
+        y = kernel(x2.to(torch.bfloat16).contiguous()).to(dtype)
+        if layer.bias is not None:
+            y = y + layer.bias.to(dtype)
+    else:
+        y = F.linear(x2, layer.dequantize().to(dtype), None if layer.bias is None else layer.bias.to(dtype))
+    return y.reshape(*shape[:-1], layer.out_features)
 
 
 class Int8Linear(nn.Module):
@@ -50,16 +65,7 @@ class Int8Linear(nn.Module):
         return self.weight_int8.float() * self.scale.float().unsqueeze(1)
 
     def forward(self, x: Tensor) -> Tensor:
-        shape, dtype = x.shape, x.dtype
-        x2 = x.reshape(-1, self.in_features)
-        if x2.shape[0] <= KERNEL_MAX_ROWS:
-            y = torch._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), self.weight_int8, self.scale)
-            y = y.to(dtype)
-            if self.bias is not None:
-                y = y + self.bias.to(dtype)
-        else:
-            y = F.linear(x2, self.dequantize().to(dtype), None if self.bias is None else self.bias.to(dtype))
-        return y.reshape(*shape[:-1], self.out_features)
+        return packed_linear(self, x, lambda x2: torch._weight_int8pack_mm(x2, self.weight_int8, self.scale))
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, int8 per-channel, kernel=_weight_int8pack_mm"
@@ -124,17 +130,13 @@ class Int4Linear(nn.Module):
         return w.reshape(self.out_features, self.in_features)
 
     def forward(self, x: Tensor) -> Tensor:
-        shape, dtype = x.shape, x.dtype
-        x2 = x.reshape(-1, self.in_features)
-        if x2.shape[0] <= KERNEL_MAX_ROWS:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                x2.to(torch.bfloat16).contiguous(), self.weight_packed, self.group_size, self.scale_and_zero
-            ).to(dtype)
-            if self.bias is not None:
-                y = y + self.bias.to(dtype)
-        else:
-            y = F.linear(x2, self.dequantize().to(dtype), None if self.bias is None else self.bias.to(dtype))
-        return y.reshape(*shape[:-1], self.out_features)
+        return packed_linear(
+            self,
+            x,
+            lambda x2: torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x2, self.weight_packed, self.group_size, self.scale_and_zero
+            ),
+        )
 
     def extra_repr(self) -> str:
         return (

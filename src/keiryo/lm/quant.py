@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from keiryo.errors import ConfigError
-from keiryo.lm.calibrate import block_linears, linearize, run_layerwise
+from keiryo.errors import ConfigError, check_choice
+from keiryo.lm.calibrate import block_linears, check_batch_size, each_block, linearize
 from keiryo.lm.kernels import Int4Linear, Int8Embedding, Int8Linear, round_params
 from keiryo.lm.load import decoder_layers
 
@@ -139,32 +140,44 @@ def _one_thread() -> Iterator[None]:
 # --- the model ------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class WeightQuant:
+    """How to quantize a causal LM's weights: `method` int8 | int4, `algorithm` rtn | gptq (int4; needs
+    calibration text), `group_size` of int4 (32, 64 or 128: the CPU kernel's), `batch_size` of calibration."""
+
+    method: str = "int8"
+    algorithm: str = "rtn"
+    group_size: int = 64
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        check_choice(self.method, METHODS, "weight quantization")
+        check_choice(self.algorithm, ALGORITHMS, "quantization algorithm")
+        if self.algorithm == "gptq" and self.method != "int4":
+            raise ConfigError("GPTQ is implemented for int4 (int8 round-to-nearest is already near-lossless)")
+        size = self.group_size
+        if isinstance(size, bool) or not isinstance(size, int) or size not in (32, 64, 128):
+            raise ConfigError(f"int4 group size must be 32, 64 or 128 (the CPU kernel's), got {size!r}")
+        check_batch_size(self.batch_size)
+
+
 @torch.no_grad()
 def quantize_weights(
     model: nn.Module,
-    method: str = "int8",
-    *,
-    algorithm: str = "rtn",
-    group_size: int = 64,
+    config: WeightQuant | str = "int8",
     calibration: Tensor | None = None,
-    batch_size: int = 8,
+    *,
     progress: Callable[[int], None] | None = None,
 ) -> nn.Module:
-    """Quantize the decoder's Linear weights in place (`method` int8 | int4, `algorithm` rtn | gptq) and the
-    output head (and a tied embedding) to int8. GPTQ needs `calibration`: token ids, (count, length).
+    """Quantize the decoder's Linear weights in place (a `WeightQuant`, or its method name "int8" | "int4")
+    and the output head (and a tied embedding) to int8. GPTQ needs `calibration`: token ids, (count, length).
 
     `progress(1)` is called once per decoder block. Returns the model.
     """
-    if method not in METHODS:
-        raise ConfigError(f"unknown weight quantization '{method}' (choose {', '.join(METHODS)})")
-    if algorithm not in ALGORITHMS:
-        raise ConfigError(f"unknown quantization algorithm '{algorithm}' (choose {', '.join(ALGORITHMS)})")
-    if algorithm == "gptq" and method != "int4":
-        raise ConfigError("GPTQ is implemented for int4 (int8 round-to-nearest is already near-lossless)")
-    if algorithm == "gptq" and calibration is None:
+    config = WeightQuant(config) if isinstance(config, str) else config
+    method, group_size = config.method, config.group_size
+    if config.algorithm == "gptq" and calibration is None:
         raise ConfigError("GPTQ needs calibration text: pass calibration= (token ids, (count, length))")
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size not in (32, 64, 128):
-        raise ConfigError(f"int4 group size must be 32, 64 or 128 (the CPU kernel's), got {group_size!r}")
     linearize(model)
     if method == "int4":
         for block in decoder_layers(model):
@@ -186,20 +199,14 @@ def quantize_weights(
             parent, _, child = name.rpartition(".")
             setattr(block.get_submodule(parent) if parent else block, child, new)
 
-    if algorithm == "gptq":
-        run_layerwise(
-            model,
-            calibration,
-            lambda index, block, stats: replace(block, stats),
-            statistic="hessian",
-            batch_size=batch_size,
-            progress=progress,
-        )
-    else:
-        for block in decoder_layers(model):
-            replace(block, None)
-            if progress is not None:
-                progress(1)
+    each_block(
+        model,
+        calibration,
+        lambda index, block, stats: replace(block, stats),
+        statistic="hessian" if config.algorithm == "gptq" else None,
+        batch_size=config.batch_size,
+        progress=progress,
+    )
     quantize_head(model)
     return model
 

@@ -18,12 +18,13 @@ that skips zeros does not win at 50%, and torch's 2:4 kernels (`to_sparse_semi_s
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from keiryo.errors import ConfigError
-from keiryo.lm.calibrate import block_linears, linearize, run_layerwise
+from keiryo.errors import ConfigError, check_choice
+from keiryo.lm.calibrate import block_linears, check_batch_size, each_block, linearize
 from keiryo.lm.load import decoder_layers
 
 IMPORTANCES = ("magnitude", "wanda")
@@ -59,27 +60,40 @@ def wanda_score(weight: Tensor, input_sq_norm: Tensor) -> Tensor:
     return weight.abs() * input_sq_norm.sqrt().unsqueeze(0)
 
 
+@dataclass(frozen=True)
+class Sparsify:
+    """How to zero a causal LM's weights: `importance` magnitude | wanda (needs calibration text), `pattern`
+    unstructured (`sparsity` of each layer) | 2:4, `batch_size` of calibration."""
+
+    importance: str = "wanda"
+    pattern: str = "unstructured"
+    sparsity: float = 0.5
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        check_choice(self.importance, IMPORTANCES, "pruning importance")
+        check_choice(self.pattern, PATTERNS, "sparsity pattern")
+        if isinstance(self.sparsity, bool) or not 0.0 <= self.sparsity < 1.0:
+            raise ConfigError(f"sparsity must be in [0, 1), got {self.sparsity!r}")
+        check_batch_size(self.batch_size)
+
+
 @torch.no_grad()
 def prune_weights(
     model: nn.Module,
-    importance: str = "wanda",
-    pattern: str = "unstructured",
-    *,
-    sparsity: float = 0.5,
+    config: Sparsify | str = "wanda",
     calibration: Tensor | None = None,
-    batch_size: int = 8,
+    *,
     progress: Callable[[int], None] | None = None,
 ) -> nn.Module:
-    """Zero weights of the decoder's Linear layers in place: `importance` magnitude | wanda, `pattern`
-    unstructured (`sparsity` of each layer) | 2:4. Wanda needs `calibration` (token ids, (count, length)).
+    """Zero weights of the decoder's Linear layers in place, as a `Sparsify` (or its importance name
+    "magnitude" | "wanda") says. Wanda needs `calibration` (token ids, (count, length)).
 
     `progress(1)` is called once per decoder block. Returns the model.
     """
-    if importance not in IMPORTANCES:
-        raise ConfigError(f"unknown pruning importance '{importance}' (choose {', '.join(IMPORTANCES)})")
-    if pattern not in PATTERNS:
-        raise ConfigError(f"unknown sparsity pattern '{pattern}' (choose {', '.join(PATTERNS)})")
-    if importance == "wanda" and calibration is None:
+    config = Sparsify(config) if isinstance(config, str) else config
+    pattern, sparsity = config.pattern, config.sparsity
+    if config.importance == "wanda" and calibration is None:
         raise ConfigError("Wanda needs calibration text: pass calibration= (token ids, (count, length))")
     linearize(model)
 
@@ -92,20 +106,14 @@ def prune_weights(
                 mask = keep_mask(wanda_score(weight.float(), norms[name]), pattern, sparsity, per_row=True)
             weight.mul_(mask.to(weight.dtype))
 
-    if importance == "wanda":
-        run_layerwise(
-            model,
-            calibration,
-            lambda index, block, stats: prune_block(block, stats),
-            statistic="norm",
-            batch_size=batch_size,
-            progress=progress,
-        )
-    else:
-        for block in decoder_layers(model):
-            prune_block(block, None)
-            if progress is not None:
-                progress(1)
+    each_block(
+        model,
+        calibration,
+        lambda index, block, stats: prune_block(block, stats),
+        statistic="norm" if config.importance == "wanda" else None,
+        batch_size=config.batch_size,
+        progress=progress,
+    )
     return model
 
 
