@@ -12,12 +12,12 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "keiryo"
 
 # lowest first; a module may import its own layer (without cycles) or any lower one
 LAYERS: list[tuple[str, ...]] = [
-    ("errors", "optional", "devices", "fileio", "sparse", "provenance", "inputs"),
+    ("errors", "optional", "devices", "fileio", "sparse", "provenance", "inputs", "interrupts", "yamlfile"),
     ("attention", "datafiles", "data", "hf_files", "hf", "hf_text", "models", "metrics", "lm"),
     ("loop", "checkpoints"),
     ("parallel", "compress"),
-    ("artifacts", "measuring", "export", "report"),
-    ("training", "recipe", "optimize"),
+    ("artifacts", "measuring", "export", "report", "examples", "summary"),
+    ("training", "recipe", "optimize", "steps"),
     ("keiryo", "cli", "__main__"),
 ]
 # entry points that import on purpose inside a function: `__main__` imports the command under its Ctrl-C
@@ -114,3 +114,34 @@ def test_the_layer_map_names_real_modules() -> None:
     tops = {m.split(".")[0] for m in IMPORTS} | set(IMPORTS)
     stale = [name for layer in LAYERS for name in layer if name not in tops]
     assert not stale, f"LAYERS names modules that do not exist: {stale}"
+
+
+MAX_PARAMETERS = 6
+
+
+def _parameters(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    a = fn.args
+    named = [p.arg for p in a.posonlyargs + a.args + a.kwonlyargs if p.arg not in ("self", "cls")]
+    return len(named) + (a.vararg is not None) + (a.kwarg is not None)
+
+
+def test_public_functions_take_at_most_six_parameters() -> None:
+    """Options beyond six belong in a config dataclass (issue 13): public functions and public methods of
+    public classes in keiryo take at most six parameters. The CLI's commands are exempt: a typer command
+    declares one parameter per command-line option, and turns them into the API's configs."""
+    wide = []
+    for path in sorted(SRC.rglob("*.py")):
+        if _name(path).split(".")[0] == "cli":
+            continue
+        tree = ast.parse(path.read_text())
+        scopes = [(tree.body, "")] + [
+            (node.body, node.name + ".")
+            for node in tree.body
+            if isinstance(node, ast.ClassDef) and not node.name.startswith("_")
+        ]
+        for body, prefix in scopes:
+            for fn in body:
+                if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)) and not fn.name.startswith("_"):
+                    if _parameters(fn) > MAX_PARAMETERS:
+                        wide.append(f"{_name(path)}.{prefix}{fn.name} ({_parameters(fn)})")
+    assert not wide, "public functions with more than six parameters: " + ", ".join(wide)
