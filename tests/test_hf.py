@@ -15,7 +15,8 @@ from keiryo.cli import main  # noqa: E402
 from keiryo.compress.distill import distill  # noqa: E402
 from keiryo.compress.prune import prune  # noqa: E402
 from keiryo.errors import ConfigError, ModelError  # noqa: E402
-from keiryo.hf import HFModel, embedding_quality, text_data  # noqa: E402
+from keiryo.hf import HFModel  # noqa: E402
+from keiryo.hf_text import embedding_quality, text_data  # noqa: E402
 from keiryo.metrics import compare  # noqa: E402
 from keiryo.models import build_model, spec_of  # noqa: E402
 

@@ -49,6 +49,9 @@ from keiryo.provenance import (
 from keiryo.sparse import MAX_DIMS, checked_shape, decode_sparse, dense_bytes, encode_sparse, short
 
 MODEL_FORMAT = "keiryo-model/1"
+# Each class-changing step a file may record, and the function its own compress module provides to rebuild its
+# layers on a freshly built float model (the weights are loaded afterwards). A new step adds one line here.
+REPLAY = {"quantize": replay_quantize}
 EXAMPLE_BATCH = 64  # the batch of random inputs the CLI makes from a recorded input shape
 
 
@@ -278,7 +281,7 @@ def _with_versions(payload: dict) -> dict:
 def _replay(model: nn.Module, transform: dict) -> None:
     """Re-apply one recorded class-changing step to the rebuilt float model (weights come after)."""
     kind = transform["kind"]
-    if kind == "quantize":
-        replay_quantize(model, **transform["options"])
-        return
-    raise ArtifactError(f"it records transform '{kind}', which this keiryo version cannot replay")
+    rebuild = REPLAY.get(kind)
+    if rebuild is None:
+        raise ArtifactError(f"it records transform '{kind}', which this keiryo version cannot replay")
+    rebuild(model, **transform["options"])

@@ -32,7 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from keiryo.attention import qkv_attention
 from keiryo.errors import ModelError, TrustError, check_bytes, one_line
+from keiryo.hf import hf_factory, is_hf_spec
 
 SPEC_ATTR = "_keiryo_spec"
 MAX_LAYERS = (
@@ -138,12 +140,8 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        b, n, _ = x.shape
-        head_dim = self.qkv.out_features // 3 // self.num_heads
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
-        return self.proj(out.transpose(1, 2).reshape(b, n, self.num_heads * head_dim))
+        out = qkv_attention(self.qkv, x, self.num_heads, self.dropout if self.training else 0.0)
+        return self.proj(out)
 
 
 class Block(nn.Module):
@@ -247,7 +245,7 @@ def build_model(spec: str, *, trust_code: bool = False, **kwargs: Any) -> nn.Mod
 def needs_trust(spec: str) -> bool:
     """Whether building `spec` imports and runs Python code: "pkg.mod:fn" and "file.py:fn" do; built-in
     names and "hf:DIR" do not (an unknown name imports nothing: building it is a ModelError)."""
-    return isinstance(spec, str) and ":" in spec and not spec.startswith("hf:")
+    return isinstance(spec, str) and ":" in spec and not is_hf_spec(spec)
 
 
 def check_trusted(spec: str, trust_code: bool, where: str = "") -> None:
@@ -302,9 +300,7 @@ def _locate(spec: str, trust_code: bool) -> tuple[str, Callable[..., nn.Module]]
     """
     if not isinstance(spec, str) or not spec.strip():
         raise ModelError(f"model must be a name such as 'cnn' or 'package.module:function', got {spec!r}")
-    if spec.startswith("hf:"):  # a local Hugging Face directory (needs the `hf` extra)
-        from keiryo.hf import hf_factory
-
+    if is_hf_spec(spec):  # a local Hugging Face directory (needs the `hf` extra)
         return hf_factory(spec)
     if ":" not in spec:
         if spec in BUILTIN:
