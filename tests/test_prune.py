@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 from keiryo import artifacts, provenance, sparse
-from keiryo.cli import main
-from keiryo.compress.prune import magnitude_masks, prune, sparsity
+from keiryo.compress.prune import magnitude_masks, max_ratio, prune, sparsity
+from keiryo.compress.prune_config import Structured, Unstructured, check_options, method_from
 from keiryo.errors import ArtifactError, ConfigError, ModelError
 from keiryo.loop import TrainConfig, fit
 from keiryo.metrics import accuracy, count_flops, count_parameters
@@ -18,6 +18,11 @@ SMALL = {
     "mlp": {"hidden": [64, 32]},
     "transformer": {"dim": 32, "heads": 4},
 }
+
+
+def finetune(epochs: int) -> TrainConfig:
+    """The fine-tuning settings these tests use: a few quiet epochs on the CPU."""
+    return TrainConfig(epochs=epochs, lr=1e-3, progress=False, device="cpu")
 
 
 def params(model: nn.Module) -> int:
@@ -35,6 +40,24 @@ def test_structured_pruning_shrinks_and_round_trips(tmp_path, name):
     loaded = artifacts.load(artifacts.save(pruned, tmp_path / "pruned.pt"))
     assert torch.equal(loaded(X), pruned(X))
     assert provenance.metadata_of(loaded)["pruning"]["ratio"] == 0.5
+
+
+def test_provenance_is_the_config_and_reads_back():
+    model = build_model("mlp", hidden=[32, 16]).eval()
+    config = Unstructured(0.6, global_pruning=True, steps=2, protect=[model.fc0])
+    record = provenance.metadata_of(prune(model, config, example_inputs=X))["pruning"]
+    protected = ["classifier", "fc0"]  # the classifier always, then `protect` as layer names
+    assert record == {
+        "kind": "unstructured",
+        "ratio": 0.6,
+        "global_pruning": True,
+        "protect": protected,
+        "steps": 2,
+        "finetune": None,
+        "distilled": False,
+    }
+    fields = {k: v for k, v in record.items() if k not in ("finetune", "distilled")}
+    assert method_from(fields) == Unstructured(0.6, global_pruning=True, steps=2, protect=protected)
 
 
 def test_cnn_channels_tied_by_residuals_and_batchnorm_are_removed_together():
@@ -56,7 +79,7 @@ def test_structured_removes_the_unimportant_channels_exactly():
         model.fc0.weight[dead] = 0
         model.fc0.bias[dead] = 0
         model.fc1.weight[:, dead] = 0
-    pruned = prune(model, 0.5, example_inputs=X, protect=["fc1"])
+    pruned = prune(model, Structured(0.5, protect=["fc1"]), example_inputs=X)
     assert pruned.fc0.out_features == 16 and pruned.fc1.out_features == 16
     assert torch.allclose(pruned(X), model(X), atol=1e-6)
 
@@ -68,7 +91,7 @@ def test_bn_importance_removes_channels_with_zero_scale():
         for bn in (model.stem[1], model.blocks[0].bn1, model.blocks[0].bn2):
             bn.weight[dead] = 0
             bn.bias[dead] = 0
-    pruned = prune(model, 0.5, example_inputs=X, importance="bn")
+    pruned = prune(model, Structured(0.5, importance="bn"), example_inputs=X)
     assert pruned.stem[0].out_channels == 8
     assert torch.allclose(pruned(X), model(X), atol=1e-5)
 
@@ -101,7 +124,7 @@ def test_transformer_loses_whole_heads_and_ffn_width():
 @pytest.mark.parametrize("target", ["params", "flops"])
 def test_target_ratio_of_params_or_flops(target):
     model = build_model("cnn", width=16).eval()
-    pruned = prune(model, 0.5, example_inputs=X, target=target)
+    pruned = prune(model, Structured(0.5, target=target), example_inputs=X)
     measure = (lambda m: params(m)) if target == "params" else (lambda m: count_flops(m, X))
     kept = measure(pruned) / measure(model)
     assert 0.4 <= kept <= 0.5
@@ -113,7 +136,7 @@ def test_global_ranking_prunes_layers_unevenly():
         model.fc0.weight[:32].mul_(0.01)
         model.fc0.bias[:32].mul_(0.01)
         model.fc1.weight[:, :32].mul_(0.01)
-    pruned = prune(model, 0.4, example_inputs=X, global_pruning=True)
+    pruned = prune(model, Structured(0.4, global_pruning=True), example_inputs=X)
     assert pruned.fc0.out_features < pruned.fc1.out_features
     per_layer = prune(model, 0.4, example_inputs=X)
     assert per_layer.fc0.out_features == per_layer.fc1.out_features
@@ -123,7 +146,7 @@ def test_global_ranking_prunes_layers_unevenly():
 def test_unstructured_is_permanent_exact_and_compact(tmp_path, global_pruning):
     torch.manual_seed(0)
     model = build_model("mlp", in_features=64, hidden=[256, 128], num_classes=10).eval()
-    pruned = prune(model, 0.8, structured=False, example_inputs=X, global_pruning=global_pruning)
+    pruned = prune(model, Unstructured(0.8, global_pruning=global_pruning), example_inputs=X)
     layers = [pruned.fc0, pruned.fc1]
     if global_pruning:
         zeros = sum(int((m.weight == 0).sum()) for m in layers)
@@ -177,7 +200,7 @@ def test_iterative_unstructured_finetuning_keeps_zeros(digits):
     torch.manual_seed(0)
     model = build_model("mlp", in_features=64, hidden=[128], num_classes=10)
     fit(model, digits, TrainConfig(epochs=4, progress=False, device="cpu"))
-    pruned = prune(model, 0.8, structured=False, data=digits, iterative_steps=2, finetune_epochs=2)
+    pruned = prune(model, Unstructured(0.8, steps=2), data=digits, finetune=finetune(2))
     assert abs(int((pruned.fc0.weight == 0).sum()) - 0.8 * pruned.fc0.weight.numel()) <= 1
     assert accuracy(pruned, digits.test) > accuracy(model, digits.test) - 0.03
 
@@ -186,10 +209,9 @@ def test_iterative_taylor_with_finetuning_and_teacher(digits):
     torch.manual_seed(0)
     model = build_model("mlp", in_features=64, hidden=[128, 64])
     fit(model, digits, TrainConfig(epochs=5, progress=False, device="cpu"))
-    one_shot = prune(model, 0.5, importance="taylor", data=digits)
-    tuned = prune(
-        model, 0.5, importance="taylor", data=digits, iterative_steps=2, finetune_epochs=1, teacher=model
-    )
+    one_shot = prune(model, Structured(0.5, importance="taylor"), data=digits)
+    taylor = Structured(0.5, importance="taylor", steps=2)
+    tuned = prune(model, taylor, data=digits, finetune=finetune(1), teacher=model)
     assert tuned.fc0.out_features == one_shot.fc0.out_features == 64
     assert all(p.grad is None for p in tuned.parameters())
     assert accuracy(tuned, digits.test) > max(0.8, accuracy(one_shot, digits.test) + 0.1)
@@ -202,13 +224,13 @@ def test_activation_importance_removes_the_neuron_the_data_never_uses():
         model.fc0.weight.copy_(torch.eye(4) * torch.tensor([[10.0], [1.0], [2.0], [3.0]]))
         model.fc0.bias.copy_(torch.tensor([-100.0, 0.0, 0.0, 0.0]))  # neuron 0: the largest, never active
     x = torch.rand(32, 4)
-    by_magnitude = prune(model, 0.25, example_inputs=x, importance="l2")
-    by_activation = prune(model, 0.25, example_inputs=x, importance="activation")
+    by_magnitude = prune(model, Structured(0.25, importance="l2"), example_inputs=x)
+    by_activation = prune(model, Structured(0.25, importance="activation"), example_inputs=x)
     assert by_magnitude.fc0.out_features == by_activation.fc0.out_features == 3
     assert torch.equal(by_activation(x), model(x))  # the dead neuron went: nothing changed
     assert not torch.allclose(by_magnitude(x), model(x))  # magnitude kept it and removed a live one
     with pytest.raises(ConfigError, match="needs example inputs"):
-        prune(build_model("mlp", hidden=[16]), 0.5, importance="activation")
+        prune(build_model("mlp", hidden=[16]), Structured(0.5, importance="activation"))
 
 
 def test_activation_importance_prunes_conv1d_channels_and_leaves_no_scores_behind():
@@ -222,8 +244,8 @@ def test_activation_importance_prunes_conv1d_channels_and_leaves_no_scores_behin
         nn.Linear(16, 3),
     ).eval()
     x = torch.randn(32, 2, 8)
-    pruned = prune(model, 0.5, example_inputs=x, importance="activation")
-    by_magnitude = prune(model, 0.5, example_inputs=x, importance="l2")
+    pruned = prune(model, Structured(0.5, importance="activation"), example_inputs=x)
+    by_magnitude = prune(model, Structured(0.5, importance="l2"), example_inputs=x)
     assert pruned[0].out_channels == pruned[2].out_channels == 8
     assert [m.weight.shape for m in pruned if hasattr(m, "weight")] == [
         m.weight.shape for m in by_magnitude if hasattr(m, "weight")
@@ -241,15 +263,17 @@ def test_activation_importance_prunes_conv1d_channels_and_leaves_no_scores_behin
         ({"importance": "taylor"}, ConfigError, "needs data"),
         ({"importance": "bn"}, ConfigError, "batch-norm"),
         ({"importance": "random"}, ConfigError, "l1, l2, bn, taylor, activation"),
-        ({"target": "latency", "structured": False}, ConfigError, "need structured"),
+        ({"target": "latency", "kind": "unstructured"}, ConfigError, "need structured"),
         ({"protect": ["fc9"]}, ConfigError, "no such layer 'fc9'|layer 'fc9'"),
         ({"finetune_epochs": 1}, ConfigError, "needs data"),
     ],
 )
 def test_bad_options_are_clear_errors(kwargs, error, message):
     model = build_model("mlp", hidden=[16])
+    fields = {"ratio": 0.5, **kwargs}
+    epochs = fields.pop("finetune_epochs", 0)
     with pytest.raises(error, match=message) as info:
-        prune(model, **{"ratio": 0.5, "example_inputs": X, **kwargs})
+        prune(model, method_from(fields), example_inputs=X, finetune=finetune(epochs) if epochs else None)
     assert "\n" not in str(info.value)
 
 
@@ -275,7 +299,7 @@ def test_pruning_that_breaks_the_forward_names_the_layer():
     )
     with pytest.raises(ModelError, match=r"after pruning in layer '4' \(Shift\)"):
         prune(model, 0.5, example_inputs=X)
-    assert prune(model, 0.5, example_inputs=X, protect=["3"])[1].out_features == 16
+    assert prune(model, Structured(0.5, protect=["3"]), example_inputs=X)[1].out_features == 16
 
 
 def test_nothing_prunable_is_a_clear_error():
@@ -283,7 +307,7 @@ def test_nothing_prunable_is_a_clear_error():
     with pytest.raises(ModelError, match="nothing to prune"):
         prune(model, 0.5, example_inputs=X)
     with pytest.raises(ModelError, match="nothing to prune"):
-        prune(model, 0.5, structured=False, example_inputs=X)
+        prune(model, Unstructured(0.5), example_inputs=X)
 
 
 def test_sparsity_counts_zeros():
@@ -294,6 +318,8 @@ def test_sparsity_counts_zeros():
 
 
 def test_cli_prune_prints_before_after_and_saves(tmp_path, capsys):
+    from keiryo.cli import main  # here: the CLI is not what the other tests exercise
+
     torch.manual_seed(0)
     model = build_model("cnn", width=8, blocks=1)
     source = artifacts.save(model, tmp_path / "cnn.pt", metadata={"input_shape": [1, 8, 8]})
@@ -310,17 +336,18 @@ def test_cli_prune_prints_before_after_and_saves(tmp_path, capsys):
 
 
 def test_check_options_and_max_ratio_refuse_before_any_work():
-    from keiryo.compress.prune import check_options, max_ratio
-
-    check_options(0.5, importance="taylor", finetune_epochs=2, has_data=True, has_teacher=True)
-    for kwargs, message in (
-        ({"ratio": 1.0}, "between 0 and 1"),
-        ({"ratio": 0.5, "importance": "taylor", "has_data": False}, "taylor"),
-        ({"ratio": 0.5, "finetune_epochs": 1, "has_data": False}, "fine-tuning needs data"),
-        ({"ratio": 0.5, "has_teacher": True}, "finetune_epochs"),
-        ({"ratio": 0.5, "iterative_steps": 0}, "iterative_steps"),
+    taylor = Structured(0.5, importance="taylor")
+    assert check_options(taylor, finetune(2), has_data=True, has_teacher=True) is taylor
+    assert check_options(0.5) == Structured(ratio=0.5)  # a float is a structured ratio
+    for call, message in (
+        (lambda: check_options(1.0), "between 0 and 1"),
+        (lambda: check_options(Structured(0.5, importance="taylor"), has_data=False), "taylor"),
+        (lambda: check_options(0.5, finetune(1), has_data=False), "fine-tuning needs data"),
+        (lambda: check_options(0.5, has_teacher=True), "finetune="),
+        (lambda: check_options(Structured(0.5, steps=0)), "steps"),
+        (lambda: check_options("0.5"), "ratio or a Structured/Unstructured config"),
     ):
         with pytest.raises(ConfigError, match=message):
-            check_options(**kwargs)
+            call()
     model = build_model("mlp", in_features=64, hidden=[8, 4], num_classes=10)
     assert max_ratio(model, X) == pytest.approx(0.75, abs=1e-5)  # the 4-wide layer keeps one neuron
