@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import Subset
 
-from keiryo.compress.distill import distill
+from keiryo.compress.distill import Distill, distill
 from keiryo.data import DataSplits, load_data
-from keiryo.loop import train
+from keiryo.loop import TrainConfig, fit
 from keiryo.metrics import accuracy, count_parameters
 from keiryo.models import build_model, kwargs_for_data
 
@@ -37,7 +37,11 @@ TEMPERATURES = (1.0, 2.0, 4.0, 8.0, 20.0)
 # hidden=[256]: small enough (7.8x fewer parameters than the teacher) and wide enough to over-fit 1,257
 # images on labels alone, which is where soft targets help (Hinton et al.); hidden=[128] gained ~1 error.
 STUDENT = {"hidden": [256]}
-QUIET = {"progress": False, "device": "cpu"}
+
+
+def quiet(**options) -> TrainConfig:
+    """Training settings for every run here: on the CPU, no progress bar."""
+    return TrainConfig(progress=False, device="cpu", **options)
 
 
 def errors(model: torch.nn.Module, splits: DataSplits) -> int:
@@ -58,19 +62,18 @@ def fraction(splits: DataSplits, part: float, seed: int) -> DataSplits:
 def run_seed(splits: DataSplits, seed: int, cfg: dict) -> dict[str, object]:
     """Teacher, then for each setting the student on labels alone and distilled from the same start."""
     teacher = build("cnn", splits, seed)
-    train(teacher, splits, epochs=cfg["teacher_epochs"], seed=seed, **QUIET)
+    fit(teacher, splits, quiet(epochs=cfg["teacher_epochs"], seed=seed))
     out: dict[str, object] = {"teacher": errors(teacher, splits)}
     settings = [("full", splits, cfg["epochs"]), ("10%", fraction(splits, 0.1, seed), cfg["epochs"] * 5)]
     for name, data, epochs in settings:  # 10%: 5x the epochs, so both settings take about as many steps
         start = build("mlp", splits, 100 + seed, **STUDENT)
         alone = copy.deepcopy(start)
-        train(alone, data, epochs=epochs, seed=seed, **QUIET)
+        fit(alone, data, quiet(epochs=epochs, seed=seed))
         out[f"alone {name}"] = errors(alone, splits)
         for t in TEMPERATURES if name == "full" else (cfg["temperature"],):
             student = copy.deepcopy(start)
-            distill(
-                teacher, student, data, t, cfg["alpha"], epochs=epochs, seed=seed, cache_teacher=True, **QUIET
-            )
+            config = Distill(temperature=t, alpha=cfg["alpha"], cache_teacher=True)
+            distill(teacher, student, data, config, quiet(epochs=epochs, seed=seed))
             out[f"distilled {name} T={t:g}"] = errors(student, splits)
     out["params"] = (count_parameters(teacher)[0], count_parameters(start)[0])
     out["teacher_model"] = teacher
@@ -85,7 +88,7 @@ def cache_saving(splits: DataSplits, teacher: torch.nn.Module, repeats: int) -> 
         for cached in (False, True):
             student = build("mlp", splits, 0, **STUDENT)
             started = time.perf_counter()
-            distill(teacher, student, splits, epochs=2, cache_teacher=cached, **QUIET)
+            distill(teacher, student, splits, Distill(cache_teacher=cached), quiet(epochs=2))
             times[cached] = time.perf_counter() - started
         ratios.append(times[False] / times[True])
     return statistics.median(ratios)

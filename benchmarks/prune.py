@@ -20,10 +20,12 @@ from pathlib import Path
 
 import torch
 
+from keiryo.compare import compare, file_bytes
 from keiryo.compress.prune import prune, sparsity
+from keiryo.compress.prune_config import Structured, Unstructured
 from keiryo.data import example_inputs, load_data
 from keiryo.loop import TrainConfig, fit
-from keiryo.metrics import compare, file_bytes
+from keiryo.metrics import Timing
 from keiryo.models import Attention, build_model, kwargs_for_data
 from keiryo.report import markdown
 
@@ -39,6 +41,11 @@ def trained(name: str, splits, epochs: int, **extra) -> torch.nn.Module:
     return model.eval()
 
 
+def finetune(epochs: int) -> TrainConfig:
+    """Fine-tuning after each pruning step: a few quiet epochs on the CPU at a low learning rate."""
+    return TrainConfig(epochs=epochs, lr=1e-3, progress=False, device="cpu")
+
+
 def check(text: str, ok: bool) -> str:
     return f"- {'met' if ok else 'NOT met'}: {text}"
 
@@ -47,24 +54,29 @@ def cnn_section(base, splits, x, runs: int) -> list[str]:
     variants = {
         "cnn": base,
         "0.5 one-shot": prune(base, 0.5, example_inputs=x),
-        f"0.5 + {FINETUNE} ep": prune(base, 0.5, data=splits, finetune_epochs=FINETUNE),
+        f"0.5 + {FINETUNE} ep": prune(base, 0.5, data=splits, finetune=finetune(FINETUNE)),
         f"0.5 + {FINETUNE} ep distilled": prune(
-            base, 0.5, data=splits, finetune_epochs=FINETUNE, teacher=base
+            base, 0.5, data=splits, finetune=finetune(FINETUNE), teacher=base
         ),
         f"0.5 taylor + {FINETUNE} ep": prune(
-            base, 0.5, importance="taylor", data=splits, finetune_epochs=FINETUNE
+            base, Structured(0.5, importance="taylor"), data=splits, finetune=finetune(FINETUNE)
         ),
-        "params 0.5 + 3 ep": prune(base, 0.5, target="params", data=splits, finetune_epochs=FINETUNE),
-        "latency 0.5 + 3 ep": prune(base, 0.5, target="latency", data=splits, finetune_epochs=FINETUNE),
+        "params 0.5 + 3 ep": prune(
+            base, Structured(0.5, target="params"), data=splits, finetune=finetune(FINETUNE)
+        ),
+        "latency 0.5 + 3 ep": prune(
+            base, Structured(0.5, target="latency"), data=splits, finetune=finetune(FINETUNE)
+        ),
     }
-    report = compare(variants, x, splits, runs=runs, num_threads=2)
+    report = compare(variants, x, splits, Timing(runs=runs, threads=2))
     tuned = report.rows[2]
     best = max(report.rows[2:5], key=lambda r: r.accuracy)
     lost = (report.baseline.accuracy - best.accuracy) * 100
     lines = [
         "## 1. cnn (residual + batch-norm), structured pruning at channel ratio 0.5",
         "",
-        "`prune(cnn, 0.5, data=splits, finetune_epochs=3)`; 'params'/'latency' rows use `target=` "
+        "`prune(cnn, 0.5, data=splits, finetune=TrainConfig(epochs=3, lr=1e-3))`; 'params'/'latency' rows "
+        "use `Structured(0.5, target=...)` "
         "(remove half the parameters / half the measured latency).",
         "",
         markdown(report),
@@ -89,9 +101,9 @@ def cnn_section(base, splits, x, runs: int) -> list[str]:
 
 def transformer_section(_, splits, x, runs: int) -> list[str]:
     base = trained("transformer", splits, epochs=15)
-    pruned = prune(base, 0.5, data=splits, finetune_epochs=FINETUNE)
+    pruned = prune(base, 0.5, data=splits, finetune=finetune(FINETUNE))
     report = compare(
-        {"transformer": base, f"0.5 + {FINETUNE} ep": pruned}, x, splits, runs=runs, num_threads=2
+        {"transformer": base, f"0.5 + {FINETUNE} ep": pruned}, x, splits, Timing(runs=runs, threads=2)
     )
     before = [(m.num_heads, m.qkv.out_features) for m in base.modules() if isinstance(m, Attention)]
     after = [(m.num_heads, m.qkv.out_features) for m in pruned.modules() if isinstance(m, Attention)]
@@ -116,10 +128,8 @@ def transformer_section(_, splits, x, runs: int) -> list[str]:
 
 def mlp_section(_, splits, x, runs: int) -> list[str]:
     base = trained("mlp", splits, epochs=15)
-    pruned = prune(
-        base, 0.8, structured=False, global_pruning=True, data=splits, iterative_steps=2, finetune_epochs=3
-    )
-    report = compare({"mlp": base, "80% sparse": pruned}, x, splits, runs=runs, num_threads=2)
+    pruned = prune(base, Unstructured(0.8, global_pruning=True, steps=2), data=splits, finetune=finetune(3))
+    report = compare({"mlp": base, "80% sparse": pruned}, x, splits, Timing(runs=runs, threads=2))
     lost = (report.baseline.accuracy - report.rows[1].accuracy) * 100
     size = file_bytes(pruned) / file_bytes(base)
     return [
@@ -140,8 +150,8 @@ def curve_section(base, splits, x, runs: int) -> list[str]:
     ratios = [round(0.1 * i, 1) for i in range(1, 10)]
     models = {"cnn": base}
     for r in ratios:
-        models[f"{r}"] = prune(base, r, data=splits, finetune_epochs=2)
-    report = compare(models, x, splits, batch_sizes=(64,), runs=runs, num_threads=2)
+        models[f"{r}"] = prune(base, r, data=splits, finetune=finetune(2))
+    report = compare(models, x, splits, Timing(runs=runs, batch_sizes=(64,), threads=2))
     rows = ["| channel ratio | params | accuracy | p50 b64 | speed-up b64 |", "|---|---|---|---|---|"]
     points = []
     for ratio, row in zip([0.0, *ratios], report.rows, strict=True):
