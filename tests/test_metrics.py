@@ -1,24 +1,56 @@
-from __future__ import annotations
+"""Layer-1 figures: parameters, FLOPs, timing, agreement and accuracy, for every form of example inputs."""
 
-import json
+from __future__ import annotations
 
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from keiryo import report
+from keiryo.errors import ConfigError, DataError
 from keiryo.metrics import (
+    Timing,
+    accuracy,
     agreement,
     batch_of,
-    compare,
     count_flops,
     count_parameters,
-    file_bytes,
-    measure,
+    labelled_batches,
     threads,
     time_models,
 )
-from keiryo.models import build_model
+
+
+class TwoInputs(nn.Module):
+    """A Hugging Face-shaped model: ids and a mask in, a dict with `last_hidden_state` and `logits` out."""
+
+    def __init__(self, vocab: int = 20, width: int = 4, classes: int = 3) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.embed(input_ids)
+        if attention_mask is not None:
+            h = h * attention_mask.unsqueeze(-1)
+        return {"last_hidden_state": h, "logits": self.head(h.mean(1))}
+
+
+class DictSamples(Dataset):
+    """Samples as Hugging Face datasets give them: dicts of ids (python lists), a mask and an int label."""
+
+    def __init__(self, ids: torch.Tensor, labels: torch.Tensor) -> None:
+        self.ids, self.labels = ids, labels
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict:
+        return {
+            "input_ids": self.ids[i].tolist(),
+            "attention_mask": torch.ones(self.ids.shape[1]),
+            "labels": int(self.labels[i]),
+        }
 
 
 def test_parameters_and_flops_of_a_known_model_are_exact():
@@ -29,6 +61,14 @@ def test_parameters_and_flops_of_a_known_model_are_exact():
     assert count_flops(model, torch.randn(8, 10)) == 2 * 10 * 5 + 2 * 5 * 2
     conv = nn.Conv2d(3, 4, kernel_size=3, padding=1, bias=False)
     assert count_flops(conv, torch.randn(2, 3, 6, 6)) == 2 * (3 * 3 * 3) * 4 * 6 * 6
+
+
+def test_flops_of_one_sample_for_tuple_and_dict_inputs():
+    model = TwoInputs(width=4, classes=3)
+    ids, mask = torch.randint(0, 20, (8, 5)), torch.ones(8, 5)
+    flops = 2 * 4 * 3  # the head on one sample (the embedding lookup and the mask multiply are not counted)
+    assert count_flops(model, (ids, mask)) == flops
+    assert count_flops(model, {"input_ids": ids, "attention_mask": mask}) == flops
 
 
 def test_flops_of_kernels_the_counter_cannot_see_are_unknown_not_zero():
@@ -64,26 +104,40 @@ def test_nonzero_counts_zeroed_weights():
     assert nonzero == 110 - 40
 
 
-def test_file_bytes_tracks_weight_bytes():
-    small = build_model("mlp", in_features=64, hidden=[16], num_classes=10)
-    big = build_model("mlp", in_features=64, hidden=[512], num_classes=10)
-    weights = sum(p.numel() * 4 for p in big.parameters())
-    assert weights < file_bytes(big) < weights * 1.1 + 20_000
-    assert file_bytes(small) < file_bytes(big)
-
-
 def test_agreement_of_identical_and_perturbed_models():
     torch.manual_seed(0)
     model = nn.Linear(8, 4)
     x = torch.randn(64, 8)
     same = agreement(model, model, x)
     assert same.top1 == 1.0 and same.max_error == 0.0 and same.cosine == pytest.approx(1.0)
+    assert same.output == "output"
     noisy = nn.Linear(8, 4)
     noisy.load_state_dict(model.state_dict())
     with torch.no_grad():
         noisy.weight.add_(0.5 * torch.randn_like(noisy.weight))
     worse = agreement(noisy, model, x)
     assert worse.top1 < 1.0 and worse.cosine < 0.99 and worse.max_error > 0
+
+
+def test_agreement_compares_the_main_output_and_names_it():
+    torch.manual_seed(0)
+    model = TwoInputs()
+    ids, mask = torch.randint(0, 20, (300, 5)), torch.ones(300, 5)  # more than one inner batch of 256
+    same = agreement(model, model, {"input_ids": ids, "attention_mask": mask})
+    assert same.output == "logits" and same.samples == 300 and same.top1 == 1.0 and same.max_error == 0.0
+    noisy = TwoInputs()
+    noisy.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        noisy.head.weight.add_(torch.randn_like(noisy.head.weight))
+    worse = agreement(noisy, model, (ids, mask))
+    assert worse.output == "logits" and worse.cosine < 0.99 and worse.max_error > 0
+
+    class Tuple(nn.Module):
+        def forward(self, x):
+            return (None, x * 2, x)
+
+    pair = agreement(Tuple(), Tuple(), torch.randn(4, 3, 2))
+    assert pair.output == "output[1]" and pair.top1 is None and pair.cosine == pytest.approx(1.0)
 
 
 def test_models_are_timed_interleaved():
@@ -107,6 +161,20 @@ def test_models_are_timed_interleaved():
     assert lat["a"].p90_ms >= lat["a"].p50_ms > 0
 
 
+def test_models_with_several_inputs_are_timed_on_all_of_them():
+    seen: list[tuple] = []
+
+    class Pair(nn.Module):
+        def forward(self, input_ids, attention_mask):
+            seen.append((input_ids.shape, attention_mask.shape))
+            return input_ids * attention_mask
+
+    example = batch_of({"input_ids": torch.ones(3, 5), "attention_mask": torch.ones(3, 5)}, 7)
+    lat = time_models({"pair": Pair()}, example, runs=3, warmup=1)
+    assert lat["pair"].batch_size == 7 and set(seen) == {(torch.Size([7, 5]), torch.Size([7, 5]))}
+    assert time_models({"pair": Pair()}, (torch.ones(2, 5), torch.ones(2, 5)), runs=2)["pair"].batch_size == 2
+
+
 def test_thread_count_is_fixed_and_restored():
     before = torch.get_num_threads()
     with threads(1) as n:
@@ -117,38 +185,40 @@ def test_thread_count_is_fixed_and_restored():
 def test_batch_of_repeats_rows():
     x = torch.arange(3.0).reshape(3, 1)
     assert batch_of(x, 7).flatten().tolist() == [0, 1, 2, 0, 1, 2, 0]
+    ids, mask = batch_of((torch.arange(3).reshape(3, 1), torch.ones(3, 2)), 5)
+    assert ids.flatten().tolist() == [0, 1, 2, 0, 1] and mask.shape == (5, 2) and ids.is_contiguous()
 
 
-def test_compare_reports_ratios_against_the_first(digits):
+def test_timing_refuses_values_that_cannot_be_measured():
+    assert Timing(batch_sizes=[1, 8]).batch_sizes == (1, 8)
+    for bad in ({"runs": 0}, {"warmup": -1}, {"batch_sizes": ()}, {"batch_sizes": (0, 4)}, {"threads": 0}):
+        with pytest.raises(ConfigError):
+            Timing(**bad)
+
+
+def test_accuracy_on_pairs_dicts_and_loaders():
     torch.manual_seed(0)
-    big = build_model("mlp", in_features=64, hidden=[512, 512], num_classes=10)
-    small = build_model("mlp", in_features=64, hidden=[16], num_classes=10)
-    x = torch.randn(64, 1, 8, 8)
-    rep = compare({"big": big, "small": small}, x, digits, runs=5, warmup=1)
-    b, s = rep.rows
-    assert b.agreement is None and s.agreement is not None and s.agreement.samples == len(digits.test)
-    assert 0 <= s.accuracy <= 1 and b.accuracy is not None
-    assert rep.size_ratio(s) == pytest.approx(s.bytes / b.bytes)
-    assert rep.speedup(s, 64) == pytest.approx(b.latency[64].p50_ms / s.latency[64].p50_ms)
-    assert set(b.latency) == {1, 64}
-    raw = json.loads(report.to_json(rep))
-    assert raw["models"][1]["size_ratio"] == pytest.approx(rep.size_ratio(s))
-    md = report.markdown(rep)
-    assert md.count("\n") == 4 and "| big |" in md and "baseline" in md
+    model = TwoInputs(classes=3)
+    ids = torch.randint(0, 20, (40, 5))
+    with torch.no_grad():
+        predicted = model(ids, torch.ones(40, 5))["logits"].argmax(-1)
+    labels = predicted.clone()
+    labels[:10] = (labels[:10] + 1) % 3  # a quarter wrong
+    dicts = DictSamples(ids, labels)
+    assert accuracy(model, dicts, batch_size=16) == pytest.approx(0.75)
+    loader = DataLoader(TensorDataset(ids, torch.ones(40, 5), labels), batch_size=8)  # (ids, mask, labels)
+    assert accuracy(model, loader) == pytest.approx(0.75)
+    assert accuracy(model, TensorDataset(ids, torch.ones(40, 5), labels.float())) is None  # regression
+    assert accuracy(model, TensorDataset(ids, torch.ones(40, 5))) is None  # no labels
+    with pytest.raises(DataError, match="data .x. has class labels 7..7 but the model has 3"):
+        accuracy(model, TensorDataset(ids, torch.ones(40, 5), labels * 0 + 7), what="data 'x'")
 
 
-def test_measure_one_model_against_reference():
-    model = nn.Linear(8, 3)
-    m = measure(model, torch.randn(16, 8), reference=model, runs=3, warmup=1)
-    assert m.params == 27 and m.agreement.top1 == 1.0 and m.flops == 2 * 8 * 3
-
-
-def test_slower_model_is_marked_worse():
-    class Slow(nn.Module):
-        def forward(self, x):
-            for _ in range(200):
-                x = x + 0
-            return x
-
-    rep = compare({"fast": nn.Identity(), "slow": Slow()}, torch.zeros(4, 4), runs=5, warmup=1)
-    assert "(worse)" in report.rows(rep)[1]["speed-up b64"]
+def test_labelled_batches_keep_the_order_and_split_labels_off():
+    ids = torch.arange(10).reshape(5, 2)
+    batches = list(labelled_batches(DictSamples(ids, torch.arange(5)), batch_size=2))
+    assert [len(y) for _, y in batches] == [2, 2, 1]
+    assert torch.equal(torch.cat([x["input_ids"] for x, _ in batches]), ids)
+    assert set(batches[0][0]) == {"input_ids", "attention_mask"}
+    plain = list(labelled_batches(TensorDataset(ids), batch_size=4))
+    assert [y for _, y in plain] == [None, None] and torch.equal(plain[1][0], ids[4:])

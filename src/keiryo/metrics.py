@@ -1,10 +1,11 @@
-"""Measurement: one definition of every figure keiryo reports, used by every step and every report.
+"""Measurement: one definition of every figure keiryo reports (parameters, FLOPs, latency, agreement...).
 
-Latency is the median (p50) and p90 of many timed forward passes after warm-up, under `inference_mode`, at a
-fixed thread count. `compare` times several models interleaved in one process (every round visits them all,
-in a new random order), so that noise from a shared machine falls on all of them alike and their ratios stay
-meaningful. Before any figure, each model runs one sample of the example inputs and of the data, so that
-inputs it cannot take fail as one ModelError that names both shapes.
+Every function that calls a model takes an *example* as PyTorch passes inputs (`keiryo.inputs`): a Tensor, a
+tuple of positional arguments or a dict of keyword arguments. Outputs that are tuples, dicts or Hugging Face
+`ModelOutput`s are compared on `inputs.main_output` (logits, else last_hidden_state, ...), and the figures say
+which field. Latency is the median (p50) and p90 of many timed forward passes after warm-up, under
+`inference_mode`, at a fixed thread count, several models interleaved (see `time_models`). This module knows
+no file format: a model's file size is measured a layer up, in `keiryo.measuring`.
 """
 
 from __future__ import annotations
@@ -12,21 +13,44 @@ from __future__ import annotations
 import contextlib
 import random
 import statistics
-import tempfile
 import time
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
 from torch.utils.flop_counter import FlopCounterMode
 
-from keiryo import artifacts
-from keiryo.data import DataSplits, check_targets, describe, load_data, probe_model, tensors_of
-from keiryo.errors import ConfigError, DataError, KeiryoError, ModelError
+from keiryo import inputs
+from keiryo.data import check_targets
+from keiryo.errors import ConfigError, DataError, ModelError
+from keiryo.inputs import Example
+
+IGNORE_LABEL = -100  # Hugging Face's "no label here" (padding tokens, special tokens)
+
+
+@dataclass
+class Timing:
+    """How latency is measured: `runs` timed calls after `warmup` untimed ones, at each of `batch_sizes`, with
+    `threads` intra-op threads (None: torch's current setting)."""
+
+    runs: int = 50
+    warmup: int = 10
+    batch_sizes: tuple[int, ...] = (1, 64)
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        self.batch_sizes = tuple(self.batch_sizes)
+        if self.runs < 1 or self.warmup < 0:
+            raise ConfigError(
+                f"timing needs runs ≥ 1 and warmup ≥ 0, got runs={self.runs} warmup={self.warmup}"
+            )
+        if not self.batch_sizes or min(self.batch_sizes) < 1:
+            raise ConfigError(f"timing needs batch sizes ≥ 1, got {list(self.batch_sizes)}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"threads must be ≥ 1, got {self.threads}")
 
 
 @dataclass
@@ -53,43 +77,7 @@ class Agreement:
     mean_error: float
     cosine: float  # mean per-sample cosine similarity of the output vectors
     samples: int
-
-
-@dataclass
-class Metrics:
-    """Everything measured about one model."""
-
-    name: str
-    params: int
-    nonzero_params: int
-    bytes: int | None
-    flops: int | None  # per sample
-    latency: dict[int, Latency] = field(default_factory=dict)
-    accuracy: float | None = None
-    agreement: Agreement | None = None
-
-
-@dataclass
-class Report:
-    """Several models measured side by side; the first row is the baseline that ratios refer to."""
-
-    rows: list[Metrics]
-    threads: int
-
-    @property
-    def baseline(self) -> Metrics:
-        return self.rows[0]
-
-    def speedup(self, row: Metrics, batch_size: int) -> float | None:
-        """Baseline p50 / row p50 at a batch size: above 1 is faster, below 1 slower."""
-        base, mine = self.baseline.latency.get(batch_size), row.latency.get(batch_size)
-        return base.p50_ms / mine.p50_ms if base and mine else None
-
-    def size_ratio(self, row: Metrics) -> float | None:
-        """Row bytes / baseline bytes: below 1 is smaller."""
-        if row.bytes is None or not self.baseline.bytes:
-            return None
-        return row.bytes / self.baseline.bytes
+    output: str = "output"  # the field compared: 'output', 'logits', 'last_hidden_state', 'output[0]'...
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -119,21 +107,13 @@ def _nonzero(tensor: Tensor) -> int:
 def _weight_tensors(model: nn.Module) -> Iterator[Tensor]:
     yield from model.parameters()
     for module in model.modules():
-        weight_fn = getattr(module, "weight", None)
-        if callable(weight_fn) and not isinstance(weight_fn, nn.Module):  # torch.ao packed modules
-            with contextlib.suppress(Exception):
-                yield weight_fn()
-
-
-def file_bytes(model: nn.Module) -> int | None:
-    """Bytes of the model saved as a keiryo file (or its state_dict when it has no factory)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "model.pt"
-        try:
-            artifacts.save(model, path)
-        except KeiryoError:
-            torch.save(model.state_dict(), path)
-        return path.stat().st_size
+        for name in ("weight", "bias"):  # torch.ao packed modules return both from methods
+            getter = getattr(module, name, None)
+            if callable(getter) and not isinstance(getter, nn.Module):
+                with contextlib.suppress(Exception):
+                    tensor = getter()
+                    if isinstance(tensor, Tensor):
+                        yield tensor
 
 
 def has_quantized_kernels(model: nn.Module) -> bool:
@@ -151,7 +131,7 @@ def has_quantized_kernels(model: nn.Module) -> bool:
     return any(isinstance(p, TorchAOBaseTensor) for p in subclassed)
 
 
-def count_flops(model: nn.Module, example_inputs: Tensor) -> int | None:
+def count_flops(model: nn.Module, example_inputs: Example) -> int | None:
     """FLOPs of one forward pass on one sample, by torch.utils.flop_counter (None if it can't trace).
 
     A compiled model is counted through its eager forward: calling compiled code under the counter's dispatch
@@ -163,7 +143,7 @@ def count_flops(model: nn.Module, example_inputs: Tensor) -> int | None:
     compiled, model._compiled_call_impl = getattr(model, "_compiled_call_impl", None), None
     try:
         with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-            model(example_inputs[:1])
+            inputs.call(model, inputs.take(example_inputs, 0, 1))
         return int(counter.get_total_flops())
     except Exception:  # quantized kernels the counter does not know; report "unknown", not a wrong number
         return None
@@ -185,16 +165,16 @@ def threads(n: int | None) -> Iterator[int]:
         torch.set_num_threads(before)
 
 
-def batch_of(example_inputs: Tensor, batch_size: int) -> Tensor:
-    """`batch_size` rows taken from the example inputs, repeated as needed."""
-    reps = -(-batch_size // len(example_inputs))
-    return example_inputs.repeat(reps, *([1] * (example_inputs.dim() - 1)))[:batch_size].contiguous()
+def batch_of(example_inputs: Example, batch_size: int) -> Example:
+    """The example at exactly `batch_size` samples (repeated as needed), every tensor contiguous: the inputs
+    a model is timed on, so that no model pays for strided reads of a view."""
+    return inputs.map_tensors(inputs.resize_batch(example_inputs, batch_size), lambda t: t.contiguous())
 
 
 def time_models(
-    models: Mapping[str, nn.Module], inputs: Tensor, *, runs: int = 50, warmup: int = 10
+    models: Mapping[str, nn.Module], example_inputs: Example, *, runs: int = 50, warmup: int = 10
 ) -> dict[str, Latency]:
-    """Median/p90 latency of each model on `inputs`, timed interleaved after warm-up.
+    """Median/p90 latency of each model on `example_inputs`, timed interleaved after warm-up.
 
     Each round visits the models in a new (seeded) random order, and each visit makes one untimed call before
     the timed one: a model is timed with its own weights in cache, as when it serves requests, and no model
@@ -202,26 +182,27 @@ def time_models(
     """
     if runs < 1:
         raise ConfigError(f"runs must be ≥ 1, got {runs}")
+    args, kwargs = inputs.args_kwargs(example_inputs)
     times: dict[str, list[float]] = {name: [] for name in models}
     order = list(models)
     rng = random.Random(0)
     with torch.inference_mode():
         for _ in range(warmup):
             for model in models.values():
-                model(inputs)
+                model(*args, **kwargs)
         for _ in range(runs):
             rng.shuffle(order)
             for name in order:
                 model = models[name]
-                model(inputs)
+                model(*args, **kwargs)
                 start = time.perf_counter()
-                model(inputs)
+                model(*args, **kwargs)
                 times[name].append(time.perf_counter() - start)
     out = {}
     for name, samples in times.items():
         samples.sort()
         out[name] = Latency(
-            batch_size=len(inputs),
+            batch_size=inputs.batch_size(example_inputs),
             p50_ms=statistics.median(samples) * 1000,
             p90_ms=samples[min(len(samples) - 1, int(0.9 * len(samples)))] * 1000,
             runs=runs,
@@ -229,18 +210,26 @@ def time_models(
     return out
 
 
-def _outputs(model: nn.Module, inputs: Tensor, batch_size: int = 256) -> Tensor:
+def _outputs(model: nn.Module, example_inputs: Example, batch_size: int = 256) -> tuple[Tensor, str]:
+    """The model's main output on every sample (float, run `batch_size` samples at a time) and its name."""
+    parts, name = [], "output"
     with torch.inference_mode():
-        return torch.cat(
-            [model(inputs[i : i + batch_size]).float() for i in range(0, len(inputs), batch_size)]
-        )
+        for start in range(0, inputs.batch_size(example_inputs), batch_size):
+            out = inputs.call(model, inputs.take(example_inputs, start, start + batch_size))
+            name = inputs.output_name(out)
+            parts.append(inputs.main_output(out).float())
+    return torch.cat(parts), name
 
 
-def agreement(model: nn.Module, reference: nn.Module, inputs: Tensor) -> Agreement:
-    """Top-1 agreement, max/mean absolute error and cosine similarity of outputs against a reference."""
-    mine, ref = _outputs(model, inputs), _outputs(reference, inputs)
+def agreement(model: nn.Module, reference: nn.Module, example_inputs: Example) -> Agreement:
+    """Top-1 agreement, max/mean absolute error and cosine similarity of the main outputs against a
+    reference's; `output` names the field compared (the reference's, 'a vs b' when they differ)."""
+    (mine, my_name), (ref, ref_name) = _outputs(model, example_inputs), _outputs(reference, example_inputs)
     if mine.shape != ref.shape:
-        raise ModelError(f"outputs differ in shape: {tuple(mine.shape)} vs reference {tuple(ref.shape)}")
+        raise ModelError(
+            f"outputs differ in shape: {my_name} {tuple(mine.shape)} "
+            f"vs reference {ref_name} {tuple(ref.shape)}"
+        )
     diff = (mine - ref).abs()
     top1 = None
     if mine.dim() == 2 and mine.shape[1] > 1:
@@ -252,101 +241,63 @@ def agreement(model: nn.Module, reference: nn.Module, inputs: Tensor) -> Agreeme
         mean_error=float(diff.mean()),
         cosine=float(cosine.mean()),
         samples=len(mine),
+        output=ref_name if my_name == ref_name else f"{my_name} vs {ref_name}",
     )
 
 
-def accuracy(
-    model: nn.Module, dataset: Dataset, batch_size: int = 256, *, what: str = "the data you passed"
-) -> float | None:
-    """Top-1 accuracy on a labelled data set (None for regression targets); labels the model has no output
-    for are refused (`what` names the data in that message), not counted as misses."""
-    inputs, targets = tensors_of(dataset)
-    if targets.is_floating_point() or len(targets) == 0:
-        return None
-    outputs = _outputs(model, inputs, batch_size)
-    check_targets(outputs, targets, what)
-    return float((outputs.argmax(-1) == targets).float().mean())
-
-
-def _eval_set(data: object) -> Dataset | None:
-    if data is None:
-        return None
-    if isinstance(data, tuple) and len(data) != 2:
-        raise DataError(f"data: expected an (inputs, targets) pair, got {len(data)} items")
-    splits = data if isinstance(data, DataSplits) else None
-    if splits is None and isinstance(data, (str, Path)):
-        splits = load_data(data)
-    if splits is not None:
-        return splits.test
-    if isinstance(data, tuple):
-        return torch.utils.data.TensorDataset(*data)
-    return data  # a Dataset
-
-
-def compare(
-    models: Mapping[str, nn.Module],
-    example_inputs: Tensor,
-    data: object = None,
-    *,
-    batch_sizes: tuple[int, ...] = (1, 64),
-    runs: int = 50,
-    warmup: int = 10,
-    num_threads: int | None = None,
-) -> Report:
-    """Measure several models side by side; agreement and ratios are against the first one.
-
-    `data` (a DataSplits — its test split is used —, a Dataset, an (inputs, targets) pair or a built-in name)
-    adds accuracy; agreement is measured on its inputs when given, else on `example_inputs`.
-    """
-    if not models:
-        raise ConfigError("compare needs at least one model")
-    eval_set = _eval_set(data)
-    what = describe(data) if isinstance(data, DataSplits) else "the data you passed"
-    what = f"data '{data}'" if isinstance(data, (str, Path)) else what
-    eval_x, eval_y = tensors_of(eval_set) if eval_set is not None else (example_inputs, None)
-    agree_inputs = eval_x[:1024]
-    for model in models.values():  # one sample each, so that a misfit is a one-line error, not a torch trace
-        probe_model(model, example_inputs, "the example inputs")
-        outputs = probe_model(model, eval_x, what) if eval_y is not None else None
-        if outputs is not None and not eval_y.is_floating_point():
-            check_targets(outputs, eval_y, what)
-    reference_name = next(iter(models))
-    was_training = {name: m.training for name, m in models.items()}
-    for m in models.values():
-        m.eval()
-    with threads(num_threads) as n:
-        rows = {}
-        for name, model in models.items():
-            total, nonzero = count_parameters(model)
-            rows[name] = Metrics(
-                name=name,
-                params=total,
-                nonzero_params=nonzero,
-                bytes=file_bytes(model),
-                flops=count_flops(model, example_inputs),
-                accuracy=accuracy(model, eval_set, what=what) if eval_set is not None else None,
-                agreement=None
-                if name == reference_name
-                else agreement(model, models[reference_name], agree_inputs),
+def labelled_batches(
+    data: Dataset | Iterable, batch_size: int = 256
+) -> Iterator[tuple[Example, Tensor | None]]:
+    """(inputs, targets) batches of a data set, in order: a TensorDataset (the last tensor is the targets when
+    there are two or more), a Dataset of `(x, y)` pairs or of dicts with a `labels` key (Hugging Face style),
+    or a DataLoader / iterable already yielding such batches. Targets are None for unlabelled samples."""
+    if isinstance(data, TensorDataset):
+        example, targets = inputs.split_batch(data.tensors)
+        for start in range(0, len(data), batch_size):
+            yield (
+                inputs.take(example, start, start + batch_size),
+                None if targets is None else targets[start : start + batch_size],
             )
-        for b in batch_sizes:
-            for name, lat in time_models(
-                models, batch_of(example_inputs, b), runs=runs, warmup=warmup
-            ).items():
-                rows[name].latency[b] = lat
-    for name, m in models.items():
-        m.train(was_training[name])
-    return Report(rows=list(rows.values()), threads=n)
+        return
+    if isinstance(data, Dataset) and not isinstance(data, DataLoader):
+        data = DataLoader(data, batch_size=batch_size, collate_fn=_collate)
+    for batch in data:
+        example, targets = inputs.split_batch(batch)
+        yield example, None if targets is None else torch.as_tensor(targets)
 
 
-def measure(
-    model: nn.Module,
-    example_inputs: Tensor,
-    data: object = None,
-    reference: nn.Module | None = None,
-    **options,
-) -> Metrics:
-    """Measure one model (and its agreement with `reference` when given); options as in `compare`."""
-    if reference is None:
-        return compare({"model": model}, example_inputs, data, **options).rows[0]
-    return compare({"reference": reference, "model": model}, example_inputs, data, **options).rows[1]
+def _collate(items: list) -> object:
+    """torch's default collation, after turning list values of dict samples (token ids) into tensors."""
+    items = [
+        {k: torch.as_tensor(v) if isinstance(v, list) else v for k, v in item.items()}
+        if isinstance(item, Mapping)
+        else item
+        for item in items
+    ]
+    return default_collate(items)
+
+
+def accuracy(
+    model: nn.Module, dataset: Dataset | Iterable, batch_size: int = 256, *, what: str = "the data you passed"
+) -> float | None:
+    """Top-1 accuracy on labelled data (see `labelled_batches`; None for unlabelled data or regression
+    targets); per-token labels count every labelled position (Hugging Face's -100 marks none). Labels the
+    model has no output for are refused (`what` names the data in that message), not counted as misses."""
+    correct = counted = 0
+    with torch.inference_mode():
+        for example, targets in labelled_batches(dataset, batch_size):
+            if targets is None or targets.is_floating_point():
+                return None
+            raw = inputs.call(model, example)
+            out = inputs.main_output(raw)
+            check_targets(out, targets, what)
+            if out.shape[:-1] != targets.shape:
+                raise DataError(
+                    f"{what} has labels of shape {tuple(targets.shape)} but the model's "
+                    f"{inputs.output_name(raw)} has shape {tuple(out.shape)}; "
+                    "pass one label per sample (or per position) of its outputs"
+                )
+            labelled = targets != IGNORE_LABEL
+            correct += int(((out.argmax(-1) == targets) & labelled).sum())
+            counted += int(labelled.sum())
+    return correct / counted if counted else None

@@ -1,4 +1,4 @@
-"""Render a `measure.Report` as a terminal table, markdown or JSON; every command prints through here."""
+"""Render a `measuring.Report` as a terminal table, markdown or JSON; every command prints through here."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from keiryo.metrics import Metrics, Report
+from keiryo.fileio import atomic_write_bytes
+from keiryo.measuring import Metrics, Report
 
 
 def human_bytes(n: int | None) -> str:
@@ -87,9 +88,12 @@ def _agreement(r: Metrics) -> str:
     a = r.agreement
     if a is None:
         return "-"
-    if a.top1 is not None:
-        return f"top1 {a.top1:.1%} cos {a.cosine:.4f}"
-    return f"cos {a.cosine:.4f} max|Δ| {a.max_error:.2g}"
+    text = (
+        f"top1 {a.top1:.1%} cos {a.cosine:.4f}"
+        if a.top1 is not None
+        else f"cos {a.cosine:.4f} max|Δ| {a.max_error:.2g}"
+    )
+    return text if a.output == "output" else f"{text} ({a.output})"
 
 
 def table(report: Report, title: str | None = None) -> Table:
@@ -187,8 +191,6 @@ def plot_tradeoffs(report: Report, path: str | Path) -> Path | None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
-    from keiryo.fileio import atomic_write_bytes
-
     atomic_write_bytes(buffer.getvalue(), path)
     return path
 
@@ -221,8 +223,6 @@ def html(report: Report, title: str, image: Path | None = None, notes: list[str]
 
 def write_reports(report: Report, out_dir: str | Path, title: str, notes: list[str] | None = None) -> None:
     """report.md, report.html (self-contained), metrics.json and tradeoffs.png in `out_dir`, atomically."""
-    from keiryo.fileio import atomic_write_bytes
-
     out = Path(out_dir)
     image = plot_tradeoffs(report, out / "tradeoffs.png")
     md = f"# {title}\n\n" + markdown(report)
