@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from keiryo.data import example_inputs, load_data
-from keiryo.metrics import compare, time_models
+from keiryo.measuring import compare
+from keiryo.metrics import Timing, time_models
 from keiryo.models import build_model, kwargs_for_data
 
 OUT = Path(__file__).parent / "out" / "measure_stability.md"
@@ -54,7 +55,7 @@ def main() -> None:
     walls = []
     for _ in range(args.repeats):
         start = time.perf_counter()
-        rep = compare(models, x, batch_sizes=(1, 64), runs=args.runs, warmup=10, num_threads=2)
+        rep = compare(models, x, timing=Timing(runs=args.runs, warmup=10, batch_sizes=(1, 64), threads=2))
         walls.append(time.perf_counter() - start)
         cnn, mlp = rep.rows
         for b in (1, 64):

@@ -10,7 +10,7 @@ with `ast`, nothing imported), 90% of them; quality is measured on sentences no 
 held-out 5% of those docstrings (the domain the students were distilled on, as a user distils on their own
 text), and 200 hand-written everyday sentences in 20 topics (out of that domain). Quality is the cosine
 similarity of each sentence's embedding to the original's, and agreement of nearest-neighbour retrieval.
-Latency is the median of interleaved runs at batch 1 and 32, 2 threads, by `keiryo.metrics.compare`.
+Latency is the median of interleaved runs at batch 1 and 32, 2 threads, by `keiryo.measuring.compare`.
 """
 
 from __future__ import annotations
@@ -28,12 +28,15 @@ from pathlib import Path
 
 import torch
 
-from keiryo.compress.distill import distill
+from keiryo.compress.distill import Distill, distill
 from keiryo.compress.prune import prune
 from keiryo.compress.quantize import quantize, report_of
 from keiryo.data import DataSplits, split_tensors
-from keiryo.hf import embedding_quality, encoder_layers
-from keiryo.metrics import compare
+from keiryo.hf import encoder_layers
+from keiryo.hf_text import embedding_quality
+from keiryo.loop import TrainConfig
+from keiryo.measuring import compare
+from keiryo.metrics import Timing
 from keiryo.models import build_model
 from keiryo.report import markdown
 
@@ -238,8 +241,8 @@ def embedding_splits(teacher, sentences: list[str], max_tokens: int = 48) -> Dat
 
 def distilled(teacher, student, data: DataSplits):
     """Train `student` to reproduce the teacher's embeddings (1 − cosine), with the one training loop."""
-    options = dict(epochs=EPOCHS, batch_size=32, lr=5e-4, device="cpu", progress=False, seed=0)
-    return distill(teacher, student, data, loss="cosine", alpha=1.0, cache_teacher=True, **options)
+    train = TrainConfig(epochs=EPOCHS, batch_size=32, lr=5e-4, device="cpu", progress=False, seed=0)
+    return distill(teacher, student, data, Distill(loss="cosine", alpha=1.0, cache_teacher=True), train)
 
 
 def int8(model, example):
@@ -275,7 +278,7 @@ def main() -> None:
     held_out = data.test.tensors[0]  # docstrings no step trained on
     quality = {name: embedding_quality(model, teacher, eval_tokens) for name, model in models.items()}
     in_domain = {name: embedding_quality(model, teacher, held_out) for name, model in models.items()}
-    report = compare(models, example, batch_sizes=(1, 32), runs=40, num_threads=THREADS)
+    report = compare(models, example, timing=Timing(runs=40, batch_sizes=(1, 32), threads=THREADS))
     load_end = os.getloadavg()[0]
     lines = [
         "# Real models: all-MiniLM-L6-v2 (sentence embeddings), compressed end to end",
