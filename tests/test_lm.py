@@ -14,6 +14,7 @@ transformers = pytest.importorskip("transformers")
 
 from keiryo.errors import ArtifactError, ConfigError, ModelError, TrustError  # noqa: E402
 from keiryo.lm import (  # noqa: E402
+    SmoothQuant,
     Sparsify,
     WeightQuant,
     calibration_windows,
@@ -24,13 +25,15 @@ from keiryo.lm import (  # noqa: E402
     prune_weights,
     quantize_weights,
     save_compressed,
+    smooth_quantize,
     split_documents,
     tokenize,
 )
-from keiryo.lm.calibrate import block_linears  # noqa: E402
-from keiryo.lm.kernels import KERNEL_MAX_ROWS, Int4Linear, Int8Linear  # noqa: E402
+from keiryo.lm.calibrate import block_linears, each_block, linearize  # noqa: E402
+from keiryo.lm.kernels import KERNEL_MAX_ROWS, Int4Linear, Int8Linear, W8A8Linear  # noqa: E402
 from keiryo.lm.load import decoder_layers  # noqa: E402
 from keiryo.lm.quant import gptq_quantize, int4_rtn  # noqa: E402
+from keiryo.lm.smooth import smooth_block  # noqa: E402
 from keiryo.lm.sparsity import keep_mask, sparsity_of, wanda_score  # noqa: E402
 from keiryo.lm.text import plain_text  # noqa: E402
 
@@ -223,6 +226,43 @@ def test_two_four_leaves_exactly_two_nonzeros_in_every_group_of_four(models, cal
             assert (groups == 2).all()
 
 
+# --- W8A8 and SmoothQuant ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("arch", "pairs"), [("llama", 3), ("qwen2", 3), ("gpt2", 2)])
+def test_smoothing_moves_activation_range_into_weights_without_changing_the_model(
+    models, calibration, arch, pairs
+):
+    model = linearize(copy.deepcopy(models[arch]))
+    smoothed = []
+    each_block(
+        model,
+        calibration,
+        lambda i, block, ranges: smoothed.append(smooth_block(block, ranges, 0.5)),
+        statistic="absmax",
+    )
+    assert smoothed == [pairs, pairs]  # every block's norm → projections pairs were found and scaled
+    assert torch.allclose(_logits(model, IDS), _logits(models[arch], IDS), atol=1e-4)
+
+
+def test_smoothquant_recovers_what_outlier_channels_cost_plain_w8a8(models, calibration):
+    model = copy.deepcopy(models["llama"])
+    with torch.no_grad():  # a few activation channels 40x the others, as in real LLMs
+        for block in model.model.layers:
+            block.input_layernorm.weight[[3, 17, 40]] *= 40
+            block.post_attention_layernorm.weight[[5, 33]] *= 40
+    reference = _logits(model, IDS)
+    plain = smooth_quantize(copy.deepcopy(model), SmoothQuant(alpha=None))
+    smooth = smooth_quantize(copy.deepcopy(model), SmoothQuant(alpha=0.5), calibration)
+    assert isinstance(smooth.model.layers[0].self_attn.q_proj, W8A8Linear)
+    plain_cos, smooth_cos = _cosine(_logits(plain, IDS), reference), _cosine(_logits(smooth, IDS), reference)
+    assert smooth_cos > 0.99 and 1 - smooth_cos < 0.5 * (1 - plain_cos), (plain_cos, smooth_cos)
+    with pytest.raises(ConfigError, match="calibration"):
+        smooth_quantize(copy.deepcopy(model), SmoothQuant())
+    with pytest.raises(ConfigError, match="alpha"):
+        SmoothQuant(alpha=1.5)
+
+
 # --- every method: generation, storage ----------------------------------------------------------------------
 
 METHODS = {
@@ -233,6 +273,7 @@ METHODS = {
     "wanda-50%": lambda m, c: prune_weights(m, "wanda", c),
     "magnitude-2:4": lambda m, c: prune_weights(m, Sparsify("magnitude", "2:4")),
     "wanda-2:4": lambda m, c: prune_weights(m, Sparsify("wanda", "2:4"), c),
+    "w8a8-smoothquant": lambda m, c: smooth_quantize(m, SmoothQuant(), c),
 }
 
 

@@ -1,19 +1,22 @@
 """Causal language models: load (HF folder or GGUF), measure (perplexity, generation speed, memory),
-compress (int8/int4 weight-only by RTN or GPTQ; 50% or 2:4 sparsity by magnitude or Wanda) and store.
+compress (int8/int4 weight-only by RTN or GPTQ; W8A8 with SmoothQuant; 50% or 2:4 sparsity by magnitude or
+Wanda) and store.
 
 One module per job: `load`, `text`, `evaluate`, `calibrate` (layer-by-layer calibration), `kernels`
-(quantized CPU layers), `quant`, `sparsity`, `store`.
+(quantized CPU layers), `quant`, `smooth`, `sparsity`, `store`.
 """
 
 from keiryo.lm.evaluate import Perplexity, Speed, generation_speed, perplexity
 from keiryo.lm.load import load_causal_lm
 from keiryo.lm.quant import WeightQuant, quantize_weights
+from keiryo.lm.smooth import SmoothQuant, smooth_quantize
 from keiryo.lm.sparsity import Sparsify, prune_weights
 from keiryo.lm.store import load_compressed, save_compressed
 from keiryo.lm.text import TextSplits, calibration_windows, shakespeare_plays, split_documents, tokenize
 
 __all__ = [
     "Perplexity",
+    "SmoothQuant",
     "Sparsify",
     "Speed",
     "TextSplits",
@@ -27,6 +30,7 @@ __all__ = [
     "quantize_weights",
     "save_compressed",
     "shakespeare_plays",
+    "smooth_quantize",
     "split_documents",
     "tokenize",
 ]

@@ -19,7 +19,12 @@ from torch import Tensor, nn
 from keiryo.errors import ConfigError
 from keiryo.lm.load import decoder_layers
 
-STATISTICS = ("hessian", "norm")
+STATISTICS = ("hessian", "norm", "absmax")
+_REDUCE = {
+    "hessian": lambda x: x.t() @ x,
+    "norm": lambda x: (x * x).sum(0),
+    "absmax": lambda x: x.abs().amax(0),
+}
 
 
 class _Captured(Exception):
@@ -137,7 +142,8 @@ def run_layerwise(
 
 
 def _gather(block: nn.Module, inputs: list[Tensor], kwargs: dict, statistic: str) -> dict[str, Tensor]:
-    """Per Linear of `block`: the Hessian 2·XᵀX/n (hessian) or the squared column norms ΣX_j² (norm).
+    """Per Linear of `block`: the Hessian 2·XᵀX/n (hessian), the squared column norms ΣX_j² (norm) or the
+    largest |X_j| of each input column (absmax, SmoothQuant's activation range).
 
     Layers that read the same tensor (q/k/v, gate/up) share one computation per batch. Sums are in float32:
     over a few thousand tokens per batch that is what GPTQ's reference implementation does too.
@@ -155,9 +161,14 @@ def _gather(block: nn.Module, inputs: list[Tensor], kwargs: dict, statistic: str
             key = (x.data_ptr(), tuple(x.shape), x.stride())
             if key not in shared:
                 x32 = x.float()
-                shared[key] = (x, x32.t() @ x32 if statistic == "hessian" else (x32 * x32).sum(0))
+                shared[key] = (x, _REDUCE[statistic](x32))
             update = shared[key][1]
-            stats[name] = stats[name] + update if name in stats else update.clone()
+            if name not in stats:
+                stats[name] = update.clone()
+            else:
+                stats[name] = (
+                    torch.maximum(stats[name], update) if statistic == "absmax" else stats[name] + update
+                )
             counts[name] += x.shape[0]
 
         return hook

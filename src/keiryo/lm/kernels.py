@@ -22,6 +22,7 @@ error compensation, which needs the exact dequantized values — sees the very n
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -69,6 +70,51 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, int8 per-channel, kernel=_weight_int8pack_mm"
+
+
+class W8A8Linear(Int8Linear):
+    """int8 weights (per output channel) and int8 activations: fbgemm's dynamic linear quantizes each input to
+    8 bits (one scale per call) and multiplies in integers. Without AVX-512 VNNI fbgemm's u8·s8 products
+    saturate, so activations keep 7 bits there (`reduce_range`), as torch.ao does. Stored like `Int8Linear`;
+    the packed kernel weight is rebuilt from the int8 weight and scales whenever the layer is made.
+
+    torch.ao's quantized ops are deprecated, but they are the CPU's integer GEMM that PyTorch ships
+    (`torch._int_mm` runs a reference loop on the CPU, ~100× slower here): used only in this class."""
+
+    def __init__(self, weight_int8: Tensor, scale: Tensor, bias: Tensor | None = None) -> None:
+        super().__init__(weight_int8, scale, bias)
+        self.reduce_range = not torch.cpu._is_vnni_supported()
+        self._packed = _prepack(self.weight_int8, self.scale, self.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape, dtype = x.shape, x.dtype
+        y = torch.ops.quantized.linear_dynamic(
+            x.reshape(-1, self.in_features).float().contiguous(), self._packed, self.reduce_range
+        )
+        return y.reshape(*shape[:-1], self.out_features).to(dtype)
+
+    def __deepcopy__(self, memo: dict) -> W8A8Linear:
+        return W8A8Linear(
+            self.weight_int8.clone(), self.scale.clone(), None if self.bias is None else self.bias
+        )
+
+    def extra_repr(self) -> str:
+        bits = 7 if self.reduce_range else 8
+        return (
+            f"in={self.in_features}, out={self.out_features}, int8 weights per-channel, {bits}-bit dynamic "
+            "activations, kernel=fbgemm linear_dynamic"
+        )
+
+
+def _prepack(weight_int8: Tensor, scale: Tensor, bias: Tensor | None) -> object:
+    """fbgemm's packed weight from int8 values and per-channel scales."""
+    with warnings.catch_warnings():  # the deprecation note on quantized tensors: see W8A8Linear
+        warnings.simplefilter("ignore")
+        out = weight_int8.shape[0]
+        q = torch._make_per_channel_quantized_tensor(
+            weight_int8, scale.double(), torch.zeros(out, dtype=torch.long), 0
+        )
+        return torch.ops.quantized.linear_prepack(q, None if bias is None else bias.float())
 
 
 class Int8Embedding(nn.Module):

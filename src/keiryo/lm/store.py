@@ -3,7 +3,8 @@
 The file is a `torch.save`d dict that loads with `weights_only=True`: the transformers config (JSON text), the
 kind of each quantized layer, and a state dict in which
 
-- int8 layers keep their int8 weight and bf16 scales (a tied embedding shares the head's, stored once);
+- int8 layers (weight-only, or W8A8) keep their int8 weight and bf16 scales (a tied embedding shares the
+  head's, stored once);
 - int4 layers store their 4-bit integers two to a byte in plain row order, with bf16 scales and zeros — not
   the CPU kernel's packed layout, which differs between CPUs (AVX2, AVX-512) — and are packed on load;
 - float tensors that are mostly zeros (pruned weights) go through keiryo's sparse storage (values + bitmask).
@@ -26,7 +27,7 @@ from torch import Tensor, nn
 from keiryo.errors import ArtifactError, TrustError, check_bytes
 from keiryo.fileio import atomic_torch_save, safe_torch_load
 from keiryo.lm.calibrate import linearize
-from keiryo.lm.kernels import Int4Linear, Int8Embedding, Int8Linear
+from keiryo.lm.kernels import Int4Linear, Int8Embedding, Int8Linear, W8A8Linear
 from keiryo.lm.load import _transformers
 from keiryo.sparse import decode_sparse, encode_sparse
 
@@ -47,8 +48,8 @@ def save_compressed(model: nn.Module, path: str | os.PathLike) -> int:
             state[prefix + "q4"] = (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)
             state[prefix + "scale"] = scale.to(torch.bfloat16)
             state[prefix + "zero"] = zero.to(torch.bfloat16)
-        elif isinstance(module, Int8Linear):
-            layers[name] = {"kind": "int8"}
+        elif isinstance(module, Int8Linear):  # W8A8Linear too: the same int8 weight and scales
+            layers[name] = {"kind": "w8a8" if isinstance(module, W8A8Linear) else "int8"}
             state[prefix + "weight_int8"] = module.weight_int8
             state[prefix + "scale"] = module.scale
         elif isinstance(module, Int8Embedding):
@@ -120,8 +121,9 @@ def _place(model: nn.Module, name: str, entry: dict, state: dict, what: str) -> 
             q = torch.stack([packed & 15, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
             scale, zero = state[prefix + "scale"].float(), state[prefix + "zero"].float()
             module: nn.Module = Int4Linear(q, scale, zero, int(entry["group_size"]), bias)
-        elif kind == "int8":
-            module = Int8Linear(state[prefix + "weight_int8"], state[prefix + "scale"], bias)
+        elif kind in ("int8", "w8a8"):
+            layer = W8A8Linear if kind == "w8a8" else Int8Linear
+            module = layer(state[prefix + "weight_int8"], state[prefix + "scale"], bias)
         elif kind == "int8-embedding":
             module = Int8Embedding(
                 state[prefix + "weight_int8"], state[prefix + "scale"], entry["padding_idx"]
