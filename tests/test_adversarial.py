@@ -227,13 +227,13 @@ def test_an_unwritable_out_fails_before_any_work(inputs, tmp_path, capsys, monke
 
 def test_a_failure_late_in_the_run_keeps_the_old_output(inputs, tmp_path, capsys, monkeypatch):
     """The model is saved to a temporary name first: a failure after that still loses nothing."""
-    from keiryo import cli
+    from keiryo.cli import compress
     from keiryo.errors import ConfigError
 
     def broken_compare(*args, **kwargs):
         raise ConfigError("measuring failed (simulated)")
 
-    monkeypatch.setattr(cli, "compare", broken_compare)
+    monkeypatch.setattr(compress, "compare", broken_compare)
     line = _run_failing(
         capsys, monkeypatch, tmp_path, inputs, ["prune", "MODEL", "--ratio", "0.5", *MODEL_OUT]
     )
@@ -241,12 +241,12 @@ def test_a_failure_late_in_the_run_keeps_the_old_output(inputs, tmp_path, capsys
 
 
 def test_ctrl_c_in_process_is_one_line_130_and_keeps_the_old_output(inputs, tmp_path, capsys, monkeypatch):
-    from keiryo import cli
+    from keiryo.cli import train
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "run_training", interrupted)
+    monkeypatch.setattr(train, "run_training", interrupted)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "old.pt").write_bytes(OLD_BYTES)
     assert main([*TRAIN, "--out", "old.pt"]) == 130
@@ -266,14 +266,6 @@ def test_a_successful_run_replaces_the_output_whole(tmp_path, capsys, monkeypatc
     assert (tmp_path / "old.pt").stat().st_mode & 0o777 == 0o666 & ~umask  # not a temporary file's 0600
 
 
-def _init_is_lazy() -> bool:
-    """Whether `import keiryo` defers torch: needed for a Ctrl-C during start-up to reach the handler."""
-    import keiryo
-
-    return "def __getattr__" in Path(keiryo.__file__).read_text()
-
-
-EAGER_INIT = "keiryo/__init__.py imports torch before any handler can run (see the CLI report)"
 INTERRUPT_ON_TORCH_IMPORT = """
 import runpy, sys
 
@@ -289,7 +281,6 @@ runpy.run_module("keiryo", run_name="__main__", alter_sys=True)
 """
 
 
-@pytest.mark.xfail(not _init_is_lazy(), reason=EAGER_INIT, strict=True)
 def test_ctrl_c_while_importing_torch_is_one_line_and_exit_130(tmp_path):
     args = [sys.executable, "-c", INTERRUPT_ON_TORCH_IMPORT, *TRAIN, "--out", str(tmp_path / "m.pt")]
     proc = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, timeout=120)
@@ -297,7 +288,6 @@ def test_ctrl_c_while_importing_torch_is_one_line_and_exit_130(tmp_path):
     assert proc.stderr.splitlines() == ["interrupted"], proc.stderr
 
 
-@pytest.mark.xfail(not _init_is_lazy(), reason=EAGER_INIT, strict=False)  # passes when SIGINT lands later
 def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path):
     """A real SIGINT 1.5 s in lands while torch is imported (or as training starts): `interrupted`, 130."""
     args = [sys.executable, "-m", "keiryo", *TRAIN[:5], "--epochs", "200", "--out", str(tmp_path / "m.pt")]

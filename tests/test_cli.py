@@ -104,3 +104,15 @@ def test_demo_runs_the_whole_recipe(tmp_path, capsys):
 def test_env_prints_versions(capsys):
     code, out, _ = run(capsys, "env")
     assert code == 0 and f"torch: {torch.__version__}" in out
+
+
+def test_import_keiryo_is_cheap_and_names_load_on_first_use():
+    code = (
+        "import sys, keiryo\n"
+        "assert 'torch' not in sys.modules, 'import keiryo imported torch'\n"
+        "from keiryo.training import train\n"
+        "from keiryo.parallel.config import DDP\n"
+        "assert keiryo.train is train and keiryo.DDP is DDP and 'train' in dir(keiryo)\n"
+        "try:\n    keiryo.no_such_name\nexcept AttributeError:\n    pass\nelse:\n    raise SystemExit(1)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -4,31 +4,31 @@ import pytest
 import torch
 
 from keiryo.errors import ConfigError
-from keiryo.loop import train
+from keiryo.loop import TrainConfig
 from keiryo.models import build_model
-from keiryo.optimize import optimize, parse_duration
+from keiryo.optimize import Search, optimize, parse_duration
+from keiryo.training import train
 
 
 @pytest.fixture(scope="module")
 def trained(digits):
     torch.manual_seed(0)
     model = build_model("mlp", in_features=64, hidden=[128], num_classes=10)
-    train(model, digits, epochs=4, progress=False, device="cpu")
+    train(model, digits, config=TrainConfig(epochs=4, progress=False, device="cpu"))
     return model
 
 
 def test_choice_is_within_budget_on_test_and_on_the_pareto_front(trained, digits):
-    result = optimize(
-        trained,
-        digits,
+    search = Search(
         max_drop=1.0,
         objective="size",
         ratios=(0.3, 0.6, 0.95),
-        distill_options=(False,),
+        distill=(False,),
         methods=(None,),
-        finetune_epochs=1,
+        finetune=TrainConfig(epochs=1, lr=1e-3, device="cpu", progress=False),
         time_limit=None,
     )
+    result = optimize(trained, digits, search)
     best = result.best
     assert len(result.candidates) == 3
     assert (
@@ -44,7 +44,7 @@ def test_choice_is_within_budget_on_test_and_on_the_pareto_front(trained, digits
 
 
 def test_time_limit_stops_the_search_and_keeps_the_original(trained, digits):
-    result = optimize(trained, digits, time_limit=0.0, methods=(None,), ratios=(0.5,))
+    result = optimize(trained, digits, Search(time_limit=0.0, methods=(None,), ratios=(0.5,)))
     assert result.stopped_early and result.candidates == [] and result.best.name == "original"
 
 
@@ -53,7 +53,7 @@ def test_time_limit_stops_the_search_and_keeps_the_original(trained, digits):
 )
 def test_bad_options(trained, digits, options, message):
     with pytest.raises(ConfigError, match=message):
-        optimize(trained, digits, **options)
+        optimize(trained, digits, Search(**options))
 
 
 def test_parse_duration():
@@ -96,7 +96,8 @@ def test_cli_optimize_writes_the_chosen_model(trained, tmp_path, capsys):
         ({"ratios": (0.95,)}, "narrowest layer"),  # the model has an 8-wide layer: ≤ 0.875
         ({"time_limit": -5.0}, "time limit"),
         ({"methods": (None, "int3")}, "int3"),
-        ({"finetune_epochs": -1}, "finetune_epochs"),
+        ({"finetune": 3}, "finetune"),
+        ({"finetune": None}, "finetune"),  # distilled candidates need fine-tuning
         ({"seed": 2**70}, "seed"),
     ],
 )
@@ -104,7 +105,7 @@ def test_bad_search_options_fail_before_any_candidate(digits, options, message):
     tried = []
     model = build_model("mlp", in_features=64, hidden=[8], num_classes=10)
     with pytest.raises(ConfigError, match=message):
-        optimize(model, digits, on_candidate=tried.append, **options)
+        optimize(model, digits, Search(**options), on_candidate=tried.append)
     assert tried == []
 
 

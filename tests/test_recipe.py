@@ -6,7 +6,8 @@ import pytest
 
 from keiryo.cli import main
 from keiryo.errors import ConfigError
-from keiryo.recipe import load_recipe, run_recipe
+from keiryo.recipe import load_recipe
+from keiryo.steps import run_recipe
 
 TINY = """\
 name: tiny
@@ -32,6 +33,8 @@ def test_recipe_runs_reuses_and_reports(tmp_path):
     html = (out / "report.html").read_text()
     assert "data:image/png;base64," in html and "<table>" in html  # one self-contained page
     assert json.loads((out / "export.json").read_text())["info"]["file"] == "export.onnx"
+    configs = json.loads((out / "prune.json").read_text())["configs"]  # the step is its configs' asdict
+    assert configs["method"]["kind"] == "structured" and configs["method"]["ratio"] == 0.5
 
     _, again = run_recipe(recipe, out, progress=False)
     assert all(o.cached for o in again)  # nothing changed: nothing runs
@@ -79,3 +82,37 @@ def test_the_demo_recipe_is_valid():
 
     recipe = load_recipe(str(resources.files("keiryo").joinpath("recipes/digits.yaml")))
     assert [s.kind for s in recipe.steps] == ["train", "prune", "distill", "quantize", "export"]
+
+
+def test_a_step_is_its_configs_and_older_spellings_still_work(tmp_path):
+    from keiryo.compress.prune_config import Structured, Unstructured
+    from keiryo.parallel.config import DDP
+
+    train_step = "steps:\n  - train: {strategy: ddp, workers: 2, epochs: 2}\n"
+    old = train_step + "  - prune: {ratio: 0.5, global: true, iterative_steps: 2, finetune_epochs: 1}\n"
+    new = train_step + "  - prune: {ratio: 0.5, global_pruning: true, steps: 2, finetune_epochs: 1}\n"
+    for text in (old, new):
+        path = tmp_path / "r.yaml"
+        path.write_text(text)
+        train, prune = load_recipe(path).steps
+        assert train.configs["strategy"] == DDP(workers=2) and train.configs["train"].epochs == 2
+        assert prune.configs["method"] == Structured(ratio=0.5, global_pruning=True, steps=2)
+        assert prune.configs["finetune"].epochs == 1
+    path.write_text("steps:\n  - train: {}\n  - prune: {ratio: 0.5, structured: false}\n")
+    assert load_recipe(path).steps[1].configs["method"] == Unstructured(ratio=0.5)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("steps:\n  - train: {}\n  - prune: {ratio: 1.5}\n", "line 3: step 'prune': pruning ratio"),
+        ("steps:\n  - train: {strategy: ddpp}\n", "line 2: step 'train': unknown strategy 'ddpp'"),
+        ("steps:\n  - train: {}\n  - distill: {alpha: 2}\n", "line 3: step 'distill': alpha"),
+        ("steps:\n  - train: {}\n  - prune: {distill: true}\n", "line 3: step 'prune': a teacher"),
+    ],
+)
+def test_bad_config_values_fail_when_the_recipe_is_read(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_recipe(path)

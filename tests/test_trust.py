@@ -6,7 +6,6 @@ ever runs: each evil file here writes a marker when it runs, and every test chec
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import pickle
@@ -21,8 +20,11 @@ import torch
 from keiryo import artifacts, sparse
 from keiryo.cli import main
 from keiryo.errors import ArtifactError, ConfigError, KeiryoError, ModelError, ResourceError, TrustError
+from keiryo.metrics import Timing
 from keiryo.models import build_model
-from keiryo.recipe import MAX_RECIPE_BYTES, load_recipe, run_recipe
+from keiryo.recipe import load_recipe
+from keiryo.steps import run_recipe
+from keiryo.yamlfile import MAX_BYTES as MAX_RECIPE_BYTES
 
 TINY = "name: tiny\nsteps:\n  - train: {model: mlp, epochs: 1, model_args: {hidden: [8]}}\n"
 
@@ -50,8 +52,13 @@ def evil(tmp_path, marker):
 @pytest.fixture
 def quick(monkeypatch):
     """Recipe runs that time latency briefly and write no report files: these tests are about trust."""
-    measure = sys.modules["keiryo.metrics"]
-    monkeypatch.setattr(measure, "compare", functools.partial(measure.compare, runs=2, warmup=1))
+    measuring = sys.modules["keiryo.measuring"]
+    real = measuring.compare
+
+    def brief(models, example_inputs, data=None, timing=None):
+        return real(models, example_inputs, data, Timing(runs=2, warmup=1))
+
+    monkeypatch.setattr(measuring, "compare", brief)
     monkeypatch.setattr(sys.modules["keiryo.report"], "write_reports", lambda *args, **kwargs: None)
 
 
@@ -388,7 +395,7 @@ def test_hf_remote_code_is_refused_before_transformers_even_if_trusted(folder, m
     def no_transformers():
         raise AssertionError("transformers was called")
 
-    monkeypatch.setattr("keiryo.hf._transformers", no_transformers)
+    monkeypatch.setattr("keiryo.hf_files.transformers_module", no_transformers)
     for trust in (False, True):
         with pytest.raises(TrustError, match=f"auto_map in {where}.*not even with --trust-code") as info:
             build_model(f"hf:{folder}", trust_code=trust)

@@ -1,40 +1,50 @@
 """keiryo: faster PyTorch training and lighter models, with the measurements to prove both.
 
-The public API is the names below. Internal code imports from the submodules (`from keiryo.metrics import
-compare`), since `keiryo.train` and `keiryo.measure` name the functions, not the modules.
+The public API is the names below. They load on first use (PEP 562), so `import keiryo` imports no torch: the
+command line installs its Ctrl-C handler before anything heavy runs, and `keiryo --help` starts quickly.
+Internal code imports from the submodules (`from keiryo.compress.prune import prune`).
 """
 
-from keiryo.artifacts import load, save
-from keiryo.compress.distill import distill
-from keiryo.compress.prune import prune
-from keiryo.compress.quantize import quantize
-from keiryo.errors import KeiryoError
-from keiryo.loop import train
-from keiryo.metrics import compare, measure
+from importlib import import_module
+from importlib.metadata import version
+from typing import Any
 
-__version__ = "0.1.0"
+__version__ = version("keiryo")
+
+# public name -> the module that defines it
+_API = {
+    "KeiryoError": "keiryo.errors",
+    "train": "keiryo.training",
+    "TrainConfig": "keiryo.loop",
+    "Single": "keiryo.parallel.config",
+    "DDP": "keiryo.parallel.config",
+    "FSDP": "keiryo.parallel.config",
+    "Pipeline": "keiryo.parallel.config",
+    "Async": "keiryo.parallel.config",
+    "quantize": "keiryo.compress.quantize",
+    "prune": "keiryo.compress.prune",
+    "Structured": "keiryo.compress.prune_config",
+    "Unstructured": "keiryo.compress.prune_config",
+    "distill": "keiryo.compress.distill",
+    "Distill": "keiryo.compress.distill",
+    "measure": "keiryo.measuring",
+    "compare": "keiryo.measuring",
+    "Timing": "keiryo.metrics",
+    "save": "keiryo.artifacts",
+    "load": "keiryo.artifacts",
+    "run": "keiryo.steps",
+}
+__all__ = sorted(_API)
 
 
-def run(recipe, out_dir=None, *, progress: bool = True, force: bool = False, trust_code: bool = False):
-    """Run a recipe (a YAML path or a dict) and return its side-by-side `Report`; see `keiryo.recipe`.
-
-    A recipe is data: a model spec in it that is not one of keiryo's built-ins (code it would import) is
-    refused unless `trust_code=True`.
-    """
-    from keiryo.recipe import run_recipe
-
-    return run_recipe(recipe, out_dir, progress=progress, force=force, trust_code=trust_code)[0]
+def __getattr__(name: str) -> Any:
+    """Import the module behind a public name on first use, and keep the name here."""
+    if name not in _API:
+        raise AttributeError(f"module 'keiryo' has no attribute '{name}'")
+    value = getattr(import_module(_API[name]), name)
+    globals()[name] = value
+    return value
 
 
-__all__ = [
-    "KeiryoError",
-    "compare",
-    "distill",
-    "load",
-    "measure",
-    "prune",
-    "quantize",
-    "run",
-    "save",
-    "train",
-]
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_API})

@@ -1,44 +1,14 @@
 """`python -m keiryo` is the `keiryo` command; `main` here is also the console script's entry point.
 
 It imports the command (torch and all) inside its Ctrl-C handler, so an interrupt during start-up prints
-`interrupted` and exits 130, like one later on, instead of a traceback.
+`interrupted` and exits 130, like one later on, instead of a traceback. `import keiryo` itself imports no
+torch (its public names load on first use), so nothing heavy runs before the handler is in place.
 """
 
 import os
-import signal
 import sys
-import threading
 
-
-class SigintWatch:
-    """A SIGINT handler that remembers it fired, then raises KeyboardInterrupt as Python's own does.
-
-    Some libraries' C code clears whatever exception is pending (torch's start-up does, around its numpy
-    import), so a Ctrl-C can surface later as an unrelated error; `fired` still tells that it was a Ctrl-C.
-    While `deferred` (the start-up imports), a first Ctrl-C is only noted: raised inside torch's import it
-    can abort the process (a C++ terminate) or leave numpy half imported. A second one raises at once.
-    """
-
-    fired = False
-    deferred = False
-
-    def __call__(self, signum: int, frame: object) -> None:
-        first = not self.fired
-        self.fired = True
-        if self.deferred and first:
-            return
-        raise KeyboardInterrupt
-
-    @classmethod
-    def install(cls) -> "SigintWatch | None":
-        """Replace Python's default SIGINT handler (only that one, only in the main thread); None if not."""
-        if threading.current_thread() is not threading.main_thread():
-            return None
-        if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-            return None
-        watch = cls()
-        signal.signal(signal.SIGINT, watch)
-        return watch
+from keiryo.interrupts import SigintWatch
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,5 @@
-"""Recipes: a YAML list of steps (train, prune, distill, quantize, export, measure), validated, then run.
+"""Recipes: a YAML list of steps (train, prune, distill, quantize, export, measure), read and validated here
+before anything runs (`keiryo.steps` runs them).
 
 ```yaml
 name: digits
@@ -11,10 +12,7 @@ steps:
   - export: {format: onnx}
 ```
 
-Each step takes the model of the step before it (or of `from: <step name>`) and writes `<name>.pt` and
-`<name>.json` in the output folder. A step whose options and inputs are unchanged is not run again, so an
-interrupted recipe resumes where it stopped (and a train step resumes from its own checkpoint).
-Finally every model is measured side by side and `report.md`, `report.html` and `metrics.json` are written.
+Each step takes the model of the step before it (or of `from: <step name>`); errors name the field and line.
 
 A recipe is data, not code: a model spec that would import Python (anything but the built-ins and hf:DIR)
 is refused unless the run passes `trust_code=True`, and so is a cached step file that names one. Step and
@@ -24,21 +22,24 @@ a recipe file is refused when it is over 1 MiB or its YAML aliases expand to mor
 
 from __future__ import annotations
 
-import hashlib
-import json
+import dataclasses
 import re
-import time
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
-from torch import nn
 
-import keiryo
-from keiryo import artifacts, data, fileio, models
-from keiryo.errors import ArtifactError, ConfigError
+from keiryo.compress.distill import Distill
+from keiryo.compress.prune_config import check_options as check_prune
+from keiryo.compress.prune_config import method_from
+from keiryo.compress.qconfig import Policy, method_of
+from keiryo.compress.qconfig import check_options as check_quantize
+from keiryo.errors import ConfigError
+from keiryo.loop import TrainConfig
+from keiryo.parallel.config import strategy_of
+from keiryo.yamlfile import read_yaml, where
 
 _NAME = {"name": str, "from": str}
 STEP_FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
@@ -55,10 +56,14 @@ STEP_FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
     },
     "prune": {
         **_NAME,
+        "kind": str,
         "ratio": (int, float),
-        "structured": bool,
         "importance": str,
         "target": str,
+        "global_pruning": bool,
+        "protect": list,
+        "steps": int,
+        "structured": bool,  # the older spellings of kind, global_pruning and steps
         "global": bool,
         "iterative_steps": int,
         "finetune_epochs": int,
@@ -73,15 +78,29 @@ STEP_FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
         "lr": (int, float),
         "temperature": (int, float),
         "alpha": (int, float),
+        "loss": str,
+        "features": (dict, list),
+        "feature_weight": (int, float),
+        "cache_teacher": bool,
     },
-    "quantize": {**_NAME, "method": str, "backend": str, "compile": bool},
+    "quantize": {
+        **_NAME,
+        "method": str,
+        "granularity": str,
+        "symmetric": bool,
+        "group_size": int,
+        "observer": str,
+        "backend": str,
+        "compile": bool,
+        "skip": list,
+    },
     "export": {**_NAME, "format": str},
 }
+PRUNE_FIELDS = ("kind", "ratio", "importance", "target", "global_pruning", "steps")
+DISTILL_FIELDS = ("temperature", "alpha", "loss", "features", "feature_weight", "cache_teacher")
+QUANTIZE_FIELDS = ("granularity", "symmetric", "group_size", "observer")
 TOP_FIELDS: dict[str, type | tuple[type, ...]] = {"name": str, "data": str, "seed": int, "steps": list}
 MODEL_STEPS = ("train", "prune", "distill", "quantize")
-MAX_RECIPE_BYTES = 1 << 20  # a recipe is a page of YAML; 1 MiB is far more than any needs
-MAX_RECIPE_NODES = 10_000  # YAML values after expanding aliases: stops "billion laughs" files
-MAX_RECIPE_DEPTH = 64  # nested [ and {: PyYAML's scanner takes time quadratic in this depth
 PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 RESERVED_NAMES = ("metrics",)  # metrics.json is the report's; a step of that name would overwrite it
 
@@ -95,6 +114,12 @@ class Step:
     options: dict[str, Any]
     line: int
     source: str | None = None  # the step whose model it takes (None for a first train step)
+    configs: dict[str, Any] = field(default_factory=dict)  # the API's config objects, made from `options`
+
+
+def record(config: Any) -> dict[str, Any]:
+    """A config as a step's file records it: its kind and `dataclasses.asdict`."""
+    return {"kind": getattr(config, "kind", type(config).__name__), **dataclasses.asdict(config)}
 
 
 @dataclass
@@ -106,29 +131,14 @@ class Recipe:
     path: str = "<dict>"
 
 
-@dataclass
-class StepOutcome:
-    """What one step did: its model file, whether it was reused, its own figures."""
-
-    step: Step
-    model_path: Path | None
-    cached: bool
-    seconds: float
-    info: dict[str, Any] = field(default_factory=dict)
-
-
-def _where(path: str, line: int | None) -> str:
-    return f"recipe '{path}'" + (f" line {line}" if line else "")
-
-
-def _check_fields(where: str, what: str, given: dict, allowed: dict) -> None:
+def _check_fields(place: str, what: str, given: dict, allowed: dict) -> None:
     for key, value in given.items():
         if key not in allowed:
-            raise ConfigError(f"{where}: unknown field '{key}' in {what} (allowed: {', '.join(allowed)})")
+            raise ConfigError(f"{place}: unknown field '{key}' in {what} (allowed: {', '.join(allowed)})")
         kind = allowed[key]
         if not isinstance(value, kind) or (isinstance(value, bool) and kind in (int, (int, float))):
             names = " or ".join(t.__name__ for t in (kind if isinstance(kind, tuple) else (kind,)))
-            raise ConfigError(f"{where}: field '{key}' of {what} must be {names}, got {value!r}")
+            raise ConfigError(f"{place}: field '{key}' of {what} must be {names}, got {value!r}")
 
 
 def load_recipe(source: str | Path | dict | Recipe) -> Recipe:
@@ -139,46 +149,50 @@ def load_recipe(source: str | Path | dict | Recipe) -> Recipe:
         path, raw, lines = "<dict>", source, {}
     else:
         path = str(source)
-        raw, lines = _read_yaml(path)
+        raw, lines = read_yaml(path)
     if not isinstance(raw, dict):
         raise ConfigError(f"recipe '{path}': expected a mapping with 'steps', got {type(raw).__name__}")
     _check_fields(f"recipe '{path}'", "the recipe", raw, TOP_FIELDS)
     if not raw.get("steps"):
         raise ConfigError(f"recipe '{path}': 'steps' must be a non-empty list")
     recipe_name = raw.get("name") or _plain(Path(path).stem if path != "<dict>" else "recipe")
-    _check_name(recipe_name, f"recipe '{path}'", "the recipe's name")
+    check_name(recipe_name, f"recipe '{path}'", "the recipe's name")
     steps: list[Step] = []
     for i, entry in enumerate(raw["steps"]):
-        where = _where(path, lines.get(i))
+        place = where(path, lines.get(i))
         if not isinstance(entry, dict) or len(entry) != 1:
-            raise ConfigError(f"{where}: each step is one mapping like '- prune: {{ratio: 0.5}}'")
+            raise ConfigError(f"{place}: each step is one mapping like '- prune: {{ratio: 0.5}}'")
         kind, options = next(iter(entry.items()))
         if kind not in STEP_FIELDS and kind != "measure":
             allowed = ", ".join([*STEP_FIELDS, "measure"])
-            raise ConfigError(f"{where}: unknown step '{kind}' (allowed: {allowed})")
+            raise ConfigError(f"{place}: unknown step '{kind}' (allowed: {allowed})")
         if options is not None and not isinstance(options, dict):
-            raise ConfigError(f"{where}: the options of step '{kind}' must be a mapping, got {options!r}")
+            raise ConfigError(f"{place}: the options of step '{kind}' must be a mapping, got {options!r}")
         options = dict(options or {})
         if kind == "measure":
             continue  # every recipe ends by measuring all its models; the step is accepted for readability
-        _check_fields(where, f"step '{kind}'", options, STEP_FIELDS[kind])
+        _check_fields(place, f"step '{kind}'", options, STEP_FIELDS[kind])
         name = options.pop("name", None) or _unique(kind, steps)
-        _check_name(name, where, "a step's name")
+        check_name(name, place, "a step's name")
         if any(s.name == name for s in steps):
-            raise ConfigError(f"{where}: step name '{name}' is used twice")
+            raise ConfigError(f"{place}: step name '{name}' is used twice")
         source = options.pop("from", None)
         model_steps = [s for s in steps if s.kind in MODEL_STEPS]
         if source is None and kind != "train":
             if not model_steps:
-                raise ConfigError(f"{where}: step '{kind}' needs a model: put a train step first")
+                raise ConfigError(f"{place}: step '{kind}' needs a model: put a train step first")
             source = model_steps[-1].name
         for ref in (source, options.get("teacher")):
             if ref is not None and ref not in [s.name for s in model_steps]:
                 known = ", ".join(s.name for s in model_steps) or "none yet"
-                raise ConfigError(f"{where}: '{ref}' is not an earlier step with a model (earlier: {known})")
+                raise ConfigError(f"{place}: '{ref}' is not an earlier step with a model (earlier: {known})")
         if kind == "train" and "model" not in options and source is None:
             options["model"] = "cnn"
-        steps.append(Step(kind, name, options, lines.get(i, 0), source))
+        try:
+            configs = _configs(kind, options, raw.get("seed", 0))
+        except ConfigError as exc:
+            raise ConfigError(f"{place}: step '{name}': {exc}") from None
+        steps.append(Step(kind, name, options, lines.get(i, 0), source, configs))
     return Recipe(
         name=recipe_name,
         data=raw.get("data", "digits"),
@@ -188,7 +202,49 @@ def load_recipe(source: str | Path | dict | Recipe) -> Recipe:
     )
 
 
-def _check_name(name: Any, where: str, what: str) -> None:
+def _configs(kind: str, options: dict[str, Any], seed: int) -> dict[str, Any]:
+    """The API's configs for a step's options, made now so that a bad value fails before anything runs."""
+    o = options
+    if kind == "train":
+        train = {k: o[k] for k in ("epochs", "batch_size", "lr", "precision") if k in o}
+        return {
+            "strategy": strategy_of(o.get("strategy", "single"), o.get("workers")),
+            "train": TrainConfig(**train, seed=seed, device="cpu"),
+        }
+    if kind == "prune":
+        method = {
+            k: o[k] for k in ("kind", "ratio", "importance", "target", "global_pruning", "steps") if k in o
+        }
+        if "structured" in o:
+            method.setdefault("kind", "structured" if o["structured"] else "unstructured")
+        if "global" in o:
+            method.setdefault("global_pruning", o["global"])
+        if "iterative_steps" in o:
+            method.setdefault("steps", o["iterative_steps"])
+        config = method_from({**method, "protect": tuple(o.get("protect", ()))})
+        epochs = o.get("finetune_epochs", 0)
+        finetune = TrainConfig(epochs=epochs, lr=1e-3, seed=seed, device="cpu") if epochs else None
+        check_prune(config, finetune, has_teacher=o.get("distill", False))
+        return {"method": config, "finetune": finetune}
+    if kind == "distill":
+        how = {
+            k: o[k]
+            for k in ("temperature", "alpha", "loss", "features", "feature_weight", "cache_teacher")
+            if k in o
+        }
+        train = {k: o[k] for k in ("epochs", "lr") if k in o}
+        return {"distill": Distill(**how), "train": TrainConfig(**train, seed=seed, device="cpu")}
+    if kind == "quantize":
+        how = {k: o[k] for k in QUANTIZE_FIELDS if k in o}
+        policy = Policy(
+            backend=o.get("backend", "auto"), skip=tuple(o.get("skip", ())), compile=o.get("compile")
+        )
+        method = check_quantize(method_of(o.get("method", "int8-dynamic"), **how), policy)
+        return {"method": method, "policy": policy}
+    return {}
+
+
+def check_name(name: Any, place: str, what: str) -> None:
     """Refuse a name that would put a file outside the output folder, hide it, or overwrite the report."""
     if (
         not isinstance(name, str)
@@ -197,7 +253,7 @@ def _check_name(name: Any, where: str, what: str) -> None:
         or name.lower() in RESERVED_NAMES
     ):
         raise ConfigError(
-            f"{where}: {what} must be a plain file name (letters, digits, '_', '-', '.'; not starting with "
+            f"{place}: {what} must be a plain file name (letters, digits, '_', '-', '.'; not starting with "
             f"'.' or '-', no '..' or '/', not {' or '.join(RESERVED_NAMES)}), got {_short(name)}"
         )
 
@@ -213,294 +269,20 @@ def _short(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _read_yaml(path: str) -> tuple[Any, dict[int, int]]:
-    """(the data, the line of each step) of a recipe file, refusing huge files and alias bombs first."""
-    file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"recipe '{path}' does not exist")
-    size = file.stat().st_size
-    if size > MAX_RECIPE_BYTES:
-        raise ConfigError(f"recipe '{path}' is {size} bytes; a recipe may have at most {MAX_RECIPE_BYTES}")
-    try:
-        text = file.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"recipe '{path}' is not UTF-8 text (byte {exc.start})") from exc
-    except OSError as exc:
-        raise ConfigError(f"recipe '{path}' cannot be read: {exc.strerror or exc}") from exc
-    _check_depth(text, path)
-    loader = yaml.SafeLoader(text)  # the pure-Python loader: libyaml's recursion can crash the process
-    try:
-        node = loader.get_single_node()
-        if node is None:
-            return None, {}
-        _count_nodes(node, path)
-        return loader.construct_document(node), _step_lines(node)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark else None
-        raise ConfigError(f"{_where(path, line)}: not valid YAML ({getattr(exc, 'problem', exc)})") from exc
-    except RecursionError as exc:
-        raise ConfigError(f"recipe '{path}': its YAML is nested too deeply") from exc
-    finally:
-        loader.dispose()
-
-
-def _check_depth(text: str, path: str) -> None:
-    """Refuse brackets nested deeper than MAX_RECIPE_DEPTH (counting those in strings too: a real recipe is
-    nowhere near), before the YAML scanner spends minutes on them."""
-    depth = 0
-    for char in re.sub(r"[^\[\]{}]", "", text):
-        depth = depth + 1 if char in "[{" else max(depth - 1, 0)
-        if depth > MAX_RECIPE_DEPTH:
-            raise ConfigError(f"recipe '{path}': its YAML nests [ and {{ more than {MAX_RECIPE_DEPTH} deep")
-
-
-def _count_nodes(root: yaml.Node, path: str) -> int:
-    """The number of YAML values once every alias is expanded; refuses more than MAX_RECIPE_NODES and
-    aliases that contain themselves. Each node is counted once, so this takes time in the file's size."""
-    sizes: dict[int, int] = {}
-    open_nodes: set[int] = set()
-
-    def size(node: yaml.Node) -> int:
-        key = id(node)
-        if key in sizes:
-            return sizes[key]
-        if key in open_nodes:
-            raise ConfigError(f"{_where(path, node.start_mark.line + 1)}: a YAML alias contains itself")
-        open_nodes.add(key)
-        if isinstance(node, yaml.SequenceNode):
-            total = 1 + sum(size(child) for child in node.value)
-        elif isinstance(node, yaml.MappingNode):
-            total = 1 + sum(size(k) + size(v) for k, v in node.value)
-        else:
-            total = 1
-        open_nodes.discard(key)
-        if total > MAX_RECIPE_NODES:
-            raise ConfigError(
-                f"recipe '{path}': its YAML expands to more than {MAX_RECIPE_NODES} values "
-                "(aliases repeated inside aliases?); write the recipe out plainly"
-            )
-        sizes[key] = total
-        return total
-
-    return size(root)
-
-
-def _step_lines(node: yaml.Node | None) -> dict[int, int]:
-    if not isinstance(node, yaml.MappingNode):
-        return {}
-    for key, value in node.value:
-        if key.value == "steps" and isinstance(value, yaml.SequenceNode):
-            return {i: item.start_mark.line + 1 for i, item in enumerate(value.value)}
-    return {}
-
-
 def _unique(kind: str, steps: list[Step]) -> str:
     n = sum(s.kind == kind for s in steps)
     return kind if n == 0 else f"{kind}{n + 1}"
 
 
-def _key(recipe: Recipe, step: Step, inputs: list[str]) -> str:
-    """Hash of everything a step's result depends on: reruns with the same key are skipped."""
-    data_id: Any = recipe.data
-    if Path(recipe.data).exists():
-        stat = Path(recipe.data).stat()
-        data_id = [recipe.data, stat.st_size, stat.st_mtime_ns]
-    blob = {
-        "kind": step.kind,
-        "options": step.options,
-        "inputs": inputs,
-        "data": data_id,
-        "seed": recipe.seed,
-        "keiryo": keiryo.__version__,
-    }
-    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def run_recipe(
-    source: str | Path | dict,
-    out_dir: str | Path | None = None,
-    *,
-    progress: bool = True,
-    force: bool = False,
-    on_step=None,
-    trust_code: bool = False,
-) -> tuple[keiryo.metrics.Report, list[StepOutcome]]:
-    """Run every step (reusing unchanged ones), measure all models side by side, write the report files.
-
-    Model specs that import code, and cached step files built by such code, are refused (TrustError) unless
-    `trust_code=True`; this is checked for every step before the first one runs.
-    """
-    from keiryo.metrics import compare
-    from keiryo.report import write_reports
-
-    recipe = load_recipe(source)
-    _check_name(recipe.name, f"recipe '{recipe.path}'", "the recipe's name")  # also for Recipe objects
-    for step in recipe.steps:
-        _check_name(step.name, _where(recipe.path, step.line), "a step's name")
-        spec = step.options.get("model" if step.kind == "train" else "student")
-        if spec is not None:
-            where = f"{_where(recipe.path, step.line)} (step '{step.name}')"
-            models.check_trusted(spec, trust_code, where)
-    out = Path(out_dir or Path("keiryo-out") / recipe.name)
-    out.mkdir(parents=True, exist_ok=True)
-    splits = data.load_data(recipe.data, seed=recipe.seed)
-    example = data.example_inputs(splits, 64)
-    keys: dict[str, str] = {}
-    loaded: dict[str, nn.Module] = {}
-    outcomes: list[StepOutcome] = []
-    for step in recipe.steps:
-        inputs = [keys[s] for s in (step.source, step.options.get("teacher")) if s]
-        key = keys[step.name] = _key(recipe, step, inputs)
-        meta_path = out / f"{step.name}.json"
-        model_path = out / f"{step.name}.pt" if step.kind in MODEL_STEPS else None
-        if on_step is not None:
-            on_step(step)
-        previous = _read_meta(meta_path)
-        fresh = not force and previous.get("key") == key and (model_path is None or model_path.exists())
-        started = time.perf_counter()
-        info = previous.get("info") if isinstance(previous.get("info"), dict) else {}
-        if fresh and model_path is not None:
-            try:
-                loaded[step.name] = artifacts.load(model_path, trust_code=trust_code)
-            except ArtifactError:  # corrupt or foreign: run the step again, which replaces it
-                fresh = False
-        if not fresh:
-            model, info = _run_step(step, recipe, splits, example, loaded, out, progress, trust_code)
-            if model is not None:
-                artifacts.save(model, model_path, metadata={"recipe": recipe.name, "step": step.name})
-                loaded[step.name] = model
-            blob = {"key": key, "kind": step.kind, "options": step.options, "info": info}
-            fileio.atomic_write_bytes(json.dumps(blob, indent=2, default=str).encode(), meta_path)
-        outcomes.append(StepOutcome(step, model_path, fresh, time.perf_counter() - started, info))
-    report = compare(loaded, example, splits, num_threads=torch.get_num_threads())
-    write_reports(report, out, title=f"keiryo recipe: {recipe.name}", notes=_notes(outcomes))
-    return report, outcomes
-
-
-def _read_meta(path: Path) -> dict[str, Any]:
-    """A step's saved key and figures; {} (run the step again) when missing, too big, or not a JSON object."""
-    try:
-        if not path.is_file() or path.stat().st_size > MAX_RECIPE_BYTES:
-            return {}
-        meta = json.loads(path.read_bytes())
-    except (OSError, ValueError, RecursionError):
-        return {}
-    return meta if isinstance(meta, dict) else {}
-
-
-def _notes(outcomes: list[StepOutcome]) -> list[str]:
-    notes = []
-    for o in outcomes:
-        state = "reused" if o.cached else f"ran in {o.seconds:.1f} s"
-        extra = "; ".join(f"{k}: {v}" for k, v in o.info.items() if not isinstance(v, (dict, list)))
-        notes.append(f"{o.step.name} ({o.step.kind}, {state})" + (f": {extra}" if extra else ""))
-    return notes
-
-
-def _run_step(step, recipe, splits, example, loaded, out, progress, trust_code=False):
-    """The one place that maps a step to the public API; returns (model or None, info for the report)."""
-    o = step.options
-    seed = recipe.seed
-    if step.kind == "train":
-        torch.manual_seed(seed)
-        spec = o.get("model", "cnn")
-        kwargs = (
-            models.kwargs_for_data(spec, splits.input_shape, splits.num_classes)
-            if spec in models.BUILTIN
-            else {}
-        )
-        model = models.build_model(spec, trust_code=trust_code, **{**kwargs, **o.get("model_args", {})})
-        options = {
-            k: o[k] for k in ("epochs", "batch_size", "lr", "strategy", "workers", "precision") if k in o
-        }
-        keiryo.train(
-            model,
-            splits,
-            progress=progress,
-            seed=seed,
-            device="cpu",
-            # resumable, except pipeline training, which keeps no checkpoints
-            checkpoint=None if o.get("strategy") == "pipeline" else str(out / f"{step.name}.ckpt"),
-            resume=o.get("strategy") != "pipeline",
-            **options,
-        )
-        return model, {}
-    source = loaded[step.source]
-    if step.kind == "prune":
-        from keiryo.compress.prune import prune
-        from keiryo.loop import TrainConfig
-
-        model = prune(
-            source,
-            o.get("ratio", 0.5),
-            structured=o.get("structured", True),
-            example_inputs=example,
-            importance=o.get("importance", "l2"),
-            target=o.get("target", "channels"),
-            global_pruning=o.get("global", False),
-            data=splits,
-            iterative_steps=o.get("iterative_steps", 1),
-            finetune_epochs=o.get("finetune_epochs", 0),
-            finetune=TrainConfig(lr=1e-3, seed=seed, device="cpu", progress=progress),
-            teacher=source if o.get("distill") else None,
-        )
-        return model, {}
-    if step.kind == "distill":
-        from keiryo.compress.distill import distill
-
-        if "student" in o:
-            torch.manual_seed(seed)
-            spec = o["student"]
-            kwargs = (
-                models.kwargs_for_data(spec, splits.input_shape, splits.num_classes)
-                if spec in models.BUILTIN
-                else {}
-            )
-            student = models.build_model(
-                spec, trust_code=trust_code, **{**kwargs, **o.get("student_args", {})}
-            )
-        else:
-            student = copy_model(source)
-        teacher = loaded[o.get("teacher", step.source)]
-        options = {k: o[k] for k in ("epochs", "lr") if k in o}
-        model = distill(
-            teacher,
-            student,
-            splits,
-            o.get("temperature", 4.0),
-            o.get("alpha", 0.9),
-            progress=progress,
-            seed=seed,
-            device="cpu",
-            **options,
-        )
-        return model, {}
-    if step.kind == "quantize":
-        from keiryo.compress.quantize import quantize
-
-        model = quantize(
-            copy_model(source),
-            o.get("method", "int8-dynamic"),
-            calibration=splits,
-            example_inputs=example,
-            backend=o.get("backend", "auto"),
-            compile=o.get("compile", True),
-        )
-        return model, {}
-    if step.kind == "export":
-        from keiryo.export import SUFFIXES, export
-
-        suffix = SUFFIXES.get(o.get("format", "onnx"), "")
-        result = export(source, example, out / f"{step.name}{suffix}", o.get("format", "onnx"))
-        timing = {"runtime_p50_ms": result.runtime_p50_ms, "torch_p50_ms": result.torch_p50_ms}
-        info = {"file": result.path.name, "bytes": result.bytes, "max_error": f"{result.max_error:.2e}"}
-        return None, {**info, **{k: round(v, 3) for k, v in timing.items() if v is not None}}
-    raise ConfigError(f"unknown step '{step.kind}'")  # load_recipe already rejects these
-
-
-def copy_model(model: nn.Module) -> nn.Module:
-    """A deep copy that keeps keiryo's recorded factory, structure and transforms."""
-    import copy
-
-    return copy.deepcopy(model)
+def demo_recipe(quick: bool = False) -> Recipe:
+    """The recipe `keiryo demo` runs (recipes/digits.yaml); `quick`: one epoch per step (a smoke test)."""
+    path = resources.files("keiryo").joinpath("recipes/digits.yaml")
+    raw = yaml.safe_load(path.read_text())
+    if quick:
+        for step in raw["steps"]:
+            options = next(iter(step.values()))
+            if "epochs" in options:
+                options["epochs"] = 1
+    recipe = load_recipe(raw)
+    recipe.path = str(path)
+    return recipe
