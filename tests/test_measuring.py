@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from keiryo import report
+from keiryo.errors import ModelError
 from keiryo.measuring import compare, file_bytes, measure
 from keiryo.metrics import Timing
 from keiryo.models import build_model
@@ -157,3 +158,12 @@ def test_raw_bert_with_ids_and_mask_against_its_int8_copy():
         assert "(last_hidden_state)" in report.rows(rep)[1]["agreement"]
     alone = measure(bert, (ids, mask), timing=Timing(runs=2, warmup=0, batch_sizes=(2,), threads=1))
     assert alone.params == params and alone.agreement is None and alone.latency[2].batch_size == 2
+
+
+def test_multi_input_example_that_does_not_fit_is_one_line():
+    bad = {
+        "input_ids": torch.full((2, 5), 50),
+        "attention_mask": torch.ones(2, 5),
+    }  # ids beyond the vocabulary
+    with pytest.raises(ModelError, match="the samples of the example inputs are input_ids \\(1, 5\\) int64"):
+        compare({"m": TwoInputs()}, bad, timing=QUICK)

@@ -109,8 +109,8 @@ def compare(
         _first_samples(eval_set, AGREEMENT_SAMPLES, what) if eval_set is not None else (example_inputs, None)
     )
     for model in models.values():  # one sample each, so that a misfit is a one-line error, not a torch trace
-        _probe(model, example_inputs, "the example inputs")
-        outputs = _probe(model, agree_inputs, what) if eval_set is not None else None
+        probe_model(model, example_inputs, "the example inputs")
+        outputs = probe_model(model, agree_inputs, what) if eval_set is not None else None
         if outputs is not None and targets is not None and not targets.is_floating_point():
             check_targets(outputs, targets, what)
     reference_name = next(iter(models))
@@ -184,8 +184,3 @@ def _first_samples(data: Dataset | Iterable, limit: int, what: str) -> tuple[Exa
         raise DataError(f"{what} holds no samples")
     joined = inputs.take(inputs.concat(examples), 0, limit)
     return joined, None if any(t is None for t in targets) else torch.cat(targets)[:limit]
-
-
-def _probe(model: nn.Module, example: Example, what: str) -> Tensor | None:
-    """`data.probe_model` on Tensor examples; other forms meet their first failure in the measurement."""
-    return probe_model(model, example, what) if isinstance(example, Tensor) else None
