@@ -12,15 +12,17 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from keiryo.data import (
     DataSplits,
+    check_model_fits,
     digits,
     example_inputs,
     load_data,
     make_loader,
+    probe_model,
     split_tensors,
     tensors_of,
 )
 from keiryo.datafiles import load_csv, load_image_folder, load_tensor_file
-from keiryo.errors import ConfigError, DataError, KeiryoError
+from keiryo.errors import ConfigError, DataError, KeiryoError, ModelError
 
 
 @pytest.fixture(scope="module")
@@ -383,3 +385,80 @@ def test_make_loader_order_depends_only_on_seed_and_epoch() -> None:
     assert len(loader) == 6 and loader.num_workers == 0
     with pytest.raises(ConfigError):
         make_loader(data, 0)
+
+
+class _TwoInputs(torch.nn.Module):
+    """A model of two inputs (token ids and a mask, as Hugging Face encoders take) with 3 classes."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(20, 4)
+        self.head = torch.nn.Linear(4, 3)
+
+    def forward(self, input_ids, attention_mask):
+        mask = attention_mask.unsqueeze(-1).float()
+        return {"logits": self.head((self.embed(input_ids) * mask).sum(1) / mask.sum(1))}
+
+
+def _dict_samples(n: int = 40) -> list[dict]:
+    torch.manual_seed(0)
+    return [
+        {"input_ids": torch.randint(0, 20, (6,)), "attention_mask": torch.ones(6, dtype=torch.long),
+         "labels": torch.tensor(i % 3)}
+        for i in range(n)
+    ]  # fmt: skip
+
+
+def test_a_loader_of_dicts_with_labels_splits_and_loads_like_tensors():
+    """Hugging Face datasets yield dicts; `labels` is the target, the rest are the model's keyword inputs."""
+    samples = _dict_samples()
+    splits = load_data(DataLoader(samples, batch_size=8), seed=0)
+    assert len(splits.train) + len(splits.val) + len(splits.test) == 40 and splits.num_classes == 3
+    assert splits.input_shape == (6,)
+    batch = example_inputs(splits, 5)
+    assert set(batch) == {"input_ids", "attention_mask"} and batch["input_ids"].shape == (5, 6)
+    inputs, targets = tensors_of(splits.train)
+    assert inputs["input_ids"].shape == (len(splits.train), 6) and targets.dtype == torch.int64
+    assert set(next(iter(make_loader(splits.train, 4)))) == {"input_ids", "attention_mask", "labels"}
+    assert load_data(samples, seed=0).num_classes == 3  # a plain list of dict samples too
+    check_model_fits(_TwoInputs(), splits)
+    unlabelled = [{k: v for k, v in s.items() if k != "labels"} for s in samples]
+    assert "no targets" in _data_error(load_data, unlabelled)
+
+
+@pytest.mark.parametrize("form", ["tuple", "dict"])
+def test_a_pair_whose_inputs_are_a_tuple_or_dict_of_tensors(form):
+    ids, mask = torch.randint(0, 20, (30, 5)), torch.ones(30, 5, dtype=torch.long)
+    labels = torch.arange(30) % 3
+    given = (ids, mask) if form == "tuple" else {"input_ids": ids, "attention_mask": mask}
+    splits = load_data((given, labels), seed=1)
+    assert sum(len(d) for d in (splits.train, splits.val, splits.test)) == 30
+    inputs, targets = tensors_of(splits.test)
+    rows = [
+        int(torch.nonzero((ids == r).all(1))[0])
+        for r in (inputs[0] if form == "tuple" else inputs["input_ids"])
+    ]
+    assert torch.equal(labels[rows], targets)  # each sample keeps its own label
+    x, y = next(iter(make_loader(splits.train, 4)))
+    assert len(x) == 2 if form == "tuple" else set(x) == {"input_ids", "attention_mask"}
+    assert len(y) == 4
+    batch = example_inputs(splits, 7)
+    assert (batch[0] if form == "tuple" else batch["input_ids"]).shape == (7, 5)
+    check_model_fits(_TwoInputs(), splits)
+    two_classes = _TwoInputs()
+    two_classes.head = torch.nn.Linear(4, 2)
+    with pytest.raises(DataError, match=r"class labels 0\.\.2 but the model has 2"):
+        check_model_fits(two_classes, splits)
+    assert "differ in their number of samples" in _data_error(load_data, ((ids, mask[:10]), labels))
+
+
+def test_probe_model_takes_any_example_and_names_a_misfit():
+    model = _TwoInputs()
+    ids = torch.randint(0, 20, (3, 5))
+    out = probe_model(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, "x")
+    assert out.shape == (1, 3)
+    with pytest.raises(ModelError, match="input_ids") as info:
+        probe_model(
+            model, {"input_ids": ids, "attention_mask": torch.ones(3, 4, dtype=torch.long)}, "data 'x'"
+        )
+    assert "\n" not in str(info.value)

@@ -206,3 +206,51 @@ def test_export_refuses_bad_targets_and_inputs_before_any_work(tmp_path):
     with pytest.raises(ExportError, match="example inputs"):
         export(model, torch.randn(0, 1, 8, 8), tmp_path / "m.onnx", "onnx")
     assert [p.name for p in tmp_path.iterdir()] == ["file.txt"]
+
+
+@pytest.mark.parametrize("form", ["tuple", "dict"])
+def test_a_raw_bert_with_ids_and_mask_exports_to_onnx_and_runs_close_to_torch(tmp_path, form):
+    """A transformers BertModel (small config, no download) takes (ids, mask) or a dict of them: the ONNX file
+    has both inputs by name, a dynamic batch, and reproduces the main output (last_hidden_state)."""
+    import onnxruntime as ort
+
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(
+        vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=32,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    bert = transformers.BertModel(config).eval()
+    ids = torch.randint(0, 50, (2, 7))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    example = (ids, mask) if form == "tuple" else {"input_ids": ids, "attention_mask": mask}
+    result = export(bert, example, tmp_path / "bert.onnx", "onnx")
+    assert result.output == "last_hidden_state" and result.max_error <= 1e-4
+    session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["input_ids", "attention_mask"]
+    ids5, mask5 = torch.randint(0, 50, (5, 7)), torch.ones(5, 7, dtype=torch.long)
+    got = session.run(None, {"input_ids": ids5.numpy(), "attention_mask": mask5.numpy()})[0]
+    with torch.no_grad():
+        want = bert(input_ids=ids5, attention_mask=mask5).last_hidden_state
+    torch.testing.assert_close(torch.from_numpy(got), want, atol=1e-4, rtol=1e-4)
+
+
+def test_a_two_input_model_exports_as_a_program_and_safetensors(tmp_path):
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 3), nn.Linear(2, 3)
+
+        def forward(self, x, y):
+            return {"logits": self.a(x) + self.b(y), "extra": x.sum(1)}
+
+    model = TwoInputs().eval()
+    x, y = torch.randn(2, 4), torch.randn(2, 2)
+    program = export(model, (x, y), tmp_path / "m.pt2", "torch-export")
+    assert program.output == "logits" and program.max_error <= 1e-5
+    loaded = torch.export.load(str(program.path)).module()
+    x6, y6 = torch.randn(6, 4), torch.randn(6, 2)
+    torch.testing.assert_close(loaded(x6, y6)["logits"], model(x6, y6)["logits"])
+    weights = export(model, {"x": x, "y": y}, tmp_path / "m.safetensors", "safetensors")
+    assert weights.output == "logits" and weights.max_error == 0.0

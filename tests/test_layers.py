@@ -13,7 +13,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "keiryo"
 # lowest first; a module may import its own layer (without cycles) or any lower one
 LAYERS: list[tuple[str, ...]] = [
     ("errors", "optional", "devices", "fileio", "sparse", "provenance", "inputs", "interrupts", "yamlfile"),
-    ("attention", "datafiles", "data", "hf_files", "hf", "hf_text", "models", "metrics", "lm"),
+    ("attention", "splits", "datafiles", "data", "hf_files", "hf", "hf_text", "models", "metrics", "lm"),
     ("loop", "checkpoints"),
     ("parallel", "compress"),
     ("artifacts", "measuring", "export", "report", "examples", "summary"),

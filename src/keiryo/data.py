@@ -1,24 +1,32 @@
 """Data for keiryo: the built-in digits set, users' files (npz/pt/csv/image folders), seeded splits, loaders.
 
 Files are read by `keiryo.datafiles` (bounded, non-finite values refused); this module splits them, refuses
-splits too small to fill, and makes loaders. `check_model_fits` runs one sample through
-a model before any work, so that data and model that do not fit fail with both shapes named.
+splits too small to fill, and makes loaders. A sample's inputs follow `keiryo.inputs`: a tensor, a tuple of
+tensors or a dict of them — `(inputs, targets)` pairs whose inputs are a dict or tuple of batch-first tensors,
+and Datasets/DataLoaders whose items are dicts with a `labels` key (as Hugging Face datasets yield) or
+`(x1, x2, ..., target)` tuples, are split and loaded like plain tensors (the seeded, stratified split itself
+is `keiryo.splits`). `check_model_fits` runs one sample through a model before any work, so that data and
+model that do not fit fail with both shapes named.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset, default_collate
 
+from keiryo import inputs as examples
 from keiryo.datafiles import checked_pair, load_csv, load_image_folder, read_tensor_file
 from keiryo.errors import ConfigError, DataError, ModelError, one_line
+from keiryo.inputs import Example
+from keiryo.splits import ExampleDataset, class_labels, num_classes, split_indices
 
 # Errors from a model's forward that mean "these inputs do not have the shape (or kind) this model takes".
 _MISFIT = re.compile(r"shape|size|mat1|mat2|dimension|channels|indices|out of range")
@@ -49,8 +57,9 @@ def load_data(
 ) -> DataSplits:
     """Seeded train/val/test splits of any source keiryo accepts.
 
-    `source`: "digits"; a .npz/.pt/.pth/.csv file or an image folder; an (inputs, targets) pair; a Dataset or
-    DataLoader (split by index); or a DataSplits, returned as is.
+    `source`: "digits"; a .npz/.pt/.pth/.csv file or an image folder; an (inputs, targets) pair, whose inputs
+    may be a tuple or dict of tensors; a Dataset, DataLoader or list of samples (split by index; samples are
+    (x, y) pairs, (x1, ..., y) tuples or dicts with a `labels` key); or a DataSplits, returned as is.
     """
     fractions = {"seed": seed, "val_fraction": val_fraction, "test_fraction": test_fraction}
     if isinstance(source, DataSplits):
@@ -73,12 +82,16 @@ def load_data(
         source = source.dataset
     if isinstance(source, TensorDataset) and len(source.tensors) == 2:
         source = source.tensors
+    if isinstance(source, list) and source and isinstance(source[0], Mapping):
+        return _split_dataset(source, **fractions)  # a list of samples as dicts
     if isinstance(source, (tuple, list)):
         if len(source) != 2:
             raise DataError(f"data: expected an (inputs, targets) pair, got {len(source)} items")
+        if isinstance(source[0], (tuple, list, Mapping)):
+            return _example_splits(source[0], source[1], **fractions)
         inputs, targets, classes = checked_pair(source[0], source[1], "the data you passed (inputs, targets)")
         return _splits_of(inputs, targets, "tensors", classes, **fractions)
-    if isinstance(source, Dataset):
+    if isinstance(source, Dataset) or (hasattr(source, "__getitem__") and hasattr(source, "__len__")):
         return _split_dataset(source, **fractions)
     found = type(source).__name__
     raise DataError(f"data: cannot use a {found} (expected 'digits', a path, tensors or a Dataset)")
@@ -109,7 +122,7 @@ def split_tensors(
     """Split tensors into train/val/test; the same seed gives the same split, stratified for class labels."""
     if len(inputs) != len(targets):
         raise DataError(f"data: {len(inputs)} inputs but {len(targets)} targets")
-    parts = _split_indices(len(inputs), _class_labels(targets), seed, val_fraction, test_fraction, where)
+    parts = split_indices(len(inputs), class_labels(targets), seed, val_fraction, test_fraction, where)
     train, val, test = (TensorDataset(inputs[idx], targets[idx]) for idx in parts)
     return train, val, test
 
@@ -130,28 +143,41 @@ def make_loader(
     return DataLoader(dataset, batch_size, shuffle, generator=generator, num_workers=0, drop_last=drop_last)
 
 
-def example_inputs(splits: DataSplits, batch_size: int = 64) -> Tensor:
-    """The first `batch_size` test inputs (rows repeated if fewer): a fixed batch for measurement."""
+def example_inputs(splits: DataSplits, batch_size: int = 64) -> Example:
+    """The first `batch_size` test inputs (samples repeated if fewer): a fixed batch for measurement, in the
+    samples' own form (a tensor, or a tuple/dict of tensors)."""
     dataset = next((d for d in (splits.test, splits.val, splits.train) if len(d) > 0), None)
     if dataset is None:
         raise DataError(f"data '{splits.name}': no samples to take example inputs from")
-    if isinstance(dataset, TensorDataset):
-        inputs = dataset.tensors[0][:batch_size]
+    if isinstance(dataset, TensorDataset) and len(dataset.tensors) == 2:
+        first = dataset.tensors[0][:batch_size]
+    elif isinstance(dataset, ExampleDataset):
+        first = examples.take(dataset.inputs, 0, batch_size)
     else:
-        inputs = torch.stack([torch.as_tensor(dataset[i][0]) for i in range(min(batch_size, len(dataset)))])
-    return inputs[torch.arange(batch_size) % len(inputs)]
+        first = default_collate([sample_inputs(dataset[i]) for i in range(min(batch_size, len(dataset)))])
+    return examples.resize_batch(first, batch_size)
 
 
-def tensors_of(dataset: Dataset) -> tuple[Tensor, Tensor]:
-    """Stack a (small) dataset of (input, target) items into an (inputs, targets) pair of tensors."""
+def tensors_of(dataset: Dataset) -> tuple[Example, Tensor]:
+    """A (small) dataset as (inputs, targets): inputs a tensor, or a tuple/dict of tensors for multi-input
+    samples; targets one tensor."""
     if isinstance(dataset, TensorDataset) and len(dataset.tensors) == 2:
         return dataset.tensors[0], dataset.tensors[1]
-    items = [dataset[i] for i in range(len(dataset))]
+    if isinstance(dataset, ExampleDataset):
+        return dataset.inputs, dataset.targets
+    items = [examples.split_batch(dataset[i]) for i in range(len(dataset))]
     if not items:
         raise DataError(f"data: the {type(dataset).__name__} is empty")
-    inputs = torch.stack([torch.as_tensor(x) for x, _ in items])
+    if any(y is None for _, y in items):
+        raise DataError(f"data: the samples of the {type(dataset).__name__} have no targets")
+    inputs = default_collate([x for x, _ in items])
     targets = torch.stack([torch.as_tensor(y) for _, y in items])
     return inputs, targets
+
+
+def sample_inputs(item: Any) -> Example:
+    """The inputs of one dataset item: an (x, y) pair's x, (x1, ..., y)'s (x1, ...), a dict without labels."""
+    return examples.split_batch(item)[0]
 
 
 def describe(splits: DataSplits) -> str:
@@ -170,41 +196,52 @@ def check_model_fits(model: nn.Module, splits: DataSplits) -> None:
     parts = [d for d in (splits.train, splits.val, splits.test) if len(d) > 0]
     if not parts:
         raise DataError(f"{what} has no samples")
-    x, y = parts[0][0]
-    outputs = probe_model(model, torch.as_tensor(x).unsqueeze(0), what)
+    x, y = examples.split_batch(parts[0][0])
+    outputs = probe_model(model, default_collate([x]), what)
     if outputs is None:
         return
     for part in parts:
         targets = _targets_of(part)
+        if targets is None and y is None:
+            continue
         check_targets(outputs, torch.as_tensor(y).unsqueeze(0) if targets is None else targets, what)
 
 
-def probe_model(model: nn.Module, inputs: Tensor, what: str) -> Tensor | None:
-    """Run the first row of `inputs` through `model` (eval mode, no grad; each module's mode restored).
+def probe_model(model: nn.Module, inputs: Example, what: str) -> Tensor | None:
+    """Run the first sample of `inputs` (a tensor, tuple or dict) through `model` (eval mode, no grad; each
+    module's mode restored).
 
     A shape mismatch becomes a one-line ModelError that says what the model expects and what `what` holds;
-    any other failure returns None and is left for the real run to report. Returns the outputs.
+    any other failure returns None and is left for the real run to report. Returns the main output
+    (`inputs.main_output`), or None when the output holds no tensor.
     """
-    sample = inputs[:1]
+    sample = examples.take(inputs, 0, 1)
     device = next((t.device for t in [*model.parameters(), *model.buffers()]), None)
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         with torch.no_grad():
-            outputs = model(sample if device is None else sample.to(device))
+            outputs = examples.call(model, sample if device is None else examples.to_device(sample, device))
     except (RuntimeError, ValueError, IndexError) as exc:
         text = str(exc)
         if _DTYPE.search(text) or not _MISFIT.search(text):
             return None
+        shape = (
+            f"have shape {tuple(sample.shape[1:])}"
+            if isinstance(sample, Tensor)
+            else f"are {examples.describe(sample)}"
+        )
         raise ModelError(
-            f"the model expects {_expected_input(model)} but the samples of {what} have shape "
-            f"{tuple(sample.shape[1:])}; build the model for this data or pass data that fits it "
-            f"({one_line(exc, 120)})"
+            f"the model expects {_expected_input(model)} but the samples of {what} {shape}; build the "
+            f"model for this data or pass data that fits it ({one_line(exc, 120)})"
         ) from None
     finally:
         for module, mode in modes:
             module.training = mode
-    return outputs if isinstance(outputs, Tensor) else None
+    try:
+        return examples.main_output(outputs)
+    except ModelError:
+        return None
 
 
 def check_targets(outputs: Tensor, targets: Tensor, what: str) -> None:
@@ -239,6 +276,8 @@ def _targets_of(dataset: Dataset) -> Tensor | None:
     """All targets of a data set when they are at hand without reading every item, else None."""
     if isinstance(dataset, TensorDataset) and len(dataset.tensors) == 2:
         return dataset.tensors[1]
+    if isinstance(dataset, ExampleDataset):
+        return dataset.targets
     if isinstance(dataset, Subset):
         parent = _targets_of(dataset.dataset)
         return None if parent is None else parent[torch.as_tensor(list(dataset.indices), dtype=torch.long)]
@@ -267,87 +306,58 @@ def _expected_input(model: nn.Module) -> str:
     return "inputs of another shape"
 
 
-def _split_indices(
-    n: int, labels: Tensor | None, seed: int, val_fraction: float, test_fraction: float, where: str = "data"
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Seeded (train, val, test) indices; with class labels each class is spread evenly over the three.
-
-    A split asked for (fraction > 0) that would get no sample is refused: an empty test split would make
-    "test accuracy" silently missing, an empty validation split every epoch's check.
-    """
-    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
-        raise ConfigError(f"val_fraction {val_fraction} and test_fraction {test_fraction} must be in [0, 1)")
-    n_val, n_test = _split_sizes(n, val_fraction, test_fraction)
-    if n - n_val - n_test < 1:
-        raise ConfigError(f"val_fraction {val_fraction} + test_fraction {test_fraction} leave no train data")
-    empty = [
-        name
-        for name, f, k in (("validation", val_fraction, n_val), ("test", test_fraction, n_test))
-        if f and not k
-    ]
-    if empty:
-        need = next(m for m in range(n + 1, n + 10_000) if _splits_filled(m, val_fraction, test_fraction))
-        raise DataError(
-            f"{where}: {n} sample(s) are too few to split, the {' and '.join(empty)} split would be empty; "
-            f"use at least {need} samples"
-        )
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(n, generator=generator)
-    if labels is not None and n > 0:
-        labels = labels[order]
-        by_class = torch.argsort(labels, stable=True)
-        counts = torch.bincount(labels)
-        starts = torch.cumsum(counts, 0) - counts
-        sorted_labels = labels[by_class]
-        rank = torch.arange(n) - starts[sorted_labels]
-        # A sample's place within its class, jittered so ties between classes fall randomly.
-        key = (rank + torch.rand(n, generator=generator, dtype=torch.float64)) / counts[sorted_labels]
-        order = order[by_class][torch.argsort(key, stable=True)]
-    return order[n_test + n_val :], order[n_test : n_test + n_val], order[:n_test]
-
-
-def _split_sizes(n: int, val_fraction: float, test_fraction: float) -> tuple[int, int]:
-    """(validation, test) sample counts of n, rounded to nearest."""
-    return math.floor(n * val_fraction + 0.5), math.floor(n * test_fraction + 0.5)
-
-
-def _splits_filled(n: int, val_fraction: float, test_fraction: float) -> bool:
-    """Whether n samples give every split asked for (fraction > 0) at least one sample, train included."""
-    n_val, n_test = _split_sizes(n, val_fraction, test_fraction)
-    return n - n_val - n_test >= 1 and (n_val or not val_fraction) and (n_test or not test_fraction)
-
-
 def _splits_of(inputs: Tensor, targets: Tensor, name: str, classes: list[str] | None, **split) -> DataSplits:
     where = "the data you passed" if name == "tensors" else f"data '{name}'"
     train, val, test = split_tensors(inputs, targets, where=where, **split)
     shape = tuple(inputs.shape[1:])
-    return DataSplits(train, val, test, _num_classes(targets, classes), shape, name, classes)
+    return DataSplits(train, val, test, num_classes(targets, classes), shape, name, classes)
 
 
-def _class_labels(targets: Tensor) -> Tensor | None:
-    """The targets as labels to stratify by, or None when they are not non-negative class indices."""
-    if targets.ndim != 1 or targets.is_floating_point() or len(targets) == 0 or int(targets.min()) < 0:
-        return None
-    return targets.long()
-
-
-def _num_classes(targets: Tensor, classes: list[str] | None) -> int | None:
-    if targets.is_floating_point() or targets.ndim != 1:
-        return None
-    return max(int(targets.max()) + 1, len(classes or []))
-
-
-def _split_dataset(dataset: Dataset, seed: int, val_fraction: float, test_fraction: float) -> DataSplits:
-    """Split a map-style Dataset by index, keeping its items (and any random transforms) as they are."""
+def _split_dataset(dataset: Any, seed: int, val_fraction: float, test_fraction: float) -> DataSplits:
+    """Split a map-style Dataset (or list of samples) by index, keeping its items (and any random transforms)
+    as they are. Items are (x, y) pairs, (x1, ..., y) tuples or dicts with a `labels` key."""
     name = type(dataset).__name__
     if not hasattr(dataset, "__len__") or len(dataset) == 0:
         raise DataError(f"data: cannot split a {name} that is empty or has no len()")
     n = len(dataset)
     known = getattr(dataset, "targets", None)  # torchvision-style, saves reading every item
-    targets = torch.as_tensor(known if known is not None else [dataset[i][1] for i in range(n)])
+    if known is None:
+        known = [examples.split_batch(dataset[i])[1] for i in range(n)]
+        if any(y is None for y in known):
+            raise DataError(
+                f"data ({name}): its samples carry no targets; give (inputs, target) pairs or dicts with a "
+                "'labels' key"
+            )
+    targets = torch.as_tensor(known) if not isinstance(known[0], Tensor) else torch.stack(list(known))
     classes = getattr(dataset, "classes", None)
     classes = [str(c) for c in classes] if isinstance(classes, (list, tuple)) else None
-    parts = _split_indices(n, _class_labels(targets), seed, val_fraction, test_fraction, f"data ({name})")
+    parts = split_indices(n, class_labels(targets), seed, val_fraction, test_fraction, f"data ({name})")
     train, val, test = (Subset(dataset, idx.tolist()) for idx in parts)
-    input_shape = tuple(torch.as_tensor(dataset[0][0]).shape)
-    return DataSplits(train, val, test, _num_classes(targets, classes), input_shape, name, classes)
+    return DataSplits(train, val, test, num_classes(targets, classes), _shape_of(dataset[0]), name, classes)
+
+
+def _example_splits(inputs: Example, targets: Any, **split: Any) -> DataSplits:
+    """Splits of an (inputs, targets) pair whose inputs are a tuple or dict of batch-first tensors."""
+    where = "the data you passed (inputs, targets)"
+    try:
+        inputs = examples.check_example(inputs, "the inputs you passed")
+        n = examples.batch_size(inputs)
+    except ConfigError as exc:
+        raise DataError(f"{where}: {exc}") from None
+    if any(t.dim() == 0 or len(t) != n for t in examples.tensors(inputs)):
+        raise DataError(
+            f"{where}: the input tensors differ in their number of samples ({examples.describe(inputs)})"
+        )
+    _, targets, classes = checked_pair(torch.zeros(n, 1), targets, where)
+    parts = split_indices(n, class_labels(targets), where=where, **split)
+    whole = ExampleDataset(inputs, targets)
+    train, val, test = (whole.subset(idx) for idx in parts)
+    return DataSplits(
+        train, val, test, num_classes(targets, classes), _shape_of(whole[0]), "tensors", classes
+    )
+
+
+def _shape_of(item: Any) -> tuple[int, ...]:
+    """One sample's input shape: its tensor's, or its first input tensor's for a multi-input sample."""
+    found = examples.tensors(examples.split_batch(item)[0])
+    return tuple(found[0].shape) if found else ()

@@ -1,5 +1,11 @@
 """Export a model for deployment: ONNX (checked in onnxruntime), torch.export programs, safetensors weights.
 
+Example inputs follow `keiryo.inputs`: a Tensor, a tuple of positional arguments or a dict of keyword
+arguments (a raw Hugging Face model takes `(ids, mask)` or `{"input_ids": ..., "attention_mask": ...}`). Every
+tensor's first dimension is exported as one dynamic batch; ONNX inputs are named after the forward's
+arguments (the dict keys). Outputs that are tuples, dicts or `ModelOutput`s are checked on their main tensor
+(`inputs.main_output`: logits, last_hidden_state, ...), which the result names.
+
 Every export is verified, not just written: the written file is loaded into a fresh object (an onnxruntime
 session, a `torch.export.load`ed program, a fresh copy of the architecture with the safetensors weights), run
 on a batch of the example inputs, and compared with the PyTorch model; a file that does not reproduce it is an
@@ -29,8 +35,11 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torch.utils import _pytree as pytree
 
-from keiryo.errors import KeiryoError
+from keiryo import inputs
+from keiryo.errors import ConfigError, KeiryoError
+from keiryo.inputs import Example
 from keiryo.metrics import batch_of, has_quantized_kernels, time_models
 
 # Each format and the file suffix it is written with.
@@ -55,6 +64,7 @@ class ExportResult:
     max_error: float  # largest |exported − PyTorch| on the example inputs
     runtime_p50_ms: float | None = None  # the exported file run by its runtime (onnxruntime, torch.export)
     torch_p50_ms: float | None = None  # the PyTorch model on the same inputs, timed interleaved
+    output: str = "output"  # which output was compared: "output", "logits", "last_hidden_state", ...
 
 
 @contextlib.contextmanager
@@ -120,8 +130,45 @@ def _check_inputs(model: object, example_inputs: object, required: bool = True) 
         raise ExportError(f"export needs a torch.nn.Module, got a {type(model).__name__}")
     if example_inputs is None and not required:
         return
-    if not isinstance(example_inputs, Tensor) or example_inputs.dim() == 0 or len(example_inputs) < 1:
-        raise ExportError("export needs example inputs: a tensor with a batch of at least one sample")
+    what = "export needs example inputs (a tensor, a tuple of arguments or a dict of them)"
+    try:
+        inputs.check_example(example_inputs, "example inputs")
+        if inputs.batch_size(example_inputs) < 1:
+            raise ConfigError("no sample")
+    except ConfigError as exc:
+        raise ExportError(f"{what} with a batch of at least one sample: {exc}") from None
+
+
+def _check_batch(example: Example) -> Example:
+    """The example at a batch size it was not exported with (at least 3), to prove the batch is dynamic."""
+    n = inputs.batch_size(example)
+    return batch_of(example, max(3, n + 1))
+
+
+def _dynamic_batch(example: Example) -> tuple | dict:
+    """`dynamic_shapes` marking the first dimension of each batch-first tensor as the one dynamic batch,
+    laid out like the arguments (a tuple for positional arguments, a dict for keyword ones)."""
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    n = inputs.batch_size(example)
+
+    def spec(value: object) -> object:
+        if isinstance(value, Tensor):
+            return {0: batch} if value.dim() > 0 and value.shape[0] == n else None
+        return pytree.tree_map(lambda _: None, value)
+
+    args, kwargs = inputs.args_kwargs(example)
+    return {k: spec(v) for k, v in kwargs.items()} if kwargs else tuple(spec(v) for v in args)
+
+
+def _leaves(output: object) -> list[Tensor]:
+    """The tensors of an output in the order exporters flatten it (tuples, dicts, ModelOutputs)."""
+    return [t for t in pytree.tree_leaves(output) if isinstance(t, Tensor)]
+
+
+def _main_index(output: object) -> int:
+    """Where `inputs.main_output` lies among the output's flattened tensors."""
+    main = inputs.main_output(output)
+    return next(i for i, t in enumerate(_leaves(output)) if t is main)
 
 
 def _verify(format: str, got: Tensor, want: Tensor) -> float:
@@ -155,7 +202,7 @@ def _p50_ms(fn: Callable[[], object], runs: int = 30, warmup: int = 5) -> float:
 
 def export_onnx(
     model: nn.Module,
-    example_inputs: Tensor,
+    example_inputs: Example,
     path: str | Path,
     *,
     threads: int | None = None,
@@ -163,8 +210,9 @@ def export_onnx(
 ) -> ExportResult:
     """ONNX via the dynamo exporter, with a dynamic batch dimension; checked in onnxruntime.
 
-    `int8`: export the float model, then quantize the ONNX graph with onnxruntime's dynamic int8 (int8
-    weights, activations quantized per batch), since PyTorch's int8 kernels have no ONNX translation.
+    The ONNX inputs are named after the forward's arguments (a dict example's keys). `int8`: export the float
+    model, then quantize the ONNX graph with onnxruntime's dynamic int8 (int8 weights, activations quantized
+    per batch), since PyTorch's int8 kernels have no ONNX translation.
     """
     import onnxruntime as ort
 
@@ -172,16 +220,17 @@ def export_onnx(
     check_target(path, format)
     _check_inputs(model, example_inputs)
     model = model.eval()
-    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    args, kwargs = inputs.args_kwargs(example_inputs)
     with _staged(path) as staged:
         try:
             with _quiet():
                 torch.onnx.export(
                     model,
-                    (example_inputs,),
+                    args,
                     str(staged),
+                    kwargs=kwargs or None,
                     dynamo=True,
-                    dynamic_shapes=({0: batch},),
+                    dynamic_shapes=_dynamic_batch(example_inputs),
                     external_data=False,  # one self-contained file (fine below ONNX's 2 GB limit)
                 )
         except Exception as exc:
@@ -201,18 +250,30 @@ def export_onnx(
             session = ort.InferenceSession(str(staged), options, providers=["CPUExecutionProvider"])
         except Exception as exc:
             raise ExportError(f"onnxruntime cannot load the exported model: {_first_line(exc)}") from exc
-        name = session.get_inputs()[0].name
-        check = batch_of(example_inputs, max(3, len(example_inputs) + 1))  # a batch size not seen at export
+        check = _check_batch(example_inputs)  # a batch size not seen at export
+        with torch.inference_mode():
+            want = inputs.call(model, check)
+        index = _main_index(want)
         try:
-            got = torch.from_numpy(session.run(None, {name: check.numpy()})[0])
+            got = torch.from_numpy(session.run(None, _onnx_feed(session, check))[index])
         except Exception as exc:
             raise ExportError(f"onnxruntime cannot run the exported model: {_first_line(exc)}") from exc
-        with torch.inference_mode():
-            want = model(check).float()
-        error = _verify(format, got, want)
-        runtime = _p50_ms(lambda: session.run(None, {name: example_inputs.numpy()}))
+        error = _verify(format, got, inputs.main_output(want))
+        feed = _onnx_feed(session, example_inputs)
+        runtime = _p50_ms(lambda: session.run(None, feed))
         size = staged.stat().st_size
-    return ExportResult(format, Path(path), size, error, runtime, torch_ms)
+    return ExportResult(format, Path(path), size, error, runtime, torch_ms, inputs.output_name(want))
+
+
+def _onnx_feed(session: object, example: Example) -> dict[str, object]:
+    """The example as onnxruntime's input dict: keyword arguments by name, positional ones in order."""
+    args, kwargs = inputs.args_kwargs(example)
+    positional = iter(inputs.tensors(args))
+    feed = {}
+    for node in session.get_inputs():
+        value = kwargs.get(node.name)
+        feed[node.name] = (value if isinstance(value, Tensor) else next(positional)).numpy()
+    return feed
 
 
 def _quantize_onnx(path: Path) -> None:
@@ -247,16 +308,18 @@ def _saturating_cpu() -> bool:
         return True
 
 
-def export_program(model: nn.Module, example_inputs: Tensor, path: str | Path) -> ExportResult:
+def export_program(model: nn.Module, example_inputs: Example, path: str | Path) -> ExportResult:
     """A `torch.export` program (.pt2): the graph and weights, loadable without the model's Python code."""
     check_target(path, "torch-export")
     _check_inputs(model, example_inputs)
     model = model.eval()
-    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    args, kwargs = inputs.args_kwargs(example_inputs)
     with _staged(path) as staged:
         try:
             with _quiet():
-                program = torch.export.export(model, (example_inputs,), dynamic_shapes=({0: batch},))
+                program = torch.export.export(
+                    model, args, kwargs=kwargs or None, dynamic_shapes=_dynamic_batch(example_inputs)
+                )
             torch.export.save(program, str(staged))
         except Exception as exc:
             if has_quantized_kernels(model):
@@ -272,20 +335,29 @@ def export_program(model: nn.Module, example_inputs: Tensor, path: str | Path) -
             raise ExportError(
                 f"torch.export.load cannot read the written program: {_first_line(exc)}"
             ) from exc
-        check = batch_of(example_inputs, max(3, len(example_inputs) + 1))
+        check = _check_batch(example_inputs)
         with torch.inference_mode():
+            want = inputs.call(model, check)
             try:
-                got = loaded(check)
+                got = inputs.call(loaded, check)
             except Exception as exc:
                 raise ExportError(f"the written program fails to run: {_first_line(exc)}") from exc
-            err = _verify("torch-export", got, model(check))
+            err = _verify("torch-export", _leaves(got)[_main_index(want)], inputs.main_output(want))
         lat = time_models({"program": loaded, "torch": model}, example_inputs, runs=30, warmup=5)
         size = staged.stat().st_size
-    return ExportResult("torch-export", Path(path), size, err, lat["program"].p50_ms, lat["torch"].p50_ms)
+    return ExportResult(
+        "torch-export",
+        Path(path),
+        size,
+        err,
+        lat["program"].p50_ms,
+        lat["torch"].p50_ms,
+        inputs.output_name(want),
+    )
 
 
 def export_safetensors(
-    model: nn.Module, path: str | Path, example_inputs: Tensor | None = None
+    model: nn.Module, path: str | Path, example_inputs: Example | None = None
 ) -> ExportResult:
     """The weights as safetensors (no code, no pickle), for loaders in other frameworks.
 
@@ -327,6 +399,7 @@ def export_safetensors(
         err = max(
             (_verify("safetensors", loaded[k], v) for k, v in tensors.items() if v.numel()), default=0.0
         )
+        output = "weights"
         if example_inputs is not None:
             fresh = copy.deepcopy(model).eval()
             try:
@@ -335,14 +408,17 @@ def export_safetensors(
                 raise ExportError(
                     f"the written weights do not fit the architecture: {_first_line(exc)}"
                 ) from exc
-            check = batch_of(example_inputs, max(3, len(example_inputs) + 1))
+            check = _check_batch(example_inputs)
             with torch.inference_mode():
-                err = max(err, _verify("safetensors", fresh(check), model(check)))
+                want = inputs.call(model, check)
+                got = inputs.main_output(inputs.call(fresh, check))
+                err = max(err, _verify("safetensors", got, inputs.main_output(want)))
+                output = inputs.output_name(want)
         size = staged.stat().st_size
-    return ExportResult("safetensors", Path(path), size, err)
+    return ExportResult("safetensors", Path(path), size, err, output=output)
 
 
-def export(model: nn.Module, example_inputs: Tensor, path: str | Path, format: str = "onnx") -> ExportResult:
+def export(model: nn.Module, example_inputs: Example, path: str | Path, format: str = "onnx") -> ExportResult:
     """Export in one of FORMATS and verify the written file; see the functions above for each format."""
     check_target(path, format)
     if format in ("onnx", "onnx-int8"):
