@@ -8,8 +8,8 @@ import json
 
 import pytest
 import torch
+from multi_input import DictSamples, TwoInputs
 from torch import nn
-from torch.utils.data import Dataset
 
 from keiryo import report
 from keiryo.errors import ModelError
@@ -18,36 +18,6 @@ from keiryo.metrics import Timing
 from keiryo.models import build_model
 
 QUICK = Timing(runs=5, warmup=1)
-
-
-class TwoInputs(nn.Module):
-    """ids and a mask in, a dict with `last_hidden_state` and `logits` out (as a Hugging Face classifier)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(20, 8)
-        self.head = nn.Linear(8, 3)
-
-    def forward(self, input_ids, attention_mask=None):
-        h = self.embed(input_ids)
-        if attention_mask is not None:
-            h = h * attention_mask.unsqueeze(-1)
-        return {"last_hidden_state": h, "logits": self.head(h.mean(1))}
-
-
-class DictSamples(Dataset):
-    def __init__(self, ids: torch.Tensor, labels: torch.Tensor) -> None:
-        self.ids, self.labels = ids, labels
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict:
-        return {
-            "input_ids": self.ids[i],
-            "attention_mask": torch.ones(self.ids.shape[1]),
-            "labels": self.labels[i],
-        }
 
 
 def test_file_bytes_tracks_weight_bytes():
@@ -105,7 +75,7 @@ def test_timing_settings_are_the_ones_used():
 
 def test_multi_input_models_on_dict_samples_with_labels():
     torch.manual_seed(0)
-    model = TwoInputs().train()
+    model = TwoInputs(width=8).train()
     noisy = copy.deepcopy(model).eval()
     with torch.no_grad():
         noisy.head.weight.add_(torch.randn_like(noisy.head.weight))

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from multi_input import DictSamples, TwoInputs
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 from keiryo.errors import ConfigError, DataError
 from keiryo.metrics import (
@@ -19,38 +20,6 @@ from keiryo.metrics import (
     threads,
     time_models,
 )
-
-
-class TwoInputs(nn.Module):
-    """A Hugging Face-shaped model: ids and a mask in, a dict with `last_hidden_state` and `logits` out."""
-
-    def __init__(self, vocab: int = 20, width: int = 4, classes: int = 3) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(vocab, width)
-        self.head = nn.Linear(width, classes)
-
-    def forward(self, input_ids, attention_mask=None):
-        h = self.embed(input_ids)
-        if attention_mask is not None:
-            h = h * attention_mask.unsqueeze(-1)
-        return {"last_hidden_state": h, "logits": self.head(h.mean(1))}
-
-
-class DictSamples(Dataset):
-    """Samples as Hugging Face datasets give them: dicts of ids (python lists), a mask and an int label."""
-
-    def __init__(self, ids: torch.Tensor, labels: torch.Tensor) -> None:
-        self.ids, self.labels = ids, labels
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict:
-        return {
-            "input_ids": self.ids[i].tolist(),
-            "attention_mask": torch.ones(self.ids.shape[1]),
-            "labels": int(self.labels[i]),
-        }
 
 
 def test_parameters_and_flops_of_a_known_model_are_exact():
