@@ -19,6 +19,8 @@ import torch
 
 from keiryo import artifacts
 from keiryo.cli import main
+from keiryo.compress.qconfig import Policy
+from keiryo.compress.quantize import quantize
 from keiryo.models import build_model
 
 OLD_BYTES = b"the user's previous output: must survive every failed run\n"
@@ -33,10 +35,8 @@ def inputs(tmp_path_factory) -> dict[str, str]:
     meta = {"input_shape": [1, 8, 8], "num_classes": 10}
     paths = {"MODEL": artifacts.save(model, folder / "m.pt", metadata=meta)}
     paths["FOREIGN"] = artifacts.save(model, folder / "foreign.pt", factory="os:getcwd", kwargs={})
-    from keiryo.compress.quantize import quantize
-
     paths["QMODEL"] = artifacts.save(  # fbgemm int8: packed weights that safetensors cannot hold
-        quantize(model, "int8-dynamic", backend="fbgemm", runs=1, compile=False),
+        quantize(model, "int8-dynamic", policy=Policy(backend="fbgemm", runs=1, compile=False)),
         folder / "q.pt",
         metadata=meta,
     )
