@@ -30,6 +30,7 @@ import torch
 
 from keiryo.compress.distill import Distill, distill
 from keiryo.compress.prune import prune
+from keiryo.compress.qconfig import Policy
 from keiryo.compress.quantize import quantize, report_of
 from keiryo.data import DataSplits, split_tensors
 from keiryo.hf import encoder_layers
@@ -247,7 +248,9 @@ def distilled(teacher, student, data: DataSplits):
 
 def int8(model, example):
     """int8 dynamic quantization; embeddings have no classes, so quality is cosine only (no top-1 check)."""
-    quantized = quantize(model, "int8-dynamic", example_inputs=example, min_cosine=0.99, min_top1=0.0)
+    quantized = quantize(
+        model, "int8-dynamic", example_inputs=example, policy=Policy(min_cosine=0.99, min_top1=0.0)
+    )
     print(f"  int8-dynamic: {report_of(quantized).message}")
     return quantized
 
