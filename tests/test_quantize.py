@@ -2,24 +2,40 @@
 
 from __future__ import annotations
 
+import dataclasses
+import time
+
 import pytest
 import torch
 from torch import nn
 
-from keiryo import artifacts
+from keiryo import artifacts, provenance
 from keiryo.compress import quant_backends, quant_static
-from keiryo.compress.quantize import METHODS, MIN_SPEEDUP, quantize, report_of, sensitivity
+from keiryo.compress.qchoose import MIN_SPEEDUP
+from keiryo.compress.qconfig import (
+    METHODS,
+    QAT,
+    Int8Dynamic,
+    Int8Static,
+    Policy,
+    check_options,
+    config_from,
+    method_of,
+)
+from keiryo.compress.quantize import quantize, report_of, sensitivity
 from keiryo.data import example_inputs
 from keiryo.errors import ConfigError, ModelError
-from keiryo.loop import TrainConfig, train
-from keiryo.metrics import accuracy, agreement, file_bytes
+from keiryo.loop import TrainConfig
+from keiryo.measuring import file_bytes
+from keiryo.metrics import accuracy, agreement
 from keiryo.models import build_model, kwargs_for_data
+from keiryo.training import train
 
 
 def _trained(name: str, digits, epochs: int = 3, **kwargs) -> nn.Module:
     torch.manual_seed(0)
     model = build_model(name, **{**kwargs_for_data(name, digits.input_shape, digits.num_classes), **kwargs})
-    train(model, digits, epochs=epochs, progress=False, device="cpu", seed=0)
+    train(model, digits, config=TrainConfig(epochs=epochs, progress=False, device="cpu", seed=0))
     return model.eval()
 
 
@@ -60,7 +76,7 @@ def test_static_methods_need_calibration_data(mlp):
 
 def test_backend_that_cannot_run_the_method_is_named_with_the_ones_that_can(mlp):
     with pytest.raises(ConfigError, match="backend 'fbgemm' cannot run int4-weight-only.*torchao"):
-        quantize(mlp, "int4-weight-only", backend="fbgemm")
+        quantize(mlp, "int4-weight-only", policy=Policy(backend="fbgemm"))
 
 
 def test_model_without_quantizable_layers_is_refused(mlp):
@@ -68,13 +84,13 @@ def test_model_without_quantizable_layers_is_refused(mlp):
         quantize(nn.Sequential(nn.ReLU(), nn.Tanh()), "int8-dynamic")
     every = [n for n, m in mlp.named_modules() if isinstance(m, nn.Linear)]
     with pytest.raises(ModelError, match="after skipping"):
-        quantize(mlp, "int8-dynamic", skip=every)
+        quantize(mlp, "int8-dynamic", policy=Policy(skip=every))
 
 
 def test_int8_on_a_gpu_model_says_what_runs_there(mlp):
     meta = build_model("mlp").to("meta")
     with pytest.raises(ConfigError, match="not supported on meta.*fp16"):
-        quantize(meta, "int8-dynamic", backend="fbgemm")
+        quantize(meta, "int8-dynamic", policy=Policy(backend="fbgemm"))
 
 
 def test_precision_casts(tmp_path, digits):
@@ -98,7 +114,7 @@ def test_precision_casts(tmp_path, digits):
 @pytest.mark.parametrize("granularity", ["per-tensor", "per-channel"])
 def test_int8_dynamic_is_close_smaller_and_round_trips(mlp, digits, tmp_path, backend, granularity):
     x = example_inputs(digits, 64)
-    q = quantize(mlp, "int8-dynamic", example_inputs=x, backend=backend, granularity=granularity, runs=3)
+    q = quantize(mlp, Int8Dynamic(granularity=granularity), example_inputs=x, policy=Policy(backend, runs=3))
     assert report_of(q).backend == backend and not report_of(q).kept_float
     assert agreement(q, mlp, x).cosine > 0.999
     assert abs(accuracy(q, digits.test) - accuracy(mlp, digits.test)) <= 0.01
@@ -109,18 +125,18 @@ def test_int8_dynamic_is_close_smaller_and_round_trips(mlp, digits, tmp_path, ba
 
 def test_asymmetric_weights_with_fbgemm(mlp, digits):
     x = example_inputs(digits, 64)
-    q = quantize(mlp, "int8-dynamic", example_inputs=x, backend="fbgemm", symmetric=False, runs=3)
+    q = quantize(mlp, Int8Dynamic(symmetric=False), example_inputs=x, policy=Policy("fbgemm", runs=3))
     assert q.fc0.weight().qscheme() == torch.per_tensor_affine
     assert agreement(q, mlp, x).cosine > 0.999
 
 
 def test_weight_only_int8_and_int4(mlp, cnn, digits, tmp_path):
     x = example_inputs(digits, 64)
-    int8 = quantize(mlp, "int8-weight-only", example_inputs=x, backend="torchao", runs=3)
+    int8 = quantize(mlp, "int8-weight-only", example_inputs=x, policy=Policy("torchao", runs=3))
     assert agreement(int8, mlp, x).cosine > 0.999
     _round_trip(int8, x, tmp_path)
     for model, most in ((mlp, 0.2), (cnn, 0.6)):  # the tiny test cnn's file is mostly names and shapes
-        int4 = quantize(model, "int4-weight-only", example_inputs=x, backend="torchao", runs=3)
+        int4 = quantize(model, "int4-weight-only", example_inputs=x, policy=Policy("torchao", runs=3))
         assert agreement(int4, model, x).cosine > 0.98
         assert file_bytes(int4) <= most * file_bytes(model)
         _round_trip(int4, x, tmp_path)
@@ -132,7 +148,7 @@ def test_int4_packing_of_a_conv_is_exact_on_representable_weights():
         levels = torch.linspace(-1, 1, 16)
         conv.weight.copy_(levels[torch.randint(0, 16, conv.weight.shape)])
         conv.weight.view(8, -1)[:, :32:16] = torch.tensor([-1.0, 1.0])  # every group reaches both ends
-    packed = quantize(nn.Sequential(conv), "int4-weight-only", backend="torchao")[0]
+    packed = quantize(nn.Sequential(conv), "int4-weight-only", policy=Policy("torchao"))[0]
     assert torch.allclose(packed.weight(), conv.weight, atol=1e-2)
 
 
@@ -144,9 +160,8 @@ def test_a_transformer_that_reads_layer_shapes_in_forward_still_runs(digits, tmp
     torch.manual_seed(0)
     model = build_model("transformer", dim=40, heads=4, depth=1).eval()  # 40: no int4 kernel, so packed
     x = example_inputs(digits, 16)
-    q = quantize(
-        model, method, calibration=digits, example_inputs=x, backend="fbgemm" if "8" in method else "torchao"
-    )
+    backend = "fbgemm" if "8" in method else "torchao"
+    q = quantize(model, method, calibration=digits, example_inputs=x, policy=Policy(backend))
     assert isinstance(q.blocks[0].attn.qkv, layer_type)  # its forward reads qkv.out_features
     assert q.blocks[0].attn.qkv.out_features == 120 and q.blocks[0].attn.qkv.in_features == 40
     assert agreement(q, model, x).cosine > 0.98
@@ -155,7 +170,7 @@ def test_a_transformer_that_reads_layer_shapes_in_forward_still_runs(digits, tmp
 
 def test_int8_static_folds_batchnorm_and_keeps_accuracy(cnn, digits, tmp_path):
     x = example_inputs(digits, 64)
-    q = quantize(cnn, "int8-static", calibration=digits, example_inputs=x, runs=3)
+    q = quantize(cnn, "int8-static", calibration=digits, example_inputs=x, policy=Policy(runs=3))
     assert not any(isinstance(m, nn.BatchNorm2d) for m in q.modules())
     assert sum(isinstance(m, quant_static.StaticQuantized) for m in q.modules()) == 4  # stem, 2 convs, fc
     assert accuracy(q, digits.test) >= accuracy(cnn, digits.test) - 0.01
@@ -167,7 +182,7 @@ def test_int8_static_folds_batchnorm_and_keeps_accuracy(cnn, digits, tmp_path):
 @pytest.mark.parametrize("observer", ["minmax", "percentile"])
 def test_other_observers_calibrate_too(mlp, digits, observer):
     calibration = example_inputs(digits, 256)
-    q = quantize(mlp, "int8-static", calibration=calibration, observer=observer, granularity="per-channel")
+    q = quantize(mlp, Int8Static(observer=observer, granularity="per-channel"), calibration=calibration)
     assert report_of(q).candidates[0].cosine > 0.99
     assert accuracy(q, digits.test) >= accuracy(mlp, digits.test) - 0.01
 
@@ -175,7 +190,7 @@ def test_other_observers_calibrate_too(mlp, digits, observer):
 def test_qat_trains_with_fake_quantization_then_converts(mlp, digits, tmp_path):
     x = example_inputs(digits, 64)
     config = TrainConfig(epochs=1, lr=5e-4, device="cpu", progress=False)
-    q = quantize(mlp, "qat", calibration=digits, example_inputs=x, qat=config, runs=3)
+    q = quantize(mlp, QAT(train=config), calibration=digits, example_inputs=x, policy=Policy(runs=3))
     assert all(isinstance(getattr(q, n), quant_static.StaticQuantized) for n in ("fc0", "fc1", "classifier"))
     assert accuracy(q, digits.test) >= accuracy(mlp, digits.test) - 0.02
     _round_trip(q, x, tmp_path)
@@ -187,16 +202,15 @@ def test_qat_needs_labels(mlp, digits):
 
 
 def test_skipped_layers_stay_float(mlp, digits):
-    q = quantize(
-        mlp, "int8-dynamic", example_inputs=example_inputs(digits, 8), backend="fbgemm", skip=["fc0"]
-    )
+    x = example_inputs(digits, 8)
+    q = quantize(mlp, "int8-dynamic", example_inputs=x, policy=Policy("fbgemm", skip=["fc0"]))
     assert _float_linear(q.fc0) and not _float_linear(q.fc1)
     assert report_of(q).layers == ["fc1", "classifier"]
 
 
 def test_auto_measures_every_candidate_and_picks_the_fastest_within_tolerance(mlp, digits):
     x = example_inputs(digits, 64)
-    q = quantize(mlp, "int8-dynamic", example_inputs=x, compile=False, runs=5)
+    q = quantize(mlp, "int8-dynamic", example_inputs=x, policy=Policy(compile=False, runs=5))
     rep = report_of(q)
     names = {(c.backend, c.granularity) for c in rep.candidates}
     assert names == {("fbgemm", "per-tensor"), ("fbgemm", "per-channel"), ("torchao", "per-channel")}
@@ -213,7 +227,7 @@ def test_auto_measures_every_candidate_and_picks_the_fastest_within_tolerance(ml
 
 def test_auto_keeps_float_when_no_kernel_meets_the_tolerance(mlp, digits):
     x = example_inputs(digits, 64)
-    q = quantize(mlp, "int8-dynamic", example_inputs=x, compile=False, min_cosine=1.01, runs=3)
+    q = quantize(mlp, "int8-dynamic", example_inputs=x, policy=Policy(compile=False, min_cosine=1.01, runs=3))
     rep = report_of(q)
     assert rep.kept_float and rep.backend == "float" and "tolerance" in rep.message
     assert not any(c.passed for c in rep.candidates)
@@ -226,7 +240,7 @@ def test_sensitivity_ranks_the_layer_with_an_outlier_worst(digits):
     model = build_model("mlp", hidden=[64, 64]).eval()
     with torch.no_grad():
         model.fc1.weight[0, 0] = 50.0  # one outlier: per-tensor int8 rounds the rest of fc1 to zero
-    ranking = sensitivity(model, "int8-dynamic", example_inputs(digits, 128), granularity="per-tensor")
+    ranking = sensitivity(model, Int8Dynamic(granularity="per-tensor"), example_inputs(digits, 128))
     assert [r.name for r in ranking][0] == "fc1"
     assert len(ranking) == 3 and ranking[0].sqnr_db < ranking[-1].sqnr_db
 
@@ -256,9 +270,9 @@ def test_cli_quantize_prints_before_after_and_writes_a_loadable_file(mlp, digits
 
 def test_top1_counts_only_where_outputs_are_class_scores(mlp, digits):
     x = example_inputs(digits, 64)
-    strict = dict(example_inputs=x, compile=False, min_top1=1.01, runs=3)
-    assert report_of(quantize(mlp, "int8-dynamic", class_scores=True, **strict)).kept_float
-    relaxed = report_of(quantize(mlp, "int8-dynamic", class_scores=False, **strict))
+    strict = dict(compile=False, min_top1=1.01, runs=3)
+    assert report_of(quantize(mlp, "int8-dynamic", None, x, Policy(class_scores=True, **strict))).kept_float
+    relaxed = report_of(quantize(mlp, "int8-dynamic", None, x, Policy(class_scores=False, **strict)))
     assert all(c.passed for c in relaxed.candidates)  # the cosine alone decides
 
 
@@ -266,7 +280,7 @@ def test_torchao_files_load_in_a_fresh_process_with_weights_only(mlp, tmp_path):
     import subprocess
     import sys
 
-    path = artifacts.save(quantize(mlp, "int4-weight-only", backend="torchao"), tmp_path / "int4.pt")
+    path = artifacts.save(quantize(mlp, "int4-weight-only", policy=Policy("torchao")), tmp_path / "int4.pt")
     code = (
         f"from keiryo import artifacts; m = artifacts.load({str(path)!r}); print(type(m.fc0.weight).__name__)"
     )
@@ -278,22 +292,108 @@ def test_torchao_files_load_in_a_fresh_process_with_weights_only(mlp, tmp_path):
 def test_unknown_skip_layers_and_a_second_quantization_are_refused():
     model = build_model("mlp", in_features=64, hidden=[16], num_classes=10).eval()
     with pytest.raises(ConfigError, match="cannot skip layer 'fc9'.*fc0, classifier"):
-        quantize(model, "int8-dynamic", skip=["fc9"], backend="fbgemm", runs=1)
-    once = quantize(model, "fp16", runs=1)
+        quantize(model, "int8-dynamic", policy=Policy("fbgemm", skip=["fc9"], runs=1))
+    once = quantize(model, "fp16", policy=Policy(runs=1))
     with pytest.raises(ConfigError, match=r"already quantized \(fp16\)"):
-        quantize(once, "int8-dynamic", backend="fbgemm", runs=1)
+        quantize(once, "int8-dynamic", policy=Policy("fbgemm", runs=1))
 
 
 def test_check_options_needs_no_model():
-    from keiryo.compress.quantize import check_options
-
-    check_options("int8-static", observer="minmax")
-    for kwargs, message in (
-        ({"method": "int3"}, "int3"),
-        ({"method": "int8-dynamic", "backend": "tensorrt"}, "tensorrt"),
-        ({"method": "int8-static", "observer": "median"}, "observer"),
-        ({"method": "int4-weight-only", "group_size": 7}, "group_size"),
-        ({"method": "qat", "has_calibration": False}, "labelled"),
+    assert check_options(Int8Static(observer="minmax")) == Int8Static(observer="minmax")
+    for check, message in (
+        (lambda: check_options("int3"), "int3"),
+        (lambda: check_options("int8-dynamic", Policy(backend="tensorrt")), "tensorrt"),
+        (lambda: check_options(method_of("int8-static", observer="median")), "observer"),
+        (lambda: check_options(method_of("int4-weight-only", group_size=7)), "group_size"),
+        (lambda: check_options("qat", has_calibration=False), "labelled"),
     ):
         with pytest.raises(ConfigError, match=message):
-            check_options(**kwargs)
+            check()
+
+
+def test_method_names_are_aliases_of_configs_and_provenance_is_kind_plus_asdict(mlp, digits, tmp_path):
+    assert method_of("int8-static") == Int8Static() and method_of("int8-dynamic") == Int8Dynamic()
+    assert method_of("int4-weight-only", group_size=64).group_size == 64
+    with pytest.raises(ConfigError, match="int8-dynamic has no option observer"):
+        method_of("int8-dynamic", observer="minmax")
+    for kind in METHODS:  # every config comes back from what a model file or a recipe step holds
+        config = method_of(kind)
+        assert config_from(kind, dataclasses.asdict(config)) == config
+    x = example_inputs(digits, 64)
+    q = quantize(mlp, Int8Static(observer="minmax"), digits, x, Policy(runs=1))
+    (transform,) = getattr(q, provenance.TRANSFORMS_ATTR)
+    options = transform["options"]
+    assert transform["kind"] == "quantize" and options["method"] == "int8-static"
+    chosen = Int8Static(observer="minmax", granularity=report_of(q).granularity)
+    assert options["config"] == dataclasses.asdict(chosen)
+    _round_trip(q, x, tmp_path)
+
+
+class _TwoInputs(nn.Module):
+    """A model called with two keyword inputs, returning a dict (as Hugging Face models do)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Linear(64, 64)
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, pixels: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"logits": self.head(torch.relu(self.features(pixels.flatten(1)) * mask))}
+
+
+def test_int8_static_calibrates_on_a_loader_of_dicts_and_takes_tuple_or_dict_inputs(digits):
+    torch.manual_seed(0)
+    model = _TwoInputs().eval()
+    pixels = example_inputs(digits, 256)
+    mask = torch.ones(256, 64)
+    rows = [{"pixels": pixels[i], "mask": mask[i], "labels": torch.tensor(i % 10)} for i in range(256)]
+    loader = torch.utils.data.DataLoader(rows, batch_size=32)
+    for example in ((pixels[:16], mask[:16]), {"pixels": pixels[:16], "mask": mask[:16]}):
+        q = quantize(model, "int8-static", loader, example, Policy(runs=1))
+        assert isinstance(q.features, quant_static.StaticQuantized)
+        rep = report_of(q)
+        assert rep.output == "logits" and rep.candidates[0].cosine > 0.99
+        assert agreement(q, model, example).cosine > 0.99
+
+
+def test_a_raw_bert_model_takes_ids_and_mask_as_a_tuple_or_a_dict():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(
+        vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    bert = transformers.BertModel(config).eval()
+    ids = torch.randint(0, 128, (8, 16))
+    mask = torch.ones_like(ids)
+    mask[:, 12:] = 0
+    for example in ((ids, mask), {"input_ids": ids, "attention_mask": mask}):
+        q = quantize(bert, "int8-dynamic", example_inputs=example, policy=Policy(runs=3))
+        rep = report_of(q)
+        assert rep.output == "last_hidden_state"
+        if rep.kept_float:  # said in so many words, and the float model is what came back
+            assert "kept float" in rep.message
+        else:
+            assert not _float_linear(q.encoder.layer[0].attention.self.query)
+        assert agreement(q, bert, example).cosine >= 0.99
+
+
+def test_a_tiny_llama_is_quantized_in_seconds_and_still_generates():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=4096, hidden_size=128, intermediate_size=352, num_hidden_layers=6, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    llama = transformers.LlamaForCausalLM(config).eval()
+    assert 1_000_000 < sum(p.numel() for p in llama.parameters()) < 3_000_000
+    ids = torch.randint(0, 4096, (4, 32))
+    started = time.perf_counter()
+    q = quantize(llama, "int8-dynamic", example_inputs={"input_ids": ids}, policy=Policy(time_limit=2.0))
+    seconds = time.perf_counter() - started
+    rep = report_of(q)
+    assert not any(c.backend.endswith("-compile") for c in rep.candidates)  # too small to repay compiling
+    assert rep.output == "logits" and all(c.cosine >= 0.99 for c in rep.candidates)
+    assert seconds < 60, f"{seconds:.0f} s"
+    out = q.generate(ids[:1, :8], max_new_tokens=4, do_sample=False, attention_mask=torch.ones(1, 8))
+    assert out.shape == (1, 12)

@@ -1,8 +1,8 @@
 """The kernels behind `keiryo.quantize`: one function per (method, backend), each changing a model in place.
 
-`compress/quantize.py` chooses among these and records what it did; every function here also runs on a freshly
-built float model at load time (`rebuild=True` where it matters), so a saved model gets its quantized classes
-back without calibration data: scales and zero points come from the state_dict.
+`compress/quantize.py` chooses among these and records what it did; every function here that needs no data
+also runs on a freshly built float model at load time, so a saved model gets its quantized classes back
+without calibration data: scales and zero points come from the state_dict.
 
 Two libraries do the work. torchao (`quantize_` with a config) for int8 dynamic, int8 and int4 weight-only on
 Linear layers. `torch.ao.quantization` (deprecated, x86/fbgemm engine) for three things torchao does not do as
@@ -72,6 +72,26 @@ def cast_precision(model: nn.Module, dtype: torch.dtype) -> None:
     add_cast_hooks(model, dtype)
 
 
+# --- int8 weights for torch.ao (fbgemm): dynamic here, static and QAT in quant_static.py ------------------
+
+
+def weight_qscheme(per_channel: bool, symmetric: bool) -> torch.qscheme:
+    """torch's quantization scheme for int8 weights of the given granularity and symmetry."""
+    if per_channel:
+        return torch.per_channel_symmetric if symmetric else torch.per_channel_affine
+    return torch.per_tensor_symmetric if symmetric else torch.per_tensor_affine
+
+
+def weight_observer(per_channel: bool, symmetric: bool):
+    """A torch.ao observer class (with args) for int8 weights of the given granularity and scheme."""
+    from torch.ao.quantization.observer import MinMaxObserver, PerChannelMinMaxObserver
+
+    scheme = weight_qscheme(per_channel, symmetric)
+    if per_channel:
+        return PerChannelMinMaxObserver.with_args(dtype=torch.qint8, qscheme=scheme, ch_axis=0)
+    return MinMaxObserver.with_args(dtype=torch.qint8, qscheme=scheme)
+
+
 # --- int8 dynamic with torch.ao (fbgemm) -------------------------------------------------------------------
 
 
@@ -81,16 +101,10 @@ def fbgemm_dynamic(model: nn.Module, layers: list[str], per_channel: bool, symme
     Deprecated API, used because its fbgemm kernel is the fastest dynamic int8 Linear on x86 CPUs (see top).
     """
     from torch.ao.quantization import QConfig, quantize_dynamic
-    from torch.ao.quantization.observer import MinMaxObserver, PerChannelMinMaxObserver, PlaceholderObserver
+    from torch.ao.quantization.observer import PlaceholderObserver
 
-    if per_channel:
-        scheme = torch.per_channel_symmetric if symmetric else torch.per_channel_affine
-        weight = PerChannelMinMaxObserver.with_args(dtype=torch.qint8, qscheme=scheme)
-    else:
-        scheme = torch.per_tensor_symmetric if symmetric else torch.per_tensor_affine
-        weight = MinMaxObserver.with_args(dtype=torch.qint8, qscheme=scheme)
     activation = PlaceholderObserver.with_args(dtype=torch.quint8, is_dynamic=True)
-    qconfig = QConfig(activation=activation, weight=weight)
+    qconfig = QConfig(activation=activation, weight=weight_observer(per_channel, symmetric))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         quantize_dynamic(model, {name: qconfig for name in layers}, dtype=torch.qint8, inplace=True)
@@ -213,9 +227,3 @@ class PackedInt4(nn.Module):
             return F.linear(x, self.weight(), self.bias)
         conv = F.conv1d if self.kind == "conv1d" else F.conv2d
         return conv(x, self.weight(), self.bias, **self.conv)
-
-
-def rebuild_int4_packed(model: nn.Module, layers: list[str], group_size: int) -> None:
-    """Swap the named float layers for PackedInt4 of the same shape (load fills the codes)."""
-    for name in layers:
-        replace_module(model, name, PackedInt4(model.get_submodule(name), group_size))

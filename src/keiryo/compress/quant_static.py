@@ -16,9 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from keiryo import provenance
-from keiryo.compress.quant_backends import CONV, replace_module
-from keiryo.loop import TrainConfig, fit
+from keiryo import inputs
+from keiryo.compress.quant_backends import CONV, replace_module, weight_observer, weight_qscheme
 
 
 def conv_bn_pairs(model: nn.Module) -> list[list[str]]:
@@ -56,17 +55,6 @@ def apply_folds(model: nn.Module, pairs: list[list[str]]) -> None:
         conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
         replace_module(model, conv_name, fuse_conv_bn_eval(conv.eval(), bn.eval()))
         replace_module(model, bn_name, nn.Identity())
-
-
-def weight_observer(per_channel: bool, symmetric: bool):
-    """A torch.ao observer class (with args) for int8 weights of the given granularity and scheme."""
-    from torch.ao.quantization.observer import MinMaxObserver, PerChannelMinMaxObserver
-
-    if per_channel:
-        scheme = torch.per_channel_symmetric if symmetric else torch.per_channel_affine
-        return PerChannelMinMaxObserver.with_args(dtype=torch.qint8, qscheme=scheme, ch_axis=0)
-    scheme = torch.per_tensor_symmetric if symmetric else torch.per_tensor_affine
-    return MinMaxObserver.with_args(dtype=torch.qint8, qscheme=scheme)
 
 
 class PercentileObserver(nn.Module):
@@ -197,13 +185,13 @@ def make_static(
 def calibrate_static(
     model: nn.Module,
     layers: list[str],
-    inputs: Tensor,
+    example: inputs.Example,
     observer: str,
     per_channel: bool,
     symmetric: bool,
-    batch_size: int = 64,
 ) -> None:
-    """Observe each layer's input and output ranges on `inputs`, then swap the layers for StaticQuantized."""
+    """Observe each layer's input and output ranges on `example` (any model input, 64 samples a call), then
+    swap the layers for StaticQuantized."""
     observers, handles = {}, []
     for name in layers:
         pair = (activation_observer(observer), activation_observer(observer))
@@ -213,8 +201,8 @@ def calibrate_static(
     model.eval()
     try:
         with torch.no_grad():
-            for i in range(0, len(inputs), batch_size):
-                model(inputs[i : i + batch_size])
+            for i in range(0, inputs.batch_size(example), 64):
+                inputs.call(model, inputs.take(example, i, i + 64))
     finally:
         for handle in handles:
             handle.remove()
@@ -254,25 +242,17 @@ class FakeQuantized(nn.Module):
             quant_max=127 if reduce_range else 255,
             dtype=torch.quint8,
         )
-        if per_channel:
-            scheme = torch.per_channel_symmetric if symmetric else torch.per_channel_affine
-            weight = FakeQuantize.with_args(
-                observer=MovingAveragePerChannelMinMaxObserver,
-                quant_min=-128,
-                quant_max=127,
-                dtype=torch.qint8,
-                qscheme=scheme,
-                ch_axis=0,
-            )
-        else:
-            scheme = torch.per_tensor_symmetric if symmetric else torch.per_tensor_affine
-            weight = FakeQuantize.with_args(
-                observer=MovingAverageMinMaxObserver,
-                quant_min=-128,
-                quant_max=127,
-                dtype=torch.qint8,
-                qscheme=scheme,
-            )
+        scheme = weight_qscheme(per_channel, symmetric)
+        per_channel_args = {"ch_axis": 0} if per_channel else {}
+        observer = MovingAveragePerChannelMinMaxObserver if per_channel else MovingAverageMinMaxObserver
+        weight = FakeQuantize.with_args(
+            observer=observer,
+            quant_min=-128,
+            quant_max=127,
+            dtype=torch.qint8,
+            qscheme=scheme,
+            **per_channel_args,
+        )
         self.input_fq, self.output_fq, self.weight_fq = act(), act(), weight()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -308,30 +288,3 @@ def rebuild_static(model: nn.Module, folded: list[list[str]], layers: list[str])
     apply_folds(model, folded)
     for name in layers:
         replace_module(model, name, empty_static(model.get_submodule(name)))
-
-
-def quantize_static(
-    model: nn.Module,
-    options: dict,
-    per_channel: bool,
-    symmetric: bool,
-    observer: str,
-    cal_inputs: Tensor | None,
-    train_data: object,
-    qat: TrainConfig,
-) -> None:
-    """int8-static (calibrate on `cal_inputs`) or qat (fake-quant training on `train_data`), in place.
-
-    Folds BatchNorms into convolutions first; records the transform (with the folds) before any swap.
-    """
-    layers = options["layers"]
-    folded = conv_bn_pairs(model)
-    provenance.record_transform(model, "quantize", **options, folded=folded)
-    apply_folds(model, folded)
-    if options["method"] == "int8-static":
-        calibrate_static(model, layers, cal_inputs, observer, per_channel, symmetric)
-        return
-    prepare_qat(model, layers, per_channel, symmetric)
-    fit(model, train_data, qat)
-    model.eval()
-    convert_qat(model, layers)
