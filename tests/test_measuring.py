@@ -12,6 +12,7 @@ from multi_input import DictSamples, TwoInputs
 from torch import nn
 
 from keiryo import report
+from keiryo.data import load_data
 from keiryo.errors import ModelError
 from keiryo.measuring import compare, file_bytes, measure
 from keiryo.metrics import Timing
@@ -137,3 +138,15 @@ def test_multi_input_example_that_does_not_fit_is_one_line():
     }  # ids beyond the vocabulary
     with pytest.raises(ModelError, match="the samples of the example inputs are input_ids \\(1, 5\\) int64"):
         compare({"m": TwoInputs()}, bad, timing=QUICK)
+
+
+def test_splits_of_a_multi_input_example_are_measured_on_their_test_part():
+    torch.manual_seed(0)
+    model = TwoInputs()
+    ids, mask = torch.randint(0, 20, (200, 6)), torch.ones(200, 6)
+    with torch.no_grad():
+        labels = model(ids, mask)["logits"].argmax(-1)
+    splits = load_data(({"input_ids": ids, "attention_mask": mask}, labels))
+    rep = compare({"model": model, "copy": copy.deepcopy(model)}, (ids[:8], mask[:8]), splits, QUICK)
+    assert [r.accuracy for r in rep.rows] == [1.0, 1.0]
+    assert rep.rows[1].agreement.samples == len(splits.test) > 0 and rep.rows[1].agreement.max_error == 0.0
