@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
-from keiryo.compare import compare, file_bytes
 from keiryo.compress.prune import prune, sparsity
 from keiryo.compress.prune_config import Structured, Unstructured
 from keiryo.data import example_inputs, load_data
 from keiryo.loop import TrainConfig, fit
+from keiryo.measuring import compare, file_bytes
 from keiryo.metrics import Timing
 from keiryo.models import Attention, build_model, kwargs_for_data
 from keiryo.report import markdown

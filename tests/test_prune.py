@@ -351,3 +351,82 @@ def test_check_options_and_max_ratio_refuse_before_any_work():
             call()
     model = build_model("mlp", in_features=64, hidden=[8, 4], num_classes=10)
     assert max_ratio(model, X) == pytest.approx(0.75, abs=1e-5)  # the 4-wide layer keeps one neuron
+
+
+# --- inputs as PyTorch passes them, and Hugging Face models -------------------------------------------------
+
+
+class TwoInputs(nn.Module):
+    """Features and a per-sample scale, as two arguments: the output is the scaled features' classes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc0 = nn.Linear(8, 32)
+        self.fc1 = nn.Linear(32, 16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor, scale: torch.Tensor) -> dict[str, torch.Tensor]:
+        hidden = torch.relu(self.fc1(torch.relu(self.fc0(x)) * scale[:, None]))
+        return {"logits": self.head(hidden)}
+
+
+def test_examples_may_be_a_tuple_of_arguments_or_a_dict_of_them():
+    torch.manual_seed(0)
+    model = TwoInputs().eval()
+    x, scale = torch.randn(16, 8), torch.rand(16) + 0.5
+    by_args = prune(model, 0.5, example_inputs=(x, scale))
+    by_kwargs = prune(model, 0.5, example_inputs={"x": x, "scale": scale})
+    for pruned in (by_args, by_kwargs):
+        assert (
+            pruned.fc0.out_features == 16 and pruned.fc1.out_features == 8 and pruned.head.out_features == 3
+        )
+        assert pruned(x, scale)["logits"].shape == (16, 3)
+    assert torch.equal(by_args(x, scale)["logits"], by_kwargs(x, scale)["logits"])
+    sparse_ = prune(model, Unstructured(0.5), example_inputs=(x, scale))
+    assert int((sparse_.fc0.weight == 0).sum()) == 0.5 * sparse_.fc0.weight.numel()
+
+
+class DictSamples(torch.utils.data.Dataset):
+    """Samples as Hugging Face datasets yield them: {"x": ..., "scale": ..., "labels": ...}."""
+
+    def __init__(self, n: int) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.x, self.scale = torch.randn(n, 8, generator=g), torch.rand(n, generator=g) + 0.5
+        self.labels = (self.x[:, 0] > 0).long()
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"x": self.x[i], "scale": self.scale[i], "labels": self.labels[i]}
+
+
+@pytest.mark.parametrize("importance", ["taylor", "activation"])
+def test_data_of_dict_samples_scores_and_traces(importance):
+    torch.manual_seed(0)
+    model = TwoInputs().eval()
+    pruned = prune(model, Structured(0.5, importance=importance), data=DictSamples(64))  # no example given
+    assert pruned.fc0.out_features == 16 and pruned.fc1.out_features == 8
+    assert pruned(torch.randn(4, 8), torch.ones(4))["logits"].shape == (4, 3)
+
+
+def test_raw_bert_model_pruned_with_ids_and_mask():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        max_position_embeddings=32,
+    )  # fmt: skip
+    model = transformers.BertModel(config).eval()
+    ids, mask = torch.randint(0, 100, (2, 12)), torch.ones(2, 12, dtype=torch.long)
+    mask[1, 8:] = 0
+    pruned = prune(model, 0.5, example_inputs=(ids, mask))
+    assert params(pruned) <= 0.6 * params(model)
+    out, before = pruned(ids, mask), model(ids, mask)
+    assert out.last_hidden_state.shape == before.last_hidden_state.shape == (2, 12, 64)
+    assert out.pooler_output.shape == before.pooler_output.shape
+    for layer in pruned.encoder.layer:
+        attention = layer.attention.self
+        assert attention.num_attention_heads == 2 and attention.query.out_features == 2 * 16
+        assert layer.attention.output.dense.in_features == 32 and layer.intermediate.dense.out_features == 64
+    assert pruned.config.num_attention_heads == 2 and pruned.config.intermediate_size == 64

@@ -7,9 +7,13 @@ Attention modules laid out like timm's (a `qkv` Linear and an int `num_heads`) l
 
 from __future__ import annotations
 
+import signal
+import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from types import FrameType
 
 import torch
 from torch import nn
@@ -17,11 +21,13 @@ from torch import nn
 from keiryo import inputs as model_io
 from keiryo.compress.distill import task_loss
 from keiryo.compress.prune_checks import PRUNABLE, check_forward, failing_layer
+from keiryo.compress.prune_transformers import is_transformer, prune_transformer
 from keiryo.data import DataSplits, make_loader
 from keiryo.errors import ConfigError, ModelError, one_line
 from keiryo.loop import TrainConfig
 
 TAYLOR_BATCHES = 4  # batches whose loss gradients score channels for "taylor"
+GRAPH_SECONDS = 60.0  # torch-pruning's graph and grouping of one model: a 10M-parameter model takes seconds
 
 
 @dataclass
@@ -45,14 +51,28 @@ def prune_structured(
     job: PruneJob,
     after_step: Callable[[nn.Module], None] | None = None,
 ) -> None:
-    """Build one torch-pruning pruner and step it `job.steps` times, calling `after_step` (fine-tuning)."""
-    pruner = _pruner(model, channel_ratio, job)
+    """Build one torch-pruning pruner and step it `job.steps` times, calling `after_step` (fine-tuning).
+
+    Hugging Face transformers are pruned from their own layout instead (`prune_transformers`): heads with
+    their key/value groups and feed-forward width, in milliseconds, where a traced graph can take minutes.
+    """
+    if is_transformer(model):
+        for step in range(1, job.steps + 1):
+            before, after = 1 - channel_ratio * (step - 1) / job.steps, 1 - channel_ratio * step / job.steps
+            prune_transformer(model, after / before, job.importance, job.protected)
+            check_forward(model, job.example, "after pruning")
+            if after_step is not None:
+                after_step(model)
+        return
+    with time_bound(model, GRAPH_SECONDS):
+        pruner = _pruner(model, channel_ratio, job)
     for _ in range(job.steps):
         if job.importance == "taylor":
             _accumulate_gradients(model, job.splits)
         if job.importance == "activation":
             _record_activations(model, job.activation_inputs)
-        pruner.step()
+        with time_bound(model, GRAPH_SECONDS):
+            pruner.step()
         for module in model.modules():  # the scores' sizes are those before this step: never keep them
             if hasattr(module, "_importance"):
                 del module._importance
@@ -100,8 +120,10 @@ def _pruner(model: nn.Module, channel_ratio: float, job: PruneJob):
                 prune_head_dims=False,
                 head_pruning_ratio=channel_ratio if heads else 0.0,
                 forward_fn=model_io.call,
-                output_transform=model_io.main_output,
+                output_transform=model_io.tensors,
             )
+        except ModelError:
+            raise
         except Exception as exc:
             layer = failing_layer(model, job.example)
             raise ModelError(f"torch-pruning cannot trace the model{layer}: {one_line(exc)}") from exc
@@ -114,6 +136,43 @@ def _pruner(model: nn.Module, channel_ratio: float, job: PruneJob):
             f"(protected: {', '.join(job.protected)})"
         )
     return pruner
+
+
+@contextmanager
+def time_bound(model: nn.Module, seconds: float) -> Iterator[None]:
+    """Stop torch-pruning after `seconds` with a one-line ModelError naming the layer it was grouping.
+
+    Its dependency graph can take minutes, or loop, on some models (decoders with rotary embeddings and tied
+    heads did); a hang is the worst answer. A timer signal, so only in the main thread (elsewhere: no bound).
+    """
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+    names = {m: n for n, m in model.named_modules()}
+
+    def expire(signum: int, frame: FrameType | None) -> None:
+        raise ModelError(
+            f"torch-pruning's dependency graph did not finish in {seconds:g} s{_grouping(frame, names)}; "
+            "protect that layer (protect=[...]) or prune a smaller model"
+        )
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _grouping(frame: FrameType | None, names: dict[nn.Module, str]) -> str:
+    """' at layer NAME (Type)': the layer whose group torch-pruning was collecting in `frame`'s stack."""
+    while frame is not None:
+        module = frame.f_locals.get("module") if frame.f_code.co_name == "get_pruning_group" else None
+        if isinstance(module, nn.Module):
+            return f" at layer '{names.get(module, '?')}' ({type(module).__name__})"
+        frame = frame.f_back
+    return ""
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
