@@ -7,10 +7,14 @@ import re
 import pytest
 import torch
 
+from keiryo.checkpoints import ASYNC_CHECKPOINT_FORMAT, load_checkpoint
 from keiryo.errors import ConfigError, TrainingError
+from keiryo.loop import TrainConfig
 from keiryo.metrics import accuracy
 from keiryo.models import build_model
-from keiryo.parallel.async_ps import AsyncConfig, _ray_init, load_checkpoint, train_async
+from keiryo.parallel.async_ps import train_async
+from keiryo.parallel.config import Async
+from keiryo.parallel.ray_setup import ray_init
 
 ray = pytest.importorskip("ray")  # a declared dependency; this only keeps a broken install from hiding here
 
@@ -18,7 +22,7 @@ ray = pytest.importorskip("ray")  # a declared dependency; this only keeps a bro
 @pytest.fixture(scope="module", autouse=True)
 def local_ray():
     """One local Ray for the module, started the way train_async starts its own (loopback only)."""
-    started = _ray_init(None)
+    started = ray_init(None)
     yield
     if started:
         ray.shutdown()
@@ -29,15 +33,23 @@ def _mlp():
     return build_model("mlp", in_features=64, hidden=[32], num_classes=10)
 
 
-def _config(**overrides) -> AsyncConfig:
-    base = {"workers": 3, "max_updates": 60, "progress": False, "eval_every": 0.2, "lr": 0.1}
-    return AsyncConfig(**{**base, **overrides})
+def _async(**overrides) -> Async:
+    return Async(**{"workers": 3, "max_updates": 60, "eval_every": 0.2, **overrides})
+
+
+def _train(**options) -> TrainConfig:
+    """The user's training settings: AdamW at its default rate on the server, batches of 32."""
+    return TrainConfig(**{"batch_size": 32, "progress": False, "patience": None, **options})
+
+
+def _run(data, strategy: Async, config: TrainConfig | None = None, **kwargs):
+    return train_async(_mlp(), data, strategy, config or _train(), **kwargs)
 
 
 def test_every_accepted_push_is_one_update_and_the_model_learns(digits):
     model = _mlp()
     before = accuracy(model, digits.test)
-    result = train_async(model, digits, _config(max_updates=150))
+    result = train_async(model, digits, _async(max_updates=150), _train())
     s = result.stats
     assert s["version"] == s["accepted"] == 150 == sum(s["pushes"].values())
     assert s["discarded"] == 0 and len(s["pushes"]) == 3
@@ -47,17 +59,15 @@ def test_every_accepted_push_is_one_update_and_the_model_learns(digits):
 
 def test_bounded_staleness_never_applies_a_staler_gradient(digits):
     slow = [1.0, 1.0, 6.0]
-    free = train_async(_mlp(), digits, _config(mode="async", slowdown=slow, max_updates=80))
-    bounded = train_async(
-        _mlp(), digits, _config(mode="bounded", staleness_bound=1, slowdown=slow, max_updates=80)
-    )
+    free = _run(digits, _async(mode="async", slowdown=slow, max_updates=80))
+    bounded = _run(digits, _async(mode="bounded", staleness_bound=1, slowdown=slow, max_updates=80))
     assert free.stats["staleness_max"] > 1  # without a bound, the slow worker's pushes are stale
     assert bounded.stats["staleness_max"] <= 1
     assert bounded.stats["version"] == bounded.stats["accepted"] == 80
 
 
 def test_sync_mode_is_a_barrier(digits):
-    result = train_async(_mlp(), digits, _config(mode="sync", max_updates=20, slowdown=[1.0, 1.0, 3.0]))
+    result = _run(digits, _async(mode="sync", max_updates=20, slowdown=[1.0, 1.0, 3.0]))
     pushes = result.stats["pushes"]
     assert result.stats["version"] == 20
     assert set(pushes.values()) == {20}  # every worker contributed to every round, the slow one too
@@ -66,12 +76,13 @@ def test_sync_mode_is_a_barrier(digits):
 
 @pytest.mark.parametrize("mode", ["scaled", "dcasgd"])
 def test_staleness_corrections_train(digits, mode):
-    result = train_async(_mlp(), digits, _config(mode=mode, max_updates=120))
+    result = _run(digits, _async(mode=mode, max_updates=120))
     assert result.stats["version"] == 120
     assert accuracy(result.model, digits.test) > 0.6
 
 
 def test_killed_worker_is_restarted_and_no_update_is_lost(digits, tmp_path):
+    """...and the server's checkpoint holds the optimizer the user configured (AdamW's moments, its decay)."""
     ck = str(tmp_path / "ps.pt")
     killed = []
 
@@ -80,17 +91,19 @@ def test_killed_worker_is_restarted_and_no_update_is_lost(digits, tmp_path):
             ray.kill(ctx["workers"][0])
             killed.append(ctx["stats"]["version"])
 
-    cfg = _config(max_updates=120, checkpoint=ck, checkpoint_every=20, eval_every=0.1)
-    result = train_async(_mlp(), digits, cfg, on_tick=kill_once)
+    config = _train(checkpoint=ck, checkpoint_every=20)
+    result = _run(digits, _async(max_updates=120, eval_every=0.1), config, on_tick=kill_once)
     assert killed, "the worker was never killed"
     assert result.restarts == 1
     s = result.stats
     assert s["version"] == s["accepted"] == 120 == sum(s["pushes"].values())
-    saved = load_checkpoint(ck)
+    saved = load_checkpoint(ck, ASYNC_CHECKPOINT_FORMAT)
     assert saved["version"] == 120
     assert all(torch.equal(saved["model"][k], v) for k, v in result.model.state_dict().items())
+    assert {"exp_avg", "exp_avg_sq"} <= set(saved["optimizer"]["state"][0])
+    assert saved["optimizer"]["param_groups"][0]["weight_decay"] == config.weight_decay
     # resume from the checkpoint and go on to 160 updates
-    resumed = train_async(_mlp(), digits, _config(max_updates=160, checkpoint=ck, resume=True))
+    resumed = _run(digits, _async(max_updates=160), _train(checkpoint=ck, resume=True))
     assert resumed.stats["version"] == 160 and resumed.stats["accepted"] == 160
     assert sum(resumed.stats["pushes"].values()) == 40
 
@@ -102,17 +115,17 @@ def test_dead_parameter_server_ends_the_run_in_one_line_and_the_checkpoint_resum
         if ctx["stats"]["version"] >= 6:
             ray.kill(ctx["server"])
 
-    cfg = _config(max_updates=100_000, checkpoint=ck, checkpoint_every=3, eval_every=0.1)
+    config = _train(checkpoint=ck, checkpoint_every=3)
     with pytest.raises(TrainingError) as caught:
-        train_async(_mlp(), digits, cfg, on_tick=kill_server)
-    saved = load_checkpoint(ck)["version"]
+        _run(digits, _async(max_updates=100_000, eval_every=0.1), config, on_tick=kill_server)
+    saved = load_checkpoint(ck, ASYNC_CHECKPOINT_FORMAT)["version"]
     assert saved >= 6
     assert re.fullmatch(
         r"the parameter server died \(\w+Error; last seen at update \d+\); "
         rf"rerun with --resume to continue from its checkpoint at update {saved}",
         str(caught.value),
     )
-    resumed = train_async(_mlp(), digits, _config(max_updates=saved + 5, checkpoint=ck, resume=True))
+    resumed = _run(digits, _async(max_updates=saved + 5), _train(checkpoint=ck, resume=True))
     assert resumed.stats["version"] == saved + 5
 
 
@@ -121,7 +134,7 @@ def test_run_goes_on_without_a_dead_worker_when_configured(digits):
         if ctx["stats"]["version"] >= 5 and 1 in ctx["workers"]:
             ray.kill(ctx["workers"][1])
 
-    result = train_async(_mlp(), digits, _config(on_failure="continue", max_updates=80), on_tick=kill_once)
+    result = _run(digits, _async(on_failure="continue", max_updates=80), on_tick=kill_once)
     assert result.restarts == 0 and result.stats["version"] == 80
 
 
@@ -134,8 +147,9 @@ def test_run_goes_on_without_a_dead_worker_when_configured(digits):
     ],
 )
 def test_bad_config_is_one_line(digits, overrides, message):
-    with pytest.raises(ConfigError, match=message):
-        train_async(_mlp(), digits, _config(**overrides))
+    with pytest.raises(ConfigError, match=message) as caught:
+        _run(digits, _async(**overrides))
+    assert "\n" not in str(caught.value)
 
 
 def test_train_cli_runs_the_async_strategy(tmp_path, capsys):
@@ -153,8 +167,6 @@ def test_train_cli_runs_the_async_strategy(tmp_path, capsys):
         "2",
         "--epochs",
         "2",
-        "--lr",
-        "0.1",
         "--async-mode",
         "bounded",
         "--slowdown",

@@ -1,5 +1,7 @@
 """Parallel training: ddp/fsdp equal one worker, the pipeline equals the unsplit model, torchrun across two
-agents, and a killed worker stops the run with a resumable checkpoint. Real worker processes over gloo."""
+agents, a killed worker stops the run with a resumable checkpoint, training starts from a script without a
+main guard, `python -c` and a notebook, and every strategy reaches single's accuracy. Real worker processes
+over gloo."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -14,11 +17,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from keiryo.checkpoints import load_checkpoint
+from keiryo.data import DataSplits, split_tensors
 from keiryo.errors import ConfigError
-from keiryo.loop import classification_loss, load_checkpoint, train
+from keiryo.loop import TrainConfig, classification_loss
+from keiryo.metrics import accuracy
 from keiryo.models import build_model
-from keiryo.parallel.launch import WorkerError, free_port, init_worker, run_local
+from keiryo.parallel.config import ASYNC_MODES, DDP, FSDP, Async, Pipeline
+from keiryo.parallel.group import init_worker, teardown
+from keiryo.parallel.launch import free_port, run_local, train_in_group
 from keiryo.parallel.pipeline import apply_pipeline, balanced_split_points, split_units
+from keiryo.parallel.ray_setup import ray_init
+from keiryo.parallel.watch import WorkerError
+from keiryo.training import train
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
@@ -57,9 +68,10 @@ def test_two_workers_with_half_batches_match_one_worker(digits, strategy):
     torch.manual_seed(5)
     teacher = build_model("mlp", in_features=64, hidden=[48], num_classes=10)
     loss_fn = TeacherLoss(teacher) if strategy == "ddp" else classification_loss
-    options = dict(epochs=1, batch_size=64, progress=False, device="cpu", seed=1, loss_fn=loss_fn)
-    one = train(_mlp(), digits, **options).model
-    result = train(_mlp(), digits, strategy=strategy, workers=2, timeout=60, **options)
+    config = TrainConfig(epochs=1, batch_size=64, progress=False, device="cpu", seed=1)
+    one = train(_mlp(), digits, "single", config, loss_fn=loss_fn).model
+    spec = DDP(workers=2, timeout=60) if strategy == "ddp" else FSDP(workers=2, timeout=60)
+    result = train(_mlp(), digits, spec, config, loss_fn=loss_fn)
     assert _max_diff(one, result.model) < 1e-5
     assert _max_diff(one, _mlp()) > 1e-3  # it did train
     par = result.parallel
@@ -82,9 +94,8 @@ def _pipeline_probe(schedules: list[str]) -> dict:
     for schedule in schedules:
         torch.manual_seed(0)
         inputs, targets = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
-        stage, worker, info = apply_pipeline(
-            _mlp(), inputs, torch.device("cpu"), split_points=["fc1"], schedule=schedule, microbatches=4
-        )
+        spec = Pipeline(workers=2, split_points=["fc1"], schedule=schedule, microbatches=4)
+        stage, worker, info = apply_pipeline(_mlp(), inputs, torch.device("cpu"), spec)
         loss, outputs = worker.step(inputs, targets)
         grads = {name: p.grad for name, p in stage.named_parameters()}
         parts = [None, None]
@@ -119,9 +130,8 @@ def test_pipeline_outputs_and_gradients_equal_the_unsplit_model():
 
 
 def test_pipeline_trains_and_is_reachable_from_train(digits):
-    result = train(
-        _mlp(), digits, strategy="pipeline", workers=2, epochs=2, lr=1e-2, progress=False, device="cpu"
-    )
+    config = TrainConfig(epochs=2, lr=1e-2, progress=False, device="cpu")
+    result = train(_mlp(), digits, "pipeline", config, workers=2)
     assert result.parallel["split_points"] == balanced_split_points(_mlp(), 2)
     assert result.history[-1].train_loss < result.history[0].train_loss
     assert result.history[-1].val_accuracy > 0.5
@@ -143,15 +153,26 @@ def test_balanced_split_points():
         balanced_split_points(model, 10)
 
 
+class LockedLoss:
+    """A loss holding a lock: nothing can pickle it, so it cannot reach a worker process."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+
+    def __call__(self, model, inputs, targets):
+        return classification_loss(model, inputs, targets)
+
+
 def test_refusals_come_before_any_worker_starts(digits):
     with pytest.raises(ConfigError, match="unknown strategy 'zero'"):
-        train(_mlp(), digits, strategy="zero")
-    with pytest.raises(ConfigError, match="must pickle"):
-        train(_mlp(), digits, strategy="ddp", workers=2, loss_fn=lambda m, x, y: classification_loss(m, x, y))
+        train(_mlp(), digits, "zero")
+    with pytest.raises(ConfigError, match="must pickle") as caught:
+        train(_mlp(), digits, "ddp", workers=2, loss_fn=LockedLoss())
+    assert "\n" not in str(caught.value)
     with pytest.raises(ConfigError, match="custom loss_fn needs ddp or fsdp"):
-        train(_mlp(), digits, strategy="pipeline", workers=2, loss_fn=TeacherLoss(_mlp()))
-    with pytest.raises(ConfigError, match="need --strategy pipeline"):
-        train(_mlp(), digits, strategy="ddp", workers=2, microbatches=2)
+        train(_mlp(), digits, "pipeline", workers=2, loss_fn=TeacherLoss(_mlp()))
+    with pytest.raises(TypeError, match="microbatches"):  # pipeline options exist on Pipeline only
+        DDP(workers=2, microbatches=2)
     with pytest.raises(ConfigError, match="strategy 'single' runs one worker"):
         train(_mlp(), digits, workers=2)
 
@@ -172,8 +193,8 @@ def test_hung_worker_stops_the_run_within_the_timeout(digits):
     with pytest.raises(
         WorkerError, match=r"^worker 1 stopped responding for 5 s; the run was stopped$"
     ) as caught:
-        options = dict(epochs=1, progress=False, device="cpu", loss_fn=HangOnRank1())
-        train(_mlp(), digits, strategy="ddp", workers=2, timeout=5, **options)
+        config = TrainConfig(epochs=1, progress=False, device="cpu")
+        train(_mlp(), digits, DDP(workers=2, timeout=5), config, loss_fn=HangOnRank1())
     assert "\n" not in str(caught.value)
     assert time.monotonic() - started < 60  # worker start-up (slow on a loaded machine) + the 5 s timeout
 
@@ -209,11 +230,11 @@ def test_two_torchrun_agents_finish_with_identical_weights(tmp_path):
 
 
 def _spawned_workers(parent: int) -> list[int]:
-    """Child pids of `parent` that are multiprocessing spawn workers (not the resource tracker)."""
+    """Child pids of `parent` that are keiryo's worker processes."""
     found = []
     for child in Path(f"/proc/{parent}/task/{parent}/children").read_text().split():
         cmdline = Path(f"/proc/{child}/cmdline").read_bytes().decode(errors="replace")
-        if "spawn_main" in cmdline:
+        if "keiryo.parallel.worker" in cmdline:
             found.append(int(child))
     return found
 
@@ -250,3 +271,136 @@ def test_killed_worker_stops_the_run_and_the_checkpoint_resumes(tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     assert f"resumed from step {saved['global_step']}" in resumed.stdout
     assert out.exists()
+
+
+ANYWHERE = """
+import torch
+import keiryo
+
+
+class Net(torch.nn.Module):  # defined in __main__: it reaches the workers by value
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+torch.manual_seed(0)
+inputs = torch.randn(96, 4)
+targets = (inputs[:, 0] > 0).long() + (inputs[:, 1] > 0).long()
+config = keiryo.TrainConfig(epochs=2, batch_size=16, progress=False, device="cpu")
+result = keiryo.train(Net(), (inputs, targets), keiryo.DDP(workers=2, timeout=60), config, loss_fn=LOSS)
+par = result.parallel
+print(f"trained on {par['workers']} workers: {len(result.history)} epochs, same {par['weights_identical']}")
+"""
+TRAINED = "trained on 2 workers: 2 epochs, same True"
+
+
+def _anywhere(loss: str) -> str:
+    return ANYWHERE.replace("LOSS", loss)
+
+
+def test_ddp_from_a_script_without_a_main_guard(tmp_path):
+    """The workers run keiryo's own entry point: the script is not run again in them (spawn re-ran it and
+    failed with "An attempt has been made to start a new process before ... bootstrapping phase")."""
+    script = tmp_path / "train_me.py"
+    script.write_text(_anywhere("None"))
+    run = subprocess.run(
+        [sys.executable, str(script)], env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=240
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == TRAINED  # printed once: the workers did not run the script
+    assert "bootstrapping" not in run.stderr
+
+
+def test_ddp_from_python_c_with_a_lambda_loss(tmp_path):
+    loss = "lambda model, x, y: (torch.nn.functional.cross_entropy(model(x), y), model(x))"
+    run = subprocess.run(
+        [sys.executable, "-c", _anywhere(loss)],
+        env=ENV,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == TRAINED
+
+
+def test_ddp_from_a_notebook_whose_model_class_is_defined_in_it(tmp_path):
+    """A real .ipynb executed by nbclient on an ipykernel kernel: class in one cell, training in the next."""
+    import nbclient
+    import nbformat
+
+    code = _anywhere("None")
+    model_cell, train_cell = code[: code.index("torch.manual_seed")], code[code.index("torch.manual_seed") :]
+    notebook = nbformat.v4.new_notebook()
+    notebook.cells = [nbformat.v4.new_code_cell(model_cell), nbformat.v4.new_code_cell(train_cell)]
+    path = tmp_path / "train_me.ipynb"
+    nbformat.write(notebook, path)
+    notebook = nbformat.read(path, as_version=4)
+    client = nbclient.NotebookClient(
+        notebook, timeout=240, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    )
+    client.execute(env=ENV)
+    outputs = notebook.cells[1].outputs
+    assert not [o for o in outputs if o.output_type == "error"], outputs
+    assert "".join(o.get("text", "") for o in outputs if o.output_type == "stream").strip() == TRAINED
+
+
+def _wine() -> DataSplits:
+    """scikit-learn's wine (178 samples, 13 features, 3 classes), standardized; 30% held out for the test."""
+    from sklearn.datasets import load_wine
+
+    x, y = load_wine(return_X_y=True)
+    inputs = torch.tensor((x - x.mean(0)) / x.std(0), dtype=torch.float32)
+    train_set, val, test = split_tensors(inputs, torch.tensor(y), seed=0, val_fraction=0.2, test_fraction=0.3)
+    return DataSplits(train_set, val, test, num_classes=3, input_shape=(13,), name="wine")
+
+
+def _wine_mlp() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model("mlp", in_features=13, hidden=[32], num_classes=3)
+
+
+def _in_one_group(specs: list, splits: DataSplits, config: TrainConfig) -> dict:
+    """In each worker: train a fresh copy of the model under each strategy, one after another in one group
+    (one start of the worker processes for all three); the trained weights and the history length of each."""
+    device = init_worker(torch.device("cpu"), 60)
+    found = {}
+    for spec in specs:
+        out = train_in_group(spec, _wine_mlp(), splits, config, classification_loss, device)
+        found[spec.kind] = {"state": out["state"], "epochs": [h["epoch"] for h in out["history"]]}
+    teardown()
+    return found
+
+
+def test_every_strategy_reaches_single_accuracy_with_one_line_per_epoch():
+    """Same model, data and 30 epochs: ddp, fsdp, pipeline and every async mode (the server applying the
+    configured AdamW) end within 2 points of `single` on the test split, each history one line per epoch."""
+    splits, epochs = _wine(), 30
+    config = TrainConfig(epochs=epochs, batch_size=16, patience=None, progress=False, device="cpu")
+    single = train(_wine_mlp(), splits, "single", config)
+    reference = accuracy(single.model, splits.test)
+    found = {"single": (reference, [h.epoch for h in single.history])}
+    specs = [DDP(), FSDP(), Pipeline(microbatches=4)]
+    for kind, out in run_local(_in_one_group, (specs, splits, config), workers=2, timeout_s=60).items():
+        model = _wine_mlp()
+        model.load_state_dict(out["state"])
+        found[kind] = (accuracy(model, splits.test), out["epochs"])
+    started = ray_init(None)
+    try:
+        for mode in ASYNC_MODES:
+            result = train(_wine_mlp(), splits, Async(workers=2, mode=mode, eval_every=0.2), config)
+            found[f"async-{mode}"] = (accuracy(result.model, splits.test), [h.epoch for h in result.history])
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    assert reference >= 0.9, found
+    for kind, (acc, lines) in found.items():
+        assert acc >= reference - 0.02, (kind, found)
+        assert lines == list(range(1, epochs + 1)), (kind, lines)

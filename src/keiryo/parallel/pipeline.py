@@ -5,9 +5,12 @@ points; each worker keeps one stage. GPipe runs all micro-batches forward then a
 interleaves them so that fewer activations are alive at once. Both leave the same idle "bubble" at the start
 and end of each step: (stages - 1) / (micro-batches + stages - 1) of the time; more micro-batches shrink it.
 
-Limits: the loss is the built-in one on the outputs (cross-entropy, or MSE for float targets); batches must
-all have the same size (a smaller last batch is skipped in training and padded in evaluation); batch-norm
-layers run as traced in training mode; no checkpoints (the stages' optimizer states live apart).
+The stages' buffers have the shape of one micro-batch, so a short last batch is padded to the full size and
+its padding marked so that it adds nothing to the loss: every sample trains, as in a single process.
+
+Limits: the loss is the built-in one on the outputs (cross-entropy, or MSE for float targets); batch-norm
+layers run as traced in training mode (padding takes part in their batch statistics); no checkpoints (the
+stages' optimizer states live apart).
 """
 
 from __future__ import annotations
@@ -21,15 +24,49 @@ from torch.utils.data import Dataset
 from keiryo.data import make_loader
 from keiryo.errors import ConfigError
 from keiryo.loop import Worker
+from keiryo.parallel.config import Pipeline
 
-SCHEDULES = ("gpipe", "1f1b")
+DEFAULT_SCHEDULE = "1f1b"
+DEFAULT_MICROBATCHES = 4
 
 
-def pipeline_loss(outputs: Tensor, targets: Tensor) -> Tensor:
-    """The loss the last stage computes per micro-batch: `classification_loss` on outputs alone."""
-    if targets.is_floating_point():
-        return F.mse_loss(outputs.float().reshape(targets.shape), targets)
-    return F.cross_entropy(outputs.float(), targets)
+def microbatches_of(spec: Pipeline) -> int:
+    """Micro-batches per batch: the config's, or 4."""
+    return spec.microbatches or DEFAULT_MICROBATCHES
+
+
+IGNORE = -100  # the class target of padding (cross-entropy's ignore_index); float targets use NaN
+
+
+class BatchMeanLoss:
+    """The loss the last stage computes per micro-batch (`classification_loss` on outputs: cross-entropy, or
+    MSE for float targets), scaled so that the schedule's average over the
+    micro-batches is the mean over the batch's real samples: padding (targets IGNORE or NaN) adds nothing.
+
+    `samples` is set to the real batch size before each step.
+    """
+
+    def __init__(self, microbatches: int) -> None:
+        self.microbatches, self.samples = microbatches, 1
+
+    def __call__(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        if targets.is_floating_point():
+            real = ~torch.isnan(targets)
+            diff = (outputs.float().reshape(targets.shape) - torch.where(real, targets, 0.0)) * real
+            total = diff.pow(2).sum() / max(targets[0].numel(), 1)
+        else:
+            total = F.cross_entropy(outputs.float(), targets, ignore_index=IGNORE, reduction="sum")
+        return total * self.microbatches / self.samples
+
+
+def pad_batch(inputs: Tensor, targets: Tensor, size: int) -> tuple[Tensor, Tensor]:
+    """Pad a short batch to `size`: copies of its first input, targets marked as padding."""
+    missing = size - len(targets)
+    if missing <= 0:
+        return inputs, targets
+    mark = float("nan") if targets.is_floating_point() else IGNORE
+    pad = targets[:1].expand(missing, *targets.shape[1:]).clone().fill_(mark)
+    return torch.cat([inputs, inputs[:1].expand(missing, *inputs.shape[1:])]), torch.cat([targets, pad])
 
 
 def split_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -70,28 +107,22 @@ def balanced_split_points(model: nn.Module, stages: int) -> list[str]:
 
 
 def apply_pipeline(
-    model: nn.Module,
-    example_batch: Tensor,
-    device: torch.device,
-    *,
-    split_points: list[str] | None = None,
-    schedule: str = "1f1b",
-    microbatches: int = 4,
+    model: nn.Module, example_batch: Tensor, device: torch.device, spec: Pipeline
 ) -> tuple[nn.Module, Worker, dict]:
     """Cut `model` into one stage per worker and return (this worker's stage module, its Worker, stage info).
 
-    `example_batch` is one whole training batch; its micro-batch shape fixes the stage buffers.
+    `example_batch` is one whole training batch; its micro-batch shape fixes the stage buffers. `spec` gives
+    the split points (None: balanced), the schedule (None: 1f1b) and the micro-batches (None: 4).
     """
     from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe, SplitPoint, pipeline
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    if schedule not in SCHEDULES:
-        raise ConfigError(f"unknown pipeline schedule '{schedule}' (choose {' or '.join(SCHEDULES)})")
-    if microbatches < 1 or len(example_batch) % microbatches:
+    schedule, microbatches = spec.schedule or DEFAULT_SCHEDULE, microbatches_of(spec)
+    if len(example_batch) % microbatches:
         raise ConfigError(
             f"batch size {len(example_batch)} must split into {microbatches} equal micro-batches"
         )
-    points = list(split_points) if split_points else balanced_split_points(model, world)
+    points = list(spec.split_points) if spec.split_points else balanced_split_points(model, world)
     known = {name for name, _ in model.named_modules()}
     unknown = [p for p in points if p not in known]
     if unknown:
@@ -104,31 +135,38 @@ def apply_pipeline(
     pipe = pipeline(model.to(device), mb_args=(micro,), split_spec={p: SplitPoint.BEGINNING for p in points})
     stage = pipe.build_stage(rank, device)
     kind = Schedule1F1B if schedule == "1f1b" else ScheduleGPipe
-    train_schedule = kind(stage, microbatches, loss_fn=pipeline_loss)
-    eval_schedule = ScheduleGPipe(stage, microbatches, loss_fn=None)
+    loss = BatchMeanLoss(microbatches)
+    train_schedule = kind(stage, microbatches, loss_fn=loss)
     batch_size = len(example_batch)
 
     def step(inputs: Tensor, targets: Tensor) -> tuple[Tensor | None, Tensor | None]:
-        losses: list[Tensor] = []
+        samples, losses = len(targets), []
+        inputs, targets = pad_batch(inputs, targets, batch_size)
+        loss.samples = samples
         args = (inputs,) if stage.is_first else ()
         outputs = train_schedule.step(*args, target=targets if stage.is_last else None, losses=losses)
         if not stage.is_last:
             return None, None
-        return torch.stack(losses).mean(), outputs  # equal micro-batches: the mean is the batch's mean loss
+        return torch.stack(losses).mean(), outputs[:samples]  # the mean over the batch's real samples
 
-    worker = Worker(rank=rank, world_size=world, min_batch=batch_size, step=step)
+    worker = Worker(rank=rank, world_size=world, step=step)
 
     @torch.no_grad()
     def evaluate(dataset: Dataset) -> tuple[float, float | None]:
-        """Forward-only passes over the whole set; a short last batch is padded, the padding ignored."""
+        """Forward-only passes over the whole set through the training schedule (a second schedule on the
+        same stage would re-initialize its buffers and corrupt the next training step); a short last batch
+        is padded, the padding ignored."""
         loss_sum, correct, count, has_acc = 0.0, 0, 0, True
         for inputs, targets in make_loader(dataset, batch_size):
-            n = len(targets)
-            padded = torch.cat([inputs, inputs[:1].expand(batch_size - n, *inputs.shape[1:])]).to(device)
-            outputs = eval_schedule.eval(padded) if stage.is_first else eval_schedule.eval()
-            if stage.is_last:
+            n, losses = len(targets), []
+            inputs, padded = pad_batch(inputs, targets, batch_size)
+            loss.samples = n
+            args = (inputs.to(device),) if stage.is_first else ()
+            last = stage.is_last
+            outputs = train_schedule.eval(*args, target=padded.to(device) if last else None, losses=losses)
+            if last:
                 outputs, targets = outputs[:n], targets.to(device)
-                loss_sum += float(pipeline_loss(outputs, targets)) * n
+                loss_sum += float(torch.stack(losses).mean()) * n
                 has_acc = has_acc and not targets.is_floating_point()
                 correct += int((outputs.argmax(-1) == targets).sum()) if has_acc else 0
                 count += n
