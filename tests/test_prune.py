@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from torch import nn
@@ -430,3 +432,100 @@ def test_raw_bert_model_pruned_with_ids_and_mask():
         assert attention.num_attention_heads == 2 and attention.query.out_features == 2 * 16
         assert layer.attention.output.dense.in_features == 32 and layer.intermediate.dense.out_features == 64
     assert pruned.config.num_attention_heads == 2 and pruned.config.intermediate_size == 64
+
+
+def _decoder(family: str):
+    """A small causal LM of `family` with random weights (no download): 4 heads, 2 key/value groups."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if family == "gpt2":
+        config = transformers.GPT2Config(
+            vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=32, bos_token_id=0, eos_token_id=0
+        )
+        return transformers.GPT2LMHeadModel(config).eval()
+    config_class, model_class = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+    }[family]
+    config = config_class(
+        vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=128, max_position_embeddings=32, tie_word_embeddings=True,
+    )  # fmt: skip
+    return model_class(config).eval()
+
+
+def _tokens() -> dict[str, torch.Tensor]:
+    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(1))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2", "mistral"])
+def test_decoders_lose_heads_with_their_groups_and_still_generate(family, tmp_path):
+    model, tokens = _decoder(family), _tokens()
+    started = time.perf_counter()
+    pruned = prune(model, 0.5, example_inputs=tokens)
+    assert time.perf_counter() - started < 30
+    assert params(pruned) <= 0.6 * params(model)
+    assert pruned(**tokens).logits.shape == model(**tokens).logits.shape == (2, 10, 128)
+    assert pruned.lm_head.weight is pruned.get_input_embeddings().weight  # tied weights stay tied
+    generated = pruned.generate(tokens["input_ids"][:1, :4], max_new_tokens=4, do_sample=False)
+    assert generated.shape == (1, 8)
+    if family == "gpt2":  # one fused Conv1D: query, key and value thirds keep the same 2 heads
+        for block in pruned.transformer.h:
+            assert block.attn.num_heads == 2 and block.attn.split_size == 32
+            assert block.attn.c_attn.weight.shape == (64, 96) and block.attn.c_proj.weight.shape == (32, 64)
+            assert block.mlp.c_fc.weight.shape == (64, 128)
+        assert pruned.config.n_head == 2 and pruned.config.n_inner == 128
+        return
+    config = pruned.config
+    assert (config.num_attention_heads, config.num_key_value_heads, config.intermediate_size) == (2, 1, 64)
+    for layer in pruned.model.layers:  # one key/value group left, with both query heads that read it
+        attention = layer.self_attn
+        assert attention.q_proj.out_features == 32 and attention.k_proj.out_features == 16
+        assert attention.v_proj.out_features == 16 and attention.o_proj.in_features == 32
+        assert attention.num_key_value_groups == 2 and layer.mlp.gate_proj.out_features == 64
+    pruned.save_pretrained(tmp_path)
+    reloaded = type(pruned).from_pretrained(tmp_path).eval()
+    assert torch.equal(reloaded(**tokens).logits, pruned(**tokens).logits)
+    assert reloaded.lm_head.weight is reloaded.get_input_embeddings().weight
+
+
+def test_decoder_group_that_does_nothing_is_the_one_removed():
+    """Key/value group 1 (query heads 2 and 3) and half the feed-forward neurons are zero: removing exactly
+    those changes no output, so the logits stay the same."""
+    model, tokens = _decoder("llama"), _tokens()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            attention, mlp = layer.self_attn, layer.mlp
+            attention.q_proj.weight[32:] = 0
+            attention.k_proj.weight[16:] = 0
+            attention.v_proj.weight[16:] = 0
+            attention.o_proj.weight[:, 32:] = 0
+            mlp.gate_proj.weight[::2] = 0
+            mlp.up_proj.weight[::2] = 0
+            mlp.down_proj.weight[:, ::2] = 0
+    pruned = prune(model, 0.5, example_inputs=tokens)
+    assert torch.allclose(pruned(**tokens).logits, model(**tokens).logits, atol=1e-5)
+    with pytest.raises(ConfigError, match="use l1 or l2"):
+        prune(model, Structured(0.5, importance="activation"), example_inputs=tokens)
+
+
+def test_a_dependency_graph_that_does_not_finish_names_the_layer(monkeypatch):
+    """A graph torch-pruning cannot group in bounded time ends with one line naming the layer, not a hang."""
+    import torch_pruning as tp
+
+    from keiryo.compress import prune_graph
+
+    grouping = tp.DependencyGraph.get_pruning_group
+
+    def get_pruning_group(self, module, *args, **kwargs):
+        time.sleep(0.5)  # as if torch-pruning looped while grouping `module`
+        return grouping(self, module, *args, **kwargs)
+
+    monkeypatch.setattr(tp.DependencyGraph, "get_pruning_group", get_pruning_group)
+    monkeypatch.setattr(prune_graph, "GRAPH_SECONDS", 0.2)
+    started = time.perf_counter()
+    with pytest.raises(ModelError, match=r"did not finish in 0.2 s at layer 'fc0' \(Linear\)") as info:
+        prune(build_model("mlp", hidden=[16]), 0.5, example_inputs=X)
+    assert "\n" not in str(info.value) and time.perf_counter() - started < 5
