@@ -14,7 +14,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "keiryo"
 LAYERS: list[tuple[str, ...]] = [
     ("errors", "optional", "devices", "fileio", "sparse", "provenance", "inputs", "interrupts", "yamlfile"),
     ("attention", "splits", "datafiles", "data", "hf_files", "hf", "hf_text", "models", "metrics", "lm"),
-    ("loop", "checkpoints"),
+    ("loop", "checkpoints", "holdout", "progress"),
     ("parallel", "compress"),
     ("artifacts", "measuring", "export", "report", "examples", "summary"),
     ("training", "recipe", "optimize", "steps"),

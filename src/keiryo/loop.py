@@ -1,15 +1,17 @@
-"""The one training loop: progress, evaluation each epoch, checkpoint and resume.
+"""The one training loop: evaluation each epoch, early stopping with the best weights kept, checkpoint/resume.
 
 Every strategy and distillation reuse `fit`: they change the loss (`loss_fn`) or wrap the model, not the loop.
+The budget fits the data: unless `epochs` is given, small data sets train for at least `min_steps` optimizer
+steps, and validation accuracy decides when to stop and which epoch's weights to keep.
 Resume is exact on CPU: epoch k always sees the same shuffle (the loader is seeded by seed and epoch), and the
-checkpoint holds the model, the optimizer, the schedule, the RNG state and the position inside the epoch.
-Nothing bad is trained on silently: options are checked when the config is made, the model is fed one sample
-before any work, and a loss or weights that become NaN/inf stop the run before a checkpoint could keep them.
+checkpoint holds the model, the optimizer, the schedule, the RNG state, the best epoch so far and the position
+inside the epoch. Nothing bad is trained on silently: options are checked when the config is made, the model
+is fed one sample before any work, and a loss or weights that become NaN/inf stop the run before a checkpoint
+could keep them.
 """
 
 from __future__ import annotations
 
-import glob
 import math
 import time
 from collections.abc import Callable
@@ -17,32 +19,45 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from keiryo import devices
-from keiryo.data import DataSplits, check_model_fits, describe, load_data, make_loader
-from keiryo.errors import ArtifactError, ConfigError, DataError, TrainingError
-from keiryo.fileio import atomic_torch_save, safe_torch_load
+from keiryo import checkpoints, devices
+from keiryo.checkpoints import LoadStates
+from keiryo.data import check_model_fits, describe, make_loader
+from keiryo.errors import ConfigError, DataError, TrainingError
+from keiryo.holdout import split_for_training
+from keiryo.inputs import Example, forward, map_tensors, split_batch
+from keiryo.progress import TrainingProgress
 
-LossFn = Callable[[nn.Module, Tensor, Tensor], tuple[Tensor, Tensor]]
+LossFn = Callable[[nn.Module, Example, Tensor], tuple[Tensor, Tensor]]
 """(model, inputs, targets) -> (loss, outputs). Distillation and QAT pass their own."""
 
-CHECKPOINT_FORMAT = "keiryo-checkpoint/1"
+DEFAULT_EPOCHS = 10
 
 
 @dataclass
 class TrainConfig:
-    """Everything the loop needs to know; the defaults train the reference models on digits well."""
+    """Everything the loop needs to know; the defaults fit data sets from a few hundred samples up.
 
-    epochs: int = 10
+    `epochs` None: 10, or more on small data so that training takes at least `min_steps` optimizer steps.
+    `validation`: the share held out of data passed as one source (stratified; 0 trains on all of it).
+    `patience`: epochs without a better validation accuracy before stopping; the best epoch's weights are
+    kept. None runs every epoch and keeps the last weights.
+    """
+
+    epochs: int | None = None
+    min_steps: int = 1000
     batch_size: int = 64
     lr: float = 3e-3
     weight_decay: float = 1e-4
     optimizer: str = "adamw"  # adamw | sgd
     schedule: str = "cosine"  # cosine | constant
     grad_clip: float | None = None
+    validation: float = 0.15
+    patience: int | None = 10
     seed: int = 0
     device: str = "auto"
     precision: str = "fp32"  # fp32 | bf16 | fp16
@@ -57,16 +72,22 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Reject values that would fail later or train on garbage, in one line, before any work starts."""
-        _whole("epochs", self.epochs, 1)
+        if self.epochs is not None:
+            _whole("epochs", self.epochs, 1)
+        _whole("min_steps", self.min_steps, 0)
         _whole("batch size", self.batch_size, 1)
         _whole("checkpoint_every (steps; 0 checkpoints at epoch ends only)", self.checkpoint_every, 0)
         _whole("seed", self.seed, None)
+        if self.patience is not None:
+            _whole("patience (epochs; None never stops early)", self.patience, 1)
         if not _finite(self.lr) or self.lr <= 0:
             raise ConfigError(f"learning rate must be a finite number > 0, got {self.lr}")
         if not _finite(self.weight_decay) or self.weight_decay < 0:
             raise ConfigError(f"weight decay must be a finite number ≥ 0, got {self.weight_decay}")
         if self.grad_clip is not None and (not _finite(self.grad_clip) or self.grad_clip <= 0):
             raise ConfigError(f"grad_clip must be a finite number > 0 (or None), got {self.grad_clip}")
+        if not _finite(self.validation) or not 0 <= self.validation < 1:
+            raise ConfigError(f"validation must be a fraction in [0, 1), got {self.validation}")
         if self.resume and not self.checkpoint:
             raise ConfigError("resume needs a checkpoint file to resume from (--checkpoint)")
         if self.optimizer not in ("adamw", "sgd"):
@@ -74,6 +95,12 @@ class TrainConfig:
         if self.schedule not in ("cosine", "constant"):
             raise ConfigError(f"unknown schedule '{self.schedule}' (choose cosine or constant)")
         devices.check_precision(self.precision)
+
+    def epochs_for(self, steps_per_epoch: int) -> int:
+        """The epochs to run: `epochs` when given, else enough for `min_steps` steps (at least 10)."""
+        if self.epochs is not None:
+            return self.epochs
+        return max(DEFAULT_EPOCHS, math.ceil(self.min_steps / max(steps_per_epoch, 1)))
 
 
 def _whole(name: str, value: object, least: int | None) -> None:
@@ -104,14 +131,12 @@ class Worker:
     step: Callable[[Tensor, Tensor], tuple[Tensor | None, Tensor | None]] | None = None  # pipeline
     evaluate: Callable[[Dataset], tuple[float, float | None]] | None = None  # pipeline
     state_dicts: Callable[[nn.Module, torch.optim.Optimizer], tuple[dict, dict]] | None = None  # fsdp
-    load_state_dicts: Callable[[nn.Module, torch.optim.Optimizer, dict, dict], None] | None = None  # fsdp
+    load_state_dicts: LoadStates | None = None  # fsdp
 
     def all_sum(self, *values: float, device: torch.device | None = None) -> list[float]:
         """Sum numbers over all workers (itself alone when there is one)."""
         if self.world_size == 1:
             return list(values)
-        import torch.distributed as dist
-
         total = torch.tensor(values, dtype=torch.float64, device=device)
         dist.all_reduce(total)
         return total.tolist()
@@ -137,14 +162,28 @@ class TrainResult:
     history: list[EpochLog] = field(default_factory=list)
     resumed_from: int | None = None  # global step of the checkpoint the run resumed from
     parallel: dict | None = None  # strategy, workers, per-worker memory, pipeline stages (multi-worker runs)
+    best_epoch: int | None = None  # the epoch whose weights the model holds (None: the last, no validation)
+    data: str | None = None  # how the data passed in was split, when keiryo split it
 
 
-def classification_loss(model: nn.Module, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-    """Cross-entropy for class targets, mean squared error for float (regression) targets."""
-    outputs = model(inputs)
+def classification_loss(model: nn.Module, inputs: Example, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """Cross-entropy for class targets, mean squared error for float (regression) targets.
+
+    `inputs` is a Tensor, a tuple of arguments or a dict of keyword arguments; a model returning a tuple,
+    dict or `ModelOutput` is scored on its main output (`logits`, ...).
+    """
+    outputs = forward(model, inputs)
     if targets.is_floating_point():
         return F.mse_loss(outputs.float().reshape(targets.shape), targets), outputs
     return F.cross_entropy(outputs.float(), targets), outputs
+
+
+def _on_device(batch: object, device: torch.device) -> tuple[Example, Tensor]:
+    """A loader batch as (inputs, targets) on `device`: `(x, y)` pairs or dicts with a `labels` key."""
+    inputs, targets = split_batch(batch)
+    if targets is None:
+        raise DataError("training data needs targets: (inputs, targets) samples or dicts with a 'labels' key")
+    return map_tensors(inputs, lambda t: devices.move_batch(t, device)), devices.move_batch(targets, device)
 
 
 def _correct(outputs: Tensor, targets: Tensor) -> int | None:
@@ -169,8 +208,8 @@ def evaluate(
     model.eval()
     total_loss, correct, count = 0.0, 0, 0
     has_acc = True
-    for inputs, targets in make_loader(dataset, batch_size):
-        inputs, targets = devices.move_batch(inputs, dev), devices.move_batch(targets, dev)
+    for batch in make_loader(dataset, batch_size):
+        inputs, targets = _on_device(batch, dev)
         with devices.autocast(dev, precision):
             loss, outputs = loss_fn(model, inputs, targets)
         total_loss += float(loss) * len(targets)
@@ -184,116 +223,41 @@ def evaluate(
     return total_loss / count, (correct / count if has_acc else None)
 
 
-def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ConfigError("the model has no trainable parameters")
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
-    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+@dataclass
+class _Run:
+    """What the loop carries from step to step and writes into a checkpoint."""
 
-
-def _scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int):
-    if config.schedule == "constant":
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_steps))
-
-
-def _save_checkpoint(path, worker, model, optimizer, scheduler, position, history):
-    """Rank 0 writes the checkpoint; with sharded state every worker takes part in gathering it first.
-
-    Weights that became NaN/inf stop the run instead (every worker decides alike), so the checkpoint on disk
-    stays the last good one.
-    """
-    local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
-    (bad,) = worker.all_sum(float(sum(not bool(torch.isfinite(p.detach()).all()) for p in local)))
-    if bad:
-        kept = f"; checkpoint '{path}' keeps the last good weights" if Path(path).exists() else ""
-        raise TrainingError(
-            f"training diverged: the weights became NaN/inf by step {position[2]}; "
-            f"lower the learning rate or set grad_clip{kept}"
-        )
-    if worker.state_dicts is not None:
-        model_state, optimizer_state = worker.state_dicts(model, optimizer)
-    else:
-        model_state, optimizer_state = model.state_dict(), optimizer.state_dict()
-    if worker.rank != 0:
-        return
-    epoch, step_in_epoch, global_step = position
-    atomic_torch_save(
-        {
-            "format": CHECKPOINT_FORMAT,
-            "model": model_state,
-            "optimizer": optimizer_state,
-            "scheduler": scheduler.state_dict(),
-            "epoch": epoch,
-            "step_in_epoch": step_in_epoch,
-            "global_step": global_step,
-            "history": [asdict(h) for h in history],
-            "rng": torch.get_rng_state(),
-        },
-        path,
-    )
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    """Read a training checkpoint safely (weights_only), checking that it is one."""
-    ckpt = safe_torch_load(path, what="checkpoint")
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ArtifactError(f"checkpoint '{path}' is not a keiryo training checkpoint")
-    return ckpt
-
-
-def _remove_stale_temps(path: str) -> None:
-    """Delete the temporary files (`.name.*.tmp`) a killed run's atomic save left beside the checkpoint."""
-    target = Path(path)
-    for stale in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
-        stale.unlink(missing_ok=True)
-
-
-def _resume_state(path: str | None, worker: Worker) -> dict | None:
-    """The checkpoint to resume from, or None; rank 0 reads it and sends it to the others (whose disks may
-    not hold it), so that every worker makes the same choice."""
-    if worker.world_size == 1:
-        return load_checkpoint(path) if path and Path(path).exists() else None
-    import torch.distributed as dist
-
-    box = [load_checkpoint(path) if worker.rank == 0 and path and Path(path).exists() else None]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _restore(ckpt: dict, path: str, worker: Worker, model, optimizer, scheduler) -> None:
-    try:
-        if worker.load_state_dicts is not None:
-            worker.load_state_dicts(model, optimizer, ckpt["model"], ckpt["optimizer"])
-        else:
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ArtifactError(f"checkpoint '{path}' does not match this model: {first}") from exc
-    scheduler.load_state_dict(ckpt["scheduler"])
-    torch.set_rng_state(ckpt["rng"])
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    worker: Worker
+    history: list[EpochLog] = field(default_factory=list)
+    best_epoch: int | None = None
+    best_score: tuple[float, ...] | None = None
+    best_weights: dict | None = None  # this worker's own tensors of the best epoch, to load back at the end
+    best_saved: dict | None = None  # the best epoch's full state as a checkpoint holds it (rank 0)
+    stopped: bool = False
 
 
 def fit(
     model: nn.Module,
-    data: DataSplits | object,
+    data: object,
     config: TrainConfig | None = None,
     *,
     loss_fn: LossFn = classification_loss,
     worker: Worker | None = None,
 ) -> TrainResult:
-    """Train `model` in place on `data` (anything `load_data` accepts) and return it with its history.
+    """Train `model` in place on `data` and return it with its history.
 
+    `data`: a `DataSplits` used as it is, `{"train": ..., "validation": ...}`, or one source `load_data`
+    accepts, of which `config.validation` is held out (the line saying so is printed and kept in the result).
     Inside a multi-worker run `worker` says this process's rank and what the strategy wrapped; the loop is the
     same: only rank 0 prints and writes checkpoints, and the epoch figures are summed over all workers.
     """
     config = config or TrainConfig()
     config.validate()
     worker = worker or Worker()
-    splits = data if isinstance(data, DataSplits) else load_data(data, seed=config.seed)
+    splits, note = split_for_training(data, config.validation, config.seed)
     if len(splits.train) == 0:
         raise DataError(f"{describe(splits)} has no training samples")
     device = devices.resolve_device(config.device)
@@ -302,36 +266,41 @@ def fit(
     if worker.world_size == 1 and worker.step is None and loss_fn is classification_loss:
         check_model_fits(model, splits)  # other losses (distillation) feed the model their own way
     if config.checkpoint and worker.rank == 0:
-        _remove_stale_temps(config.checkpoint)
+        checkpoints.remove_stale_temps(config.checkpoint)
     forward_model = worker.forward or devices.maybe_compile(model, config.compile)
-    optimizer = _optimizer(model, config)
     steps_per_epoch = len(_global_batches(len(splits.train), config, 0, worker))
-    scheduler = _scheduler(optimizer, config, steps_per_epoch * config.epochs)
+    epochs = config.epochs_for(steps_per_epoch)
+    optimizer = make_optimizer(model, config)
+    run = _Run(model, optimizer, make_scheduler(optimizer, config, steps_per_epoch * epochs), worker)
     scaler = devices.grad_scaler(device, config.precision)
 
-    history: list[EpochLog] = []
     start_epoch, skip_steps, global_step, resumed_from = 0, 0, 0, None
-    ckpt = _resume_state(config.checkpoint, worker) if config.resume else None
+    ckpt = (
+        checkpoints.resume_state(config.checkpoint, worker.rank, worker.world_size) if config.resume else None
+    )
     if ckpt is not None:
-        _restore(ckpt, config.checkpoint, worker, model, optimizer, scheduler)
+        _restore(ckpt, config.checkpoint, run)
         start_epoch, skip_steps = ckpt["epoch"], ckpt["step_in_epoch"]
         global_step = resumed_from = ckpt["global_step"]
-        history = [EpochLog(**h) for h in ckpt["history"]]
         if skip_steps >= steps_per_epoch:
             start_epoch, skip_steps = start_epoch + 1, 0
+        if run.stopped:
+            start_epoch = epochs
 
-    progress = _Progress(config.progress and worker.rank == 0, config.epochs, steps_per_epoch)
+    progress = TrainingProgress(config.progress and worker.rank == 0, epochs, steps_per_epoch)
     with progress:
-        for epoch in range(start_epoch, config.epochs):
+        if note and ckpt is None:
+            progress.line(note)
+        for epoch in range(start_epoch, epochs):
             model.train()
             started = time.perf_counter()
             loss_sum, correct, seen, has_acc = 0.0, 0, 0, True
             loader, batch_sizes = _epoch_loader(splits.train, config, epoch, worker, device)
             progress.start_epoch(epoch, completed=skip_steps)
-            for step, (inputs, targets) in enumerate(loader):
+            for step, batch in enumerate(loader):
                 if step < skip_steps:
                     continue
-                inputs, targets = devices.move_batch(inputs, device), devices.move_batch(targets, device)
+                inputs, targets = _on_device(batch, device)
                 optimizer.zero_grad(set_to_none=True)
                 if worker.step is not None:  # pipeline: forward and backward of all micro-batches, all stages
                     with devices.autocast(device, config.precision):
@@ -357,12 +326,12 @@ def fit(
                     scaler.update()
                 else:
                     optimizer.step()
-                scheduler.step()
+                run.scheduler.step()
                 global_step += 1
                 if loss is not None:  # a pipeline's loss lives on its last stage only
                     value = float(loss.detach())
                     if not math.isfinite(value):
-                        raise _diverged(value, epoch, step, global_step, config)
+                        raise _diverged(value, (epoch, step, global_step), config)
                     loss_sum += value * len(targets)
                     c = _correct(outputs.detach(), targets)
                     has_acc = has_acc and c is not None
@@ -374,10 +343,7 @@ def fit(
                     and config.checkpoint_every
                     and global_step % config.checkpoint_every == 0
                 ):
-                    position = (epoch, step + 1, global_step)
-                    _save_checkpoint(
-                        config.checkpoint, worker, model, optimizer, scheduler, position, history
-                    )
+                    _save(config.checkpoint, run, (epoch, step + 1, global_step))
             skip_steps = 0
             loss_sum, correct, seen = worker.all_sum(loss_sum, correct, seen, device=_reduce_device(device))
             val_loss, val_acc = (None, None)
@@ -393,17 +359,137 @@ def fit(
                 val_accuracy=val_acc,
                 seconds=time.perf_counter() - started,
             )
-            history.append(log)
-            progress.end_epoch(log, config.epochs)
+            run.history.append(log)
+            progress.line(_epoch_line(log, epochs))
+            _track_best(run, log, config.patience)
             if config.checkpoint:
-                position = (epoch + 1, 0, global_step)
-                _save_checkpoint(config.checkpoint, worker, model, optimizer, scheduler, position, history)
+                _save(config.checkpoint, run, (epoch + 1, 0, global_step))
+            if run.stopped:
+                progress.line(
+                    f"stopped early after epoch {epoch + 1}: validation accuracy did not improve for "
+                    f"{config.patience} epochs"
+                )
+                break
+        if run.best_weights is not None and run.best_epoch != len(run.history):
+            model.load_state_dict(run.best_weights)
+            progress.line(f"kept the weights of epoch {run.best_epoch}, the best on validation")
     model.eval()
-    return TrainResult(model=model, history=history, resumed_from=resumed_from)
+    return TrainResult(model, run.history, resumed_from, best_epoch=run.best_epoch, data=note)
 
 
-def _diverged(value: float, epoch: int, step: int, global_step: int, config: TrainConfig) -> TrainingError:
+def _track_best(run: _Run, log: EpochLog, patience: int | None) -> None:
+    """Keep this epoch's weights if they are the best on validation so far.
+
+    Better means a higher validation accuracy, or the same accuracy with a lower loss (regression: lower
+    loss). `patience` epochs without a better one stop the run.
+    """
+    if patience is None or log.val_loss is None or not math.isfinite(log.val_loss):
+        return
+    score = (-log.val_loss,) if log.val_accuracy is None else (log.val_accuracy, -log.val_loss)
+    if run.best_score is None or score > run.best_score:
+        run.best_epoch, run.best_score = log.epoch, score
+        run.best_weights = _own_state(run.model)
+        return
+    run.stopped = log.epoch - run.best_epoch >= patience
+
+
+def _own_state(model: nn.Module) -> dict:
+    """A copy of this worker's tensors of the model (its shards under FSDP), to load back later."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _epoch_line(log: EpochLog, epochs: int) -> str:
+    parts = [f"epoch {log.epoch:>3}/{epochs}", f"loss {log.train_loss:.4f}"]
+    if log.train_accuracy is not None:
+        parts.append(f"acc {log.train_accuracy:.1%}")
+    if log.val_accuracy is not None:
+        parts.append(f"val acc {log.val_accuracy:.1%}")
+    elif log.val_loss is not None:
+        parts.append(f"val loss {log.val_loss:.4f}")
+    parts.append(f"{log.seconds:.1f}s")
+    return "  ".join(parts)
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer `config` names, over the trainable parameters (the parameter server uses it too)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError("the model has no trainable parameters")
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """The learning-rate schedule `config` names, over `total_steps` optimizer steps."""
+    if config.schedule == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_steps))
+
+
+def _save(path: str, run: _Run, position: tuple[int, int, int]) -> None:
+    """Rank 0 writes the checkpoint; with sharded state every worker takes part in gathering it first.
+
+    The best epoch's weights go with it: at the end of a best epoch they are the weights being saved, and
+    they are kept for the checkpoints after it.
+
+    Weights that became NaN/inf stop the run instead (every worker decides alike), so the checkpoint on disk
+    stays the last good one.
+    """
+    worker, model = run.worker, run.model
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
+    (bad,) = worker.all_sum(float(sum(not bool(torch.isfinite(p.detach()).all()) for p in local)))
+    if bad:
+        kept = f"; checkpoint '{path}' keeps the last good weights" if Path(path).exists() else ""
+        raise TrainingError(
+            f"training diverged: the weights became NaN/inf by step {position[2]}; "
+            f"lower the learning rate or set grad_clip{kept}"
+        )
+    if worker.state_dicts is not None:
+        model_state, optimizer_state = worker.state_dicts(model, run.optimizer)
+    else:
+        model_state, optimizer_state = model.state_dict(), run.optimizer.state_dict()
+    if worker.rank != 0:
+        return
+    epoch, step_in_epoch, global_step = position
+    if run.best_epoch == epoch and not step_in_epoch:  # a state_dict() of plain tensors is live: use the copy
+        run.best_saved = model_state if worker.state_dicts is not None else run.best_weights
+    state = {
+        "model": model_state,
+        "optimizer": optimizer_state,
+        "scheduler": run.scheduler.state_dict(),
+        "epoch": epoch,
+        "step_in_epoch": step_in_epoch,
+        "global_step": global_step,
+        "history": [asdict(h) for h in run.history],
+        "rng": torch.get_rng_state(),
+        "best": {"epoch": run.best_epoch, "score": list(run.best_score or []), "stopped": run.stopped},
+    }
+    if run.best_epoch is not None:
+        state["best_model"] = run.best_saved
+    checkpoints.write_checkpoint(state, path)
+
+
+def _restore(ckpt: dict, path: str, run: _Run) -> None:
+    """Load a checkpoint into the run: weights, optimizer, schedule, RNG, history, best epoch so far."""
+    load = run.worker.load_state_dicts
+    best = ckpt.get("best", {})
+    if best.get("epoch") is not None:  # the best weights first, to keep this worker's copy of them
+        checkpoints.load_states(path, run.model, run.optimizer, (ckpt["best_model"], ckpt["optimizer"]), load)
+        run.best_epoch, run.best_score = best["epoch"], tuple(best["score"])
+        run.best_weights, run.best_saved = _own_state(run.model), ckpt["best_model"]
+        run.stopped = best["stopped"]
+    checkpoints.load_states(path, run.model, run.optimizer, (ckpt["model"], ckpt["optimizer"]), load)
+    run.scheduler.load_state_dict(ckpt["scheduler"])
+    torch.set_rng_state(ckpt["rng"])
+    run.history = [EpochLog(**h) for h in ckpt["history"]]
+
+
+def _diverged(value: float, where: tuple[int, int, int], config: TrainConfig) -> TrainingError:
     """The error for a NaN/inf loss: where it happened, what to try, and that the checkpoint was kept."""
+    epoch, step, global_step = where
     kept = ""
     if config.checkpoint and Path(config.checkpoint).exists():
         kept = f"; checkpoint '{config.checkpoint}' keeps the last good weights"
@@ -458,160 +544,3 @@ def _evaluate_val(
         loss * n if n else 0.0, (acc or 0.0) * n, n, device=_reduce_device(device)
     )
     return total_loss / max(count, 1), (total_correct / count if acc is not None and count else None)
-
-
-class _Progress:
-    """A rich progress bar with live loss/accuracy, and one summary line per epoch; silent when disabled."""
-
-    def __init__(self, enabled: bool, epochs: int, steps: int) -> None:
-        self.enabled, self.epochs, self.steps = enabled, epochs, steps
-        self._bar = None
-        self._task = None
-
-    def __enter__(self) -> _Progress:
-        if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self._bar = Progress(
-                TextColumn("[bold]{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[stats]}"),
-                TimeElapsedColumn(),
-                transient=True,
-            )
-            self._bar.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._bar is not None:
-            self._bar.__exit__(*exc)
-
-    def start_epoch(self, epoch: int, completed: int = 0) -> None:
-        if self._bar is not None:
-            if self._task is not None:
-                self._bar.remove_task(self._task)
-            self._task = self._bar.add_task(
-                f"epoch {epoch + 1}/{self.epochs}", total=self.steps, completed=completed, stats=""
-            )
-
-    def step(self, loss: float, accuracy: float | None) -> None:
-        if self._bar is not None:
-            stats = f"loss {loss:.4f}" + (f"  acc {accuracy:.1%}" if accuracy is not None else "")
-            self._bar.update(self._task, advance=1, stats=stats)
-
-    def end_epoch(self, log: EpochLog, epochs: int) -> None:
-        if self._bar is not None:
-            parts = [f"epoch {log.epoch:>3}/{epochs}", f"loss {log.train_loss:.4f}"]
-            if log.train_accuracy is not None:
-                parts.append(f"acc {log.train_accuracy:.1%}")
-            if log.val_accuracy is not None:
-                parts.append(f"val acc {log.val_accuracy:.1%}")
-            elif log.val_loss is not None:
-                parts.append(f"val loss {log.val_loss:.4f}")
-            parts.append(f"{log.seconds:.1f}s")
-            self._bar.console.print("  ".join(parts))
-
-
-STRATEGIES = ("single", "ddp", "fsdp", "pipeline", "async")
-
-
-def train(
-    model: nn.Module,
-    data: object,
-    *,
-    strategy: str = "single",
-    workers: int = 1,
-    device: str = "auto",
-    precision: str = "fp32",
-    loss_fn: LossFn = classification_loss,
-    timeout: float = 120.0,
-    split_points: list[str] | None = None,
-    pipeline_schedule: str | None = None,
-    microbatches: int | None = None,
-    async_options: dict | None = None,
-    **options,
-) -> TrainResult:
-    """Train a model with a strategy; `options` are `TrainConfig` fields (epochs, lr, checkpoint, ...).
-
-    ddp, fsdp and pipeline start `workers` local processes, or join the torchrun job this process is part of;
-    a worker that fails or hangs stops the run within `timeout` seconds. `split_points` (module names),
-    `pipeline_schedule` (gpipe | 1f1b) and `microbatches` shape the pipeline. async trains on a Ray
-    parameter server with `workers` workers; `async_options` are `AsyncConfig` fields (mode, staleness_bound,
-    slowdown, ray_address, ...), and `epochs` counts updates as epochs of the whole training split.
-    """
-    if strategy not in STRATEGIES:
-        raise ConfigError(f"unknown strategy '{strategy}' (choose from {', '.join(STRATEGIES)})")
-    unknown = set(options) - set(TrainConfig.__dataclass_fields__)
-    if unknown:
-        raise ConfigError(
-            f"unknown training option(s) {', '.join(sorted(unknown))} "
-            f"(known: {', '.join(TrainConfig.__dataclass_fields__)})"
-        )
-    config = TrainConfig(device=device, precision=precision, **options)
-    pipeline = {
-        k: v
-        for k, v in (
-            ("split_points", split_points),
-            ("schedule", pipeline_schedule),
-            ("microbatches", microbatches),
-        )
-        if v is not None
-    }
-    if strategy == "single":
-        if workers != 1 or pipeline:
-            extra = f"workers={workers}" if workers != 1 else ", ".join(pipeline)
-            raise ConfigError(f"strategy 'single' runs one worker without pipeline options; got {extra}")
-        return fit(model, data, config, loss_fn=loss_fn)
-    if strategy != "async" and timeout <= 0:
-        raise ConfigError(f"timeout must be > 0 seconds, got {timeout}")
-    splits = data if isinstance(data, DataSplits) else load_data(data, seed=config.seed)
-    if loss_fn is classification_loss:  # here, on the whole model, before any worker starts
-        check_model_fits(model, splits)
-    if strategy == "async":
-        return _train_async(model, splits, config, loss_fn, workers, async_options or {})
-    from keiryo.parallel.launch import train_parallel
-
-    return train_parallel(
-        model,
-        splits,
-        config,
-        loss_fn,
-        strategy=strategy,
-        workers=workers,
-        timeout_s=timeout,
-        pipeline=pipeline,
-    )
-
-
-def _train_async(model, splits, config, loss_fn, workers, options) -> TrainResult:
-    """The async strategy: `epochs` of updates on a Ray parameter server, history one line per epoch."""
-    from keiryo.parallel.async_ps import AsyncConfig, train_async
-
-    unknown = set(options) - set(AsyncConfig.__dataclass_fields__)
-    if unknown:
-        raise ConfigError(f"unknown async option(s) {', '.join(sorted(unknown))}")
-    steps = math.ceil(len(splits.train) / config.batch_size)
-    async_config = AsyncConfig(
-        workers=workers,
-        lr=options.pop("lr", config.lr),
-        batch_size=config.batch_size,
-        max_updates=steps * config.epochs,
-        checkpoint=config.checkpoint,
-        resume=config.resume,
-        seed=config.seed,
-        progress=config.progress,
-        **options,
-    )
-    result = train_async(model, splits, async_config, loss_fn=loss_fn)
-    history, last, used = [], 0.0, set()
-    for epoch in range(1, config.epochs + 1):
-        point = next((t for t in result.timeline if t["version"] >= epoch * steps), None)
-        if point is None or id(point) in used:  # the driver checks every eval_every seconds, not every epoch
-            continue
-        used.add(id(point))
-        history.append(
-            EpochLog(epoch, point["loss"], None, None, point["val_accuracy"], point["seconds"] - last)
-        )
-        last = point["seconds"]
-    return TrainResult(model=result.model, history=history)

@@ -1,20 +1,23 @@
 """`keiryo.train`: one call for every strategy, from a single process to a Ray parameter server.
 
 The strategy says how the work is spread (keiryo.parallel.config); the `TrainConfig` says what training is
-(epochs, lr, device, precision, ...). Every strategy runs the same loop (`keiryo.loop.fit`).
+(epochs, lr, device, precision, validation, ...). Every strategy runs the same loop (`keiryo.loop.fit`), or
+for async the parameter server with the same optimizer, and reports one history line per epoch.
 """
 
 from __future__ import annotations
 
-import math
+import os
 
 from torch import nn
 
-from keiryo.data import DataSplits, check_model_fits, load_data
+from keiryo.data import check_model_fits
 from keiryo.errors import ConfigError
-from keiryo.loop import EpochLog, LossFn, TrainConfig, TrainResult, classification_loss, fit
+from keiryo.holdout import split_for_training
+from keiryo.loop import LossFn, TrainConfig, TrainResult, classification_loss, fit
 from keiryo.parallel import async_ps, launch
-from keiryo.parallel.config import Async, Pipeline, Single, Strategy, strategy_of
+from keiryo.parallel.config import Async, Single, Strategy, strategy_of
+from keiryo.progress import TrainingProgress
 
 
 def train(
@@ -26,13 +29,15 @@ def train(
     workers: int | None = None,
     loss_fn: LossFn | None = None,
 ) -> TrainResult:
-    """Train `model` in place on `data` (anything `load_data` accepts) and return it with its history.
+    """Train `model` in place on `data` and return it with its history.
 
+    `data`: anything `load_data` accepts, of which `config.validation` is held out (`result.data` says how
+    it was split), `{"train": ..., "validation": ...}`, or a `DataSplits` used as it is.
     `strategy`: "single" | "ddp" | "fsdp" | "pipeline" | "async", or a config (`DDP(workers=4)`,
     `Pipeline(split_points=[...])`, `Async(mode="bounded")`); `workers` sets the worker count of a named one.
     ddp, fsdp and pipeline start local processes, or join the torchrun job this process is part of; async
-    trains on a Ray parameter server, `epochs` counting updates as epochs of the whole training split.
-    `loss_fn(model, inputs, targets) -> (loss, outputs)`: None is classification/regression loss.
+    trains on a Ray parameter server. `loss_fn(model, inputs, targets) -> (loss, outputs)`: None is the
+    classification (or regression) loss.
     """
     spec = strategy_of(strategy, workers)
     config = config or TrainConfig()
@@ -42,69 +47,14 @@ def train(
     loss_fn = loss_fn or classification_loss
     if isinstance(spec, Single):
         return fit(model, data, config, loss_fn=loss_fn)
-    splits = data if isinstance(data, DataSplits) else load_data(data, seed=config.seed)
+    splits, note = split_for_training(data, config.validation, config.seed)
+    if note and config.progress and int(os.environ.get("RANK", "0")) == 0:
+        TrainingProgress(True, 0, 0).line(note)
     if loss_fn is classification_loss:  # here, on the whole model, before any worker starts
         check_model_fits(model, splits)
     if isinstance(spec, Async):
-        return _train_async(model, splits, spec, config, loss_fn)
-    pipeline = {}
-    if isinstance(spec, Pipeline):
-        pipeline = {
-            k: v
-            for k, v in (
-                ("split_points", spec.split_points),
-                ("schedule", spec.schedule),
-                ("microbatches", spec.microbatches),
-            )
-            if v is not None
-        }
-    return launch.train_parallel(
-        model,
-        splits,
-        config,
-        loss_fn,
-        strategy=spec.kind,
-        workers=spec.workers,
-        timeout_s=spec.timeout,
-        pipeline=pipeline,
-    )
-
-
-def _train_async(
-    model: nn.Module, splits: DataSplits, spec: Async, config: TrainConfig, loss_fn: LossFn
-) -> TrainResult:
-    """The async strategy: `epochs` of updates on a Ray parameter server, history one line per epoch."""
-    steps = math.ceil(len(splits.train) / config.batch_size)
-    async_config = async_ps.AsyncConfig(
-        workers=spec.workers,
-        mode=spec.mode,
-        staleness_bound=spec.staleness_bound,
-        dc_lambda=spec.dc_lambda,
-        lr=spec.lr if spec.lr is not None else config.lr,
-        momentum=spec.momentum,
-        batch_size=config.batch_size,
-        max_updates=steps * config.epochs,
-        time_limit=spec.time_limit,
-        target_accuracy=spec.target_accuracy,
-        eval_every=spec.eval_every,
-        slowdown=spec.slowdown,
-        on_failure=spec.on_failure,
-        checkpoint=config.checkpoint,
-        checkpoint_every=spec.checkpoint_every,
-        resume=config.resume,
-        ray_address=spec.ray_address,
-        seed=config.seed,
-        progress=config.progress,
-    )
-    result = async_ps.train_async(model, splits, async_config, loss_fn=loss_fn)
-    history, last, used = [], 0.0, set()
-    for epoch in range(1, config.epochs + 1):
-        point = next((t for t in result.timeline if t["version"] >= epoch * steps), None)
-        if point is None or id(point) in used:  # the driver checks every eval_every seconds, not every epoch
-            continue
-        used.add(id(point))
-        history.append(
-            EpochLog(epoch, point["loss"], None, None, point["val_accuracy"], point["seconds"] - last)
-        )
-        last = point["seconds"]
-    return TrainResult(model=result.model, history=history)
+        result = async_ps.run(model, splits, spec, config, loss_fn)
+    else:
+        result = launch.run(model, splits, spec, config, loss_fn)
+    result.data = note
+    return result

@@ -107,9 +107,10 @@ class Async:
 
     `mode`: async (apply every push), bounded (discard pushes staler than `staleness_bound`), scaled
     (damp stale pushes), dcasgd (delay compensation with `dc_lambda`), sync (a barrier, to compare).
-    `lr`: None uses `TrainConfig.lr`. `slowdown`: one factor ≥ 1 per worker (experiments). `on_failure`:
-    restart or continue after a worker dies. `checkpoint_every` counts updates. `ray_address`: join that
-    cluster (None: start a local Ray of this run's own).
+    The server applies the optimizer `TrainConfig` describes (optimizer, lr, weight decay, schedule), and
+    one update counts as one step. `max_updates`: None runs `TrainConfig`'s epochs of the training split.
+    `slowdown`: one factor ≥ 1 per worker (experiments). `on_failure`: restart or continue after a worker
+    dies. `ray_address`: join that cluster (None: start a local Ray of this run's own).
     """
 
     kind: ClassVar[str] = "async"
@@ -117,14 +118,12 @@ class Async:
     mode: str = "async"
     staleness_bound: int = 4
     dc_lambda: float = 0.04
-    lr: float | None = None
-    momentum: float = 0.0
+    max_updates: int | None = None
     time_limit: float | None = None
     target_accuracy: float | None = None
     eval_every: float = 0.5
     slowdown: list[float] | None = None
     on_failure: str = "restart"
-    checkpoint_every: int = 200
     ray_address: str | None = None
 
     def __post_init__(self) -> None:
@@ -136,12 +135,11 @@ class Async:
         if self.mode not in ASYNC_MODES:
             raise ConfigError(f"unknown async mode '{self.mode}' (choose from {', '.join(ASYNC_MODES)})")
         _whole("staleness_bound", self.staleness_bound, 0)
-        _whole("checkpoint_every (updates)", self.checkpoint_every, 1)
-        for name in ("dc_lambda", "momentum"):
-            value = getattr(self, name)
-            if not _finite(value) or value < 0:
-                raise ConfigError(f"{name} must be a finite number ≥ 0, got {value}")
-        for name in ("lr", "time_limit", "eval_every"):
+        if self.max_updates is not None:
+            _whole("max_updates", self.max_updates, 1)
+        if not _finite(self.dc_lambda) or self.dc_lambda < 0:
+            raise ConfigError(f"dc_lambda must be a finite number ≥ 0, got {self.dc_lambda}")
+        for name in ("time_limit", "eval_every"):
             value = getattr(self, name)
             if (value is not None or name == "eval_every") and (not _finite(value) or value <= 0):
                 raise ConfigError(f"{name} must be a finite number > 0, got {value}")
