@@ -471,7 +471,10 @@ def test_decoders_lose_heads_with_their_groups_and_still_generate(family, tmp_pa
     assert pruned.lm_head.weight is pruned.get_input_embeddings().weight  # tied weights stay tied
     generated = pruned.generate(tokens["input_ids"][:1, :4], max_new_tokens=4, do_sample=False)
     assert generated.shape == (1, 8)
+    loaded = artifacts.load(artifacts.save(pruned, tmp_path / "pruned.pt"))
+    assert torch.equal(loaded(**tokens).logits, pruned(**tokens).logits)
     if family == "gpt2":  # one fused Conv1D: query, key and value thirds keep the same 2 heads
+        # (GPT-2's config has no head_dim, so from_pretrained cannot say "2 heads of 16 in a 64-wide model")
         for block in pruned.transformer.h:
             assert block.attn.num_heads == 2 and block.attn.split_size == 32
             assert block.attn.c_attn.weight.shape == (64, 96) and block.attn.c_proj.weight.shape == (32, 64)
@@ -485,8 +488,8 @@ def test_decoders_lose_heads_with_their_groups_and_still_generate(family, tmp_pa
         assert attention.q_proj.out_features == 32 and attention.k_proj.out_features == 16
         assert attention.v_proj.out_features == 16 and attention.o_proj.in_features == 32
         assert attention.num_key_value_groups == 2 and layer.mlp.gate_proj.out_features == 64
-    pruned.save_pretrained(tmp_path)
-    reloaded = type(pruned).from_pretrained(tmp_path).eval()
+    pruned.save_pretrained(tmp_path / "hf")
+    reloaded = type(pruned).from_pretrained(tmp_path / "hf").eval()
     assert torch.equal(reloaded(**tokens).logits, pruned(**tokens).logits)
     assert reloaded.lm_head.weight is reloaded.get_input_embeddings().weight
 
@@ -509,6 +512,8 @@ def test_decoder_group_that_does_nothing_is_the_one_removed():
     assert torch.allclose(pruned(**tokens).logits, model(**tokens).logits, atol=1e-5)
     with pytest.raises(ConfigError, match="use l1 or l2"):
         prune(model, Structured(0.5, importance="activation"), example_inputs=tokens)
+    with pytest.raises(ConfigError, match="one head count"):
+        prune(model, Structured(0.5, global_pruning=True), example_inputs=tokens)
 
 
 def test_a_dependency_graph_that_does_not_finish_names_the_layer(monkeypatch):

@@ -57,6 +57,11 @@ def prune_structured(
     their key/value groups and feed-forward width, in milliseconds, where a traced graph can take minutes.
     """
     if is_transformer(model):
+        if job.global_pruning:
+            raise ConfigError(
+                "global_pruning is not available for Hugging Face transformer blocks: their config holds one "
+                "head count and one feed-forward width for every block"
+            )
         for step in range(1, job.steps + 1):
             before, after = 1 - channel_ratio * (step - 1) / job.steps, 1 - channel_ratio * step / job.steps
             prune_transformer(model, after / before, job.importance, job.protected)
