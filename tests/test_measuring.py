@@ -101,10 +101,10 @@ def test_raw_bert_with_ids_and_mask_against_its_int8_copy():
     torch.manual_seed(0)
     config = transformers.BertConfig(
         vocab_size=100,
-        hidden_size=32,
+        hidden_size=64,
         num_hidden_layers=2,
         num_attention_heads=2,
-        intermediate_size=64,
+        intermediate_size=128,
         max_position_embeddings=16,
     )
     bert = transformers.BertModel(config).eval()
