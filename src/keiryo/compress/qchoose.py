@@ -1,9 +1,10 @@
 """How `quantize` chooses among the kernels it built: quality first, then speed, timed interleaved.
 
 Every candidate is compared with the float model on the calibration (else example) inputs; those within the
-policy's tolerance are timed beside float at batch 1 and at the example's batch, in one interleaved loop whose
-number of runs fits the policy's time limit. The fastest within tolerance wins; for a speed method float is
-kept when no kernel is ≥ `MIN_SPEEDUP` faster. The choice and every alternative go into a `QuantizeReport`.
+policy's tolerance are timed beside float at batch 1 and at the example's batch, in interleaved loops whose
+number of runs fits the policy's time limit (one run at least). The fastest within tolerance wins; for a
+speed method float is kept when no kernel is ≥ `MIN_SPEEDUP` faster. The choice and every alternative go
+into a `QuantizeReport`.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ REPORT_ATTR = "quantize_report"
 # A kernel must be this much faster (geometric mean over the batch sizes timed) to replace float under auto:
 # back-to-back timings on a shared CPU differ by a few percent, and a 1.03× "win" is noise, not a speed-up.
 MIN_SPEEDUP = 1.1
-MIN_RUNS = 3  # timed runs per candidate even when the time limit is short
+MIN_RUNS = 3  # below this many timed runs, the call that judged the time is the only warm-up
 
 
 @dataclass
@@ -92,28 +93,26 @@ def measure(
         return
     models = {"float": model, **timed}
     sizes = sorted({1, inputs.batch_size(example)})
-    batches = {size: inputs.resize_batch(example, size) for size in sizes}
-    runs = _runs_within(models, batches, policy)
-    for size, batch in batches.items():
-        lat = time_models(models, batch, runs=runs, warmup=min(5, runs))
+    for size in sizes:
+        batch = inputs.resize_batch(example, size)
+        runs = _runs_within(models, batch, policy.time_limit / len(sizes), policy.runs)
+        lat = time_models(models, batch, runs=runs, warmup=min(5, max(0, runs - MIN_RUNS)))
         for key in timed:
             candidates[key].float_p50_ms[size] = lat["float"].p50_ms
             candidates[key].p50_ms[size] = lat[key].p50_ms
             candidates[key].speedup[size] = lat["float"].p50_ms / lat[key].p50_ms
 
 
-def _runs_within(models: dict[str, nn.Module], batches: dict, policy: Policy) -> int:
-    """Timed runs per model and batch size that fit `policy.time_limit` (each run calls every model twice:
-    one warm call, one timed), from one call of each; never fewer than MIN_RUNS nor more than policy.runs."""
+def _runs_within(models: dict[str, nn.Module], batch: inputs.Example, seconds: float, most: int) -> int:
+    """Timed runs per model that fit in `seconds` (each run calls every model twice: one warm call, one
+    timed), judged from one call of each, which also warms them up; at least 1, at most `most`. Warm-up
+    calls are only added when there is time for more than MIN_RUNS runs."""
     started = time.perf_counter()
     with torch.inference_mode():
-        for batch in batches.values():
-            for m in models.values():
-                inputs.call(m, batch)
+        for m in models.values():
+            inputs.call(m, batch)
     once = time.perf_counter() - started
-    # warm-up (up to 5 calls) and timed runs (2 calls each) per size: about (2 * runs + 5) * once in all
-    fits = int((policy.time_limit / max(once, 1e-6) - 5) / 2)
-    return max(MIN_RUNS, min(policy.runs, fits))
+    return max(1, min(most, int(seconds / max(2 * once, 1e-6))))
 
 
 def choose(
