@@ -28,9 +28,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from keiryo.data import load_data
-from keiryo.loop import train
+from keiryo.loop import TrainConfig
 from keiryo.models import build_model, kwargs_for_data
 from keiryo.parallel.launch import free_port
+from keiryo.training import train
 
 OUT = Path(__file__).parent / "out"
 THREADS = 2
@@ -46,10 +47,8 @@ def model_for(splits):
 def keiryo_epochs(strategy: str, workers: int, epochs: int) -> list[float]:
     """Seconds per epoch of one keiryo run."""
     splits = load_data("digits")
-    options = dict(epochs=epochs, batch_size=BATCH, progress=False, device="cpu")
-    if strategy != "single":
-        options.update(strategy=strategy, workers=workers)
-    return [h.seconds for h in train(model_for(splits), splits, **options).history]
+    config = TrainConfig(epochs=epochs, batch_size=BATCH, patience=None, progress=False, device="cpu")
+    return [h.seconds for h in train(model_for(splits), splits, strategy, config, workers=workers).history]
 
 
 def plain_ddp_worker(rank: int, world: int, port: int, epochs: int, out: str) -> None:

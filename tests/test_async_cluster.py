@@ -13,13 +13,15 @@ import pytest
 DRIVER = """
 import json, sys, torch
 from keiryo.data import load_data
+from keiryo.loop import TrainConfig
 from keiryo.models import build_model
-from keiryo.parallel.async_ps import AsyncConfig, train_async
+from keiryo.parallel.async_ps import train_async
+from keiryo.parallel.config import Async
 torch.manual_seed(0)
 model = build_model("mlp", in_features=64, hidden=[32], num_classes=10)
 address = None if sys.argv[1] == "local" else sys.argv[1]
-result = train_async(model, load_data("digits"),
-                     AsyncConfig(workers=4, max_updates=60, progress=False, ray_address=address))
+result = train_async(model, load_data("digits"), Async(workers=4, max_updates=60, ray_address=address),
+                     TrainConfig(batch_size=32, progress=False))
 print(json.dumps(result.stats))
 """
 

@@ -19,9 +19,11 @@ import torch
 from torch.utils.data import Subset
 
 from keiryo.errors import ConfigError, TrainingError
-from keiryo.loop import classification_loss, train
+from keiryo.loop import TrainConfig, classification_loss
 from keiryo.models import build_model
-from keiryo.parallel import launch
+from keiryo.parallel import launch, watch
+from keiryo.parallel.config import DDP
+from keiryo.training import train
 
 # The test process sets RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER (conftest); the runs below must not need it.
 ENV = {
@@ -88,7 +90,7 @@ def test_local_ddp_listens_on_loopback_only_and_a_stopped_worker_ends_the_run(tm
     """A local ddp run: every listening socket of its processes is on 127.0.0.1; SIGSTOP on worker 1 ends
     the run within the timeout with one line naming worker 1; no worker and no temp folder is left."""
     run = _cli(tmp_path, "--strategy", "ddp", "--workers", "2", "--epochs", "500", "--timeout", "8")
-    beats = f"{launch.FOLDER_PREFIX}{run.pid}-*/beat-1"
+    beats = f"{watch.FOLDER_PREFIX}{run.pid}-*/beat-1"
     sockets, worker_pids = set(), set()
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and run.poll() is None:
@@ -109,7 +111,7 @@ def test_local_ddp_listens_on_loopback_only_and_a_stopped_worker_ends_the_run(tm
     assert err.strip() == "error: worker 1 stopped responding for 8 s; the run was stopped"
     time.sleep(0.5)
     assert not _alive(worker_pids)
-    assert not list(Path(tempfile.gettempdir()).glob(f"{launch.FOLDER_PREFIX}{run.pid}-*"))
+    assert not list(Path(tempfile.gettempdir()).glob(f"{watch.FOLDER_PREFIX}{run.pid}-*"))
 
 
 class TermOnRank1:
@@ -123,10 +125,10 @@ class TermOnRank1:
 
 
 def test_sigterm_on_rank_1_is_reported_as_rank_1_terminated(digits):
-    mine = f"{launch.FOLDER_PREFIX}{os.getpid()}-*"
+    mine = f"{watch.FOLDER_PREFIX}{os.getpid()}-*"
     with pytest.raises(TrainingError) as caught:
-        options = dict(epochs=1, progress=False, device="cpu", loss_fn=TermOnRank1())
-        train(_mlp(), digits, strategy="ddp", workers=2, timeout=20, **options)
+        config = TrainConfig(epochs=1, progress=False, device="cpu")
+        train(_mlp(), digits, DDP(workers=2, timeout=20), config, loss_fn=TermOnRank1())
     assert str(caught.value) == "worker 1 was terminated by SIGTERM; the run was stopped"
     assert not list(Path(tempfile.gettempdir()).glob(mine))  # the failed run's temp folder is gone
 
@@ -147,10 +149,11 @@ def test_batches_that_leave_a_worker_empty_are_refused_before_any_worker_starts(
     def no_start(*args, **kwargs):
         raise AssertionError("a worker was started")
 
-    monkeypatch.setattr(launch.mp, "start_processes", no_start)
+    monkeypatch.setattr(launch, "run_local", no_start)
     data = dataclasses.replace(digits, train=Subset(digits.train, range(samples)))
+    config = TrainConfig(epochs=1, batch_size=options["batch_size"], progress=False, device="cpu")
     with pytest.raises(ConfigError, match=message) as caught:
-        train(_mlp(), data, strategy=strategy, epochs=1, progress=False, device="cpu", **options)
+        train(_mlp(), data, strategy, config, workers=options["workers"])
     assert "\n" not in str(caught.value)
 
 
@@ -160,27 +163,27 @@ def test_folders_of_killed_runs_are_removed_by_the_next_run(tmp_path, monkeypatc
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True)
     dead_pid = int(dead.stdout)
-    old = time.time() - 2 * launch.STALE_AFTER_S
+    old = time.time() - 2 * watch.STALE_AFTER_S
     folders = {}
     for name, pid, age in [("stale", dead_pid, old), ("live", os.getpid(), old), ("recent", dead_pid, None)]:
-        folder = tmp_path / f"{launch.FOLDER_PREFIX}{pid}-{name}"
+        folder = tmp_path / f"{watch.FOLDER_PREFIX}{pid}-{name}"
         (folder / "beat-0").parent.mkdir()
         (folder / "beat-0").write_text("1\n")
         if age is not None:
             for path in (folder / "beat-0", folder):
                 os.utime(path, (age, age))
         folders[name] = folder
-    assert launch.remove_stale_folders() == [folders["stale"]]
+    assert watch.remove_stale_folders() == [folders["stale"]]
     assert not folders["stale"].exists() and folders["live"].exists() and folders["recent"].exists()
 
 
 def test_an_unreachable_ray_address_is_one_line_at_once():
     from keiryo.errors import KeiryoError
-    from keiryo.parallel.async_ps import _check_reachable
+    from keiryo.parallel.ray_setup import check_reachable
 
     started = time.monotonic()
     with pytest.raises(KeiryoError, match=r"^cannot reach the Ray cluster at '127\.0\.0\.1:\d+': "):
-        _check_reachable(f"127.0.0.1:{launch.free_port()}")
+        check_reachable(f"127.0.0.1:{launch.free_port()}")
     assert time.monotonic() - started < 6
 
 

@@ -27,9 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from keiryo.checkpoints import ASYNC_CHECKPOINT_FORMAT, write_checkpoint
-from keiryo.loop import LossFn, TrainConfig
-from keiryo.loop import _optimizer as make_optimizer  # TEMP until H3 makes it public
-from keiryo.loop import _scheduler as make_scheduler  # TEMP
+from keiryo.loop import LossFn, TrainConfig, make_optimizer, make_scheduler
 from keiryo.parallel.config import Async
 
 
