@@ -14,6 +14,7 @@ from keiryo.cli.options import (
     DataOpt,
     DeviceOpt,
     LrOpt,
+    PatienceOpt,
     PrecisionOpt,
     ProgressOpt,
     RunsOpt,
@@ -23,6 +24,7 @@ from keiryo.cli.options import (
     float_list,
     parse_kwargs,
     parse_pair,
+    patience_of,
 )
 from keiryo.cli.outputs import check_fits, check_output, console, data_path, save, size, staged
 from keiryo.compress.distill import Distill
@@ -228,6 +230,7 @@ def distill(
         bool, typer.Option("--cache-teacher", help="Run the teacher once per sample (data not augmented).")
     ] = False,
     epochs: Annotated[int, typer.Option(min=1, help="Passes over the training split.")] = 30,
+    patience: PatienceOpt = 10,
     lr: LrOpt = 3e-3,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "fp32",
@@ -254,7 +257,13 @@ def distill(
         )
     how = Distill(temperature, alpha, loss, features or None, cache_teacher=cache_teacher)
     config = TrainConfig(
-        epochs=epochs, lr=lr, device=device, precision=precision, seed=seed, progress=progress
+        epochs=epochs,
+        patience=patience_of(patience),
+        lr=lr,
+        device=device,
+        precision=precision,
+        seed=seed,
+        progress=progress,
     )
     teacher_model = artifacts.load(teacher, trust_code=trust_code)
     splits = data.load_data(data_source, seed=seed)

@@ -32,6 +32,19 @@ DeviceOpt = Annotated[str, typer.Option(help="auto (cuda > mps > cpu), cpu, cuda
 PrecisionOpt = Annotated[str, typer.Option(help="fp32 | bf16 | fp16 (autocast).")]
 LrOpt = Annotated[float, typer.Option(help="Peak learning rate (AdamW, cosine decay).")]
 ProgressOpt = Annotated[bool, typer.Option(help="Show the progress bar.")]
+PatienceOpt = Annotated[
+    int,
+    typer.Option(
+        min=0,
+        help="Stop after N epochs without a better validation accuracy, keeping the best epoch's weights "
+        "(0: run every epoch, keep the last).",
+    ),
+]
+
+
+def patience_of(epochs: int) -> int | None:
+    """--patience as TrainConfig takes it: 0 (never stop early) is None."""
+    return epochs or None
 
 
 def parse_kwargs(pairs: list[str] | None) -> dict:

@@ -15,11 +15,13 @@ from keiryo.cli.options import (
     DataOpt,
     DeviceOpt,
     LrOpt,
+    PatienceOpt,
     PrecisionOpt,
     ProgressOpt,
     SeedOpt,
     TrustCodeOpt,
     parse_kwargs,
+    patience_of,
 )
 from keiryo.cli.outputs import check_output, console, data_path, err_console, same_path, save, size, staged
 from keiryo.errors import ConfigError
@@ -42,7 +44,11 @@ def train(
     model_arg: Annotated[
         list[str] | None, typer.Option("--model-arg", "-a", help="Factory argument name=value (repeatable).")
     ] = None,
-    epochs: Annotated[int, typer.Option(min=1, help="Passes over the training split.")] = 10,
+    epochs: Annotated[
+        int | None,
+        typer.Option(min=1, help="Passes over the training split (default: 10, or more on small data)."),
+    ] = None,
+    patience: PatienceOpt = 10,
     batch_size: Annotated[int, typer.Option(min=1, max=MAX_BATCH, help="Samples per step.")] = 64,
     lr: LrOpt = 3e-3,
     device: DeviceOpt = "auto",
@@ -111,11 +117,13 @@ def train(
     kwargs = parse_kwargs(model_arg)
     spec = _strategy(strategy, workers, timeout, _slowdown(slowdown))
     if isinstance(spec, Pipeline):
-        spec = replace(spec, split_points=split_point, schedule=pipeline_schedule, microbatches=microbatches)
+        given = {"split_points": split_point, "schedule": pipeline_schedule, "microbatches": microbatches}
+        spec = replace(spec, **{k: v for k, v in given.items() if v is not None})
     elif isinstance(spec, Async):
         spec = replace(spec, mode=async_mode, staleness_bound=staleness_bound, ray_address=ray_address)
     config = TrainConfig(
         epochs=epochs,
+        patience=patience_of(patience),
         batch_size=batch_size,
         lr=lr,
         device=device,
