@@ -109,6 +109,8 @@ def test_a_step_is_its_configs_and_older_spellings_still_work(tmp_path):
         ("steps:\n  - train: {strategy: ddpp}\n", "line 2: step 'train': unknown strategy 'ddpp'"),
         ("steps:\n  - train: {}\n  - distill: {alpha: 2}\n", "line 3: step 'distill': alpha"),
         ("steps:\n  - train: {}\n  - prune: {distill: true}\n", "line 3: step 'prune': a teacher"),
+        ("steps:\n  - train: {}\n  - quantize: {method: int8-static, observer: x}\n", "line 3: .*observer"),
+        ("steps:\n  - train: {}\n  - quantize: {group_size: 64}\n", "int8-dynamic has no option group_size"),
     ],
 )
 def test_bad_config_values_fail_when_the_recipe_is_read(tmp_path, text, message):

@@ -12,7 +12,13 @@ steps:
   - export: {format: onnx}
 ```
 
-Each step takes the model of the step before it (or of `from: <step name>`); errors name the field and line.
+Each step takes the model of the step before it (or of `from: <step name>`). A step's options are the
+fields of the API's configs, read into them here so that a bad value fails before anything runs, naming the
+line: train → `TrainConfig` + a strategy (`strategy: ddp, workers: 2`); prune → `Structured`/`Unstructured`
+(`kind`, `ratio`, `importance`, `target`, `global_pruning`, `protect`, `steps`; the older `structured`,
+`global`, `iterative_steps` still work) + `finetune_epochs`/`distill`; distill → `Distill` + `epochs`/`lr`;
+quantize → the method's config (`method: int8-static`, `observer`, `granularity`, ...) + `Policy`
+(`backend`, `skip`, `compile`). A step's file records each config as its kind and `dataclasses.asdict`.
 
 A recipe is data, not code: a model spec that would import Python (anything but the built-ins and hf:DIR)
 is refused unless the run passes `trust_code=True`, and so is a cached step file that names one. Step and
