@@ -1,5 +1,6 @@
-"""One-line summaries of results, as the command line prints them: the quantize step's candidates and a
-parallel run's figures. Plain strings, so a script can print or log the same lines."""
+"""One-line summaries of results, as the command line prints them: the quantize step's candidates, the
+accuracy-budget search's candidates and a parallel run's figures. Plain strings, so a script can print or log
+the same lines."""
 
 from __future__ import annotations
 
@@ -22,6 +23,13 @@ def candidate_lines(choice: Any) -> list[str]:
         lines.append(f"  candidate {name}: {cosine}, {timing or 'not timed'}{note}")
     lines.append(f"chosen: {choice.message}")
     return lines
+
+
+def tried_line(candidate: Any) -> str:
+    """The line for one candidate of `keiryo.optimize.optimize` (its `on_candidate` callback's argument)."""
+    return (
+        f"  tried {candidate.name:<24} val {candidate.val_accuracy:.2%}  test {candidate.test_accuracy:.2%}"
+    )
 
 
 def parallel_lines(par: dict[str, Any], strategy: str) -> tuple[str, list[str]]:

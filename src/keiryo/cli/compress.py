@@ -45,7 +45,7 @@ from keiryo.metrics import Timing, accuracy
 from keiryo.metrics import threads as fixed_threads
 from keiryo.optimize import Search, parse_duration
 from keiryo.optimize import optimize as run_optimize
-from keiryo.summary import candidate_lines
+from keiryo.summary import candidate_lines, tried_line
 
 
 def quantize(
@@ -324,15 +324,8 @@ def optimize(
     model = artifacts.load(model_file, trust_code=trust_code)
     splits = data.load_data(data_source, seed=seed)
     check_fits(model, splits)
-
-    def show(candidate) -> None:
-        console.print(
-            f"  tried {candidate.name:<24} val {candidate.val_accuracy:.2%}  "
-            f"test {candidate.test_accuracy:.2%}"
-        )
-
     with staged(out) as (staged_out,):
-        result = run_optimize(model, splits, search, on_candidate=show)
+        result = run_optimize(model, splits, search, on_candidate=lambda c: console.print(tried_line(c)))
         report.print_report(result.report, title="keiryo optimize: every candidate", console=console)
         for note in result.notes:
             console.print(note)
