@@ -405,3 +405,18 @@ def test_a_tiny_llama_is_quantized_in_seconds_and_still_generates():
     assert seconds < policy.time_limit + 10 + 100 * forward, f"{seconds:.0f} s, one forward {forward:.3f} s"
     out = q.generate(ids[:1, :8], max_new_tokens=4, do_sample=False, attention_mask=torch.ones(1, 8))
     assert out.shape == (1, 12)
+
+
+def test_gpt2_conv1d_layers_are_quantized_as_linear_and_it_still_generates():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=64)
+    torch.manual_seed(0)
+    gpt2 = transformers.GPT2LMHeadModel(config).eval()
+    ids = torch.randint(0, 256, (2, 16))
+    q = quantize(gpt2, "int8-dynamic", example_inputs=ids, policy=Policy("fbgemm", runs=1))
+    attention = q.transformer.h[0].attn.c_attn  # a Conv1D in the float model
+    assert type(attention).__name__ == "Linear" and "quantized" in type(attention).__module__
+    assert "transformer.h.1.mlp.c_proj" in report_of(q).layers
+    assert agreement(q, gpt2, ids).cosine >= 0.99
+    out = q.generate(ids[:1, :4], max_new_tokens=4, do_sample=False, attention_mask=torch.ones(1, 4))
+    assert out.shape == (1, 8)

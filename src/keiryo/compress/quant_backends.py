@@ -31,11 +31,17 @@ INT4_GROUP_SIZES = (32, 64, 128)
 # --- which layers ------------------------------------------------------------------------------------------
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' `Conv1D` (GPT-2): a Linear whose weight is stored (in, out); quantized as a Linear."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
 def target_layers(model: nn.Module, kinds: tuple[type, ...], skip: tuple[str, ...] = ()) -> list[str]:
-    """Names of the modules of exactly `kinds` not named in `skip` (a skipped name covers its children)."""
+    """Names of the modules of exactly `kinds` (Linear includes GPT-2's Conv1D) not named in `skip` (a
+    skipped name covers its children)."""
     names = []
     for name, module in model.named_modules():
-        if type(module) not in kinds or not name:
+        if not name or not (type(module) in kinds or (nn.Linear in kinds and is_conv1d(module))):
             continue
         if any(name == s or name.startswith(s + ".") for s in skip):
             continue

@@ -42,6 +42,7 @@ from keiryo.compress.qconfig import (
     config_from,
 )
 from keiryo.errors import ConfigError, KeiryoError, ModelError, one_line
+from keiryo.lm.calibrate import linearize
 from keiryo.loop import fit
 from keiryo.metrics import agreement
 
@@ -192,7 +193,8 @@ HANDLERS: dict[type, Handler] = {
 
 def build(model: nn.Module, config: QuantConfig, backend: str, layers: list[str], data: object) -> nn.Module:
     """A deep copy of `model` quantized by one (config, backend), recording how to rebuild it (before any
-    module changes class): the config's kind and `asdict`, the backend, the layers and what was derived."""
+    module changes class): the config's kind and `asdict`, the backend, the layers and what was derived
+    (BatchNorm folds, int4 kernel/packed layers, whether GPT-2's Conv1D layers became Linear)."""
     out = copy.deepcopy(model).eval()
     out.__dict__.pop(REPORT_ATTR, None)
     plan = {"method": config.kind, "config": dataclasses.asdict(config), "backend": backend}
@@ -207,9 +209,17 @@ def build(model: nn.Module, config: QuantConfig, backend: str, layers: list[str]
         ]
         plan["kernel_layers"] = [n for n, ok in zip(layers, fits, strict=True) if ok]
         plan["packed_layers"] = [n for n, ok in zip(layers, fits, strict=True) if not ok]
+    plan["linearize"] = any(qb.is_conv1d(out.get_submodule(n)) for n in layers)
     provenance.record_transform(out, "quantize", **plan)
-    HANDLERS[type(config)](out, config, plan, data)
+    _apply(out, config, plan, data)
     return out
+
+
+def _apply(model: nn.Module, config: QuantConfig, plan: dict, data: object) -> None:
+    """GPT-2's Conv1D layers become Linear first when the plan says so, then the config's handler runs."""
+    if plan.get("linearize"):
+        linearize(model)
+    HANDLERS[type(config)](model, config, plan, data)
 
 
 def replay(model: nn.Module, **plan: object) -> None:
@@ -230,7 +240,7 @@ def replay(model: nn.Module, **plan: object) -> None:
             f"model file records quantization '{config.kind}' by '{backend}', which this keiryo lacks"
         )
     model.eval()
-    HANDLERS[type(config)](model, config, plan, None)
+    _apply(model, config, plan, None)
 
 
 # --- per-layer sensitivity ----------------------------------------------------------------------------------
