@@ -22,13 +22,17 @@ import torch
 from torch import nn
 
 from keiryo import fileio
+from keiryo.compress.qconfig import QAT, Int8Static, Policy
 from keiryo.compress.quantize import quantize, report_of
 from keiryo.data import example_inputs, load_data
-from keiryo.loop import TrainConfig, train
-from keiryo.metrics import Report, compare
+from keiryo.loop import TrainConfig
+from keiryo.measuring import Report, compare
+from keiryo.metrics import Timing
 from keiryo.models import build_model, kwargs_for_data
+from keiryo.training import train
 
 OUT = Path(__file__).parent / "out" / "quantize.md"
+TIME_LIMIT = 600.0  # seconds for timing the candidates of one quantize call: here every run is wanted
 warnings.filterwarnings("ignore")
 
 
@@ -89,7 +93,8 @@ def linear_stack(runs: int, compile_too: bool) -> str:
     fp32 = build_model("mlp", in_features=1024, hidden=[1024, 1024, 1024], num_classes=1024).eval()
     x = torch.randn(64, 1024)
     started = time.perf_counter()
-    keiryo_q = quantize(fp32, "int8-dynamic", example_inputs=x, compile=compile_too, runs=runs)
+    policy = Policy(compile=compile_too, runs=runs, time_limit=TIME_LIMIT)
+    keiryo_q = quantize(fp32, "int8-dynamic", example_inputs=x, policy=policy)
     seconds = time.perf_counter() - started
     direct = {"fbgemm direct": quantize_dynamic(fp32, {nn.Linear}, dtype=torch.qint8)}
     ao = build_model("mlp", in_features=1024, hidden=[1024, 1024, 1024], num_classes=1024).eval()
@@ -102,7 +107,7 @@ def linear_stack(runs: int, compile_too: bool) -> str:
         quantize_(aoc, Int8DynamicActivationInt8WeightConfig())
         direct["torchao compiled direct"] = torch.compile(aoc)
     models = {"fp32": fp32, "keiryo int8-dynamic": keiryo_q, **direct}
-    rep = compare(models, x, batch_sizes=(1, 64), runs=runs, num_threads=2)
+    rep = compare(models, x, timing=Timing(runs=runs, batch_sizes=(1, 64), threads=2))
     rows = {r.name: r for r in rep.rows}
     best = {b: min(rows[n].latency[b].p50_ms for n in direct) for b in (1, 64)}
     mine = rows["keiryo int8-dynamic"]
@@ -129,29 +134,29 @@ def digits_methods(number: int, name: str, splits, epochs: int, runs: int, compi
     """Section 2: every method on a model trained on digits."""
     torch.manual_seed(0)
     model = build_model(name, **kwargs_for_data(name, splits.input_shape, splits.num_classes))
-    train(model, splits, epochs=epochs, progress=False, device="cpu", seed=0)
+    train(model, splits, config=TrainConfig(epochs=epochs, progress=False, device="cpu", seed=0))
     model.eval()
     x = example_inputs(splits, 64)
-    qat_config = TrainConfig(epochs=3, lr=5e-4, device="cpu", progress=False)
+    qat = QAT(train=TrainConfig(epochs=3, lr=5e-4, device="cpu", progress=False))
+    # label: (method, calibration, backend); every call times its candidates with `runs` runs
     calls = {
-        "fp16": dict(method="fp16"),
-        "bf16": dict(method="bf16"),
-        "int8-dynamic (auto)": dict(method="int8-dynamic", example_inputs=x, compile=compile_too),
-        "int8-dynamic fbgemm": dict(method="int8-dynamic", backend="fbgemm", example_inputs=x),
-        "int8-weight-only": dict(method="int8-weight-only", backend="torchao", example_inputs=x),
-        "int4-weight-only": dict(method="int4-weight-only", backend="torchao", example_inputs=x),
-        "int8-static minmax": dict(
-            method="int8-static", calibration=splits, observer="minmax", example_inputs=x
-        ),
-        "int8-static histogram": dict(method="int8-static", calibration=splits, example_inputs=x),
-        "qat": dict(method="qat", calibration=splits, example_inputs=x, qat=qat_config),
+        "fp16": ("fp16", None, "auto"),
+        "bf16": ("bf16", None, "auto"),
+        "int8-dynamic (auto)": ("int8-dynamic", None, "auto"),
+        "int8-dynamic fbgemm": ("int8-dynamic", None, "fbgemm"),
+        "int8-weight-only": ("int8-weight-only", None, "torchao"),
+        "int4-weight-only": ("int4-weight-only", None, "torchao"),
+        "int8-static minmax": (Int8Static(observer="minmax"), splits, "auto"),
+        "int8-static histogram": ("int8-static", splits, "auto"),
+        "qat": (qat, splits, "auto"),
     }
     models, notes = {"fp32": model}, {}
-    for label, kwargs in calls.items():
-        q = quantize(model, runs=runs, class_scores=True, **kwargs)
+    for label, (method, calibration, backend) in calls.items():
+        policy = Policy(backend, class_scores=True, compile=compile_too, runs=runs, time_limit=TIME_LIMIT)
+        q = quantize(model, method, calibration, x if method not in ("fp16", "bf16") else None, policy)
         models[label] = q
         notes[label] = report_of(q).message.replace("|", "/")
-    rep = compare(models, x, splits, batch_sizes=(1, 64), runs=runs, num_threads=2)
+    rep = compare(models, x, splits, Timing(runs=runs, batch_sizes=(1, 64), threads=2))
     rows = {r.name: r for r in rep.rows}
     base = rows["fp32"].accuracy
     checks = [
@@ -184,17 +189,17 @@ def transformer_section(splits, runs: int, compile_too: bool) -> str:
     }
     kwargs["heads"] = 8
     model = build_model("transformer", **kwargs)
-    train(model, splits, epochs=4, progress=False, device="cpu", seed=0, lr=1e-3)
+    train(model, splits, config=TrainConfig(epochs=4, lr=1e-3, progress=False, device="cpu", seed=0))
     model.eval()
     x = example_inputs(splits, 64)
-    q = quantize(model, "int8-dynamic", example_inputs=x, class_scores=True, compile=compile_too, runs=runs)
-    static = quantize(model, "int8-static", calibration=splits, example_inputs=x, runs=runs)
+    dynamic = Policy(class_scores=True, compile=compile_too, runs=runs, time_limit=TIME_LIMIT)
+    q = quantize(model, "int8-dynamic", example_inputs=x, policy=dynamic)
+    static = quantize(model, "int8-static", splits, x, Policy(runs=runs, time_limit=TIME_LIMIT))
     rep = compare(
         {"fp32": model, "int8-dynamic (auto)": q, "int8-static (auto)": static},
         x,
         splits,
-        runs=runs,
-        num_threads=2,
+        Timing(runs=runs, threads=2),
     )
     return "\n\n".join(
         [
