@@ -12,12 +12,13 @@ from torch import nn
 from torch.utils.data import Subset
 
 from keiryo import artifacts, provenance
+from keiryo.checkpoints import load_checkpoint
 from keiryo.compress import distill as distill_module
 from keiryo.compress.distill import Distill, distill, output_cosine, soft_target_kl, soft_target_loss
 from keiryo.compress.distill_features import make_projection
 from keiryo.data import load_data, tensors_of
 from keiryo.errors import ConfigError
-from keiryo.loop import TrainConfig, fit, load_checkpoint
+from keiryo.loop import TrainConfig, fit
 from keiryo.models import build_model, kwargs_for_data
 
 
@@ -322,3 +323,35 @@ def test_cli_distill_writes_a_student_and_refuses_bad_values(teacher, tmp_path, 
     assert main([*args, "--out", str(tmp_path / "x.pt"), "--temperature", "0", *quick]) == 2
     assert "temperature must be > 0" in capsys.readouterr().err
     assert not (tmp_path / "x.pt").exists()
+
+
+# --- inputs as PyTorch passes them --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("form", ["dict samples", "tuple inputs"])
+def test_multi_input_models_distil_from_dict_or_tuple_samples(form):
+    """ids and a mask in, a dict of outputs out: the student learns the teacher's `logits` either way."""
+    from multi_input import TwoInputs
+
+    torch.manual_seed(0)
+    teacher, student = TwoInputs(width=8).eval(), TwoInputs(width=8)
+    ids = torch.randint(0, 20, (240, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        labels = teacher(ids, mask)["logits"].argmax(-1)
+    samples = [
+        {"input_ids": i, "attention_mask": m, "labels": y} for i, m, y in zip(ids, mask, labels, strict=True)
+    ]
+    data = samples if form == "dict samples" else ((ids, mask), labels)
+    before = _snapshot(teacher)
+
+    def agreement() -> float:
+        with torch.no_grad():
+            return (student(ids, mask)["logits"].argmax(-1) == labels).float().mean().item()
+
+    start = agreement()
+    distill(
+        teacher, student, data, Distill(temperature=1.0, alpha=1.0), quiet(epochs=30, lr=3e-2, patience=None)
+    )
+    assert agreement() > max(0.8, start + 0.2)
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in before.items())

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 
 from keiryo import devices
 from keiryo import inputs as model_io
@@ -28,7 +28,7 @@ from keiryo.compress.distill_features import (
     make_projection,
     student_taps,
 )
-from keiryo.data import DataSplits, load_data, make_loader
+from keiryo.data import DataSplits, example_inputs, load_data, make_loader
 from keiryo.errors import ConfigError
 from keiryo.loop import LossFn, TrainConfig, fit
 
@@ -208,6 +208,22 @@ def soft_target_loss(teacher: nn.Module | Sequence[nn.Module], config: Distill |
     return DistillLoss(_as_list(teacher), config)
 
 
+class _LabelsUnused(Dataset):
+    """The same samples with float targets, for a run whose loss never reads the labels (alpha = 1 with
+    mse/cosine): the loop then judges epochs by the validation loss, which is the distillation loss, instead
+    of a label accuracy that measures nothing the student is trained for."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> tuple[model_io.Example, Tensor]:
+        inputs, target = model_io.split_batch(self.dataset[i])
+        return inputs, torch.zeros(()) if target is None else torch.as_tensor(target).float()
+
+
 # --- teacher-output cache -----------------------------------------------------------------------------------
 
 
@@ -304,6 +320,8 @@ def distill(
         raise ConfigError(
             "loss 'kl' needs class outputs but the data has regression targets (use mse or cosine)"
         )
+    if config.alpha == 1 and config.loss != "kl":
+        splits = replace(splits, train=_LabelsUnused(splits.train), val=_LabelsUnused(splits.val))
     device = devices.resolve_device(train.device)
     was_training = [t.training for t in teachers]
     for t in teachers:
@@ -344,8 +362,7 @@ def _probe(
     """
     if len(splits.train) == 0:
         raise ConfigError(f"data '{splits.name}' has no training samples")
-    first = Subset(splits.train, range(min(8, len(splits.train))))
-    inputs = model_io.to_device(model_io.split_batch(next(iter(make_loader(first, 8))))[0], device)
+    inputs = model_io.to_device(example_inputs(splits, 8), device)
     was_training = student.training
     student.eval()
     student_out = model_io.forward(student, inputs)
