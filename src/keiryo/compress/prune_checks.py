@@ -10,10 +10,9 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
 
 from keiryo import inputs as model_io
-from keiryo.data import DataSplits, make_loader
+from keiryo.data import DataSplits, example_inputs
 from keiryo.errors import ConfigError, ModelError, one_line
 
 PRUNABLE = (nn.Linear, nn.modules.conv._ConvNd)
@@ -43,21 +42,12 @@ def example_for(
         example = model_io.check_example(example)
         return model_io.to_device(model_io.take(example, 0, count), "cpu")
     if splits is not None:
-        return model_io.resize_batch(data_inputs(splits, count), count)
+        return example_inputs(splits, count)
     shape = getattr(model, "_keiryo_metadata", {}).get("input_shape")
     if not shape or not random_ok:
         why = "to score activations" if not random_ok else "to trace the model"
         raise ConfigError(f"pruning needs example inputs (or data) {why}; pass example_inputs=")
     return torch.randn(2, *shape, generator=torch.Generator().manual_seed(0))
-
-
-def data_inputs(splits: DataSplits, count: int) -> model_io.Example:
-    """The inputs of the first `count` samples of the first non-empty split (test, val, train)."""
-    dataset: Dataset | None = next((d for d in (splits.test, splits.val, splits.train) if len(d)), None)
-    if dataset is None:
-        raise ConfigError(f"data '{splits.name}' has no samples to take example inputs from")
-    batch = next(iter(make_loader(dataset, count)))
-    return model_io.split_batch(batch)[0]
 
 
 def protected_layers(
