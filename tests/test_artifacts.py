@@ -17,7 +17,7 @@ from keiryo.models import build_model
     [
         ("mlp", {"in_features": 64, "hidden": [32, 16]}, (5, 1, 8, 8)),
         ("cnn", {"in_channels": 1, "width": 8}, (5, 1, 8, 8)),
-        ("transformer", {"in_features": 8, "seq_len": 8, "dim": 32, "heads": 4}, (5, 1, 8, 8)),
+        ("transformer", {"tokens": [8, 8], "dim": 32, "heads": 4}, (5, 1, 8, 8)),
     ],
 )
 def test_save_load_gives_identical_outputs(tmp_path, name, kwargs, shape):

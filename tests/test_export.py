@@ -172,10 +172,11 @@ def test_safetensors_is_checked_by_running_a_fresh_copy_of_the_architecture(tmp_
 def test_int8_dynamic_to_safetensors_is_refused_in_one_line(tmp_path):
     """Packed int8 weights are not plain tensors: refused with the format that keeps them, never a tiny file
     of scales that claims success."""
+    from keiryo.compress.qconfig import Policy
     from keiryo.compress.quantize import quantize
 
     model = build_model("mlp", hidden=[32]).eval()
-    q = quantize(model, "int8-dynamic", backend="fbgemm", runs=1, compile=False)
+    q = quantize(model, "int8-dynamic", policy=Policy(backend="fbgemm", runs=1, compile=False))
     with pytest.raises(ExportError, match="keiryo .pt") as info:
         export(q, torch.randn(4, 1, 8, 8), tmp_path / "q.safetensors", "safetensors")
     assert "\n" not in str(info.value) and "'fc0'" in str(info.value)

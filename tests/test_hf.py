@@ -12,12 +12,14 @@ transformers = pytest.importorskip("transformers")
 
 from keiryo import artifacts  # noqa: E402
 from keiryo.cli import main  # noqa: E402
-from keiryo.compress.distill import distill  # noqa: E402
+from keiryo.compress.distill import Distill, distill  # noqa: E402
 from keiryo.compress.prune import prune  # noqa: E402
 from keiryo.errors import ConfigError, ModelError  # noqa: E402
 from keiryo.hf import HFModel  # noqa: E402
 from keiryo.hf_text import embedding_quality, text_data  # noqa: E402
-from keiryo.metrics import compare  # noqa: E402
+from keiryo.loop import TrainConfig  # noqa: E402
+from keiryo.measuring import compare  # noqa: E402
+from keiryo.metrics import Timing  # noqa: E402
 from keiryo.models import build_model, spec_of  # noqa: E402
 
 WORDS = "the a cat dog sat on mat ran fast slow red blue house car tree big small quickly over under".split()
@@ -101,7 +103,8 @@ def test_classifier_returns_the_logits_and_is_measured_by_label_agreement(classi
         torch.testing.assert_close(model(tokens), logits, atol=1e-5, rtol=1e-4)
     labels = logits.argmax(1)
     pruned = prune(model, 0.25, example_inputs=tokens)
-    result = compare({"model": model, "pruned": pruned}, tokens, (tokens, labels), batch_sizes=(2,), runs=2)
+    timing = Timing(batch_sizes=(2,), runs=2)
+    result = compare({"model": model, "pruned": pruned}, tokens, (tokens, labels), timing)
     assert result.rows[0].accuracy == 1.0  # labels are the model's own predictions
     assert result.rows[1].agreement.top1 is not None
 
@@ -137,7 +140,8 @@ def test_student_of_the_same_config_is_distilled_towards_the_teacher(encoder, en
     data = text_data(encoder, texts)
     tokens = encoder.tokenize(texts)
     before = embedding_quality(student, encoder, tokens)
-    distill(encoder, student, data, loss="cosine", alpha=1.0, epochs=4, lr=3e-3, device="cpu", progress=False)
+    train = TrainConfig(epochs=4, lr=3e-3, device="cpu", progress=False)
+    distill(encoder, student, data, Distill(loss="cosine", alpha=1.0), train)
     after = embedding_quality(student, encoder, tokens)
     assert after.cosine_mean > before.cosine_mean
     artifacts.save(student, tmp_path / "student.pt")
@@ -149,9 +153,8 @@ def test_student_of_the_same_config_is_distilled_towards_the_teacher(encoder, en
 def test_int8_quantized_encoder_keeps_its_embeddings_and_round_trips(encoder, tmp_path):
     quantize_module = pytest.importorskip("keiryo.compress.quantize")
     tokens = encoder.tokenize(TEXTS)
-    quantized = quantize_module.quantize(
-        encoder, "int8-dynamic", example_inputs=tokens, backend="fbgemm", min_top1=0.0, runs=2
-    )
+    policy = pytest.importorskip("keiryo.compress.qconfig").Policy(backend="fbgemm", min_top1=0.0, runs=2)
+    quantized = quantize_module.quantize(encoder, "int8-dynamic", example_inputs=tokens, policy=policy)
     quality = embedding_quality(quantized, encoder, tokens)
     assert quality.cosine_mean > 0.95
     artifacts.save(quantized, tmp_path / "int8.pt")

@@ -13,10 +13,22 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "keiryo"
 # lowest first; a module may import its own layer (without cycles) or any lower one
 LAYERS: list[tuple[str, ...]] = [
     ("errors", "optional", "devices", "fileio", "sparse", "provenance", "inputs", "interrupts", "yamlfile"),
-    ("attention", "splits", "datafiles", "data", "hf_files", "hf", "hf_text", "models", "metrics", "lm"),
-    ("loop", "checkpoints", "holdout", "progress"),
+    (
+        "attention",
+        "splits",
+        "datafiles",
+        "data",
+        "hf_files",
+        "hf",
+        "hf_text",
+        "hf_export",
+        "models",
+        "metrics",
+        "lm",
+    ),
+    ("loop", "checkpoints", "holdout", "progress", "batches"),
     ("parallel", "compress"),
-    ("artifacts", "measuring", "export", "report", "examples", "summary"),
+    ("artifacts", "measuring", "export_check", "export", "report", "examples", "summary"),
     ("training", "recipe", "optimize", "steps"),
     ("keiryo", "cli", "__main__"),
 ]

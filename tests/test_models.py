@@ -171,6 +171,7 @@ BAD_FILE_IMPORT = "raise RuntimeError('boom\\nsecond line')\n"
         ("cnn", {"width": 0}, "width"),
         ("transformer", {"dim": 30, "heads": 4}, "multiple of heads"),
         ("transformer", {"depth": 2.5}, "depth"),
+        ("transformer", {"tokens": [8]}, "tokens must be"),
         ("bad spec:x-y", {}, "package.module:function"),
     ],
 )
@@ -209,7 +210,7 @@ def test_code_is_refused_without_trust_before_import(spec, factory_file, tmp_pat
         ("cnn", {}),
         ("cnn", {"in_channels": 3, "width": 5, "blocks": 3, "num_classes": 4}),
         ("transformer", {}),
-        ("transformer", {"in_features": 5, "seq_len": 3, "dim": 12, "depth": 3, "heads": 3, "mlp_ratio": 3}),
+        ("transformer", {"tokens": [3, 5], "dim": 12, "depth": 3, "heads": 3, "mlp_ratio": 3}),
     ],
 )
 def test_builtins_refuse_sizes_above_the_limit_before_allocating(name, kwargs, monkeypatch):
@@ -246,9 +247,9 @@ def test_memory_bombs_fail_fast_in_one_line(name, kwargs, needle):
         ("mlp", (1, 8, 8), 10, {"in_features": 64, "num_classes": 10}),
         ("mlp", (20,), None, {"in_features": 20, "num_classes": 1}),
         ("cnn", (3, 12, 12), 4, {"in_channels": 3, "num_classes": 4}),
-        ("transformer", (1, 8, 8), 10, {"in_features": 8, "seq_len": 8, "num_classes": 10}),
-        ("transformer", (6, 5), 3, {"in_features": 5, "seq_len": 6, "num_classes": 3}),
-        ("transformer", (20,), None, {"in_features": 20, "seq_len": 1, "num_classes": 1}),
+        ("transformer", (1, 8, 8), 10, {"tokens": [8, 8], "num_classes": 10}),
+        ("transformer", (6, 5), 3, {"tokens": [6, 5], "num_classes": 3}),
+        ("transformer", (20,), None, {"tokens": [1, 20], "num_classes": 1}),
     ],
 )
 def test_kwargs_for_data_sizes_a_working_model(name, shape, classes, expected):

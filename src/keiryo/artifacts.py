@@ -240,6 +240,8 @@ def load(path: str | Path, *, trust_code: bool = False) -> nn.Module:
             _replay(model, transform)
         expected = _shapes(model.state_dict())
         model.load_state_dict(_with_versions(payload), strict=True, assign=True)
+        if callable(getattr(model, "tie_weights", None)):
+            model.tie_weights()  # transformers' tied embeddings: assigning loaded tensors untied them
     except KeiryoError as exc:  # a layer or transform this file cannot have: keep the kind, name the file
         raise type(exc)(f"{what}: {exc}") from exc
     except (RuntimeError, KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:

@@ -1,4 +1,5 @@
-"""Export a model for deployment: ONNX (checked in onnxruntime), torch.export programs, safetensors weights.
+"""Export a model for deployment: ONNX (checked in onnxruntime), torch.export programs, safetensors weights,
+and Hugging Face folders that transformers loads without keiryo (format "hf").
 
 Example inputs follow `keiryo.inputs`: a Tensor, a tuple of positional arguments or a dict of keyword
 arguments (a raw Hugging Face model takes `(ids, mask)` or `{"input_ids": ..., "attention_mask": ...}`). Every
@@ -16,42 +17,47 @@ folder is removed whatever happens (an error, Ctrl-C), so a failed export leaves
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
 import logging
-import math
 import os
 import platform
-import re
-import shutil
-import statistics
 import tempfile
-import time
-import warnings
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from torch.utils import _pytree as pytree
 
-from keiryo import inputs
-from keiryo.errors import ConfigError, KeiryoError
+from keiryo import hf_export, inputs
+from keiryo.errors import KeiryoError
+from keiryo.export_check import (
+    ExportError,
+    check_batch,
+    check_inputs,
+    dynamic_batch,
+    first_line,
+    leaves,
+    main_index,
+    p50_ms,
+    quiet,
+    staged_file,
+    staged_folder,
+    verify,
+)
 from keiryo.inputs import Example
-from keiryo.metrics import batch_of, has_quantized_kernels, time_models
+from keiryo.metrics import has_quantized_kernels, time_models
+from keiryo.provenance import TRANSFORMS_ATTR
 
-# Each format and the file suffix it is written with.
-SUFFIXES = {"onnx": ".onnx", "onnx-int8": ".onnx", "torch-export": ".pt2", "safetensors": ".safetensors"}
+# Each format and the file suffix it is written with ("hf" writes a folder).
+SUFFIXES = {
+    "onnx": ".onnx",
+    "onnx-int8": ".onnx",
+    "torch-export": ".pt2",
+    "safetensors": ".safetensors",
+    "hf": "",
+}
 FORMATS = tuple(SUFFIXES)
-# Largest |exported − PyTorch| accepted, relative to the largest |output|: float kernels differ in rounding,
-# onnxruntime's int8 rounds weights and activations, and safetensors must give back the very same weights.
-TOLERANCE = {"onnx": 1e-2, "onnx-int8": 0.2, "torch-export": 1e-2, "safetensors": 1e-5}
-
-
-class ExportError(KeiryoError):
-    """A model could not be exported, or the exported file does not reproduce the model."""
+FLOAT_METHODS = ("fp32", "fp16", "bf16")  # quantize methods whose weights stay plain float tensors
 
 
 @dataclass
@@ -67,48 +73,20 @@ class ExportResult:
     output: str = "output"  # which output was compared: "output", "logits", "last_hidden_state", ...
 
 
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """The dynamo ONNX exporter prints progress and warnings meant for its developers; keep the CLI clean."""
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logger.setLevel(level)
-
-
-@contextlib.contextmanager
-def _staged(path: str | Path) -> Iterator[Path]:
-    """A temporary path beside `path`; renamed into place only when the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        staged = tmp_dir / path.name
-        yield staged
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(staged, 0o666 & ~umask)  # some writers create 0600 files; give the usual permissions
-        os.replace(staged, path)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()  # the exporters colour their messages
-    return text.splitlines()[0][:300] if text else type(exc).__name__
-
-
 def check_target(path: str | Path, format: str) -> Path:
     """Refuse, before any work, an unknown format or a path that cannot be written (one-line ExportError)."""
     if format not in SUFFIXES:
         raise ExportError(f"unknown export format '{format}' (choose from {', '.join(FORMATS)})")
     path = Path(path)
-    if path.is_dir():
+    if format == "hf":
+        if path.exists() and not path.is_dir():
+            raise ExportError(f"export path '{path}' is a file; a Hugging Face export is a folder")
+        if path.is_dir() and any(path.iterdir()) and not (path / "config.json").is_file():
+            raise ExportError(
+                f"export folder '{path}' holds other files; give a new folder (a previous Hugging Face "
+                "export there is replaced)"
+            )
+    elif path.is_dir():
         example = path / ("model" + SUFFIXES[format])
         raise ExportError(f"export path '{path}' is a folder; give a file path such as {example}")
     folder = path.parent
@@ -123,81 +101,6 @@ def check_target(path: str | Path, format: str) -> Path:
     except OSError as exc:
         raise ExportError(f"export path '{path}': cannot write in '{folder}' ({exc.strerror})") from None
     return path
-
-
-def _check_inputs(model: object, example_inputs: object, required: bool = True) -> None:
-    if not isinstance(model, nn.Module):
-        raise ExportError(f"export needs a torch.nn.Module, got a {type(model).__name__}")
-    if example_inputs is None and not required:
-        return
-    what = "export needs example inputs (a tensor, a tuple of arguments or a dict of them)"
-    try:
-        inputs.check_example(example_inputs, "example inputs")
-        if inputs.batch_size(example_inputs) < 1:
-            raise ConfigError("no sample")
-    except ConfigError as exc:
-        raise ExportError(f"{what} with a batch of at least one sample: {exc}") from None
-
-
-def _check_batch(example: Example) -> Example:
-    """The example at a batch size it was not exported with (at least 3), to prove the batch is dynamic."""
-    n = inputs.batch_size(example)
-    return batch_of(example, max(3, n + 1))
-
-
-def _dynamic_batch(example: Example) -> tuple | dict:
-    """`dynamic_shapes` marking the first dimension of each batch-first tensor as the one dynamic batch,
-    laid out like the arguments (a tuple for positional arguments, a dict for keyword ones)."""
-    batch = torch.export.Dim("batch", min=1, max=1 << 16)
-    n = inputs.batch_size(example)
-
-    def spec(value: object) -> object:
-        if isinstance(value, Tensor):
-            return {0: batch} if value.dim() > 0 and value.shape[0] == n else None
-        return pytree.tree_map(lambda _: None, value)
-
-    args, kwargs = inputs.args_kwargs(example)
-    return {k: spec(v) for k, v in kwargs.items()} if kwargs else tuple(spec(v) for v in args)
-
-
-def _leaves(output: object) -> list[Tensor]:
-    """The tensors of an output in the order exporters flatten it (tuples, dicts, ModelOutputs)."""
-    return [t for t in pytree.tree_leaves(output) if isinstance(t, Tensor)]
-
-
-def _main_index(output: object) -> int:
-    """Where `inputs.main_output` lies among the output's flattened tensors."""
-    main = inputs.main_output(output)
-    return next(i for i, t in enumerate(_leaves(output)) if t is main)
-
-
-def _verify(format: str, got: Tensor, want: Tensor) -> float:
-    """The largest |got − want|; an ExportError when the written file does not reproduce the model."""
-    got, want = got.float(), want.float()
-    if got.shape != want.shape:
-        raise ExportError(
-            f"the written {format} file gives outputs of shape {tuple(got.shape)}, the model "
-            f"{tuple(want.shape)}; the export is broken and was not kept"
-        )
-    error = float((got - want).abs().max()) if got.numel() else 0.0
-    scale = max(float(want.abs().max()) if want.numel() else 0.0, 1e-6)
-    if not math.isfinite(error) or error > TOLERANCE[format] * scale:
-        raise ExportError(
-            f"the written {format} file does not reproduce the model (max |exported − PyTorch| {error:.3g} "
-            f"for outputs up to {scale:.3g}); it was not kept"
-        )
-    return error
-
-
-def _p50_ms(fn: Callable[[], object], runs: int = 30, warmup: int = 5) -> float:
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples) * 1000
 
 
 def export_onnx(
@@ -218,19 +121,19 @@ def export_onnx(
 
     format = "onnx-int8" if int8 else "onnx"
     check_target(path, format)
-    _check_inputs(model, example_inputs)
+    check_inputs(model, example_inputs)
     model = model.eval()
     args, kwargs = inputs.args_kwargs(example_inputs)
-    with _staged(path) as staged:
+    with staged_file(path) as staged:
         try:
-            with _quiet():
+            with quiet():
                 torch.onnx.export(
                     model,
                     args,
                     str(staged),
                     kwargs=kwargs or None,
                     dynamo=True,
-                    dynamic_shapes=_dynamic_batch(example_inputs),
+                    dynamic_shapes=dynamic_batch(example_inputs),
                     external_data=False,  # one self-contained file (fine below ONNX's 2 GB limit)
                 )
         except Exception as exc:
@@ -239,7 +142,7 @@ def export_onnx(
                     "ONNX export failed: this model runs PyTorch int8 kernels, which the ONNX exporter "
                     "cannot translate; export the float model as onnx-int8 instead"
                 ) from exc
-            raise ExportError(f"ONNX export failed: {_first_line(exc)}") from exc
+            raise ExportError(f"ONNX export failed: {first_line(exc)}") from exc
         if int8:
             _quantize_onnx(staged)
         torch_ms = time_models({"torch": model}, example_inputs, runs=30, warmup=5)["torch"].p50_ms
@@ -249,18 +152,18 @@ def export_onnx(
         try:
             session = ort.InferenceSession(str(staged), options, providers=["CPUExecutionProvider"])
         except Exception as exc:
-            raise ExportError(f"onnxruntime cannot load the exported model: {_first_line(exc)}") from exc
-        check = _check_batch(example_inputs)  # a batch size not seen at export
+            raise ExportError(f"onnxruntime cannot load the exported model: {first_line(exc)}") from exc
+        check = check_batch(example_inputs)  # a batch size not seen at export
         with torch.inference_mode():
             want = inputs.call(model, check)
-        index = _main_index(want)
+        index = main_index(want)
         try:
             got = torch.from_numpy(session.run(None, _onnx_feed(session, check))[index])
         except Exception as exc:
-            raise ExportError(f"onnxruntime cannot run the exported model: {_first_line(exc)}") from exc
-        error = _verify(format, got, inputs.main_output(want))
+            raise ExportError(f"onnxruntime cannot run the exported model: {first_line(exc)}") from exc
+        error = verify(format, got, inputs.main_output(want))
         feed = _onnx_feed(session, example_inputs)
-        runtime = _p50_ms(lambda: session.run(None, feed))
+        runtime = p50_ms(lambda: session.run(None, feed))
         size = staged.stat().st_size
     return ExportResult(format, Path(path), size, error, runtime, torch_ms, inputs.output_name(want))
 
@@ -286,12 +189,12 @@ def _quantize_onnx(path: Path) -> None:
     level = root.level
     root.setLevel(logging.ERROR)  # it logs a pre-processing tip on the root logger at every call
     try:
-        with _quiet():
+        with quiet():
             quantize_dynamic(
                 str(float_copy), str(path), weight_type=QuantType.QInt8, reduce_range=_saturating_cpu()
             )
     except Exception as exc:
-        raise ExportError(f"onnxruntime int8 quantization failed: {_first_line(exc)}") from exc
+        raise ExportError(f"onnxruntime int8 quantization failed: {first_line(exc)}") from exc
     finally:
         root.setLevel(level)
 
@@ -311,14 +214,14 @@ def _saturating_cpu() -> bool:
 def export_program(model: nn.Module, example_inputs: Example, path: str | Path) -> ExportResult:
     """A `torch.export` program (.pt2): the graph and weights, loadable without the model's Python code."""
     check_target(path, "torch-export")
-    _check_inputs(model, example_inputs)
+    check_inputs(model, example_inputs)
     model = model.eval()
     args, kwargs = inputs.args_kwargs(example_inputs)
-    with _staged(path) as staged:
+    with staged_file(path) as staged:
         try:
-            with _quiet():
+            with quiet():
                 program = torch.export.export(
-                    model, args, kwargs=kwargs or None, dynamic_shapes=_dynamic_batch(example_inputs)
+                    model, args, kwargs=kwargs or None, dynamic_shapes=dynamic_batch(example_inputs)
                 )
             torch.export.save(program, str(staged))
         except Exception as exc:
@@ -327,22 +230,22 @@ def export_program(model: nn.Module, example_inputs: Example, path: str | Path) 
                     "torch.export failed: this model runs PyTorch int8 kernels, which it cannot trace; "
                     "keep it as a keiryo .pt file, or export the float model (onnx-int8 gives an int8 file)"
                 ) from exc
-            raise ExportError(f"torch.export failed: {_first_line(exc)}") from exc
+            raise ExportError(f"torch.export failed: {first_line(exc)}") from exc
         del program  # what is checked is the written file, loaded afresh
         try:
             loaded = torch.export.load(str(staged)).module()
         except Exception as exc:
             raise ExportError(
-                f"torch.export.load cannot read the written program: {_first_line(exc)}"
+                f"torch.export.load cannot read the written program: {first_line(exc)}"
             ) from exc
-        check = _check_batch(example_inputs)
+        check = check_batch(example_inputs)
         with torch.inference_mode():
             want = inputs.call(model, check)
             try:
                 got = inputs.call(loaded, check)
             except Exception as exc:
-                raise ExportError(f"the written program fails to run: {_first_line(exc)}") from exc
-            err = _verify("torch-export", _leaves(got)[_main_index(want)], inputs.main_output(want))
+                raise ExportError(f"the written program fails to run: {first_line(exc)}") from exc
+            err = verify("torch-export", leaves(got)[main_index(want)], inputs.main_output(want))
         lat = time_models({"program": loaded, "torch": model}, example_inputs, runs=30, warmup=5)
         size = staged.stat().st_size
     return ExportResult(
@@ -368,7 +271,7 @@ def export_safetensors(
     from safetensors.torch import load_file, save_file
 
     check_target(path, "safetensors")
-    _check_inputs(model, example_inputs, required=False)
+    check_inputs(model, example_inputs, required=False)
     state = model.state_dict()
     for key, value in state.items():
         if type(value) is not Tensor or value.is_quantized:
@@ -385,20 +288,18 @@ def export_safetensors(
         if ptr in seen:
             tensors[key] = value.clone()
         seen.setdefault(ptr, key)
-    with _staged(path) as staged:
+    with staged_file(path) as staged:
         try:
             save_file(tensors, str(staged))
             loaded = load_file(str(staged))
         except Exception as exc:
             raise ExportError(
-                f"safetensors could not write and read back the weights: {_first_line(exc)}"
+                f"safetensors could not write and read back the weights: {first_line(exc)}"
             ) from exc
         if loaded.keys() != tensors.keys():
             missing = sorted(tensors.keys() - loaded.keys())[:3]
             raise ExportError(f"the written safetensors file lacks {', '.join(missing)}; it was not kept")
-        err = max(
-            (_verify("safetensors", loaded[k], v) for k, v in tensors.items() if v.numel()), default=0.0
-        )
+        err = max((verify("safetensors", loaded[k], v) for k, v in tensors.items() if v.numel()), default=0.0)
         output = "weights"
         if example_inputs is not None:
             fresh = copy.deepcopy(model).eval()
@@ -406,16 +307,55 @@ def export_safetensors(
                 fresh.load_state_dict(loaded, strict=True)
             except RuntimeError as exc:
                 raise ExportError(
-                    f"the written weights do not fit the architecture: {_first_line(exc)}"
+                    f"the written weights do not fit the architecture: {first_line(exc)}"
                 ) from exc
-            check = _check_batch(example_inputs)
+            check = check_batch(example_inputs)
             with torch.inference_mode():
                 want = inputs.call(model, check)
                 got = inputs.main_output(inputs.call(fresh, check))
-                err = max(err, _verify("safetensors", got, inputs.main_output(want)))
+                err = max(err, verify("safetensors", got, inputs.main_output(want)))
                 output = inputs.output_name(want)
         size = staged.stat().st_size
     return ExportResult("safetensors", Path(path), size, err, output=output)
+
+
+def export_hf(model: nn.Module, path: str | Path, example_inputs: Example | None = None) -> ExportResult:
+    """A Hugging Face folder (config.json, model.safetensors, tokenizer files) that transformers loads by
+    itself, for float/fp16/bf16 and pruned models (see `keiryo.hf_export`); int8/int4 models are refused.
+
+    Checked by loading the written folder with transformers and comparing it with the model on
+    `example_inputs` (when given).
+    """
+    check_target(path, "hf")
+    check_inputs(model, example_inputs, required=False)
+    methods = [
+        t["options"].get("method") for t in getattr(model, TRANSFORMS_ATTR, []) if t["kind"] == "quantize"
+    ]
+    if has_quantized_kernels(model) or any(m not in FLOAT_METHODS for m in methods):
+        raise ExportError(
+            "int8/int4 weights have no Hugging Face layout that transformers loads by itself: keiryo.load "
+            "reads them from the keiryo .pt file (keiryo.save, or --out model.pt); export the float model as "
+            "onnx-int8 for an int8 file that onnxruntime loads"
+        )
+    path = Path(path)
+    with staged_folder(path) as staged:
+        try:
+            fresh = hf_export.write_folder(model, staged)
+            loaded = hf_export.load_folder(fresh, staged)
+        except KeiryoError as exc:
+            raise ExportError(f"Hugging Face export: {exc}") from None
+        err, output = 0.0, "weights"
+        if example_inputs is not None:
+            check = check_batch(example_inputs)
+            with torch.inference_mode():
+                want = inputs.call(model, check)
+                got = inputs.call(hf_export.like(model, loaded), check)
+            err, output = (
+                verify("hf", inputs.main_output(got), inputs.main_output(want)),
+                inputs.output_name(want),
+            )
+        size = sum(f.stat().st_size for f in staged.rglob("*") if f.is_file())
+    return ExportResult("hf", path, size, err, output=output)
 
 
 def export(model: nn.Module, example_inputs: Example, path: str | Path, format: str = "onnx") -> ExportResult:
@@ -425,7 +365,6 @@ def export(model: nn.Module, example_inputs: Example, path: str | Path, format: 
         return export_onnx(model, example_inputs, path, int8=format == "onnx-int8")
     if format == "torch-export":
         return export_program(model, example_inputs, path)
-    check_target(path, format)
-    if format == "safetensors":
-        return export_safetensors(model, path, example_inputs)
-    raise ExportError(f"unknown export format '{format}' (choose from {', '.join(FORMATS)})")
+    if format == "hf":
+        return export_hf(model, path, example_inputs)
+    return export_safetensors(model, path, example_inputs)

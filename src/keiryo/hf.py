@@ -17,6 +17,7 @@ embedding quality are `keiryo.hf_text`.
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,11 +28,25 @@ from torch import Tensor, nn
 
 from keiryo import hf_files
 from keiryo.attention import qkv_attention
-from keiryo.errors import ArtifactError, ConfigError, ModelError, one_line
+from keiryo.errors import ArtifactError, ConfigError, ModelError, TrustError, one_line
 from keiryo.hf_files import check_model_size, check_no_remote_code, check_weights, model_dir, optional_json
 
 HF_PREFIX = "hf:"
-TASKS = ("embedding", "classifier")
+HF_CONFIG = "hf-config"  # the factory of a transformers model object saved without a folder: its config
+AUTO_CLASSES = {
+    "embedding": "AutoModel",
+    "classifier": "AutoModelForSequenceClassification",
+    "causal-lm": "AutoModelForCausalLM",
+    "image-classifier": "AutoModelForImageClassification",
+    "base": "AutoModel",
+}
+TASKS = tuple(AUTO_CLASSES)
+ARCHITECTURE_TASKS = (
+    ("ForSequenceClassification", "classifier"),
+    ("ForCausalLM", "causal-lm"),
+    ("LMHeadModel", "causal-lm"),
+    ("ForImageClassification", "image-classifier"),
+)
 POOLINGS = ("mean", "cls", "max")
 
 
@@ -156,12 +171,15 @@ def load_hf(
     intermediate_size: int | None = None,
     max_length: int = 128,
     pooling: str | None = None,
-) -> HFModel:
-    """The model in a local Hugging Face directory as an `HFModel`, offline, in eval mode.
+) -> nn.Module:
+    """The model in a local Hugging Face directory, offline, in eval mode.
 
-    `task` "embedding" | "classifier" (default: classifier when the config names a *ForSequenceClassification
-    architecture). `layers` keeps that many encoder layers, evenly spaced (or the listed indices), and
-    `intermediate_size` keeps the feed-forward neurons of largest weight norm: the student of the same config.
+    `task` (default: from the config's architecture) "causal-lm" (GPT-2, Llama, Qwen2, Mistral...),
+    "image-classifier" (ResNet, ConvNeXT, ViT...) and "base" (any other AutoModel) give transformers' own
+    model, which takes its usual inputs (`(ids, mask)`, `pixel_values`); "embedding" and "classifier" (text
+    encoders) give an `HFModel`. For those, `layers` keeps that many encoder layers, evenly spaced (or the
+    listed indices), and `intermediate_size` keeps the feed-forward neurons of largest weight norm: the
+    student of the same config.
     """
     directory = model_dir(path)
     check_no_remote_code(directory)  # before transformers sees the folder
@@ -173,24 +191,23 @@ def load_hf(
         )
     except Exception as exc:  # transformers reading a user's config: any failure is the file's
         raise ArtifactError(f"cannot read '{directory / 'config.json'}': {one_line(exc)}") from exc
-    archs = config.architectures or []
-    task = task or (
-        "classifier" if any(a.endswith("ForSequenceClassification") for a in archs) else "embedding"
-    )
+    task = task or task_of(config)
     if task not in TASKS:
         raise ConfigError(f"unknown task '{task}' for a Hugging Face model (choose {', '.join(TASKS)})")
-    auto = transformers.AutoModelForSequenceClassification if task == "classifier" else transformers.AutoModel
-    check_model_size(auto, config, directory)
+    wrapped = task in ("embedding", "classifier")
+    if not wrapped and (layers, intermediate_size, pooling) != (None, None, None):
+        raise ConfigError(f"layers, intermediate_size and pooling apply to text encoders, not a {task} model")
+    auto = getattr(transformers, AUTO_CLASSES[task])
+    check_model_size(lambda: auto.from_config(config, trust_remote_code=False), f"'{directory}/config.json'")
+    options = {"attn_implementation": "sdpa"} if wrapped else {}  # conv models have no attention to choose
     try:
         model = auto.from_pretrained(
-            str(directory),
-            config=config,
-            local_files_only=True,
-            trust_remote_code=False,
-            attn_implementation="sdpa",
+            str(directory), config=config, local_files_only=True, trust_remote_code=False, **options
         )
     except Exception as exc:  # transformers reading a user's weights: any failure is the files'
         raise ArtifactError(f"cannot load the model in '{directory}': {one_line(exc)}") from exc
+    if not wrapped:
+        return model.eval()
     if task == "embedding" and getattr(model, "pooler", None) is not None:
         model.pooler = None  # sentence embeddings pool the tokens themselves; the CLS pooler is never used
     if layers is not None:
@@ -205,6 +222,47 @@ def load_hf(
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
         raise ConfigError(f"max_length must be a whole number ≥ 1, got {max_length!r}")
     return HFModel(model, str(directory), task, pool, normalize, max_length).eval()
+
+
+def task_of(config: Any) -> str:
+    """The task a config's architecture names: a head it ends with, else a text encoder's embedding (a
+    vocabulary), else the base model."""
+    archs = config.architectures or []
+    for suffix, task in ARCHITECTURE_TASKS:
+        if any(a.endswith(suffix) for a in archs):
+            return task
+    return "embedding" if hasattr(config, "vocab_size") else "base"
+
+
+def config_spec(model: nn.Module) -> dict | None:
+    """The spec that rebuilds a transformers model object from its config alone ({"factory": HF_CONFIG,
+    "kwargs": {"architecture", "config"}}), or None for anything else (remote-code classes included)."""
+    config = getattr(model, "config", None)
+    if not type(model).__module__.startswith("transformers.") or not hasattr(config, "to_json_string"):
+        return None
+    plain = json.loads(config.to_json_string(use_diff=False))
+    return {"factory": HF_CONFIG, "kwargs": {"architecture": type(model).__name__, "config": plain}}
+
+
+def from_config(architecture: str, config: dict) -> nn.Module:
+    """A transformers model class (named, never imported from elsewhere) built from a config dict, randomly
+    initialised; `keiryo.load` loads its weights. A config asking for its own code (auto_map) is refused."""
+    if "auto_map" in config:
+        raise TrustError(
+            f"the config of '{architecture}' asks to run its own Python code (auto_map); keiryo never runs "
+            "a model's code, not even with --trust-code"
+        )
+    transformers = hf_files.transformers_module()
+    cls = getattr(transformers, architecture, None) if architecture.isidentifier() else None
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise ArtifactError(f"'{architecture}' is not a model class that transformers ships")
+    try:
+        built = cls.config_class.from_dict(config)
+    except Exception as exc:  # transformers reading a file's config: any failure is the file's
+        raise ArtifactError(f"the config of '{architecture}' is not valid: {one_line(exc)}") from exc
+    check_model_size(lambda: cls(built), f"the config of '{architecture}'")
+    with hf_files.no_init_weights():
+        return cls(built).eval()
 
 
 def _sentence_transformers_head(directory: Path) -> tuple[str, bool]:

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -144,7 +145,7 @@ def transformers_module() -> Any:
     return transformers
 
 
-def _no_init_weights():
+def no_init_weights() -> Any:
     """transformers' context that skips weight initialisation (where it lives differs between versions)."""
     for where in ("transformers.initialization", "transformers.modeling_utils"):
         with contextlib.suppress(ImportError, AttributeError):
@@ -152,17 +153,16 @@ def _no_init_weights():
     return contextlib.nullcontext()
 
 
-def check_model_size(auto: Any, config: Any, directory: Path) -> None:
-    """Size the model the config describes on the meta device (nothing allocated) and check the limit."""
+def check_model_size(build: Callable[[], Any], where: str) -> None:
+    """Size the model `build()` makes on the meta device (nothing allocated) and check the limit; `where`
+    names the config it comes from."""
     try:
-        with torch.device("meta"), _no_init_weights():
-            probe = auto.from_config(config, trust_remote_code=False)
-    except Exception as exc:  # transformers reading a foreign config: any failure is the folder's
-        raise ArtifactError(
-            f"cannot build the model that '{directory}/config.json' describes: {one_line(exc)}"
-        ) from exc
+        with torch.device("meta"), no_init_weights():
+            probe = build()
+    except Exception as exc:  # transformers reading a foreign config: any failure is the config's
+        raise ArtifactError(f"cannot build the model that {where} describes: {one_line(exc)}") from exc
     nbytes = sum(t.numel() * t.element_size() for t in [*probe.parameters(), *probe.buffers()])
-    check_bytes(nbytes, f"the model in '{directory}'")
+    check_bytes(nbytes, f"the model {where} describes")
 
 
 @functools.lru_cache(maxsize=8)

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from keiryo.attention import qkv_attention
 from keiryo.errors import ModelError, TrustError, check_bytes, one_line
-from keiryo.hf import hf_factory, is_hf_spec
+from keiryo.hf import HF_CONFIG, config_spec, from_config, hf_factory, is_hf_spec
 
 SPEC_ATTR = "_keiryo_spec"
 MAX_LAYERS = (
@@ -147,20 +147,19 @@ class Attention(nn.Module):
 class Block(nn.Module):
     """Pre-norm encoder block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: int, dropout: float) -> None:
+    def __init__(self, dim: int, heads: int, mlp_ratio: int) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads, dropout)
+        self.attn = Attention(dim, heads)
         self.norm2 = nn.LayerNorm(dim)
         hidden = mlp_ratio * dim
         self.mlp = nn.Sequential(
             OrderedDict(fc1=nn.Linear(dim, hidden), act=nn.GELU(), fc2=nn.Linear(hidden, dim))
         )
-        self.drop = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x + self.drop(self.attn(self.norm1(x)))
-        return x + self.drop(self.mlp(self.norm2(x)))
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
 
 
 class Transformer(nn.Module):
@@ -184,28 +183,29 @@ class Transformer(nn.Module):
 
 
 def transformer(
-    in_features: int = 8,
-    seq_len: int = 8,
+    tokens: Sequence[int] = (8, 8),
     dim: int = 64,
     depth: int = 2,
     heads: int = 4,
     mlp_ratio: int = 2,
     num_classes: int = 10,
-    dropout: float = 0.0,
 ) -> nn.Module:
-    """A small pre-norm transformer encoder; digits (B, 1, 8, 8) become 8 tokens of 8 pixels."""
+    """A small pre-norm transformer encoder over `tokens` = (sequence length, features per token): digits
+    (B, 1, 8, 8) become 8 tokens of 8 pixels."""
+    if isinstance(tokens, (str, bytes)) or not isinstance(tokens, Sequence) or len(tokens) != 2:
+        raise ModelError(f"model 'transformer': tokens must be [sequence length, features], got {tokens!r}")
+    seq_len, in_features = tokens
     sizes = dict(in_features=in_features, seq_len=seq_len, dim=dim, heads=heads, mlp_ratio=mlp_ratio)
     _check_positive("transformer", num_classes=num_classes, **sizes)
     _check_positive("transformer", depth=depth, allow_zero=True)
     _check_count("transformer", "depth", depth)
-    _check_dropout("transformer", dropout)
     if dim % heads:
         raise ModelError(f"model 'transformer': dim ({dim}) must be a multiple of heads ({heads})")
     hidden = mlp_ratio * dim
     block = 4 * dim + 4 * dim * dim + 4 * dim + 2 * dim * hidden + hidden + dim  # norms, qkv+proj, mlp
     elements = (in_features + 1 + seq_len) * dim + depth * block + 2 * dim + (dim + 1) * num_classes
     _check_size("transformer", elements, dim=dim, depth=depth, mlp_ratio=mlp_ratio, seq_len=seq_len)
-    blocks = [Block(dim, heads, mlp_ratio, dropout) for _ in range(depth)]
+    blocks = [Block(dim, heads, mlp_ratio) for _ in range(depth)]
     return Transformer(in_features, seq_len, dim, blocks, num_classes)
 
 
@@ -265,10 +265,11 @@ def resolve_factory(factory: str, *, trust_code: bool = False) -> Callable[..., 
 
 
 def spec_of(model: nn.Module) -> dict | None:
-    """The {"factory", "kwargs"} that built `model` with `build_model`, or None if it was built otherwise."""
+    """The {"factory", "kwargs"} that built `model` with `build_model` — for a transformers model object, its
+    class and current config (which pruning may have changed) — or None if it was built otherwise."""
     spec = getattr(model, SPEC_ATTR, None)
-    if not isinstance(spec, dict):
-        return None
+    if not isinstance(spec, dict) or spec["factory"] == HF_CONFIG:
+        return config_spec(model)
     return {"factory": spec["factory"], "kwargs": dict(spec["kwargs"])}
 
 
@@ -290,7 +291,7 @@ def kwargs_for_data(name: str, input_shape: tuple[int, ...], num_classes: int | 
             raise ModelError(f"model 'cnn' needs images (channels, height, width); the data's are {shape}")
         return {"in_channels": shape[0], "num_classes": outputs}
     seq_len = shape[-2] if len(shape) >= 2 else 1
-    return {"in_features": math.prod(shape) // seq_len, "seq_len": seq_len, "num_classes": outputs}
+    return {"tokens": [seq_len, math.prod(shape) // seq_len], "num_classes": outputs}
 
 
 def _locate(spec: str, trust_code: bool) -> tuple[str, Callable[..., nn.Module]]:
@@ -302,6 +303,8 @@ def _locate(spec: str, trust_code: bool) -> tuple[str, Callable[..., nn.Module]]
         raise ModelError(f"model must be a name such as 'cnn' or 'package.module:function', got {spec!r}")
     if is_hf_spec(spec):  # a local Hugging Face directory (needs the `hf` extra)
         return hf_factory(spec)
+    if spec == HF_CONFIG:  # a transformers class (by name) and its config: no code of the file's
+        return spec, from_config
     if ":" not in spec:
         if spec in BUILTIN:
             return spec, BUILTIN[spec]
