@@ -12,9 +12,10 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 
 from keiryo import artifacts  # noqa: E402
-from keiryo.errors import ArtifactError, TrustError  # noqa: E402
+from keiryo.errors import ArtifactError, ModelError, TrustError  # noqa: E402
 from keiryo.export import ExportError, export  # noqa: E402
 from keiryo.hf import HFModel  # noqa: E402
+from keiryo.hf_text import text_example, write_text_data  # noqa: E402
 from keiryo.models import build_model, spec_of  # noqa: E402
 
 T = transformers
@@ -240,3 +241,20 @@ def test_int8_models_say_what_loads_them(tmp_path):
     with pytest.raises(ExportError, match="keiryo.load") as info:
         export(quantized, _example("llama"), tmp_path / "q", "hf")
     assert "\n" not in str(info.value) and not (tmp_path / "q").exists()
+
+
+def test_texts_become_example_inputs_for_any_text_model_from_a_folder(tmp_path):
+    folder = _bert_folder(tmp_path / "bert")
+    texts = ["the cat sat", "a dog sat on the mat"]
+    encoder = build_model(f"hf:{folder}")
+    assert torch.equal(text_example(encoder, texts), encoder.tokenize(texts))
+    raw = build_model(f"hf:{folder}", task="base")  # transformers' own BertModel, keyword inputs
+    example = text_example(raw, texts)
+    assert set(example) == {"input_ids", "attention_mask"}
+    assert torch.equal(example["input_ids"], encoder.tokenize(texts)[:, 0])
+    assert raw(**example).last_hidden_state.shape[:2] == example["input_ids"].shape
+    with pytest.raises(ModelError, match="text data file") as info:
+        write_text_data(raw, texts, tmp_path / "t.pt")
+    assert "\n" not in str(info.value)
+    with pytest.raises(ModelError, match="example inputs"):
+        text_example(_make(VISION["vit"]), texts)

@@ -1,5 +1,6 @@
-"""Text for Hugging Face encoders: data to distil or measure on (token ids and the model's own outputs), text
-files, and how closely one model's sentence embeddings follow another's (cosine, nearest-neighbour agreement).
+"""Text for Hugging Face models: texts as a model's example inputs (any text model from hf:PATH), data to
+distil or measure an encoder on (token ids and the model's own outputs), text files, and how closely one
+model's sentence embeddings follow another's (cosine, nearest-neighbour agreement).
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from keiryo import hf_files
 from keiryo.data import DataSplits, split_tensors
-from keiryo.errors import ConfigError
+from keiryo.errors import ConfigError, ModelError
 from keiryo.fileio import atomic_torch_save
 from keiryo.hf import HFModel
+from keiryo.inputs import Example
 
 
 def text_data(model: HFModel, texts: Sequence[str], *, seed: int = 0, batch_size: int = 64) -> DataSplits:
@@ -55,8 +58,37 @@ def read_texts(path: str | os.PathLike) -> list[str]:
     return texts
 
 
-def write_text_data(model: HFModel, texts: Sequence[str], path: str | os.PathLike) -> Path:
-    """Save {"inputs": token ids, "targets": the model's outputs}: a data file that `--data` reads."""
+def text_example(model: nn.Module, texts: Sequence[str], max_length: int = 128) -> Example:
+    """The texts as the model's example inputs: an HFModel's (N, 2, L) token ids, or for a raw transformers
+    text model (a causal LM, a base encoder) {"input_ids", "attention_mask"} from its folder's tokenizer."""
+    if isinstance(model, HFModel):
+        return model.tokenize(texts)
+    where = str(getattr(model, "name_or_path", "") or "")
+    folder = Path(where)
+    text_model = getattr(model, "main_input_name", None) == "input_ids"
+    if not where or not text_model or not (folder / "config.json").is_file():
+        raise ModelError(
+            f"cannot turn texts into inputs for a {type(model).__name__}: it is not a text model loaded from "
+            "a Hugging Face folder (hf:PATH); pass its example inputs (e.g. (input_ids, attention_mask))"
+        )
+    tokenizer = hf_files.tokenizer_for(str(folder))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # decoders (GPT-2, Llama) ship without one
+    encoded = tokenizer(
+        list(texts), padding="longest", truncation=True, max_length=max_length, return_tensors="pt"
+    )
+    return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+
+
+def write_text_data(model: nn.Module, texts: Sequence[str], path: str | os.PathLike) -> Path:
+    """Save {"inputs": token ids, "targets": the model's outputs}: a data file that `--data` reads. Only text
+    encoders (HFModel) have one output per text to learn from; other models are refused in one line."""
+    if not isinstance(model, HFModel):
+        raise ModelError(
+            f"a text data file holds one embedding or class score per text, which a {type(model).__name__} "
+            "does not give: write one for text encoders (hf:PATH of a BERT-style model), or measure this "
+            "model on its example inputs (keiryo.hf_text.text_example)"
+        )
     tokens = model.tokenize(texts)
     atomic_torch_save({"inputs": tokens, "targets": model.encode(tokens)}, path)
     return Path(path)
