@@ -9,8 +9,9 @@ A keiryo model file is a `torch.save`d dict of plain data and tensors, so it loa
   (unstructured pruning) are stored as their non-zero values plus a packed bitmask, and decoded by `read`.
 
 Loading is *structure replay*: build from the spec, reshape to `structure`, replay `transforms`, load weights.
-Nothing in a file is trusted: built-in factories (and hf:DIR, read as config and weights) are always allowed,
-any other factory is imported only with `trust_code=True` (TrustError otherwise). Every part of the payload is
+Nothing in a file is trusted: built-in factories, hf:DIR (read as config and weights) and "hf-config" (a class
+that transformers ships, rebuilt from the recorded config) are always allowed; any other factory is imported
+only with `trust_code=True` (TrustError otherwise). Every part of the payload is
 checked for its type, and what it would allocate (the file itself, sparse tensors, recorded layer shapes, the
 recorded input shape) is checked against `KEIRYO_MAX_BYTES` before anything is allocated; whatever is wrong
 with a file ends as one line (ArtifactError, TrustError or ResourceError), never a raw exception.

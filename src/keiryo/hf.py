@@ -1,17 +1,21 @@
 """Hugging Face models from a local directory as keiryo models: `build_model("hf:PATH")`, offline.
 
-`load_hf` wraps a transformers model in `HFModel`, whose forward takes token ids as one tensor (B, 2, L)
-— input_ids and attention_mask stacked — or a list of texts, which go through the directory's own tokenizer.
-An encoder returns its sentence embedding (mean pooling over the mask, L2-normalised where the directory is a
-sentence-transformers model, as all-MiniLM is); a sequence classifier returns its logits. So `measure`,
-`compare`, `quantize`, `prune`, `distill` and `save`/`load` treat it like any other model.
+Every family loads: a causal LM (GPT-2, Llama, Qwen2, Mistral...), an image classifier (ResNet, ConvNeXT,
+ViT...) or any other base model comes back as transformers' own object, called with its usual inputs
+(`(ids, mask)`, `{"pixel_values": ...}`); keiryo's example-input convention (`keiryo.inputs`) carries them.
+A transformers object made in memory is saved by its class and config (`config_spec`, factory "hf-config")
+and rebuilt by `from_config`, so `keiryo.save`/`load` need no folder and unpickle no code.
 
-BERT-style self-attention (separate query/key/value Linears) is rebuilt as `FusedSelfAttention` with one
-`qkv` Linear and an int `num_heads` (the layout keiryo's pruner removes whole heads from); the arithmetic is
-the same. Nothing is downloaded: transformers runs with `local_files_only=True` and no remote code.
+A text encoder becomes an `HFModel`, whose forward takes token ids as one tensor (B, 2, L) — input_ids and
+attention_mask stacked — or a list of texts, which go through the directory's own tokenizer. It returns the
+sentence embedding (mean pooling over the mask, L2-normalised where the directory is a sentence-transformers
+model, as all-MiniLM is) or, for a sequence classifier, the logits. BERT-style self-attention (separate
+query/key/value Linears) is rebuilt as `FusedSelfAttention` with one `qkv` Linear and an int `num_heads`
+(the layout keiryo's pruner removes whole heads from); the arithmetic is the same. Nothing is downloaded:
+transformers runs with `local_files_only=True` and no remote code.
 
-Reading the folder (what is refused before transformers sees it) is `keiryo.hf_files`; text data and
-embedding quality are `keiryo.hf_text`.
+Reading the folder (what is refused before transformers sees it) is `keiryo.hf_files`; texts, text data and
+embedding quality are `keiryo.hf_text`; writing a model back as a folder is `keiryo.hf_export`.
 """
 
 from __future__ import annotations
