@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from keiryo import inputs as model_io
 from keiryo.compress.distill import soft_target_loss
-from keiryo.compress.prune_checks import PRUNABLE, check_forward, check_model, example_for, protected_layers
+from keiryo.compress.prune_checks import PRUNABLE, check_model, example_for, protected_layers
 from keiryo.compress.prune_config import PruneConfig, Structured, check_options, record
 from keiryo.compress.prune_graph import PruneJob, prune_structured
 from keiryo.compress.prune_target import channel_ratio_for, max_channel_ratio
@@ -76,7 +76,6 @@ def prune(
         _prune_structured(pruned, config, job)
     else:
         _prune_unstructured(pruned, config.ratio, job)
-    check_forward(pruned, example, "after pruning")
     finetuned = dataclasses.asdict(finetune) if finetune is not None else None
     pruning = {**record(config, job.protected), "finetune": finetuned, "distilled": teacher is not None}
     pruned._keiryo_metadata = {**getattr(model, "_keiryo_metadata", {}), "pruning": pruning}
