@@ -14,15 +14,18 @@ CUDA row as skipped, so the script itself is checked here.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import torch
 
 from keiryo.data import load_data, tensors_of
 from keiryo.errors import KeiryoError
-from keiryo.loop import train
+from keiryo.loop import TrainConfig
 from keiryo.metrics import accuracy, agreement
 from keiryo.models import build_model, kwargs_for_data
+from keiryo.parallel.config import strategy_of
+from keiryo.training import train
 
 STRATEGIES = ("single", "ddp", "fsdp", "pipeline")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -35,11 +38,12 @@ def fresh_model(splits):
 
 def run(splits, epochs: int, device: str, strategy: str, workers: int, precision: str) -> dict:
     """Train one configuration; measure it on the CPU."""
-    options = dict(epochs=epochs, batch_size=64, progress=False, device=device, precision=precision)
+    config = TrainConfig(epochs=epochs, batch_size=64, progress=False, device=device, precision=precision)
+    chosen = strategy_of(strategy, workers)
     if strategy != "single":
-        options.update(strategy=strategy, workers=workers, timeout=60.0)
+        chosen = dataclasses.replace(chosen, timeout=60.0)
     started = time.perf_counter()
-    result = train(fresh_model(splits), splits, **options)
+    result = train(fresh_model(splits), splits, chosen, config)
     model = result.model.cpu().float().eval()
     return {
         "model": model,
