@@ -70,18 +70,20 @@ def measure(
     quality: tuple[inputs.Example | None, bool, bool],
     example: inputs.Example | None,
     policy: Policy,
-) -> None:
+) -> str:
     """Fill each candidate's agreement with float (`quality`: inputs, class scores?, retrained on purpose?),
-    then the speed of those within tolerance, interleaved with float, within the policy's time limit."""
+    then the speed of those within tolerance, interleaved with float, within the policy's time limit.
+    Returns the output field compared ('output', 'logits', 'last_hidden_state', ...)."""
     quality_inputs, class_scores, retrained = quality
     min_top1 = policy.min_top1 if class_scores else None
+    output = "output"
     for key, qmodel in built.items():
         c = candidates[key]
         if quality_inputs is None:
             c.passed, c.note = True, "quality not measured (no example inputs or calibration data)"
             continue
         agree = agreement(qmodel, model.eval(), quality_inputs)
-        c.cosine, c.top1 = agree.cosine, agree.top1
+        c.cosine, c.top1, output = agree.cosine, agree.top1, agree.output
         c.passed = agree.cosine >= policy.min_cosine and (min_top1 is None or (agree.top1 or 0.0) >= min_top1)
         if retrained:  # QAT: agreement with the old float model is for information only
             c.passed, c.note = True, "retrained with fake quantization; agreement is with the float model"
@@ -90,7 +92,7 @@ def measure(
             c.note = f"outside tolerance (cosine ≥ {policy.min_cosine}{top1})"
     timed = {k: m for k, m in built.items() if candidates[k].passed}
     if example is None or not timed:
-        return
+        return output
     models = {"float": model, **timed}
     sizes = sorted({1, inputs.batch_size(example)})
     for size in sizes:
@@ -101,6 +103,7 @@ def measure(
             candidates[key].float_p50_ms[size] = lat["float"].p50_ms
             candidates[key].p50_ms[size] = lat[key].p50_ms
             candidates[key].speedup[size] = lat["float"].p50_ms / lat[key].p50_ms
+    return output
 
 
 def _runs_within(models: dict[str, nn.Module], batch: inputs.Example, seconds: float, most: int) -> int:

@@ -103,13 +103,11 @@ def quantize(
         raise ModelError(f"no backend could quantize this model by {config.kind} ({notes})")
     quality_inputs = cal if cal is not None else example
     scores = policy.class_scores if policy.class_scores is not None else qdata.class_scores(model, targets)
-    measure(model, built, candidates, (quality_inputs, scores, isinstance(config, QAT)), example, policy)
+    output = measure(
+        model, built, candidates, (quality_inputs, scores, isinstance(config, QAT)), example, policy
+    )
     chosen = choose(model, config.kind, layers, built, candidates, policy.backend != "auto")
-    if quality_inputs is not None:
-        with torch.inference_mode():
-            report_of(chosen).output = inputs.output_name(
-                inputs.call(model, inputs.take(quality_inputs, 0, 1))
-            )
+    report_of(chosen).output = output
     return chosen
 
 
