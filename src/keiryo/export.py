@@ -32,11 +32,11 @@ from keiryo import hf_export, inputs
 from keiryo.errors import KeiryoError
 from keiryo.export_check import (
     ExportError,
+    check_against,
     check_batch,
     check_inputs,
     dynamic_batch,
     first_line,
-    leaves,
     main_index,
     p50_ms,
     quiet,
@@ -238,14 +238,7 @@ def export_program(model: nn.Module, example_inputs: Example, path: str | Path) 
             raise ExportError(
                 f"torch.export.load cannot read the written program: {first_line(exc)}"
             ) from exc
-        check = check_batch(example_inputs)
-        with torch.inference_mode():
-            want = inputs.call(model, check)
-            try:
-                got = inputs.call(loaded, check)
-            except Exception as exc:
-                raise ExportError(f"the written program fails to run: {first_line(exc)}") from exc
-            err = verify("torch-export", leaves(got)[main_index(want)], inputs.main_output(want))
+        err, output = check_against("torch-export", model, loaded, example_inputs)
         lat = time_models({"program": loaded, "torch": model}, example_inputs, runs=30, warmup=5)
         size = staged.stat().st_size
     return ExportResult(
@@ -255,7 +248,7 @@ def export_program(model: nn.Module, example_inputs: Example, path: str | Path) 
         err,
         lat["program"].p50_ms,
         lat["torch"].p50_ms,
-        inputs.output_name(want),
+        output,
     )
 
 
@@ -309,12 +302,8 @@ def export_safetensors(
                 raise ExportError(
                     f"the written weights do not fit the architecture: {first_line(exc)}"
                 ) from exc
-            check = check_batch(example_inputs)
-            with torch.inference_mode():
-                want = inputs.call(model, check)
-                got = inputs.main_output(inputs.call(fresh, check))
-                err = max(err, verify("safetensors", got, inputs.main_output(want)))
-                output = inputs.output_name(want)
+            fresh_err, output = check_against("safetensors", model, fresh, example_inputs)
+            err = max(err, fresh_err)
         size = staged.stat().st_size
     return ExportResult("safetensors", Path(path), size, err, output=output)
 
@@ -346,14 +335,7 @@ def export_hf(model: nn.Module, path: str | Path, example_inputs: Example | None
             raise ExportError(f"Hugging Face export: {exc}") from None
         err, output = 0.0, "weights"
         if example_inputs is not None:
-            check = check_batch(example_inputs)
-            with torch.inference_mode():
-                want = inputs.call(model, check)
-                got = inputs.call(hf_export.like(model, loaded), check)
-            err, output = (
-                verify("hf", inputs.main_output(got), inputs.main_output(want)),
-                inputs.output_name(want),
-            )
+            err, output = check_against("hf", model, hf_export.like(model, loaded), example_inputs)
         size = sum(f.stat().st_size for f in staged.rglob("*") if f.is_file())
     return ExportResult("hf", path, size, err, output=output)
 

@@ -164,3 +164,17 @@ def p50_ms(fn: Callable[[], object], runs: int = 30, warmup: int = 5) -> float:
         fn()
         samples.append(time.perf_counter() - start)
     return statistics.median(samples) * 1000
+
+
+def check_against(format: str, model: nn.Module, written: nn.Module, example: Example) -> tuple[float, str]:
+    """Run the written file, loaded afresh (`written`), and `model` on a batch size not exported with: the
+    largest |difference| of their main outputs (an ExportError beyond the format's tolerance) and its name."""
+    check = check_batch(example)
+    with torch.inference_mode():
+        want = inputs.call(model, check)
+        try:
+            got = inputs.call(written, check)
+        except Exception as exc:
+            raise ExportError(f"the written {format} file fails to run: {first_line(exc)}") from exc
+    error = verify(format, leaves(got)[main_index(want)], inputs.main_output(want))
+    return error, inputs.output_name(want)
