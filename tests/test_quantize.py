@@ -381,7 +381,7 @@ def test_a_raw_bert_model_takes_ids_and_mask_as_a_tuple_or_a_dict():
 def test_a_tiny_llama_is_quantized_in_seconds_and_still_generates():
     transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(
-        vocab_size=4096, hidden_size=128, intermediate_size=352, num_hidden_layers=6, num_attention_heads=4,
+        vocab_size=4096, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
     )  # fmt: skip
     torch.manual_seed(0)
