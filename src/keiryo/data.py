@@ -91,10 +91,13 @@ def load_data(
             return _example_splits(source[0], source[1], **fractions)
         inputs, targets, classes = checked_pair(source[0], source[1], "the data you passed (inputs, targets)")
         return _splits_of(inputs, targets, "tensors", classes, **fractions)
-    if isinstance(source, Dataset) or (hasattr(source, "__getitem__") and hasattr(source, "__len__")):
+    map_style = hasattr(source, "__getitem__") and hasattr(source, "__len__")  # e.g. a Hugging Face dataset
+    if isinstance(source, Dataset) or (map_style and not isinstance(source, (Mapping, Tensor))):
         return _split_dataset(source, **fractions)
     found = type(source).__name__
-    raise DataError(f"data: cannot use a {found} (expected 'digits', a path, tensors or a Dataset)")
+    raise DataError(
+        f"data: cannot use a {found} (expected 'digits', a path, an (inputs, targets) pair or a Dataset)"
+    )
 
 
 def digits(seed: int = 0, *, val_fraction: float = 0.15, test_fraction: float = 0.15) -> DataSplits:
