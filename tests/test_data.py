@@ -422,6 +422,12 @@ def test_a_loader_of_dicts_with_labels_splits_and_loads_like_tensors():
     assert set(next(iter(make_loader(splits.train, 4)))) == {"input_ids", "attention_mask", "labels"}
     assert load_data(samples, seed=0).num_classes == 3  # a plain list of dict samples too
     check_model_fits(_TwoInputs(), splits)
+    as_lists = [{**s, "input_ids": s["input_ids"].tolist(), "labels": int(s["labels"])} for s in samples]
+    listed = load_data(as_lists, seed=0)  # Hugging Face datasets without set_format("torch") give lists
+    assert listed.input_shape == (6,) and example_inputs(listed, 3)["input_ids"].shape == (3, 6)
+    assert tensors_of(listed.train)[0]["input_ids"].dtype == torch.int64
+    assert next(iter(make_loader(listed.train, 4)))["input_ids"].shape == (4, 6)
+    check_model_fits(_TwoInputs(), listed)
     unlabelled = [{k: v for k, v in s.items() if k != "labels"} for s in samples]
     assert "no targets" in _data_error(load_data, unlabelled)
 

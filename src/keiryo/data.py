@@ -139,11 +139,20 @@ def make_loader(
     epoch: int = 0,
     drop_last: bool = False,
 ) -> DataLoader:
-    """A DataLoader whose order depends only on (seed, epoch), so a resumed run sees the same batches."""
+    """A DataLoader whose order depends only on (seed, epoch), so a resumed run sees the same batches; dict
+    samples whose values are python lists (token ids) are collated as tensors (`collate`)."""
     if batch_size < 1:
         raise ConfigError(f"batch_size must be 1 or more, got {batch_size}")
     generator = torch.Generator().manual_seed(seed * 1000 + epoch) if shuffle else None
-    return DataLoader(dataset, batch_size, shuffle, generator=generator, num_workers=0, drop_last=drop_last)
+    return DataLoader(
+        dataset,
+        batch_size,
+        shuffle,
+        generator=generator,
+        num_workers=0,
+        drop_last=drop_last,
+        collate_fn=collate,
+    )
 
 
 def example_inputs(splits: DataSplits, batch_size: int = 64) -> Example:
@@ -157,7 +166,7 @@ def example_inputs(splits: DataSplits, batch_size: int = 64) -> Example:
     elif isinstance(dataset, ExampleDataset):
         first = examples.take(dataset.inputs, 0, batch_size)
     else:
-        first = default_collate([sample_inputs(dataset[i]) for i in range(min(batch_size, len(dataset)))])
+        first = collate([sample_inputs(dataset[i]) for i in range(min(batch_size, len(dataset)))])
     return examples.resize_batch(first, batch_size)
 
 
@@ -173,9 +182,21 @@ def tensors_of(dataset: Dataset) -> tuple[Example, Tensor]:
         raise DataError(f"data: the {type(dataset).__name__} is empty")
     if any(y is None for _, y in items):
         raise DataError(f"data: the samples of the {type(dataset).__name__} have no targets")
-    inputs = default_collate([x for x, _ in items])
+    inputs = collate([x for x, _ in items])
     targets = torch.stack([torch.as_tensor(y) for _, y in items])
     return inputs, targets
+
+
+def collate(items: list) -> Any:
+    """torch's default collation, after turning the list values of dict samples into tensors (token ids as
+    Hugging Face datasets yield them without `set_format("torch")`)."""
+    return default_collate([_tensor_values(item) for item in items])
+
+
+def _tensor_values(item: Any) -> Any:
+    if isinstance(item, Mapping):
+        return {k: torch.as_tensor(v) if isinstance(v, list) else v for k, v in item.items()}
+    return item
 
 
 def sample_inputs(item: Any) -> Example:
@@ -200,7 +221,7 @@ def check_model_fits(model: nn.Module, splits: DataSplits) -> None:
     if not parts:
         raise DataError(f"{what} has no samples")
     x, y = examples.split_batch(parts[0][0])
-    outputs = probe_model(model, default_collate([x]), what)
+    outputs = probe_model(model, collate([x]), what)
     if outputs is None:
         return
     for part in parts:
@@ -336,7 +357,8 @@ def _split_dataset(dataset: Any, seed: int, val_fraction: float, test_fraction: 
     classes = [str(c) for c in classes] if isinstance(classes, (list, tuple)) else None
     parts = split_indices(n, class_labels(targets), seed, val_fraction, test_fraction, f"data ({name})")
     train, val, test = (Subset(dataset, idx.tolist()) for idx in parts)
-    return DataSplits(train, val, test, num_classes(targets, classes), _shape_of(dataset[0]), name, classes)
+    shape = _shape_of(_tensor_values(dataset[0]))
+    return DataSplits(train, val, test, num_classes(targets, classes), shape, name, classes)
 
 
 def _example_splits(inputs: Example, targets: Any, **split: Any) -> DataSplits:
