@@ -58,6 +58,7 @@ def write_folder(model: nn.Module, folder: Path) -> nn.Module:
     """Write `model` (a transformers model or `HFModel`) to `folder` in the save_pretrained layout; returns
     the fresh transformers model the folder was written from (its class is what loads the folder)."""
     inner = transformers_model(model)
+    hf_files.transformers_module()  # offline, no progress bars
     state = _plain_state(inner)
     config = _config_for(inner)
     fresh = _fresh_model(inner, config, state)
