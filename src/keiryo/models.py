@@ -5,12 +5,14 @@ makes compression interesting: the cnn has residual additions and batch-norm (ch
 the transformer has a timm-style `Attention` (one `qkv` Linear plus `num_heads`) that head pruning expects.
 
 `build_model("cnn" | "pkg.mod:fn" | "path/file.py:fn", **kwargs)` builds a model and records the factory and
-its (JSON-able) kwargs on it, so `keiryo.save` can rebuild the architecture without pickling code.
+its (JSON-able) kwargs on it, so `keiryo.save` can rebuild the architecture without pickling code; a
+transformers model object made elsewhere is rebuilt from its class and config (factory "hf-config").
 
 Trust: a spec that names Python code ("pkg.mod:fn", "file.py:fn") is imported only with `trust_code=True`,
-since importing and calling it runs whatever it contains; the built-ins and "hf:DIR" (read as config and
-weights, never with the folder's code) need no trust. Each built-in counts its parameters before it builds, so
-a size that asks for more memory than `KEIRYO_MAX_BYTES` is refused before anything is allocated.
+since importing and calling it runs whatever it contains; the built-ins, "hf:DIR" (read as config and
+weights, never with the folder's code) and "hf-config" need no trust. Each built-in counts its parameters
+before it builds, so a size that asks for more memory than `KEIRYO_MAX_BYTES` is refused before anything is
+allocated.
 """
 
 from __future__ import annotations
