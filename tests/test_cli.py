@@ -116,3 +116,29 @@ def test_import_keiryo_is_cheap_and_names_load_on_first_use():
         "try:\n    keiryo.no_such_name\nexcept AttributeError:\n    pass\nelse:\n    raise SystemExit(1)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_hf_command_takes_a_decoder_folder(tmp_path, capsys):
+    """A causal LM's folder (transformers' own model, not keiryo's text encoder) is measured on its texts."""
+    transformers = pytest.importorskip("transformers")
+    folder = tmp_path / "tiny-llama"
+    folder.mkdir()
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "sat", "on", "a", "mat"]
+    (folder / "vocab.txt").write_text("\n".join(words) + "\n")
+    transformers.BertTokenizer(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    config = transformers.LlamaConfig(
+        vocab_size=len(words), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    texts = tmp_path / "texts.txt"
+    texts.write_text("the cat sat on a mat\na cat\n")
+    out = tmp_path / "llama.pt"
+    code, stdout, err = run(
+        capsys, "hf", str(folder), "--texts", str(texts), "--runs", "2", "--out", str(out)
+    )
+    assert code == 0, err
+    assert "causal-lm, 2 texts" in stdout and out.exists()
+    code, _, err = run(capsys, "hf", str(folder), "--out", str(out), "--data-out", str(tmp_path / "d.pt"))
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err

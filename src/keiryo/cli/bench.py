@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from keiryo import artifacts, data, hf_text, models, report
+from keiryo import artifacts, data, hf_text, inputs, models, report
 from keiryo.cli.options import MAX_BATCH, RunsOpt, SeedOpt, ThreadsOpt, TrustCodeOpt, int_list
 from keiryo.cli.outputs import (
     check_fits,
@@ -25,6 +25,7 @@ from keiryo.errors import ConfigError
 from keiryo.examples import example_inputs
 from keiryo.export import check_target
 from keiryo.export import export as export_model
+from keiryo.hf import HFModel, task_of
 from keiryo.measuring import compare
 from keiryo.metrics import Timing
 
@@ -126,7 +127,10 @@ def hf_folder(
         typer.Option("--data-out", help="Write the texts' token ids and outputs as a .pt file for --data."),
     ] = None,
     task: Annotated[
-        str | None, typer.Option(help="embedding | classifier (default: from the config).")
+        str | None,
+        typer.Option(
+            help="embedding | classifier | causal-lm | image-classifier | base (default: from the config)."
+        ),
     ] = None,
     layers: Annotated[
         int | None, typer.Option(min=1, help="Keep this many encoder layers, evenly spaced.")
@@ -155,14 +159,16 @@ def hf_folder(
     kwargs = {key: value for key, value in options.items() if value is not None}
     lines = hf_text.read_texts(texts) if texts else list(hf_text.SAMPLE_TEXTS)
     model = models.build_model(f"hf:{model_dir}", max_length=max_length, **kwargs)
-    tokens = model.tokenize(lines)
-    metadata = {"source": str(model_dir.resolve()), "task": model.task, "sequence_length": tokens.shape[-1]}
+    tokens = hf_text.text_example(model, lines, max_length)
+    kind = model.task if isinstance(model, HFModel) else task_of(model.config)
+    length = inputs.tensors(tokens)[0].shape[-1]
+    metadata = {"source": str(model_dir.resolve()), "task": kind, "sequence_length": length}
     with staged(out, data_out) as (staged_out, data_staged):
         save(model, staged_out, out, metadata)
         if data_out and data_staged:
             hf_text.write_text_data(model, lines, data_staged)
-        timing = Timing(runs=runs, batch_sizes=(1, len(tokens)), threads=threads)
+        timing = Timing(runs=runs, batch_sizes=(1, len(lines)), threads=threads)
         result = compare({model_dir.name: model}, tokens, timing=timing)
-        report.print_report(result, title=f"keiryo hf ({model.task}, {len(lines)} texts)", console=console)
+        report.print_report(result, title=f"keiryo hf ({kind}, {len(lines)} texts)", console=console)
     wrote = f" · data {data_out}" if data_out else ""
     console.print(f"saved {out} ({size(out)}){wrote}")
