@@ -14,11 +14,15 @@ steps:
 
 Each step takes the model of the step before it (or of `from: <step name>`). A step's options are the
 fields of the API's configs, read into them here so that a bad value fails before anything runs, naming the
-line: train → `TrainConfig` + a strategy (`strategy: ddp, workers: 2`); prune → `Structured`/`Unstructured`
-(`kind`, `ratio`, `importance`, `target`, `global_pruning`, `protect`, `steps`; the older `structured`,
-`global`, `iterative_steps` still work) + `finetune_epochs`/`distill`; distill → `Distill` + `epochs`/`lr`;
-quantize → the method's config (`method: int8-static`, `observer`, `granularity`, ...) + `Policy`
-(`backend`, `skip`, `compile`). A step's file records each config as its kind and `dataclasses.asdict`.
+line:
+- train → `TrainConfig` (`epochs`, `batch_size`, `lr`, `precision`, `patience`: null runs every epoch and
+  keeps the last weights) and a strategy (`strategy: ddp`, `workers: 2`);
+- prune → `Structured`/`Unstructured` (`kind`, `ratio`, `importance`, `target`, `global_pruning`, `protect`,
+  `steps`; the older `structured`, `global`, `iterative_steps` still work), `finetune_epochs`, `distill`;
+- distill → `Distill` (`temperature`, `alpha`, `loss`, `features`, ...) and `epochs`, `lr`, `patience`;
+- quantize → the method's config (`method: int8-static`, `observer`, `granularity`, ...) and `Policy`
+  (`backend`, `skip`, `compile`).
+A step's file records each config as its kind and `dataclasses.asdict`.
 
 A recipe is data, not code: a model spec that would import Python (anything but the built-ins and hf:DIR)
 is refused unless the run passes `trust_code=True`, and so is a cached step file that names one. Step and
@@ -59,6 +63,7 @@ STEP_FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
         "strategy": str,
         "workers": int,
         "precision": str,
+        "patience": (int, type(None)),
     },
     "prune": {
         **_NAME,
@@ -82,6 +87,7 @@ STEP_FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
         "student_args": dict,
         "epochs": int,
         "lr": (int, float),
+        "patience": (int, type(None)),
         "temperature": (int, float),
         "alpha": (int, float),
         "loss": str,
@@ -212,7 +218,7 @@ def _configs(kind: str, options: dict[str, Any], seed: int) -> dict[str, Any]:
     """The API's configs for a step's options, made now so that a bad value fails before anything runs."""
     o = options
     if kind == "train":
-        train = {k: o[k] for k in ("epochs", "batch_size", "lr", "precision") if k in o}
+        train = {k: o[k] for k in ("epochs", "batch_size", "lr", "precision", "patience") if k in o}
         return {
             "strategy": strategy_of(o.get("strategy", "single"), o.get("workers")),
             "train": TrainConfig(**train, seed=seed, device="cpu"),
@@ -238,7 +244,7 @@ def _configs(kind: str, options: dict[str, Any], seed: int) -> dict[str, Any]:
             for k in ("temperature", "alpha", "loss", "features", "feature_weight", "cache_teacher")
             if k in o
         }
-        train = {k: o[k] for k in ("epochs", "lr") if k in o}
+        train = {k: o[k] for k in ("epochs", "lr", "patience") if k in o}
         return {"distill": Distill(**how), "train": TrainConfig(**train, seed=seed, device="cpu")}
     if kind == "quantize":
         how = {k: o[k] for k in QUANTIZE_FIELDS if k in o}
