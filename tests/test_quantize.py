@@ -407,7 +407,7 @@ def test_a_tiny_llama_is_quantized_in_seconds_and_still_generates():
     assert out.shape == (1, 12)
 
 
-def test_gpt2_conv1d_layers_are_quantized_as_linear_and_it_still_generates():
+def test_gpt2_conv1d_layers_are_quantized_as_linear_it_still_generates_and_round_trips(tmp_path):
     transformers = pytest.importorskip("transformers")
     config = transformers.GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=64)
     torch.manual_seed(0)
@@ -417,6 +417,11 @@ def test_gpt2_conv1d_layers_are_quantized_as_linear_and_it_still_generates():
     attention = q.transformer.h[0].attn.c_attn  # a Conv1D in the float model
     assert type(attention).__name__ == "Linear" and "quantized" in type(attention).__module__
     assert "transformer.h.1.mlp.c_proj" in report_of(q).layers
+    assert "lm_head" not in report_of(q).layers  # tied to the input embedding: it stays float, and tied
+    assert q.lm_head.weight is q.transformer.wte.weight
     assert agreement(q, gpt2, ids).cosine >= 0.99
+    loaded = artifacts.load(artifacts.save(q, tmp_path / "gpt2-int8.pt"))  # Conv1D -> Linear redone at load
+    with torch.inference_mode():
+        assert torch.equal(loaded(ids).logits, q(ids).logits)
     out = q.generate(ids[:1, :4], max_new_tokens=4, do_sample=False, attention_mask=torch.ones(1, 4))
     assert out.shape == (1, 8)

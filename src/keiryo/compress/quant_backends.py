@@ -13,6 +13,7 @@ calibrated activation ranges, which `int8-static` and `qat` need. Each use is in
 
 from __future__ import annotations
 
+import collections
 import functools
 import math
 import warnings
@@ -38,10 +39,14 @@ def is_conv1d(module: nn.Module) -> bool:
 
 def target_layers(model: nn.Module, kinds: tuple[type, ...], skip: tuple[str, ...] = ()) -> list[str]:
     """Names of the modules of exactly `kinds` (Linear includes GPT-2's Conv1D) not named in `skip` (a
-    skipped name covers its children)."""
+    skipped name covers its children). Layers whose weights are tied to another module's (a language
+    model's output head sharing the input embedding) stay out: quantizing one would untie them."""
+    owners = collections.Counter(id(p) for m in model.modules() for p in m.parameters(recurse=False))
     names = []
     for name, module in model.named_modules():
         if not name or not (type(module) in kinds or (nn.Linear in kinds and is_conv1d(module))):
+            continue
+        if any(owners[id(p)] > 1 for p in module.parameters(recurse=False)):
             continue
         if any(name == s or name.startswith(s + ".") for s in skip):
             continue
