@@ -107,7 +107,7 @@ def _run(model, splits, strategy, config, plan, loss_fn, on_tick, state) -> Asyn
 
     def start(worker_id: int):
         handle = worker_cls.options(scheduling_strategy="SPREAD").remote(
-            worker_id, copy.deepcopy(model).cpu(), shards[worker_id], plan, config.seed
+            worker_id, copy.deepcopy(model).cpu(), *shards[worker_id], plan, config.seed
         )
         return handle, handle.run.remote(server, loss_fn, slowdown[worker_id])
 

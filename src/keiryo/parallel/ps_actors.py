@@ -233,11 +233,11 @@ class PSWorker:
     """
 
     def __init__(
-        self, worker_id: int, model: nn.Module, shard: tuple[Tensor, Tensor], plan: Plan, seed: int
+        self, worker_id: int, model: nn.Module, inputs: Tensor, targets: Tensor, plan: Plan, seed: int
     ) -> None:
         torch.set_num_threads(1)
         self.id, self.model, self.plan = worker_id, model, plan
-        self.inputs, self.targets = shard
+        self.inputs, self.targets = inputs, targets
         self.generator = torch.Generator().manual_seed(seed * 1000 + worker_id)
         self.order, self.position = torch.randperm(len(self.targets), generator=self.generator), 0
         self.params = [p for p in model.parameters() if p.requires_grad]
