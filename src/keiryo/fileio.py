@@ -22,6 +22,21 @@ from keiryo.errors import ArtifactError, check_bytes, one_line
 from keiryo.optional import import_torchao
 
 
+def writable_folder(path: str | Path) -> Path:
+    """The nearest existing folder at or above `path`, proven writable by creating and removing a file in it
+    (so a command refuses an output it could not write before doing any work). Raises `NotADirectoryError`
+    when that nearest existing path is a file, `PermissionError`/`OSError` when it cannot be written."""
+    folder = Path(path)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise NotADirectoryError(f"'{folder}' is a file, so no folder can be made there")
+    fd, probe = tempfile.mkstemp(prefix=".keiryo-probe-", dir=folder)
+    os.close(fd)
+    os.unlink(probe)
+    return folder
+
+
 def atomic_write_bytes(data: bytes, path: str | Path) -> None:
     """Write to a temporary file beside `path`, fsync, then rename: readers never see half a file."""
     path = Path(path)
