@@ -140,5 +140,9 @@ def test_hf_command_takes_a_decoder_folder(tmp_path, capsys):
     )
     assert code == 0, err
     assert "causal-lm, 2 texts" in stdout and out.exists()
+    back = tmp_path / "back"  # and back to a folder transformers loads by itself
+    code, stdout, err = run(capsys, "export", str(out), "--format", "hf", "--out", str(back))
+    assert code == 0, err
+    assert (back / "config.json").is_file() and "max |exported − PyTorch| (weights)" in stdout
     code, _, err = run(capsys, "hf", str(folder), "--out", str(out), "--data-out", str(tmp_path / "d.pt"))
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err

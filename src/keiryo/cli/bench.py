@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from keiryo import artifacts, data, hf_text, inputs, models, report
+from keiryo import artifacts, data, hf_text, inputs, models, provenance, report
 from keiryo.cli.options import MAX_BATCH, RunsOpt, SeedOpt, ThreadsOpt, TrustCodeOpt, int_list
 from keiryo.cli.outputs import (
     check_fits,
@@ -77,9 +77,16 @@ def bench(
 
 def export(
     model_file: Annotated[Path, typer.Argument(help="A keiryo model file.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="The exported file (.onnx, .pt2, .safetensors).")],
+    out: Annotated[
+        Path,
+        typer.Option("--out", "-o", help="The exported file (.onnx, .pt2, .safetensors) or folder (hf)."),
+    ],
     format: Annotated[
-        str, typer.Option(help="onnx | onnx-int8 (int8 by onnxruntime) | torch-export | safetensors.")
+        str,
+        typer.Option(
+            help="onnx | onnx-int8 (int8 by onnxruntime) | torch-export | safetensors | hf (a Hugging Face "
+            "folder, for models from hf:PATH)."
+        ),
     ] = "onnx",
     data_source: Annotated[
         str | None, typer.Option("--data", "-d", help="Data whose inputs check the export (else random).")
@@ -96,16 +103,23 @@ def export(
     for safetensors) and compares its outputs with the model's; a file that does not reproduce it is not kept.
 
     Example: keiryo export cnn.pt --format onnx --out cnn.onnx --data digits
+    Example: keiryo export pruned-llama.pt --format hf --out pruned-llama/
     """
     check_target(out, format)
-    check_output(out, inputs=[model_file, data_path(data_source)])
+    if format != "hf":  # a Hugging Face export is a folder, which check_target has checked
+        check_output(out, inputs=[model_file, data_path(data_source)])
     model = artifacts.load(model_file, trust_code=trust_code)
     splits = data.load_data(data_source, seed=seed) if data_source else None
     check_fits(model, splits)
-    example = example_inputs(model, splits, batch_size, seed, str(model_file))
+    # a Hugging Face folder can be checked on its weights alone; every other format runs example inputs
+    weights_only = format == "hf" and splits is None and "input_shape" not in provenance.metadata_of(model)
+    example = None if weights_only else example_inputs(model, splits, batch_size, seed, str(model_file))
     result = export_model(model, example, out, format)
     console.print(f"exported {model_file} → {result.path} ({format}, {report.human_bytes(result.bytes)})")
-    console.print(f"max |exported − PyTorch| on a fresh batch, from the written file: {result.max_error:.2e}")
+    console.print(
+        f"max |exported − PyTorch| ({result.output}{'' if weights_only else ' on a fresh batch'}), "
+        f"from the written file: {result.max_error:.2e}"
+    )
     if result.runtime_p50_ms is not None and result.torch_p50_ms is not None:
         speed = result.torch_p50_ms / result.runtime_p50_ms
         console.print(
