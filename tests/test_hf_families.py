@@ -258,3 +258,24 @@ def test_texts_become_example_inputs_for_any_text_model_from_a_folder(tmp_path):
     assert "\n" not in str(info.value)
     with pytest.raises(ModelError, match="example inputs"):
         text_example(_make(VISION["vit"]), texts)
+
+
+@torch.no_grad()
+def test_gpt2_with_a_narrower_feed_forward_goes_back_with_n_inner(tmp_path):
+    """GPT-2's Conv1D layers store (in, out): the width is read from the weights into config.n_inner."""
+    from transformers.pytorch_utils import Conv1D
+
+    model = _make(DECODERS["gpt2"])
+    for block in model.transformer.h:
+        fc, proj = block.mlp.c_fc, block.mlp.c_proj
+        block.mlp.c_fc, block.mlp.c_proj = Conv1D(48, 32), Conv1D(32, 48)
+        block.mlp.c_fc.weight.copy_(fc.weight[:, :48])
+        block.mlp.c_fc.bias.copy_(fc.bias[:48])
+        block.mlp.c_proj.weight.copy_(proj.weight[:48])
+        block.mlp.c_proj.bias.copy_(proj.bias)
+    example = _example("gpt2")
+    result = export(model, example, tmp_path / "gpt2", "hf")
+    assert _hf_config(result.path)["n_inner"] == 48 and result.max_error <= 1e-5
+    loaded = T.AutoModelForCausalLM.from_pretrained(result.path)
+    torch.testing.assert_close(_main(loaded, example), _main(model, example))
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight  # tied again
