@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import platform
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +42,7 @@ from keiryo.export_check import (
     staged_folder,
     verify,
 )
+from keiryo.fileio import writable_folder
 from keiryo.inputs import Example
 from keiryo.metrics import has_quantized_kernels, time_models
 from keiryo.provenance import TRANSFORMS_ATTR
@@ -89,17 +88,12 @@ def check_target(path: str | Path, format: str) -> Path:
     elif path.is_dir():
         example = path / ("model" + SUFFIXES[format])
         raise ExportError(f"export path '{path}' is a folder; give a file path such as {example}")
-    folder = path.parent
-    while not folder.exists():
-        folder = folder.parent
-    if not folder.is_dir():
-        raise ExportError(f"export path '{path}': '{folder}' is a file, so no folder can be made there")
     try:
-        fd, probe = tempfile.mkstemp(prefix=".keiryo-probe-", dir=folder)
-        os.close(fd)
-        os.unlink(probe)
+        writable_folder(path.parent)
+    except NotADirectoryError as exc:
+        raise ExportError(f"export path '{path}': {exc}") from None
     except OSError as exc:
-        raise ExportError(f"export path '{path}': cannot write in '{folder}' ({exc.strerror})") from None
+        raise ExportError(f"export path '{path}': cannot write in its folder ({exc.strerror})") from None
     return path
 
 
