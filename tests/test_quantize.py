@@ -22,7 +22,7 @@ from keiryo.compress.qconfig import (
     config_from,
     method_of,
 )
-from keiryo.compress.quantize import quantize, report_of, sensitivity
+from keiryo.compress.quantize import quantize, replay, report_of, sensitivity
 from keiryo.data import example_inputs
 from keiryo.errors import ConfigError, ModelError
 from keiryo.loop import TrainConfig
@@ -425,3 +425,14 @@ def test_gpt2_conv1d_layers_are_quantized_as_linear_it_still_generates_and_round
         assert torch.equal(loaded(ids).logits, q(ids).logits)
     out = q.generate(ids[:1, :4], max_new_tokens=4, do_sample=False, attention_mask=torch.ones(1, 4))
     assert out.shape == (1, 8)
+
+
+def test_replay_refuses_a_record_it_cannot_rebuild():
+    model = build_model("mlp", in_features=64, hidden=[16], num_classes=10).eval()
+    with pytest.raises(ModelError, match="cannot rebuild"):
+        replay(model, method="int8-dynamic", backend="fbgemm", layers=["fc0"])  # no config recorded
+    with pytest.raises(ModelError, match="cannot rebuild"):
+        replay(model, method="int8-dynamic", config={"observer": "minmax"}, backend="fbgemm", layers=["fc0"])
+    with pytest.raises(ModelError, match="'int8-dynamic' by 'tensorrt', which this keiryo lacks"):
+        replay(model, method="int8-dynamic", config={}, backend="tensorrt", layers=["fc0"])
+    assert all(_float_linear(m) for m in model.modules() if isinstance(m, nn.Linear))  # left as it was
