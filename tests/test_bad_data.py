@@ -25,8 +25,12 @@ import keiryo
 from keiryo.cli import main
 from keiryo.data import load_data
 from keiryo.errors import ConfigError, DataError, KeiryoError, ModelError, ResourceError, TrainingError
-from keiryo.loop import TrainConfig, classification_loss, fit, train
+from keiryo.loop import TrainConfig, classification_loss, fit
 from keiryo.models import build_model
+
+
+def _one_epoch() -> TrainConfig:
+    return TrainConfig(epochs=1, progress=False, device="cpu")
 
 
 def _one_line(info: pytest.ExceptionInfo) -> str:
@@ -93,7 +97,7 @@ def test_nan_in_tensors_from_python_names_the_data_you_passed() -> None:
     x, y = torch.rand(40, 4), torch.randint(0, 2, (40,))
     x[3, 1] = float("nan")
     with pytest.raises(DataError, match=r"the data you passed .*sample 3, feature \(1,\)"):
-        keiryo.train(_mlp(4, 2), (x, y), epochs=1, progress=False, device="cpu")
+        keiryo.train(_mlp(4, 2), (x, y), config=_one_epoch())
 
 
 # ---- options ----------------------------------------------------------------------------------------------
@@ -120,7 +124,11 @@ def test_options_that_cannot_train_are_refused_when_the_config_is_made(options: 
     model = _mlp()
     before = [p.clone() for p in model.parameters()]
     with pytest.raises(ConfigError, match=message):
-        train(model, (torch.rand(20, 8), torch.randint(0, 3, (20,))), progress=False, **options)
+        keiryo.train(
+            model,
+            (torch.rand(20, 8), torch.randint(0, 3, (20,))),
+            config=TrainConfig(progress=False, **options),
+        )
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
@@ -133,7 +141,7 @@ def test_labels_outside_the_models_classes_are_refused_before_training() -> None
     model = _mlp(8, 3)
     before = [p.clone() for p in model.parameters()]
     with pytest.raises(DataError) as info:
-        keiryo.train(model, (x, y), epochs=1, progress=False, device="cpu")
+        keiryo.train(model, (x, y), config=_one_epoch())
     message = _one_line(info)
     assert "0..5" in message and "3 class output" in message and "0..2" in message
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
@@ -142,7 +150,7 @@ def test_labels_outside_the_models_classes_are_refused_before_training() -> None
 def test_float_targets_for_a_classifier_are_refused() -> None:
     x, y = torch.rand(40, 8), torch.rand(40)
     with pytest.raises(DataError, match="float targets .* 3 outputs per sample"):
-        keiryo.train(_mlp(8, 3), (x, y), epochs=1, progress=False, device="cpu")
+        keiryo.train(_mlp(8, 3), (x, y), config=_one_epoch())
 
 
 def test_mismatched_features_name_both_shapes_in_train_and_measure(tmp_path: Path) -> None:
@@ -150,7 +158,7 @@ def test_mismatched_features_name_both_shapes_in_train_and_measure(tmp_path: Pat
     np.savez(tmp_path / "eight.npz", x=x, y=y)
     wide = _mlp(in_features=64)
     with pytest.raises(ModelError) as info:
-        keiryo.train(wide, tmp_path / "eight.npz", epochs=1, progress=False, device="cpu")
+        keiryo.train(wide, tmp_path / "eight.npz", config=_one_epoch())
     message = _one_line(info)
     assert "64 features" in message and "(8,)" in message and "eight.npz" in message
     with pytest.raises(ModelError, match=r"64 features .* the example inputs have shape \(8,\)"):
@@ -269,7 +277,7 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path: Path) 
     data = (torch.rand(200, 8), torch.randint(0, 3, (200,)))
     config = TrainConfig(epochs=2, batch_size=16, progress=False, device="cpu", checkpoint=str(ck))
     config.checkpoint_every = 4
-    loss = _NanAt(at=7, checkpoint=ck)  # 9 steps per epoch: checkpoints after steps 4 and 8, epoch ends
+    loss = _NanAt(at=7, checkpoint=ck)  # 11 steps per epoch: checkpoints after steps 4 and 8, epoch ends
     with pytest.raises(TrainingError) as info:
         fit(_mlp(), data, config, loss_fn=loss)
     message = _one_line(info)
@@ -283,10 +291,11 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path: Path) 
 def test_a_learning_rate_that_diverges_is_a_training_error_with_finite_checkpoint(tmp_path, digits) -> None:
     ck = tmp_path / "ck.pt"
     with pytest.raises(TrainingError, match="diverged") as info:
-        train(
-            _mlp(64, 10), digits, epochs=2, lr=1e12, optimizer="sgd", progress=False, device="cpu",
+        config = TrainConfig(
+            epochs=2, lr=1e12, optimizer="sgd", progress=False, device="cpu",
             checkpoint=str(ck), checkpoint_every=1,
         )  # fmt: skip
+        keiryo.train(_mlp(64, 10), digits, config=config)
     _one_line(info)
     if ck.exists():
         saved = torch.load(ck, weights_only=True)

@@ -1,5 +1,8 @@
 """Training checkpoints on disk: written atomically, read back safely, one loader for every trainer.
 
+`save_run`/`restore_run` hold what the loop's checkpoint contains (weights, optimizer, schedule, RNG,
+position, history, best epoch); the parameter server writes its own state with `write_checkpoint`.
+
 A checkpoint is a dict of tensors and plain values tagged with its format (the loop's or the parameter
 server's), saved with `fileio.atomic_torch_save` (a killed run leaves the previous checkpoint whole) and read
 with `weights_only` loading (a checkpoint cannot run code). What goes into one is the trainer's business.
@@ -9,13 +12,15 @@ from __future__ import annotations
 
 import glob
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from keiryo.errors import ArtifactError, one_line
+from keiryo.errors import ArtifactError, TrainingError, one_line
 from keiryo.fileio import atomic_torch_save, safe_torch_load
 
 CHECKPOINT_FORMAT = "keiryo-checkpoint/1"  # keiryo.loop.fit
@@ -76,3 +81,91 @@ def load_states(
             optimizer.load_state_dict(states[1])
     except (RuntimeError, ValueError, KeyError) as exc:
         raise ArtifactError(f"checkpoint '{path}' does not match this model: {one_line(exc)}") from exc
+
+
+class Gatherer(Protocol):
+    """What saving needs of `keiryo.loop.Worker`: its rank, a sum over workers, and sharded-state hooks."""
+
+    rank: int
+    state_dicts: Callable[[nn.Module, torch.optim.Optimizer], tuple[dict, dict]] | None
+    load_state_dicts: LoadStates | None
+
+    def all_sum(self, *values: float, device: torch.device | None = None) -> list[float]: ...
+
+
+@dataclass
+class RunState:
+    """What the loop carries from step to step and writes into a checkpoint."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    worker: Gatherer
+    history: list = field(default_factory=list)  # keiryo.loop.EpochLog
+    best_epoch: int | None = None
+    best_score: tuple[float, ...] | None = None
+    best_weights: dict | None = None  # this worker's own tensors of the best epoch, to load back at the end
+    best_saved: dict | None = None  # the best epoch's full state as a checkpoint holds it (rank 0)
+    stopped: bool = False  # early stopping ended the run
+
+
+def own_state(model: nn.Module) -> dict:
+    """A copy of this worker's tensors of the model (its shards under FSDP), to load back later."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def save_run(path: str, run: RunState, position: tuple[int, int, int]) -> None:
+    """Rank 0 writes the checkpoint at (epoch, step in epoch, global step); with sharded state every worker
+    takes part in gathering it first.
+
+    The best epoch's weights go with it: at the end of a best epoch they are the weights being saved, and
+    they are kept for the checkpoints after it. Weights that became NaN/inf stop the run instead (every
+    worker decides alike), so the checkpoint on disk stays the last good one.
+    """
+    worker, model = run.worker, run.model
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
+    (bad,) = worker.all_sum(float(sum(not bool(torch.isfinite(p.detach()).all()) for p in local)))
+    if bad:
+        kept = f"; checkpoint '{path}' keeps the last good weights" if Path(path).exists() else ""
+        raise TrainingError(
+            f"training diverged: the weights became NaN/inf by step {position[2]}; "
+            f"lower the learning rate or set grad_clip{kept}"
+        )
+    if worker.state_dicts is not None:
+        model_state, optimizer_state = worker.state_dicts(model, run.optimizer)
+    else:
+        model_state, optimizer_state = model.state_dict(), run.optimizer.state_dict()
+    if worker.rank != 0:
+        return
+    epoch, step_in_epoch, global_step = position
+    if run.best_epoch == epoch and not step_in_epoch:  # a state_dict() of plain tensors is live: use the copy
+        run.best_saved = model_state if worker.state_dicts is not None else run.best_weights
+    state = {
+        "model": model_state,
+        "optimizer": optimizer_state,
+        "scheduler": run.scheduler.state_dict(),
+        "epoch": epoch,
+        "step_in_epoch": step_in_epoch,
+        "global_step": global_step,
+        "history": [asdict(h) for h in run.history],
+        "rng": torch.get_rng_state(),
+        "best": {"epoch": run.best_epoch, "score": list(run.best_score or []), "stopped": run.stopped},
+    }
+    if run.best_epoch is not None:
+        state["best_model"] = run.best_saved
+    write_checkpoint(state, path)
+
+
+def restore_run(ckpt: dict, path: str, run: RunState) -> None:
+    """Load a checkpoint into the run: weights, optimizer, schedule, RNG and the best epoch so far (the
+    history stays as dicts in `ckpt["history"]` for the loop to read)."""
+    load = run.worker.load_state_dicts
+    best = ckpt.get("best", {})
+    if best.get("epoch") is not None:  # the best weights first, to keep this worker's copy of them
+        load_states(path, run.model, run.optimizer, (ckpt["best_model"], ckpt["optimizer"]), load)
+        run.best_epoch, run.best_score = best["epoch"], tuple(best["score"])
+        run.best_weights, run.best_saved = own_state(run.model), ckpt["best_model"]
+        run.stopped = best["stopped"]
+    load_states(path, run.model, run.optimizer, (ckpt["model"], ckpt["optimizer"]), load)
+    run.scheduler.load_state_dict(ckpt["scheduler"])
+    torch.set_rng_state(ckpt["rng"])

@@ -14,23 +14,24 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
 
 from keiryo import checkpoints, devices
-from keiryo.checkpoints import LoadStates
+from keiryo.batches import epoch_batches, on_device, reduce_device, worker_loader
+from keiryo.checkpoints import LoadStates, RunState, own_state, restore_run, save_run
 from keiryo.data import check_model_fits, describe, make_loader
 from keiryo.errors import ConfigError, DataError, TrainingError
 from keiryo.holdout import split_for_training
-from keiryo.inputs import Example, forward, map_tensors, split_batch
-from keiryo.progress import TrainingProgress
+from keiryo.inputs import Example, forward
+from keiryo.progress import TrainingProgress, epoch_line
 
 LossFn = Callable[[nn.Module, Example, Tensor], tuple[Tensor, Tensor]]
 """(model, inputs, targets) -> (loss, outputs). Distillation and QAT pass their own."""
@@ -95,6 +96,17 @@ class TrainConfig:
         if self.schedule not in ("cosine", "constant"):
             raise ConfigError(f"unknown schedule '{self.schedule}' (choose cosine or constant)")
         devices.check_precision(self.precision)
+
+    @classmethod
+    def from_dict(cls, options: Mapping[str, object]) -> TrainConfig:
+        """A config from named options (a recipe's, a saved model's provenance); unknown names are refused."""
+        unknown = set(options) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ConfigError(
+                f"unknown training option(s) {', '.join(sorted(map(str, unknown)))} "
+                f"(known: {', '.join(cls.__dataclass_fields__)})"
+            )
+        return cls(**options)
 
     def epochs_for(self, steps_per_epoch: int) -> int:
         """The epochs to run: `epochs` when given, else enough for `min_steps` steps (at least 10)."""
@@ -178,14 +190,6 @@ def classification_loss(model: nn.Module, inputs: Example, targets: Tensor) -> t
     return F.cross_entropy(outputs.float(), targets), outputs
 
 
-def _on_device(batch: object, device: torch.device) -> tuple[Example, Tensor]:
-    """A loader batch as (inputs, targets) on `device`: `(x, y)` pairs or dicts with a `labels` key."""
-    inputs, targets = split_batch(batch)
-    if targets is None:
-        raise DataError("training data needs targets: (inputs, targets) samples or dicts with a 'labels' key")
-    return map_tensors(inputs, lambda t: devices.move_batch(t, device)), devices.move_batch(targets, device)
-
-
 def _correct(outputs: Tensor, targets: Tensor) -> int | None:
     if targets.is_floating_point():
         return None
@@ -209,7 +213,7 @@ def evaluate(
     total_loss, correct, count = 0.0, 0, 0
     has_acc = True
     for batch in make_loader(dataset, batch_size):
-        inputs, targets = _on_device(batch, dev)
+        inputs, targets = on_device(batch, dev)
         with devices.autocast(dev, precision):
             loss, outputs = loss_fn(model, inputs, targets)
         total_loss += float(loss) * len(targets)
@@ -221,22 +225,6 @@ def evaluate(
     if count == 0:
         return math.nan, None
     return total_loss / count, (correct / count if has_acc else None)
-
-
-@dataclass
-class _Run:
-    """What the loop carries from step to step and writes into a checkpoint."""
-
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    worker: Worker
-    history: list[EpochLog] = field(default_factory=list)
-    best_epoch: int | None = None
-    best_score: tuple[float, ...] | None = None
-    best_weights: dict | None = None  # this worker's own tensors of the best epoch, to load back at the end
-    best_saved: dict | None = None  # the best epoch's full state as a checkpoint holds it (rank 0)
-    stopped: bool = False
 
 
 def fit(
@@ -268,10 +256,12 @@ def fit(
     if config.checkpoint and worker.rank == 0:
         checkpoints.remove_stale_temps(config.checkpoint)
     forward_model = worker.forward or devices.maybe_compile(model, config.compile)
-    steps_per_epoch = len(_global_batches(len(splits.train), config, 0, worker))
+    steps_per_epoch = len(
+        epoch_batches(len(splits.train), config.batch_size, config.seed, 0, worker.min_batch)
+    )
     epochs = config.epochs_for(steps_per_epoch)
     optimizer = make_optimizer(model, config)
-    run = _Run(model, optimizer, make_scheduler(optimizer, config, steps_per_epoch * epochs), worker)
+    run = RunState(model, optimizer, make_scheduler(optimizer, config, steps_per_epoch * epochs), worker)
     scaler = devices.grad_scaler(device, config.precision)
 
     start_epoch, skip_steps, global_step, resumed_from = 0, 0, 0, None
@@ -279,7 +269,8 @@ def fit(
         checkpoints.resume_state(config.checkpoint, worker.rank, worker.world_size) if config.resume else None
     )
     if ckpt is not None:
-        _restore(ckpt, config.checkpoint, run)
+        restore_run(ckpt, config.checkpoint, run)
+        run.history = [EpochLog(**h) for h in ckpt["history"]]
         start_epoch, skip_steps = ckpt["epoch"], ckpt["step_in_epoch"]
         global_step = resumed_from = ckpt["global_step"]
         if skip_steps >= steps_per_epoch:
@@ -295,12 +286,17 @@ def fit(
             model.train()
             started = time.perf_counter()
             loss_sum, correct, seen, has_acc = 0.0, 0, 0, True
-            loader, batch_sizes = _epoch_loader(splits.train, config, epoch, worker, device)
+            batches = epoch_batches(
+                len(splits.train), config.batch_size, config.seed, epoch, worker.min_batch
+            )
+            batch_sizes = [len(b) for b in batches]
+            shards = worker.world_size if worker.shard_data else 1
+            loader = worker_loader(splits.train, batches, worker.rank, shards, device)
             progress.start_epoch(epoch, completed=skip_steps)
             for step, batch in enumerate(loader):
                 if step < skip_steps:
                     continue
-                inputs, targets = _on_device(batch, device)
+                inputs, targets = on_device(batch, device)
                 optimizer.zero_grad(set_to_none=True)
                 if worker.step is not None:  # pipeline: forward and backward of all micro-batches, all stages
                     with devices.autocast(device, config.precision):
@@ -343,9 +339,9 @@ def fit(
                     and config.checkpoint_every
                     and global_step % config.checkpoint_every == 0
                 ):
-                    _save(config.checkpoint, run, (epoch, step + 1, global_step))
+                    save_run(config.checkpoint, run, (epoch, step + 1, global_step))
             skip_steps = 0
-            loss_sum, correct, seen = worker.all_sum(loss_sum, correct, seen, device=_reduce_device(device))
+            loss_sum, correct, seen = worker.all_sum(loss_sum, correct, seen, device=reduce_device(device))
             val_loss, val_acc = (None, None)
             if len(splits.val):
                 val_loss, val_acc = _evaluate_val(
@@ -360,10 +356,10 @@ def fit(
                 seconds=time.perf_counter() - started,
             )
             run.history.append(log)
-            progress.line(_epoch_line(log, epochs))
+            progress.line(epoch_line(log, epochs))
             _track_best(run, log, config.patience)
             if config.checkpoint:
-                _save(config.checkpoint, run, (epoch + 1, 0, global_step))
+                save_run(config.checkpoint, run, (epoch + 1, 0, global_step))
             if run.stopped:
                 progress.line(
                     f"stopped early after epoch {epoch + 1}: validation accuracy did not improve for "
@@ -377,7 +373,7 @@ def fit(
     return TrainResult(model, run.history, resumed_from, best_epoch=run.best_epoch, data=note)
 
 
-def _track_best(run: _Run, log: EpochLog, patience: int | None) -> None:
+def _track_best(run: RunState, log: EpochLog, patience: int | None) -> None:
     """Keep this epoch's weights if they are the best on validation so far.
 
     Better means a higher validation accuracy, or the same accuracy with a lower loss (regression: lower
@@ -388,26 +384,9 @@ def _track_best(run: _Run, log: EpochLog, patience: int | None) -> None:
     score = (-log.val_loss,) if log.val_accuracy is None else (log.val_accuracy, -log.val_loss)
     if run.best_score is None or score > run.best_score:
         run.best_epoch, run.best_score = log.epoch, score
-        run.best_weights = _own_state(run.model)
+        run.best_weights = own_state(run.model)
         return
     run.stopped = log.epoch - run.best_epoch >= patience
-
-
-def _own_state(model: nn.Module) -> dict:
-    """A copy of this worker's tensors of the model (its shards under FSDP), to load back later."""
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def _epoch_line(log: EpochLog, epochs: int) -> str:
-    parts = [f"epoch {log.epoch:>3}/{epochs}", f"loss {log.train_loss:.4f}"]
-    if log.train_accuracy is not None:
-        parts.append(f"acc {log.train_accuracy:.1%}")
-    if log.val_accuracy is not None:
-        parts.append(f"val acc {log.val_accuracy:.1%}")
-    elif log.val_loss is not None:
-        parts.append(f"val loss {log.val_loss:.4f}")
-    parts.append(f"{log.seconds:.1f}s")
-    return "  ".join(parts)
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -429,64 +408,6 @@ def make_scheduler(
     return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_steps))
 
 
-def _save(path: str, run: _Run, position: tuple[int, int, int]) -> None:
-    """Rank 0 writes the checkpoint; with sharded state every worker takes part in gathering it first.
-
-    The best epoch's weights go with it: at the end of a best epoch they are the weights being saved, and
-    they are kept for the checkpoints after it.
-
-    Weights that became NaN/inf stop the run instead (every worker decides alike), so the checkpoint on disk
-    stays the last good one.
-    """
-    worker, model = run.worker, run.model
-    local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
-    (bad,) = worker.all_sum(float(sum(not bool(torch.isfinite(p.detach()).all()) for p in local)))
-    if bad:
-        kept = f"; checkpoint '{path}' keeps the last good weights" if Path(path).exists() else ""
-        raise TrainingError(
-            f"training diverged: the weights became NaN/inf by step {position[2]}; "
-            f"lower the learning rate or set grad_clip{kept}"
-        )
-    if worker.state_dicts is not None:
-        model_state, optimizer_state = worker.state_dicts(model, run.optimizer)
-    else:
-        model_state, optimizer_state = model.state_dict(), run.optimizer.state_dict()
-    if worker.rank != 0:
-        return
-    epoch, step_in_epoch, global_step = position
-    if run.best_epoch == epoch and not step_in_epoch:  # a state_dict() of plain tensors is live: use the copy
-        run.best_saved = model_state if worker.state_dicts is not None else run.best_weights
-    state = {
-        "model": model_state,
-        "optimizer": optimizer_state,
-        "scheduler": run.scheduler.state_dict(),
-        "epoch": epoch,
-        "step_in_epoch": step_in_epoch,
-        "global_step": global_step,
-        "history": [asdict(h) for h in run.history],
-        "rng": torch.get_rng_state(),
-        "best": {"epoch": run.best_epoch, "score": list(run.best_score or []), "stopped": run.stopped},
-    }
-    if run.best_epoch is not None:
-        state["best_model"] = run.best_saved
-    checkpoints.write_checkpoint(state, path)
-
-
-def _restore(ckpt: dict, path: str, run: _Run) -> None:
-    """Load a checkpoint into the run: weights, optimizer, schedule, RNG, history, best epoch so far."""
-    load = run.worker.load_state_dicts
-    best = ckpt.get("best", {})
-    if best.get("epoch") is not None:  # the best weights first, to keep this worker's copy of them
-        checkpoints.load_states(path, run.model, run.optimizer, (ckpt["best_model"], ckpt["optimizer"]), load)
-        run.best_epoch, run.best_score = best["epoch"], tuple(best["score"])
-        run.best_weights, run.best_saved = _own_state(run.model), ckpt["best_model"]
-        run.stopped = best["stopped"]
-    checkpoints.load_states(path, run.model, run.optimizer, (ckpt["model"], ckpt["optimizer"]), load)
-    run.scheduler.load_state_dict(ckpt["scheduler"])
-    torch.set_rng_state(ckpt["rng"])
-    run.history = [EpochLog(**h) for h in ckpt["history"]]
-
-
 def _diverged(value: float, where: tuple[int, int, int], config: TrainConfig) -> TrainingError:
     """The error for a NaN/inf loss: where it happened, what to try, and that the checkpoint was kept."""
     epoch, step, global_step = where
@@ -497,36 +418,6 @@ def _diverged(value: float, where: tuple[int, int, int], config: TrainConfig) ->
         f"training diverged: the loss became {value} at epoch {epoch + 1}, step {step + 1} "
         f"(step {global_step} overall); lower the learning rate (now {config.lr:g}) or set grad_clip{kept}"
     )
-
-
-def _global_batches(n: int, config: TrainConfig, epoch: int, worker: Worker) -> list[list[int]]:
-    """The epoch's batches of sample indices in `make_loader`'s seeded order (the same on every worker)."""
-    order = torch.tensor(list(make_loader(range(n), 1, shuffle=True, seed=config.seed, epoch=epoch).sampler))
-    batches = [b.tolist() for b in order.split(config.batch_size)]
-    return [b for b in batches if len(b) >= worker.min_batch]
-
-
-def _epoch_loader(
-    dataset: Dataset, config: TrainConfig, epoch: int, worker: Worker, device: torch.device
-) -> tuple[DataLoader, list[int]]:
-    """This worker's loader for one epoch, and the size of each whole (all-worker) batch.
-
-    Data parallel workers each take a contiguous share of every batch: together they see exactly the batches
-    one worker would, reshuffled per epoch. Pinned memory lets CUDA copies overlap with compute.
-    """
-    batches = _global_batches(len(dataset), config, epoch, worker)
-    sizes = [len(b) for b in batches]
-    if worker.shard_data and worker.world_size > 1:
-        batches = [
-            list(torch.tensor(b).tensor_split(worker.world_size)[worker.rank].tolist()) for b in batches
-        ]
-    loader = DataLoader(dataset, batch_sampler=batches, num_workers=0, pin_memory=device.type == "cuda")
-    return loader, sizes
-
-
-def _reduce_device(device: torch.device) -> torch.device:
-    """NCCL sums CUDA tensors, gloo CPU ones."""
-    return device if device.type == "cuda" else torch.device("cpu")
 
 
 def _evaluate_val(
@@ -541,6 +432,6 @@ def _evaluate_val(
     loss, acc = evaluate(model, share, device=device, precision=config.precision, loss_fn=loss_fn)
     n = len(share)
     total_loss, total_correct, count = worker.all_sum(
-        loss * n if n else 0.0, (acc or 0.0) * n, n, device=_reduce_device(device)
+        loss * n if n else 0.0, (acc or 0.0) * n, n, device=reduce_device(device)
     )
     return total_loss / max(count, 1), (total_correct / count if acc is not None and count else None)

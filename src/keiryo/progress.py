@@ -56,3 +56,16 @@ class TrainingProgress:
             self._bar.console.print(text, highlight=False, soft_wrap=True)
         elif self.enabled:
             Console().print(text, highlight=False, soft_wrap=True)
+
+
+def epoch_line(log, epochs: int) -> str:
+    """The line that stays after an epoch (`log` is a `keiryo.loop.EpochLog`)."""
+    parts = [f"epoch {log.epoch:>3}/{epochs}", f"loss {log.train_loss:.4f}"]
+    if log.train_accuracy is not None:
+        parts.append(f"acc {log.train_accuracy:.1%}")
+    if log.val_accuracy is not None:
+        parts.append(f"val acc {log.val_accuracy:.1%}")
+    elif log.val_loss is not None:
+        parts.append(f"val loss {log.val_loss:.4f}")
+    parts.append(f"{log.seconds:.1f}s")
+    return "  ".join(parts)
