@@ -26,6 +26,7 @@ from keiryo.cli import main
 from keiryo.data import load_data
 from keiryo.errors import ConfigError, DataError, KeiryoError, ModelError, ResourceError, TrainingError
 from keiryo.loop import TrainConfig, classification_loss, fit
+from keiryo.metrics import Timing
 from keiryo.models import build_model
 
 
@@ -162,15 +163,17 @@ def test_mismatched_features_name_both_shapes_in_train_and_measure(tmp_path: Pat
     message = _one_line(info)
     assert "64 features" in message and "(8,)" in message and "eight.npz" in message
     with pytest.raises(ModelError, match=r"64 features .* the example inputs have shape \(8,\)"):
-        keiryo.measure(wide, torch.rand(4, 8), runs=1, warmup=0)
+        keiryo.measure(wide, torch.rand(4, 8), timing=Timing(runs=1, warmup=0))
     with pytest.raises(KeiryoError, match=r"64 features .*eight.npz.* have shape \(8,\)"):
-        keiryo.measure(wide, torch.rand(4, 64), data=str(tmp_path / "eight.npz"), runs=1, warmup=0)
+        keiryo.measure(
+            wide, torch.rand(4, 64), data=str(tmp_path / "eight.npz"), timing=Timing(runs=1, warmup=0)
+        )
 
 
 def test_measure_refuses_labels_the_model_has_no_output_for() -> None:
     x, y = torch.rand(40, 8), torch.full((40,), 4)
     with pytest.raises(DataError, match="class labels 4..4 but the model has 3"):
-        keiryo.measure(_mlp(8, 3), x[:4], data=(x, y), runs=1, warmup=0)
+        keiryo.measure(_mlp(8, 3), x[:4], data=(x, y), timing=Timing(runs=1, warmup=0))
 
 
 def test_a_file_too_small_to_split_is_refused(tmp_path: Path) -> None:
