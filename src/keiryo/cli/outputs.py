@@ -12,7 +12,6 @@ import contextlib
 import os
 import secrets
 import sys
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -34,18 +33,13 @@ def same_path(a: Path | None, b: Path | None) -> bool:
 
 def _probe_folder(folder: Path, target: Path, option: str) -> None:
     """The nearest existing folder at or above `folder` must be a folder this process can create files in."""
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    if not folder.is_dir():
-        raise ConfigError(f"{option} '{target}': '{folder}' is a file, so no folder can be made there")
     try:
-        fd, probe = tempfile.mkstemp(prefix=".keiryo-probe-", dir=folder)
-        os.close(fd)
-        os.unlink(probe)
+        fileio.writable_folder(folder)
+    except NotADirectoryError as exc:
+        raise ConfigError(f"{option} '{target}': {exc}") from None
     except OSError as exc:
-        raise ConfigError(
-            f"{option} '{target}': cannot write in folder '{folder}' ({exc.strerror})"
-        ) from None
+        where = Path(exc.filename).parent if exc.filename else folder
+        raise ConfigError(f"{option} '{target}': cannot write in folder '{where}' ({exc.strerror})") from None
 
 
 def check_output(path: Path, option: str = "--out", inputs: Sequence[Path | str | None] = ()) -> Path:
