@@ -1,10 +1,11 @@
 """Asynchronous data parallel: a Ray parameter server that slow or failing workers cannot stall.
 
 `train_async` starts the server and `strategy.workers` workers (`ps_actors`), restarts a worker that dies
-(or goes on without it), evaluates as it goes, and stops at the update budget, a time limit or a target
-accuracy. The optimizer, learning rate, schedule, batch size and epochs are the user's `TrainConfig`, the same
-as every other strategy's, so switching strategy does not change what is trained: an epoch is ⌈samples / batch
-size⌉ updates and the history has one line per epoch. Training runs on CPU.
+(or goes on without it), evaluates as it goes, and stops at the update budget, a time limit, a target
+accuracy or, as `fit` does, after `patience` epochs without a better validation score (the best epoch's
+weights are kept). The optimizer, learning rate, schedule, batch size and epochs are the user's
+`TrainConfig`, the same as every other strategy's, so switching strategy does not change what is trained: an
+epoch is ⌈samples / batch size⌉ updates and the history has one line per epoch. Training runs on CPU.
 
 Ray starts locally (embedded, loopback only, quiet; see `ray_setup`) unless `strategy.ray_address` names a
 cluster; workers are spread over its nodes. Run from the CLI: ``keiryo train --strategy async --workers 4``.
