@@ -5,7 +5,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -14,6 +14,7 @@ from keiryo import artifacts
 from keiryo.errors import ArtifactError, ConfigError
 from keiryo.loop import TrainConfig, classification_loss, evaluate, fit
 from keiryo.models import build_model
+from keiryo.parallel.config import DDP, FSDP, STRATEGIES, Async, Pipeline, Single, strategy_of
 from keiryo.training import train
 
 
@@ -292,3 +293,40 @@ def test_samples_of_dicts_train_and_evaluate():
     result = fit(_Keyed(), samples, TrainConfig(epochs=3, progress=False, device="cpu", lr=1e-2))
     assert result.history[-1].train_loss < result.history[0].train_loss
     assert result.history[-1].val_accuracy is not None
+
+
+# ---- strategies: a name or a config ------------------------------------------------------------------------
+
+
+def test_strategy_names_and_configs_are_the_same_choice():
+    assert strategy_of("single") == Single() and strategy_of("single", 1) == Single()
+    assert strategy_of("ddp") == DDP(workers=2) and strategy_of("fsdp", 4) == FSDP(workers=4)
+    pipeline = Pipeline(workers=3, split_points=["fc1"], schedule="gpipe", microbatches=2)
+    assert strategy_of(pipeline) is pipeline and strategy_of(pipeline, 3) is pipeline
+    assert strategy_of("async", 3) == Async(workers=3, mode="async")
+    for config in (Single(), DDP(timeout=5.0), pipeline, Async(mode="bounded", staleness_bound=2)):
+        assert STRATEGIES[config.kind](**asdict(config)) == config  # a recipe step / provenance round trip
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: strategy_of("magic"), "unknown strategy 'magic'"),
+        (lambda: strategy_of("single", 2), "'single' runs one worker"),
+        (lambda: strategy_of(DDP(workers=2), 3), "differs"),
+        (lambda: strategy_of({"kind": "ddp"}), "strategy must be a name"),
+        (lambda: DDP(workers=0), "workers must be a whole number ≥ 1"),
+        (lambda: FSDP(timeout=float("nan")), "timeout"),
+        (lambda: Pipeline(schedule="zigzag"), "unknown pipeline schedule"),
+        (lambda: Pipeline(split_points="fc1"), "split_points"),
+        (lambda: Pipeline(microbatches=0), "microbatches"),
+        (lambda: Async(mode="eventually"), "unknown async mode"),
+        (lambda: Async(workers=2, slowdown=[1.0]), "one factor ≥ 1 per worker"),
+        (lambda: Async(max_updates=0), "max_updates"),
+        (lambda: Async(on_failure="ignore"), "on_failure"),
+    ],
+)
+def test_bad_strategy_options_are_one_line_errors(make, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        make()
+    assert "\n" not in str(info.value)

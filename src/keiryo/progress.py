@@ -55,7 +55,12 @@ class TrainingProgress:
         if self._bar is not None:
             self._bar.console.print(text, highlight=False, soft_wrap=True)
         elif self.enabled:
-            Console().print(text, highlight=False, soft_wrap=True)
+            say(text)
+
+
+def say(text: str) -> None:
+    """Print a line of training news (how the data was split, ...) to the terminal."""
+    Console().print(text, highlight=False, soft_wrap=True)
 
 
 def epoch_line(log, epochs: int) -> str:

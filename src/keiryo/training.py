@@ -17,7 +17,7 @@ from keiryo.holdout import split_for_training
 from keiryo.loop import LossFn, TrainConfig, TrainResult, classification_loss, fit
 from keiryo.parallel import async_ps, launch
 from keiryo.parallel.config import Async, Single, Strategy, strategy_of
-from keiryo.progress import TrainingProgress
+from keiryo.progress import say
 
 
 def train(
@@ -49,7 +49,7 @@ def train(
         return fit(model, data, config, loss_fn=loss_fn)
     splits, note = split_for_training(data, config.validation, config.seed)
     if note and config.progress and int(os.environ.get("RANK", "0")) == 0:
-        TrainingProgress(True, 0, 0).line(note)
+        say(note)
     if loss_fn is classification_loss:  # here, on the whole model, before any worker starts
         check_model_fits(model, splits)
     if isinstance(spec, Async):
