@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from keiryo import artifacts, data, hf_text, inputs, models, provenance, report
-from keiryo.cli.options import MAX_BATCH, RunsOpt, SeedOpt, ThreadsOpt, TrustCodeOpt, int_list
+from keiryo.cli.options import MAX_BATCH, ModelOutOpt, RunsOpt, SeedOpt, ThreadsOpt, TrustCodeOpt, int_list
 from keiryo.cli.outputs import (
     check_fits,
     check_output,
@@ -130,9 +130,7 @@ def export(
 
 def hf_folder(
     model_dir: Annotated[Path, typer.Argument(help="A local Hugging Face model folder (config.json...).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the keiryo model file.")] = Path(
-        "hf-model.pt"
-    ),
+    out: ModelOutOpt = Path("hf-model.pt"),
     texts: Annotated[
         Path | None, typer.Option(help="Text file, one text per line, to measure on (default: 8 samples).")
     ] = None,

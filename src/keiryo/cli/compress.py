@@ -14,6 +14,7 @@ from keiryo.cli.options import (
     DataOpt,
     DeviceOpt,
     LrOpt,
+    ModelOutOpt,
     PatienceOpt,
     PrecisionOpt,
     ProgressOpt,
@@ -56,9 +57,7 @@ def quantize(
             help="fp32 | fp16 | bf16 | int8-dynamic | int8-weight-only | int4-weight-only | int8-static | qat"
         ),
     ] = "int8-dynamic",
-    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the quantized model.")] = Path(
-        "quantized.pt"
-    ),
+    out: ModelOutOpt = Path("quantized.pt"),
     calibration: Annotated[
         str | None,
         typer.Option("--calibration", "-c", help="Data to calibrate int8-static on and to train qat with."),
@@ -142,9 +141,7 @@ def _quant_config(method: str, given: dict[str, object]) -> QuantConfig:
 def prune(
     model_file: Annotated[Path, typer.Argument(help="The trained model file to prune.")],
     ratio: Annotated[float, typer.Option(help="Fraction to remove (0-1) of --target.")] = 0.5,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the pruned model.")] = Path(
-        "pruned.pt"
-    ),
+    out: ModelOutOpt = Path("pruned.pt"),
     unstructured: Annotated[
         bool, typer.Option("--unstructured", help="Zero single weights instead of removing channels.")
     ] = False,
@@ -212,9 +209,7 @@ def distill(
         str, typer.Option("--student", "-s", help="mlp | cnn | transformer | pkg.mod:fn | file.py:fn")
     ] = "mlp",
     data_source: DataOpt = "digits",
-    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the student's model file.")] = Path(
-        "student.pt"
-    ),
+    out: ModelOutOpt = Path("student.pt"),
     student_arg: Annotated[
         list[str] | None,
         typer.Option("--student-arg", "-a", help="Student factory argument name=value (repeatable)."),
@@ -292,9 +287,7 @@ def optimize(
         "none,int8-dynamic"
     ),
     finetune_epochs: Annotated[int, typer.Option(min=0, help="Fine-tuning epochs after pruning.")] = 4,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the chosen model.")] = Path(
-        "optimized.pt"
-    ),
+    out: ModelOutOpt = Path("optimized.pt"),
     trust_code: TrustCodeOpt = False,
     seed: SeedOpt = 0,
 ) -> None:

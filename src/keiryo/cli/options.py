@@ -5,6 +5,7 @@ A bad value is a one-line ConfigError naming the option, raised before any work.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -27,6 +28,7 @@ TrustCodeOpt = Annotated[
         "--trust-code", help="Allow model files and specs that import your code (pkg.mod:fn, file.py:fn)."
     ),
 ]
+ModelOutOpt = Annotated[Path, typer.Option("--out", "-o", help="Where to write the model file.")]
 RunsOpt = Annotated[int, typer.Option(min=1, help="Timed runs per batch size in the table.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps.")]
 PrecisionOpt = Annotated[str, typer.Option(help="fp32 | bf16 | fp16 (autocast).")]

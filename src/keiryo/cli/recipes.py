@@ -16,7 +16,9 @@ from keiryo.steps import run_recipe
 
 def run(
     recipe: Annotated[Path, typer.Argument(help="A recipe YAML file (see recipes/digits.yaml).")],
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder [keiryo-out/NAME]")] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Output folder (default: keiryo-out/NAME).")
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Run every step again, even unchanged ones.")] = (
         False
     ),

@@ -15,6 +15,7 @@ from keiryo.cli.options import (
     DataOpt,
     DeviceOpt,
     LrOpt,
+    ModelOutOpt,
     PatienceOpt,
     PrecisionOpt,
     ProgressOpt,
@@ -38,9 +39,7 @@ def train(
         str, typer.Option("--model", "-m", help="mlp | cnn | transformer | pkg.mod:fn | file.py:fn")
     ] = "cnn",
     data_source: DataOpt = "digits",
-    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the trained model file.")] = Path(
-        "model.pt"
-    ),
+    out: ModelOutOpt = Path("model.pt"),
     model_arg: Annotated[
         list[str] | None, typer.Option("--model-arg", "-a", help="Factory argument name=value (repeatable).")
     ] = None,
