@@ -69,9 +69,11 @@ def test_two_workers_with_half_batches_match_one_worker(digits, strategy):
     teacher = build_model("mlp", in_features=64, hidden=[48], num_classes=10)
     loss_fn = TeacherLoss(teacher) if strategy == "ddp" else classification_loss
     config = TrainConfig(epochs=1, batch_size=64, progress=False, device="cpu", seed=1)
-    one = train(_mlp(), digits, "single", config, loss_fn=loss_fn).model
+    alone = train(_mlp(), digits, "single", config, loss_fn=loss_fn)
+    one = alone.model
     spec = DDP(workers=2, timeout=60) if strategy == "ddp" else FSDP(workers=2, timeout=60)
     result = train(_mlp(), digits, spec, config, loss_fn=loss_fn)
+    assert result.best_epoch == alone.best_epoch == 1  # the epoch whose weights the model holds
     assert _max_diff(one, result.model) < 1e-5
     assert _max_diff(one, _mlp()) > 1e-3  # it did train
     par = result.parallel

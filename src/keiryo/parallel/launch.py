@@ -96,7 +96,11 @@ def run(
     model.eval()
     history = [EpochLog(**h) for h in out["history"]]
     return TrainResult(
-        model=model, history=history, resumed_from=out["resumed_from"], parallel=out["parallel"]
+        model=model,
+        history=history,
+        resumed_from=out["resumed_from"],
+        parallel=out["parallel"],
+        best_epoch=out["best_epoch"],
     )
 
 
@@ -150,8 +154,13 @@ def train_in_group(
     prints = [None] * dist.get_world_size()
     dist.all_gather_object(prints, fingerprint(state))
     info.update(fingerprint=prints[dist.get_rank()], weights_identical=len(set(prints)) == 1)
-    history = [asdict(h) for h in result.history]
-    return {"state": state, "history": history, "resumed_from": result.resumed_from, "parallel": info}
+    return {
+        "state": state,
+        "history": [asdict(h) for h in result.history],
+        "resumed_from": result.resumed_from,
+        "best_epoch": result.best_epoch,
+        "parallel": info,
+    }
 
 
 def fingerprint(state: dict) -> str:
