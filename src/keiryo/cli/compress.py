@@ -25,7 +25,7 @@ from keiryo.cli.options import (
     float_list,
     parse_kwargs,
     parse_pair,
-    patience_of,
+    training,
 )
 from keiryo.cli.outputs import check_fits, check_output, console, data_path, save, size, staged
 from keiryo.compress.distill import Distill
@@ -251,15 +251,7 @@ def distill(
             "--feature names a student layer twice; match each student layer to one teacher layer"
         )
     how = Distill(temperature, alpha, loss, features or None, cache_teacher=cache_teacher)
-    config = TrainConfig(
-        epochs=epochs,
-        patience=patience_of(patience),
-        lr=lr,
-        device=device,
-        precision=precision,
-        seed=seed,
-        progress=progress,
-    )
+    config = training(epochs, patience, lr, device, precision, seed=seed, progress=progress)
     teacher_model = artifacts.load(teacher, trust_code=trust_code)
     splits = data.load_data(data_source, seed=seed)
     check_fits(teacher_model, splits)

@@ -6,12 +6,13 @@ A bad value is a one-line ConfigError naming the option, raised before any work.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 import yaml
 
 from keiryo.errors import ConfigError, one_line
+from keiryo.loop import TrainConfig
 
 MAX_SEED = 2**63 - 1  # torch.manual_seed takes 64-bit seeds
 MAX_BATCH = 2**31 - 1
@@ -44,9 +45,14 @@ PatienceOpt = Annotated[
 ]
 
 
-def patience_of(epochs: int) -> int | None:
-    """--patience as TrainConfig takes it: 0 (never stop early) is None."""
-    return epochs or None
+def training(
+    epochs: int | None, patience: int, lr: float, device: str, precision: str, **more: Any
+) -> TrainConfig:
+    """The TrainConfig of the training options train and distill share (--patience 0: never stop early),
+    checked now, before any work; `more` are other TrainConfig fields."""
+    return TrainConfig(
+        epochs=epochs, patience=patience or None, lr=lr, device=device, precision=precision, **more
+    )
 
 
 def parse_kwargs(pairs: list[str] | None) -> dict:

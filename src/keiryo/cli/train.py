@@ -22,12 +22,11 @@ from keiryo.cli.options import (
     SeedOpt,
     TrustCodeOpt,
     parse_kwargs,
-    patience_of,
+    training,
 )
 from keiryo.cli.outputs import check_output, console, data_path, err_console, same_path, save, size, staged
 from keiryo.errors import ConfigError
 from keiryo.examples import metadata_for, model_for_data
-from keiryo.loop import TrainConfig
 from keiryo.metrics import accuracy
 from keiryo.parallel.config import DDP, FSDP, SCHEDULES, Async, Pipeline, Strategy, strategy_of
 from keiryo.summary import parallel_lines
@@ -120,13 +119,13 @@ def train(
         spec = replace(spec, **{k: v for k, v in given.items() if v is not None})
     elif isinstance(spec, Async):
         spec = replace(spec, mode=async_mode, staleness_bound=staleness_bound, ray_address=ray_address)
-    config = TrainConfig(
-        epochs=epochs,
-        patience=patience_of(patience),
+    config = training(
+        epochs,
+        patience,
+        lr,
+        device,
+        precision,
         batch_size=batch_size,
-        lr=lr,
-        device=device,
-        precision=precision,
         compile=compile,
         checkpoint=str(checkpoint) if checkpoint else None,
         checkpoint_every=checkpoint_every,
