@@ -32,14 +32,15 @@ FAMILIES = {
                            hidden_dim=128)
     ),
     "gpt2": lambda: T.GPT2LMHeadModel(
-        T.GPT2Config(vocab_size=VOCAB, n_positions=16, n_embd=32, n_layer=2, n_head=4, n_inner=128)
+        T.GPT2Config(vocab_size=VOCAB, n_positions=16, n_embd=32, n_layer=2, n_head=4, n_inner=128,
+                     bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1)
     ),
     "llama": lambda: T.LlamaForCausalLM(T.LlamaConfig(**LLM, tie_word_embeddings=True)),
     "qwen2": lambda: T.Qwen2ForCausalLM(T.Qwen2Config(**LLM, tie_word_embeddings=True)),
     "mistral": lambda: T.MistralForCausalLM(T.MistralConfig(**LLM)),
     "vit": lambda: T.ViTForImageClassification(
-        T.ViTConfig(image_size=IMAGE, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                    intermediate_size=128, num_labels=3)
+        T.ViTConfig(image_size=IMAGE, patch_size=4, hidden_size=32, num_hidden_layers=2,
+                    num_attention_heads=4, intermediate_size=128, num_labels=3)
     ),
     "resnet": lambda: T.ResNetForImageClassification(
         T.ResNetConfig(num_channels=3, embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], num_labels=3)
@@ -55,6 +56,7 @@ TUPLE_INPUTS = ("bert", "qwen2")  # the others: a dict (GPT-2's second argument 
 # their pruned heads fit a config; BERT, DistilBERT and GPT-2 derive head size from the kept width (no
 # fewer heads), and torch-pruning narrows each CNN stage on its own: keiryo.save keeps those.
 HF_FOLDER = ("llama", "qwen2", "mistral", "vit")
+QUERY_LAYERS = ("attention.self.query", "attention.q_lin", "attn.c_attn")  # BERT, DistilBERT, GPT-2
 QUICK = keiryo.Policy(runs=3, time_limit=1.0)  # timing effort for auto: tiny models, seconds
 
 
@@ -137,6 +139,12 @@ def test_a_raw_family_is_pruned_and_saved_and_reloaded(tmp_path, name):
             export(pruned, example, tmp_path / "hf", "hf")
         assert "\n" not in str(info.value)
         assert not (tmp_path / "hf").exists() or not any((tmp_path / "hf").iterdir())
+    if name in ("bert", "distilbert", "gpt2"):  # the message's way out: heads kept, feed-forward pruned
+        queries = tuple(n for n, _ in model.named_modules() if n.endswith(QUERY_LAYERS))
+        ffn_only = keiryo.prune(model, keiryo.Structured(ratio=0.5, protect=queries), example_inputs=example)
+        assert _params(pruned) < _params(ffn_only) < _params(model)
+        alone = type(model).from_pretrained(export(ffn_only, example, tmp_path / "ffn", "hf").path)
+        torch.testing.assert_close(_main(alone, example), _main(ffn_only, example), atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
@@ -165,3 +173,19 @@ def test_a_raw_family_is_int8_quantized_and_saved_and_reloaded(tmp_path, name):
     with pytest.raises(KeiryoError, match="keiryo.load") as info:  # int8 has no folder transformers reads
         export(int8, example, tmp_path / "hf", "hf")
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_a_pruned_family_is_then_int8_quantized_and_reloaded(tmp_path, name):
+    """The user's whole path: prune, then quantize the pruned model, then save and load the result."""
+    model, example = _family(name), _example(name)
+    pruned = keiryo.prune(model, 0.5, example_inputs=example)
+    int8 = keiryo.quantize(
+        pruned, "int8-dynamic", example_inputs=example, policy=keiryo.Policy(backend="fbgemm", runs=1)
+    )
+    assert _cosine(_main(int8, example), _main(pruned, example)) >= 0.99
+    loaded = _reloads(int8, example, tmp_path)
+    assert has_quantized_kernels(loaded) and _params(loaded) <= 0.6 * _params(model)
+    assert loaded._keiryo_metadata["pruning"]["ratio"] == 0.5
+    if name in DECODERS:
+        _generates(loaded, example)
