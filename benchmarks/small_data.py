@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from collections.abc import Iterable
 
 import torch
 from sklearn.datasets import load_breast_cancer, load_wine
@@ -29,7 +30,8 @@ from keiryo.training import train
 DATASETS = {"breast-cancer": load_breast_cancer, "wine": load_wine}
 
 
-def _data(name: str, seed: int) -> tuple[torch.Tensor, ...]:
+def load(name: str, seed: int) -> tuple[torch.Tensor, ...]:
+    """(x_train, y_train, x_test, y_test): standardized on the training part, stratified 70/30 by `seed`."""
     x, y = DATASETS[name](return_X_y=True)
     x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.3, random_state=seed, stratify=y)
     scaler = StandardScaler().fit(x_train)
@@ -40,12 +42,13 @@ def _data(name: str, seed: int) -> tuple[torch.Tensor, ...]:
     return as_float(x_train), torch.tensor(y_train), as_float(x_test), torch.tensor(y_test)
 
 
-def _model(features: int, classes: int, seed: int) -> torch.nn.Module:
+def mlp(features: int, classes: int, seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
     return build_model("mlp", in_features=features, hidden=[32], num_classes=classes)
 
 
-def _plain(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int) -> None:
+def plain_adamw(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int) -> None:
+    """What a user writes without keiryo: AdamW, batches of 32, 100 epochs, all the data."""
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     for _ in range(100):
@@ -55,28 +58,28 @@ def _plain(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int) 
             optimizer.step()
 
 
-def _accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+def score(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     model.eval()
     with torch.no_grad():
         return float((model(x).argmax(-1) == y).float().mean())
 
 
-def run(name: str, seeds: int) -> dict[str, list[float]]:
-    """Test accuracy per seed for each way of training."""
+def run(name: str, seeds: Iterable[int]) -> dict[str, list[float]]:
+    """Test accuracy per seed for each way of training (tests/test_loop.py asserts on it)."""
     out: dict[str, list[float]] = {"plain": [], "keiryo": [], "old defaults": []}
-    for seed in range(seeds):
-        x, y, x_test, y_test = _data(name, seed)
+    for seed in seeds:
+        x, y, x_test, y_test = load(name, seed)
         features, classes = x.shape[1], int(y.max()) + 1
         for way in out:
-            model = _model(features, classes, seed)
+            model = mlp(features, classes, seed)
             if way == "plain":
-                _plain(model, x, y, seed)
+                plain_adamw(model, x, y, seed)
             elif way == "keiryo":
                 train(model, (x, y), config=TrainConfig(progress=False, device="cpu", seed=seed))
             else:
                 old = TrainConfig(epochs=10, patience=None, progress=False, device="cpu", seed=seed)
                 train(model, load_data((x, y), seed=seed), config=old)
-            out[way].append(_accuracy(model, x_test, y_test))
+            out[way].append(score(model, x_test, y_test))
     return out
 
 
@@ -88,7 +91,7 @@ def main() -> None:
     print("| data | training | test accuracy, mean ± sd | per seed |")
     print("|---|---|---|---|")
     for name in DATASETS:
-        for way, accs in run(name, args.seeds).items():
+        for way, accs in run(name, range(args.seeds)).items():
             spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
             seeds = " ".join(f"{a:.3f}" for a in accs)
             print(f"| {name} | {way} | {statistics.mean(accs):.3f} ± {spread:.3f} | {seeds} |", flush=True)

@@ -31,13 +31,13 @@ class Single:
 
 
 @dataclass
-class DDP:
-    """Data parallel: `workers` processes each take a share of every batch; gradients are averaged.
+class _ProcessGroup:
+    """The fields every process-group strategy has; a base for fields only, dispatch is by the concrete type.
 
-    `timeout`: seconds before a crashed or hung worker stops the whole run.
+    `workers`: local processes (under torchrun: its WORLD_SIZE). `timeout`: seconds before a crashed or hung
+    worker stops the whole run.
     """
 
-    kind: ClassVar[str] = "ddp"
     workers: int = 2
     timeout: float = DEFAULT_TIMEOUT_S
 
@@ -47,28 +47,26 @@ class DDP:
     def validate(self) -> None:
         """Reject values that would fail once workers are started, in one line."""
         _check_workers(self.workers)
-        _check_timeout(self.timeout)
+        if not _finite(self.timeout) or self.timeout <= 0:
+            raise ConfigError(f"timeout must be a number of seconds > 0, got {self.timeout}")
 
 
 @dataclass
-class FSDP:
+class DDP(_ProcessGroup):
+    """Data parallel: `workers` processes each take a share of every batch; gradients are averaged."""
+
+    kind: ClassVar[str] = "ddp"
+
+
+@dataclass
+class FSDP(_ProcessGroup):
     """Fully sharded data parallel: like DDP, with parameters, gradients and optimizer state sharded."""
 
     kind: ClassVar[str] = "fsdp"
-    workers: int = 2
-    timeout: float = DEFAULT_TIMEOUT_S
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        """Reject values that would fail once workers are started, in one line."""
-        _check_workers(self.workers)
-        _check_timeout(self.timeout)
 
 
 @dataclass
-class Pipeline:
+class Pipeline(_ProcessGroup):
     """Pipeline parallel: the model cut into one stage per worker, batches fed as micro-batches.
 
     `split_points`: module names a new stage starts at (None: balanced by parameters); `schedule`: gpipe or
@@ -76,19 +74,13 @@ class Pipeline:
     """
 
     kind: ClassVar[str] = "pipeline"
-    workers: int = 2
     split_points: list[str] | None = None
     schedule: str | None = None
     microbatches: int | None = None
-    timeout: float = DEFAULT_TIMEOUT_S
-
-    def __post_init__(self) -> None:
-        self.validate()
 
     def validate(self) -> None:
         """Reject values that would fail once workers are started, in one line."""
-        _check_workers(self.workers)
-        _check_timeout(self.timeout)
+        super().validate()
         if self.split_points is not None and (
             isinstance(self.split_points, str) or not all(isinstance(s, str) for s in self.split_points)
         ):
@@ -188,11 +180,6 @@ def strategy_of(strategy: str | Strategy, workers: int | None = None) -> Strateg
 
 def _check_workers(workers: object) -> None:
     _whole("workers", workers, 1)
-
-
-def _check_timeout(timeout: object) -> None:
-    if not _finite(timeout) or timeout <= 0:
-        raise ConfigError(f"timeout must be a number of seconds > 0, got {timeout}")
 
 
 def _whole(name: str, value: object, least: int) -> None:
