@@ -362,7 +362,7 @@ def fit(
                 save_run(config.checkpoint, run, (epoch + 1, 0, global_step))
             if run.stopped:
                 progress.line(
-                    f"stopped early after epoch {epoch + 1}: validation accuracy did not improve for "
+                    f"stopped early after epoch {epoch + 1}: no better validation result for "
                     f"{config.patience} epochs"
                 )
                 break
