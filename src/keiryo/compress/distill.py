@@ -28,9 +28,11 @@ from keiryo.compress.distill_features import (
     make_projection,
     student_taps,
 )
-from keiryo.data import DataSplits, example_inputs, load_data, make_loader
+from keiryo.data import DataSplits, example_inputs, make_loader
 from keiryo.errors import ConfigError
+from keiryo.holdout import split_for_training
 from keiryo.loop import LossFn, TrainConfig, fit
+from keiryo.progress import TrainingProgress
 
 OUTPUT_LOSSES = ("kl", "mse", "cosine")
 
@@ -303,8 +305,10 @@ def distill(
     """Train `student` on `data` to match a frozen teacher (or an ensemble); returns the trained student.
 
     `config` says how it learns from the teacher (`Distill`), `train` the training loop's settings (epochs,
-    lr, device, precision, checkpoint, ...). After pruning, `distill(unpruned, pruned, data)` is the
-    fine-tuning. The student records the config as its `distillation` metadata.
+    lr, validation share, early stopping, device, precision, checkpoint, ...); `data` is split for training
+    as `keiryo.loop.fit` splits it (a validation share, no test share; a DataSplits is used as it is).
+    After pruning, `distill(unpruned, pruned, data)` is the fine-tuning. The student records the config as
+    its `distillation` metadata.
     """
     config, train = config or Distill(), train or TrainConfig()
     teachers = _as_list(teacher)
@@ -315,7 +319,9 @@ def distill(
         raise ConfigError(
             f"hidden-feature distillation takes one teacher, got an ensemble of {len(teachers)}"
         )
-    splits = data if isinstance(data, DataSplits) else load_data(data, seed=train.seed)
+    splits, note = split_for_training(data, train.validation, train.seed)
+    if note:  # said here, as the loop would: it receives the splits made here
+        TrainingProgress(train.progress, 0, 0).line(note)
     if config.loss == "kl" and splits.num_classes is None:
         raise ConfigError(
             "loss 'kl' needs class outputs but the data has regression targets (use mse or cosine)"

@@ -26,10 +26,12 @@ from keiryo.compress.prune_checks import PRUNABLE, check_model, example_for, pro
 from keiryo.compress.prune_config import PruneConfig, Structured, check_options, record
 from keiryo.compress.prune_graph import PruneJob, prune_structured
 from keiryo.compress.prune_target import channel_ratio_for, max_channel_ratio
-from keiryo.data import load_data
+from keiryo.data import DataSplits
 from keiryo.errors import ConfigError, ModelError
+from keiryo.holdout import split_for_training
 from keiryo.loop import TrainConfig, classification_loss, fit
 from keiryo.metrics import count_parameters
+from keiryo.progress import TrainingProgress
 
 ACTIVATION_SAMPLES = 256  # inputs whose activations score channels for "activation"
 
@@ -53,7 +55,7 @@ def prune(
     """
     check_model(model)
     config = check_options(method, finetune, has_data=data is not None, has_teacher=teacher is not None)
-    splits = None if data is None else load_data(data)
+    splits = None if data is None else _splits(data, finetune)
     pruned = copy.deepcopy(model).cpu().eval()
     example = example_for(pruned, example_inputs, splits)
     importance = getattr(config, "importance", "l2")
@@ -170,6 +172,16 @@ def _finetune(model: nn.Module, job: PruneJob) -> None:
     fit(model, job.splits, copy.copy(job.finetune), loss_fn=loss_fn)
     model.zero_grad(set_to_none=True)
     model.cpu().eval()
+
+
+def _splits(data: object, finetune: TrainConfig | None) -> DataSplits:
+    """`data` split as the training loop splits it: a validation share for fine-tuning, none otherwise."""
+    if finetune is None:
+        return split_for_training(data, 0.0, 0)[0]
+    splits, note = split_for_training(data, finetune.validation, finetune.seed)
+    if note:  # said here, as the loop would: it receives the splits made here
+        TrainingProgress(finetune.progress, 0, 0).line(note)
+    return splits
 
 
 def sparsity(model: nn.Module) -> float:
