@@ -355,3 +355,16 @@ def test_multi_input_models_distil_from_dict_or_tuple_samples(form):
     )
     assert agreement() > max(0.8, start + 0.2)
     assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in before.items())
+
+
+def test_data_is_split_as_the_loop_splits_it_and_the_split_is_said(capsys):
+    """Tensors handed to distill are all training data to the user: a validation share, no hidden test
+    share, and one line saying so (as keiryo.loop.fit says it)."""
+    torch.manual_seed(0)
+    x, y = torch.randn(200, 6), torch.randint(0, 3, (200,))
+    teacher = build_model("mlp", in_features=6, hidden=[16], num_classes=3)
+    student = build_model("mlp", in_features=6, hidden=[8], num_classes=3)
+    distill(teacher, student, (x, y), train=TrainConfig(epochs=1, device="cpu", progress=True))
+    out = capsys.readouterr().out
+    assert "data: 200 samples → 170 train / 30 validation" in out
+    assert out.count("data: 200 samples") == 1
