@@ -6,6 +6,7 @@ nothing from keiryo: every other module may use it.
 
 from __future__ import annotations
 
+import math
 import os
 
 
@@ -71,6 +72,18 @@ def check_bytes(nbytes: int, what: str) -> None:
             f"{what} would need {_human(nbytes)} of memory, above the limit of {_human(limit)}; "
             "set KEIRYO_MAX_BYTES (e.g. KEIRYO_MAX_BYTES=8G) if you trust it"
         )
+
+
+def check_whole(name: str, value: object, least: int | None = None) -> None:
+    """Refuse anything but a whole number (not a bool) of at least `least` (ConfigError naming `name`)."""
+    if isinstance(value, bool) or not isinstance(value, int) or (least is not None and value < least):
+        bound = f" ≥ {least}" if least is not None else ""
+        raise ConfigError(f"{name} must be a whole number{bound}, got {value}")
+
+
+def is_finite(value: object) -> bool:
+    """Whether `value` is a finite int or float (not a bool, not NaN or infinite)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def check_choice(value: object, choices: tuple[str, ...] | list[str], what: str) -> None:

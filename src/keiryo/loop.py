@@ -28,7 +28,7 @@ from keiryo import checkpoints, devices
 from keiryo.batches import epoch_batches, on_device, reduce_device, worker_loader
 from keiryo.checkpoints import LoadStates, RunState, own_state, restore_run, save_run
 from keiryo.data import check_model_fits, describe, make_loader
-from keiryo.errors import ConfigError, DataError, TrainingError
+from keiryo.errors import ConfigError, DataError, TrainingError, check_whole, is_finite
 from keiryo.holdout import split_for_training
 from keiryo.inputs import Example, forward
 from keiryo.progress import TrainingProgress, epoch_line
@@ -74,20 +74,20 @@ class TrainConfig:
     def validate(self) -> None:
         """Reject values that would fail later or train on garbage, in one line, before any work starts."""
         if self.epochs is not None:
-            _whole("epochs", self.epochs, 1)
-        _whole("min_steps", self.min_steps, 0)
-        _whole("batch size", self.batch_size, 1)
-        _whole("checkpoint_every (steps; 0 checkpoints at epoch ends only)", self.checkpoint_every, 0)
-        _whole("seed", self.seed, None)
+            check_whole("epochs", self.epochs, 1)
+        check_whole("min_steps", self.min_steps, 0)
+        check_whole("batch size", self.batch_size, 1)
+        check_whole("checkpoint_every (steps; 0 checkpoints at epoch ends only)", self.checkpoint_every, 0)
+        check_whole("seed", self.seed, None)
         if self.patience is not None:
-            _whole("patience (epochs; None never stops early)", self.patience, 1)
-        if not _finite(self.lr) or self.lr <= 0:
+            check_whole("patience (epochs; None never stops early)", self.patience, 1)
+        if not is_finite(self.lr) or self.lr <= 0:
             raise ConfigError(f"learning rate must be a finite number > 0, got {self.lr}")
-        if not _finite(self.weight_decay) or self.weight_decay < 0:
+        if not is_finite(self.weight_decay) or self.weight_decay < 0:
             raise ConfigError(f"weight decay must be a finite number ≥ 0, got {self.weight_decay}")
-        if self.grad_clip is not None and (not _finite(self.grad_clip) or self.grad_clip <= 0):
+        if self.grad_clip is not None and (not is_finite(self.grad_clip) or self.grad_clip <= 0):
             raise ConfigError(f"grad_clip must be a finite number > 0 (or None), got {self.grad_clip}")
-        if not _finite(self.validation) or not 0 <= self.validation < 1:
+        if not is_finite(self.validation) or not 0 <= self.validation < 1:
             raise ConfigError(f"validation must be a fraction in [0, 1), got {self.validation}")
         if self.resume and not self.checkpoint:
             raise ConfigError("resume needs a checkpoint file to resume from (--checkpoint)")
@@ -113,17 +113,6 @@ class TrainConfig:
         if self.epochs is not None:
             return self.epochs
         return max(DEFAULT_EPOCHS, math.ceil(self.min_steps / max(steps_per_epoch, 1)))
-
-
-def _whole(name: str, value: object, least: int | None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or (least is not None and value < least):
-        raise ConfigError(
-            f"{name} must be a whole number{f' ≥ {least}' if least is not None else ''}, got {value}"
-        )
-
-
-def _finite(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass

@@ -8,11 +8,10 @@ strategy as its `kind` plus `dataclasses.asdict`.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
-from keiryo.errors import ConfigError
+from keiryo.errors import ConfigError, check_whole, is_finite
 
 SCHEDULES = ("gpipe", "1f1b")
 ASYNC_MODES = ("async", "bounded", "scaled", "dcasgd", "sync")
@@ -47,7 +46,7 @@ class _ProcessGroup:
     def validate(self) -> None:
         """Reject values that would fail once workers are started, in one line."""
         _check_workers(self.workers)
-        if not _finite(self.timeout) or self.timeout <= 0:
+        if not is_finite(self.timeout) or self.timeout <= 0:
             raise ConfigError(f"timeout must be a number of seconds > 0, got {self.timeout}")
 
 
@@ -90,7 +89,7 @@ class Pipeline(_ProcessGroup):
                 f"unknown pipeline schedule '{self.schedule}' (choose {' or '.join(SCHEDULES)})"
             )
         if self.microbatches is not None:
-            _whole("microbatches", self.microbatches, 1)
+            check_whole("microbatches", self.microbatches, 1)
 
 
 @dataclass
@@ -126,21 +125,21 @@ class Async:
         _check_workers(self.workers)
         if self.mode not in ASYNC_MODES:
             raise ConfigError(f"unknown async mode '{self.mode}' (choose from {', '.join(ASYNC_MODES)})")
-        _whole("staleness_bound", self.staleness_bound, 0)
+        check_whole("staleness_bound", self.staleness_bound, 0)
         if self.max_updates is not None:
-            _whole("max_updates", self.max_updates, 1)
-        if not _finite(self.dc_lambda) or self.dc_lambda < 0:
+            check_whole("max_updates", self.max_updates, 1)
+        if not is_finite(self.dc_lambda) or self.dc_lambda < 0:
             raise ConfigError(f"dc_lambda must be a finite number ≥ 0, got {self.dc_lambda}")
         for name in ("time_limit", "eval_every"):
             value = getattr(self, name)
-            if (value is not None or name == "eval_every") and (not _finite(value) or value <= 0):
+            if (value is not None or name == "eval_every") and (not is_finite(value) or value <= 0):
                 raise ConfigError(f"{name} must be a finite number > 0, got {value}")
         if self.target_accuracy is not None and not (
-            _finite(self.target_accuracy) and 0 < self.target_accuracy <= 1
+            is_finite(self.target_accuracy) and 0 < self.target_accuracy <= 1
         ):
             raise ConfigError(f"target_accuracy must be in (0, 1], got {self.target_accuracy}")
         if self.slowdown is not None and (
-            len(self.slowdown) != self.workers or not all(_finite(v) and v >= 1 for v in self.slowdown)
+            len(self.slowdown) != self.workers or not all(is_finite(v) and v >= 1 for v in self.slowdown)
         ):
             raise ConfigError(
                 f"slowdown needs one factor ≥ 1 per worker ({self.workers}), got {self.slowdown}"
@@ -179,13 +178,4 @@ def strategy_of(strategy: str | Strategy, workers: int | None = None) -> Strateg
 
 
 def _check_workers(workers: object) -> None:
-    _whole("workers", workers, 1)
-
-
-def _whole(name: str, value: object, least: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < least:
-        raise ConfigError(f"{name} must be a whole number ≥ {least}, got {value}")
-
-
-def _finite(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    check_whole("workers", workers, 1)
