@@ -68,6 +68,24 @@ SECTIONS = [
         "CUDA rows have not been run.",
     ),
     (
+        "strategies.md",
+        "Strategies are interchangeable",
+        "`python benchmarks/strategies.py`: the same model, data and epochs under every strategy through "
+        "`keiryo.train` — single, ddp, fsdp, pipeline (2 local workers) and each mode of the parameter server "
+        "(which applies the configured AdamW and schedule, its state on the server). Target: every strategy "
+        "within 2 points of single, one history line per epoch. With two equally fast workers staleness stays "
+        "at 0-1 update, so the async modes (which differ in how they treat stale updates) end on the same test "
+        "predictions here; the next-but-one section, with a 4× slower worker, is where they differ.",
+    ),
+    (
+        "small_data.md",
+        "Small data with the defaults",
+        "`python benchmarks/small_data.py --seeds 5`: scikit-learn's breast-cancer and wine with "
+        "`keiryo.train`'s defaults (15% validation held out and said so, a budget of at least 1,000 steps, "
+        "early stopping with the best weights kept) against the 10-line AdamW loop a user would write, and a "
+        "student distilled with `keiryo.distill`'s defaults against the same student trained on labels.",
+    ),
+    (
         "async.md",
         "Asynchronous data parallel (Ray parameter server)",
         "`python benchmarks/async.py`: 4 workers, one 4× slower, barrier (sync) against asynchronous, "
