@@ -55,29 +55,22 @@ def gguf_path() -> Path:
 
 
 def methods(calibration: torch.Tensor) -> dict:
-    from keiryo.lm import (
-        SmoothQuant,
-        Sparsify,
-        WeightQuant,
-        prune_weights,
-        quantize_weights,
-        smooth_quantize,
-    )
+    from keiryo.lm import SmoothQuant, Sparsify, WeightQuant, compress
 
     c = calibration
     return {
         "float (fp32)": None,
-        "int8 RTN": lambda m, p: quantize_weights(m, "int8", progress=p),
-        "int4 RTN g64": lambda m, p: quantize_weights(m, WeightQuant("int4", group_size=GROUP), progress=p),
-        "int4 GPTQ g64": lambda m, p: quantize_weights(
+        "int8 RTN": lambda m, p: compress(m, "int8", progress=p),
+        "int4 RTN g64": lambda m, p: compress(m, WeightQuant("int4", group_size=GROUP), progress=p),
+        "int4 GPTQ g64": lambda m, p: compress(
             m, WeightQuant("int4", "gptq", group_size=GROUP), c, progress=p
         ),
-        "W8A8 (no smoothing)": lambda m, p: smooth_quantize(m, SmoothQuant(alpha=None), progress=p),
-        "W8A8 SmoothQuant α=0.5": lambda m, p: smooth_quantize(m, SmoothQuant(alpha=0.5), c, progress=p),
-        "50% magnitude": lambda m, p: prune_weights(m, "magnitude", progress=p),
-        "50% Wanda": lambda m, p: prune_weights(m, "wanda", c, progress=p),
-        "2:4 magnitude": lambda m, p: prune_weights(m, Sparsify("magnitude", "2:4"), progress=p),
-        "2:4 Wanda": lambda m, p: prune_weights(m, Sparsify("wanda", "2:4"), c, progress=p),
+        "W8A8 (no smoothing)": lambda m, p: compress(m, SmoothQuant(alpha=None), progress=p),
+        "W8A8 SmoothQuant α=0.5": lambda m, p: compress(m, SmoothQuant(alpha=0.5), c, progress=p),
+        "50% magnitude": lambda m, p: compress(m, "magnitude", progress=p),
+        "50% Wanda": lambda m, p: compress(m, "wanda", c, progress=p),
+        "2:4 magnitude": lambda m, p: compress(m, Sparsify("magnitude", "2:4"), progress=p),
+        "2:4 Wanda": lambda m, p: compress(m, Sparsify("wanda", "2:4"), c, progress=p),
     }
 
 

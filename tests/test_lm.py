@@ -18,14 +18,12 @@ from keiryo.lm import (  # noqa: E402
     Sparsify,
     WeightQuant,
     calibration_windows,
+    compress,
     generation_speed,
     load_causal_lm,
     load_compressed,
     perplexity,
-    prune_weights,
-    quantize_weights,
     save_compressed,
-    smooth_quantize,
     split_documents,
     tokenize,
 )
@@ -127,7 +125,7 @@ def test_generation_speed_times_every_model_at_each_batch(models):
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
 def test_int8_weight_only_logits_follow_float_on_both_paths(models, arch):
     model = models[arch]
-    quantized = quantize_weights(copy.deepcopy(model), "int8")
+    quantized = compress(copy.deepcopy(model), "int8")
     assert not any(block_linears(block) for block in decoder_layers(quantized))  # no float Linear left
     assert not any(type(m).__name__ == "Conv1D" for m in quantized.modules())  # GPT-2's, linearized first
     assert isinstance(quantized.get_output_embeddings(), Int8Linear)
@@ -172,8 +170,8 @@ def test_gptq_reconstructs_a_layer_with_correlated_inputs_better_than_rtn(act_or
 
 def test_gptq_model_has_int4_layers_and_follows_float(models, calibration):
     model = models["qwen2"]
-    rtn = quantize_weights(copy.deepcopy(model), "int4")
-    gptq = quantize_weights(copy.deepcopy(model), WeightQuant("int4", "gptq"), calibration)
+    rtn = compress(copy.deepcopy(model), "int4")
+    gptq = compress(copy.deepcopy(model), WeightQuant("int4", "gptq"), calibration)
     assert sum(isinstance(m, Int4Linear) for m in gptq.modules()) == 14  # 7 Linears × 2 blocks
     assert _cosine(_logits(gptq, IDS), _logits(model, IDS)) > 0.99
     assert _cosine(_logits(rtn, IDS), _logits(model, IDS)) > 0.99
@@ -182,11 +180,11 @@ def test_gptq_model_has_int4_layers_and_follows_float(models, calibration):
 def test_quantization_options_are_checked(models, calibration):
     model = copy.deepcopy(models["llama"])
     with pytest.raises(ConfigError, match="calibration"):
-        quantize_weights(model, WeightQuant("int4", "gptq"))
+        compress(model, WeightQuant("int4", "gptq"))
     with pytest.raises(ConfigError, match="unknown"):
-        quantize_weights(model, "int3")
+        compress(model, "int3")
     with pytest.raises(ConfigError, match="group size"):
-        quantize_weights(model, WeightQuant("int4", group_size=48))
+        compress(model, WeightQuant("int4", group_size=48))
 
 
 # --- sparsity ---------------------------------------------------------------------------------------------
@@ -201,8 +199,8 @@ def test_wanda_keeps_the_weights_of_a_large_activation_that_magnitude_prunes(cal
         block.input_layernorm.weight[5] = 40.0
         for proj in (block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj):
             proj.weight[:, 5] = 0.1 * proj.weight.abs().mean() * torch.sign(proj.weight[:, 5])
-    magnitude = prune_weights(copy.deepcopy(model), "magnitude", calibration)
-    wanda = prune_weights(copy.deepcopy(model), "wanda", calibration)
+    magnitude = compress(copy.deepcopy(model), "magnitude", calibration)
+    wanda = compress(copy.deepcopy(model), "wanda", calibration)
     for name in ("q_proj", "k_proj", "v_proj"):
         assert (getattr(decoder_layers(magnitude)[0].self_attn, name).weight[:, 5] == 0).all()
         assert (getattr(decoder_layers(wanda)[0].self_attn, name).weight[:, 5] != 0).all()
@@ -219,7 +217,7 @@ def test_wanda_score_weighs_each_input_by_its_activation_norm():
 
 @pytest.mark.parametrize("importance", ["magnitude", "wanda"])
 def test_two_four_leaves_exactly_two_nonzeros_in_every_group_of_four(models, calibration, importance):
-    pruned = prune_weights(copy.deepcopy(models["gpt2"]), Sparsify(importance, "2:4"), calibration)
+    pruned = compress(copy.deepcopy(models["gpt2"]), Sparsify(importance, "2:4"), calibration)
     for block in decoder_layers(pruned):
         for linear in block_linears(block).values():
             groups = (linear.weight != 0).reshape(linear.out_features, -1, 4).sum(-1)
@@ -239,7 +237,7 @@ def test_smoothing_moves_activation_range_into_weights_without_changing_the_mode
         model,
         calibration,
         lambda i, block, ranges: smoothed.append(smooth_block(block, ranges, 0.5)),
-        statistic="absmax",
+        SmoothQuant(alpha=0.5),
     )
     assert smoothed == [pairs, pairs]  # every block's norm → projections pairs were found and scaled
     assert torch.allclose(_logits(model, IDS), _logits(models[arch], IDS), atol=1e-4)
@@ -252,13 +250,13 @@ def test_smoothquant_recovers_what_outlier_channels_cost_plain_w8a8(models, cali
             block.input_layernorm.weight[[3, 17, 40]] *= 40
             block.post_attention_layernorm.weight[[5, 33]] *= 40
     reference = _logits(model, IDS)
-    plain = smooth_quantize(copy.deepcopy(model), SmoothQuant(alpha=None))
-    smooth = smooth_quantize(copy.deepcopy(model), SmoothQuant(alpha=0.5), calibration)
+    plain = compress(copy.deepcopy(model), SmoothQuant(alpha=None))
+    smooth = compress(copy.deepcopy(model), SmoothQuant(alpha=0.5), calibration)
     assert isinstance(smooth.model.layers[0].self_attn.q_proj, W8A8Linear)
     plain_cos, smooth_cos = _cosine(_logits(plain, IDS), reference), _cosine(_logits(smooth, IDS), reference)
     assert smooth_cos > 0.99 and 1 - smooth_cos < 0.5 * (1 - plain_cos), (plain_cos, smooth_cos)
     with pytest.raises(ConfigError, match="calibration"):
-        smooth_quantize(copy.deepcopy(model), SmoothQuant())
+        compress(copy.deepcopy(model), SmoothQuant())
     with pytest.raises(ConfigError, match="alpha"):
         SmoothQuant(alpha=1.5)
 
@@ -266,14 +264,14 @@ def test_smoothquant_recovers_what_outlier_channels_cost_plain_w8a8(models, cali
 # --- every method: generation, storage ----------------------------------------------------------------------
 
 METHODS = {
-    "int8": lambda m, c: quantize_weights(m, "int8"),
-    "int4-rtn": lambda m, c: quantize_weights(m, "int4"),
-    "int4-gptq": lambda m, c: quantize_weights(m, WeightQuant("int4", "gptq"), c),
-    "magnitude-50%": lambda m, c: prune_weights(m, "magnitude"),
-    "wanda-50%": lambda m, c: prune_weights(m, "wanda", c),
-    "magnitude-2:4": lambda m, c: prune_weights(m, Sparsify("magnitude", "2:4")),
-    "wanda-2:4": lambda m, c: prune_weights(m, Sparsify("wanda", "2:4"), c),
-    "w8a8-smoothquant": lambda m, c: smooth_quantize(m, SmoothQuant(), c),
+    "int8": lambda m, c: compress(m, "int8"),
+    "int4-rtn": lambda m, c: compress(m, "int4"),
+    "int4-gptq": lambda m, c: compress(m, WeightQuant("int4", "gptq"), c),
+    "magnitude-50%": lambda m, c: compress(m, "magnitude"),
+    "wanda-50%": lambda m, c: compress(m, "wanda", c),
+    "magnitude-2:4": lambda m, c: compress(m, Sparsify("magnitude", "2:4")),
+    "wanda-2:4": lambda m, c: compress(m, Sparsify("wanda", "2:4"), c),
+    "w8a8-smoothquant": lambda m, c: compress(m, SmoothQuant(), c),
 }
 
 

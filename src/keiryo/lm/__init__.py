@@ -3,14 +3,16 @@ compress (int8/int4 weight-only by RTN or GPTQ; W8A8 with SmoothQuant; 50% or 2:
 Wanda) and store.
 
 One module per job: `load`, `text`, `evaluate`, `calibrate` (layer-by-layer calibration), `kernels`
-(quantized CPU layers), `quant`, `smooth`, `sparsity`, `store`.
+(quantized CPU layers), `quant`, `smooth`, `sparsity` (one method family each; `compress` is the
+verb over them), `store`.
 """
 
+from keiryo.lm.compress import compress
 from keiryo.lm.evaluate import Perplexity, Speed, generation_speed, perplexity
 from keiryo.lm.load import load_causal_lm
-from keiryo.lm.quant import WeightQuant, quantize_weights
-from keiryo.lm.smooth import SmoothQuant, smooth_quantize
-from keiryo.lm.sparsity import Sparsify, prune_weights
+from keiryo.lm.quant import WeightQuant
+from keiryo.lm.smooth import SmoothQuant
+from keiryo.lm.sparsity import Sparsify
 from keiryo.lm.store import load_compressed, save_compressed
 from keiryo.lm.text import TextSplits, calibration_windows, shakespeare_plays, split_documents, tokenize
 
@@ -22,15 +24,13 @@ __all__ = [
     "TextSplits",
     "WeightQuant",
     "calibration_windows",
+    "compress",
     "generation_speed",
     "load_causal_lm",
     "load_compressed",
     "perplexity",
-    "prune_weights",
-    "quantize_weights",
     "save_compressed",
     "shakespeare_plays",
-    "smooth_quantize",
     "split_documents",
     "tokenize",
 ]

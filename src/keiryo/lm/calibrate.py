@@ -20,6 +20,9 @@ from keiryo.errors import ConfigError
 from keiryo.lm.load import decoder_layers
 
 STATISTICS = ("hessian", "norm", "absmax")
+Progress = Callable[[int], None] | None  # called with 1 after each decoder block
+Windows = Tensor | None  # calibration token ids, (count, length)
+Step = Callable[[int, nn.Module, dict[str, Tensor] | None], None]  # (block index, block, its statistics)
 _REDUCE = {
     "hessian": lambda x: x.t() @ x,
     "norm": lambda x: (x * x).sum(0),
@@ -89,20 +92,18 @@ def check_batch_size(batch_size: object) -> None:
 
 
 def each_block(
-    model: nn.Module,
-    windows: Tensor | None,
-    step: Callable[[int, nn.Module, dict[str, Tensor] | None], None],
-    *,
-    statistic: str | None,
-    batch_size: int = 8,
-    progress: Callable[[int], None] | None = None,
+    model: nn.Module, windows: Windows, step: Step, config: Any, progress: Progress = None
 ) -> None:
-    """`run_layerwise` when the method needs a calibration `statistic`; otherwise `step(i, block, None)` for
-    each decoder block (data-free methods: round-to-nearest, magnitude)."""
+    """Walk the decoder blocks for a method `config` (which says its calibration `statistic` and
+    `batch_size`): `run_layerwise` when it needs a statistic, else `step(i, block, None)` for each block
+    (data-free methods: round-to-nearest, magnitude, unsmoothed W8A8)."""
+    statistic = config.statistic
     if statistic is not None:
         if windows is None:
             raise ConfigError(f"this method needs calibration text (its '{statistic}' statistic)")
-        run_layerwise(model, windows, step, statistic=statistic, batch_size=batch_size, progress=progress)
+        run_layerwise(
+            model, windows, step, statistic=statistic, batch_size=config.batch_size, progress=progress
+        )
         return
     for index, block in enumerate(decoder_layers(model)):
         step(index, block, None)

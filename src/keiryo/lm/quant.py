@@ -18,14 +18,14 @@ for int4, so it cannot run on this CPU; `gptq_quantize` below is the paper's alg
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from keiryo.errors import ConfigError, check_choice
-from keiryo.lm.calibrate import block_linears, check_batch_size, each_block, linearize
+from keiryo.lm.calibrate import Progress, Windows, block_linears, check_batch_size, each_block
 from keiryo.lm.kernels import Int4Linear, Int8Embedding, Int8Linear, round_params
 from keiryo.lm.load import decoder_layers
 
@@ -151,6 +151,7 @@ class WeightQuant:
     batch_size: int = 8
 
     def __post_init__(self) -> None:
+        check_batch_size(self.batch_size)
         check_choice(self.method, METHODS, "weight quantization")
         check_choice(self.algorithm, ALGORITHMS, "quantization algorithm")
         if self.algorithm == "gptq" and self.method != "int4":
@@ -158,27 +159,16 @@ class WeightQuant:
         size = self.group_size
         if isinstance(size, bool) or not isinstance(size, int) or size not in (32, 64, 128):
             raise ConfigError(f"int4 group size must be 32, 64 or 128 (the CPU kernel's), got {size!r}")
-        check_batch_size(self.batch_size)
+
+    @property
+    def statistic(self) -> str | None:
+        """What calibration measures for this method (GPTQ's Hessians), None when it needs no data."""
+        return "hessian" if self.algorithm == "gptq" else None
 
 
-@torch.no_grad()
-def quantize_weights(
-    model: nn.Module,
-    config: WeightQuant | str = "int8",
-    calibration: Tensor | None = None,
-    *,
-    progress: Callable[[int], None] | None = None,
-) -> nn.Module:
-    """Quantize the decoder's Linear weights in place (a `WeightQuant`, or its method name "int8" | "int4")
-    and the output head (and a tied embedding) to int8. GPTQ needs `calibration`: token ids, (count, length).
-
-    `progress(1)` is called once per decoder block. Returns the model.
-    """
-    config = WeightQuant(config) if isinstance(config, str) else config
+def quantize_weights(model: nn.Module, config: WeightQuant, calibration: Windows, progress: Progress) -> None:
+    """`keiryo.lm.compress`'s handler for `WeightQuant`: decoder Linears → int8/int4 layers, head → int8."""
     method, group_size = config.method, config.group_size
-    if config.algorithm == "gptq" and calibration is None:
-        raise ConfigError("GPTQ needs calibration text: pass calibration= (token ids, (count, length))")
-    linearize(model)
     if method == "int4":
         for block in decoder_layers(model):
             for name, linear in block_linears(block).items():
@@ -199,16 +189,8 @@ def quantize_weights(
             parent, _, child = name.rpartition(".")
             setattr(block.get_submodule(parent) if parent else block, child, new)
 
-    each_block(
-        model,
-        calibration,
-        lambda index, block, stats: replace(block, stats),
-        statistic="hessian" if config.algorithm == "gptq" else None,
-        batch_size=config.batch_size,
-        progress=progress,
-    )
+    each_block(model, calibration, lambda index, block, stats: replace(block, stats), config, progress)
     quantize_head(model)
-    return model
 
 
 @torch.no_grad()

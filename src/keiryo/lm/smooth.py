@@ -18,14 +18,13 @@ The output head stays int8 weight-only, as in the weight-only methods.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from keiryo.errors import ConfigError
-from keiryo.lm.calibrate import block_linears, check_batch_size, each_block, linearize
+from keiryo.lm.calibrate import Progress, block_linears, check_batch_size, each_block
 from keiryo.lm.kernels import W8A8Linear
 from keiryo.lm.quant import int8_rtn, quantize_head
 
@@ -54,23 +53,17 @@ class SmoothQuant:
             )
         check_batch_size(self.batch_size)
 
+    @property
+    def statistic(self) -> str | None:
+        """What calibration measures (each Linear input's largest |x| per channel); None: no smoothing."""
+        return None if self.alpha is None else "absmax"
 
-@torch.no_grad()
+
 def smooth_quantize(
-    model: nn.Module,
-    config: SmoothQuant | None = None,
-    calibration: Tensor | None = None,
-    *,
-    progress: Callable[[int], None] | None = None,
-) -> nn.Module:
-    """Smooth each decoder block on `calibration` windows (token ids, (count, length)), then replace its
-    Linear layers by `W8A8Linear`; the head becomes int8 weight-only. In place; returns the model."""
-    config = config or SmoothQuant()
-    if config.alpha is not None and calibration is None:
-        raise ConfigError(
-            "SmoothQuant needs calibration text to measure activation ranges: pass calibration="
-        )
-    linearize(model)
+    model: nn.Module, config: SmoothQuant, calibration: Tensor | None, progress: Progress
+) -> None:
+    """`keiryo.lm.compress`'s handler for `SmoothQuant`: smooth each block on the calibration windows' ranges,
+    then its Linears → `W8A8Linear`; the head → int8 weight-only."""
 
     def step(index: int, block: nn.Module, ranges: dict[str, Tensor] | None) -> None:
         if ranges is not None:
@@ -80,16 +73,8 @@ def smooth_quantize(
             parent, _, child = name.rpartition(".")
             setattr(block.get_submodule(parent) if parent else block, child, layer)
 
-    each_block(
-        model,
-        calibration,
-        step,
-        statistic=None if config.alpha is None else "absmax",
-        batch_size=config.batch_size,
-        progress=progress,
-    )
+    each_block(model, calibration, step, config, progress)
     quantize_head(model)
-    return model
 
 
 @torch.no_grad()

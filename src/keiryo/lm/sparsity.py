@@ -17,14 +17,13 @@ that skips zeros does not win at 50%, and torch's 2:4 kernels (`to_sparse_semi_s
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from keiryo.errors import ConfigError, check_choice
-from keiryo.lm.calibrate import block_linears, check_batch_size, each_block, linearize
+from keiryo.lm.calibrate import Progress, Windows, block_linears, check_batch_size, each_block
 from keiryo.lm.load import decoder_layers
 
 IMPORTANCES = ("magnitude", "wanda")
@@ -62,8 +61,9 @@ def wanda_score(weight: Tensor, input_sq_norm: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class Sparsify:
-    """How to zero a causal LM's weights: `importance` magnitude | wanda (needs calibration text), `pattern`
-    unstructured (`sparsity` of each layer) | 2:4, `batch_size` of calibration."""
+    """How to zero a causal LM's weights: `importance` magnitude | wanda (Wanda needs calibration text),
+    `pattern` unstructured (`sparsity` of each layer) or 2:4 (two of every four consecutive inputs kept),
+    `batch_size` of the calibration windows."""
 
     importance: str = "wanda"
     pattern: str = "unstructured"
@@ -77,25 +77,15 @@ class Sparsify:
             raise ConfigError(f"sparsity must be in [0, 1), got {self.sparsity!r}")
         check_batch_size(self.batch_size)
 
+    @property
+    def statistic(self) -> str | None:
+        """What calibration measures for this method (Wanda's input norms), None when it needs no data."""
+        return "norm" if self.importance == "wanda" else None
 
-@torch.no_grad()
-def prune_weights(
-    model: nn.Module,
-    config: Sparsify | str = "wanda",
-    calibration: Tensor | None = None,
-    *,
-    progress: Callable[[int], None] | None = None,
-) -> nn.Module:
-    """Zero weights of the decoder's Linear layers in place, as a `Sparsify` (or its importance name
-    "magnitude" | "wanda") says. Wanda needs `calibration` (token ids, (count, length)).
 
-    `progress(1)` is called once per decoder block. Returns the model.
-    """
-    config = Sparsify(config) if isinstance(config, str) else config
+def prune_weights(model: nn.Module, config: Sparsify, calibration: Windows, progress: Progress) -> None:
+    """`keiryo.lm.compress`'s handler for `Sparsify`: zero each decoder Linear's least important weights."""
     pattern, sparsity = config.pattern, config.sparsity
-    if config.importance == "wanda" and calibration is None:
-        raise ConfigError("Wanda needs calibration text: pass calibration= (token ids, (count, length))")
-    linearize(model)
 
     def prune_block(block: nn.Module, norms: dict[str, Tensor] | None) -> None:
         for name, linear in block_linears(block).items():
@@ -106,15 +96,7 @@ def prune_weights(
                 mask = keep_mask(wanda_score(weight.float(), norms[name]), pattern, sparsity, per_row=True)
             weight.mul_(mask.to(weight.dtype))
 
-    each_block(
-        model,
-        calibration,
-        lambda index, block, stats: prune_block(block, stats),
-        statistic="norm" if config.importance == "wanda" else None,
-        batch_size=config.batch_size,
-        progress=progress,
-    )
-    return model
+    each_block(model, calibration, lambda index, block, stats: prune_block(block, stats), config, progress)
 
 
 def sparsity_of(model: nn.Module) -> float:

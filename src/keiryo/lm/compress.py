@@ -1,0 +1,60 @@
+"""One verb for compressing a causal LM, as torchao's `quantize_(model, config)`: `compress(model, config,
+calibration)`, with one small config per method and its handler in the dict below.
+
+- `WeightQuant` (int8 / int4 weight-only, round-to-nearest or GPTQ) — `quant.py`;
+- `SmoothQuant` (int8 weights and activations, smoothed or not) — `smooth.py`;
+- `Sparsify` (50% unstructured or 2:4, by magnitude or Wanda) — `sparsity.py`.
+
+A config's `statistic` says what calibration it needs (GPTQ's Hessians, Wanda's norms, SmoothQuant's ranges);
+methods that need none run without calibration text.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from keiryo.errors import ConfigError, check_choice
+from keiryo.lm.calibrate import Progress, linearize
+from keiryo.lm.quant import WeightQuant, quantize_weights
+from keiryo.lm.smooth import SmoothQuant, smooth_quantize
+from keiryo.lm.sparsity import Sparsify, prune_weights
+
+Config = WeightQuant | Sparsify | SmoothQuant
+HANDLERS = {WeightQuant: quantize_weights, Sparsify: prune_weights, SmoothQuant: smooth_quantize}
+NAMES = {  # the method names a command line or a recipe uses, as configs with their defaults
+    "int8": WeightQuant("int8"),
+    "int4": WeightQuant("int4"),
+    "gptq": WeightQuant("int4", "gptq"),
+    "magnitude": Sparsify("magnitude"),
+    "wanda": Sparsify("wanda"),
+    "smoothquant": SmoothQuant(),
+    "w8a8": SmoothQuant(alpha=None),
+}
+
+
+def config_of(method: Config | str) -> Config:
+    """A config from a config or a method name (see `NAMES`)."""
+    if isinstance(method, str):
+        check_choice(method, tuple(NAMES), "language-model compression")
+        return NAMES[method]
+    if type(method) not in HANDLERS:
+        raise ConfigError(f"not a language-model compression config: {type(method).__name__}")
+    return method
+
+
+@torch.no_grad()
+def compress(
+    model: nn.Module, method: Config | str, calibration: Tensor | None = None, *, progress: Progress = None
+) -> nn.Module:
+    """Compress a causal LM in place by `method` (a config or its name); `calibration`: token ids, (count,
+    length), for the methods that learn from text. `progress(1)` is called once per decoder block."""
+    config = config_of(method)
+    if config.statistic is not None and calibration is None:
+        raise ConfigError(
+            f"{type(config).__name__} as configured needs calibration text: pass calibration= "
+            "(token ids, (count, length))"
+        )
+    linearize(model)
+    HANDLERS[type(config)](model, config, calibration, progress)
+    return model
