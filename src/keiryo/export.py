@@ -97,6 +97,14 @@ def check_target(path: str | Path, format: str) -> Path:
     return path
 
 
+def _traceable(model: nn.Module, example_inputs: Example, path: str | Path, format: str) -> tuple:
+    """Check the target and the inputs before any work; the model in eval mode and its (args, kwargs)."""
+    check_target(path, format)
+    check_inputs(model, example_inputs)
+    args, kwargs = inputs.args_kwargs(example_inputs)
+    return model.eval(), args, kwargs
+
+
 def export_onnx(
     model: nn.Module,
     example_inputs: Example,
@@ -114,10 +122,7 @@ def export_onnx(
     import onnxruntime as ort
 
     format = "onnx-int8" if int8 else "onnx"
-    check_target(path, format)
-    check_inputs(model, example_inputs)
-    model = model.eval()
-    args, kwargs = inputs.args_kwargs(example_inputs)
+    model, args, kwargs = _traceable(model, example_inputs, path, format)
     with staged_file(path) as staged:
         try:
             with quiet():
@@ -207,10 +212,7 @@ def _saturating_cpu() -> bool:
 
 def export_program(model: nn.Module, example_inputs: Example, path: str | Path) -> ExportResult:
     """A `torch.export` program (.pt2): the graph and weights, loadable without the model's Python code."""
-    check_target(path, "torch-export")
-    check_inputs(model, example_inputs)
-    model = model.eval()
-    args, kwargs = inputs.args_kwargs(example_inputs)
+    model, args, kwargs = _traceable(model, example_inputs, path, "torch-export")
     with staged_file(path) as staged:
         try:
             with quiet():
