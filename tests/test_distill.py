@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +22,7 @@ from keiryo.data import load_data, tensors_of
 from keiryo.errors import ConfigError
 from keiryo.loop import TrainConfig, fit
 from keiryo.models import build_model, kwargs_for_data
+from keiryo.training import train
 
 
 def quiet(**options) -> TrainConfig:
@@ -368,3 +371,36 @@ def test_data_is_split_as_the_loop_splits_it_and_the_split_is_said(capsys):
     out = capsys.readouterr().out
     assert "data: 200 samples → 170 train / 30 validation" in out
     assert out.count("data: 200 samples") == 1
+
+
+def test_with_alpha_zero_distill_trains_exactly_as_train_on_labels():
+    """The split, step budget, early stopping and kept epoch are the loop's own: with no teacher term
+    (alpha 0) distill gives the very weights keiryo.train gives, so any gap between a distilled student
+    and label training is the teacher's signal, not the pipeline (benchmarks/small_data.py)."""
+    torch.manual_seed(0)
+    x, y = torch.randn(120, 6), torch.randint(0, 2, (120,))
+    teacher = build_model("mlp", in_features=6, hidden=[16], num_classes=2)
+    torch.manual_seed(1)
+    labels = build_model("mlp", in_features=6, hidden=[8], num_classes=2)
+    student = copy.deepcopy(labels)
+    config = quiet(min_steps=60, patience=3, seed=3)
+    train(labels, (x, y), config=config)
+    distill(teacher, student, (x, y), Distill(alpha=0.0), config)
+    assert all(torch.equal(v, labels.state_dict()[k]) for k, v in student.state_dict().items())
+
+
+def test_a_student_distilled_with_defaults_reaches_plain_label_training_on_breast_cancer():
+    """Issue 14.6: distill's defaults on 398 samples reach the same student trained by the 10-line AdamW loop
+    on labels (benchmarks/small_data.py, the same code; seeds 0-2 of its 5)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "small_data.py"
+    spec = importlib.util.spec_from_file_location("small_data", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: a second thread only contends
+    try:
+        accs = bench.run_distillation((0, 1, 2))
+    finally:
+        torch.set_num_threads(threads)
+    mean = {way: sum(a) / len(a) for way, a in accs.items()}
+    assert mean["student, keiryo.distill defaults"] >= mean["student, plain loop on labels"] - 1e-9, mean
