@@ -32,26 +32,24 @@ def _check_granularity(granularity: str | None) -> None:
 
 @dataclass(frozen=True)
 class Fp32:
-    """Cast every floating parameter to float32."""
+    """Cast every floating parameter to float32 (the casts below share its fields and backend)."""
 
     kind: ClassVar[str] = "fp32"
     backends: ClassVar[tuple[str, ...]] = ("torch",)
 
 
 @dataclass(frozen=True)
-class Fp16:
+class Fp16(Fp32):
     """Cast to float16; float32 inputs and outputs still work."""
 
     kind: ClassVar[str] = "fp16"
-    backends: ClassVar[tuple[str, ...]] = ("torch",)
 
 
 @dataclass(frozen=True)
-class Bf16:
+class Bf16(Fp32):
     """Cast to bfloat16; float32 inputs and outputs still work."""
 
     kind: ClassVar[str] = "bf16"
-    backends: ClassVar[tuple[str, ...]] = ("torch",)
 
 
 @dataclass(frozen=True)

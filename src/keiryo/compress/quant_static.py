@@ -19,6 +19,8 @@ from torch import Tensor, nn
 from keiryo import inputs
 from keiryo.compress.quant_backends import CONV, replace_module, weight_observer, weight_qscheme
 
+SHAPE_ATTRIBUTES = ("in_features", "out_features", "in_channels", "out_channels")
+
 
 def conv_bn_pairs(model: nn.Module) -> list[list[str]]:
     """[conv, bn] names of every BatchNorm that directly follows a Conv (whose output nothing else reads).
@@ -109,22 +111,11 @@ class StaticQuantized(nn.Module):
         q = torch.quantize_per_tensor(x, float(self.input_scale), int(self.input_zero_point), torch.quint8)
         return self.inner(q).dequantize()
 
-    # Models read their layers' shapes in forward (e.g. the head size from `qkv.out_features`).
-    @property
-    def in_features(self) -> int:
-        return self.inner.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.inner.out_features
-
-    @property
-    def in_channels(self) -> int:
-        return self.inner.in_channels
-
-    @property
-    def out_channels(self) -> int:
-        return self.inner.out_channels
+    def __getattr__(self, name: str) -> object:
+        # Models read their layers' shapes in forward (e.g. the head size from `qkv.out_features`).
+        if name in SHAPE_ATTRIBUTES:
+            return getattr(self.inner, name)
+        return super().__getattr__(name)
 
 
 @functools.cache
