@@ -160,13 +160,11 @@ def prune(
     data_source: Annotated[
         str | None, typer.Option("--data", "-d", help="Data for taylor, fine-tuning and the accuracy column.")
     ] = None,
-    iterative_steps: Annotated[
-        int, typer.Option(min=1, help="Prune in N steps (fine-tuning after each).")
-    ] = 1,
-    finetune_epochs: Annotated[int, typer.Option(min=0, help="Fine-tuning epochs after each step.")] = 0,
+    iterative_steps: Annotated[int, typer.Option(min=1, help="Prune in N steps, each fine-tuned.")] = 1,
     distill: Annotated[
         bool, typer.Option("--distill", help="Fine-tune against the unpruned model's soft targets.")
     ] = False,
+    finetune_epochs: Annotated[int, typer.Option(min=0, help="Fine-tuning epochs after each step.")] = 0,
     threads: ThreadsOpt = None,
     trust_code: TrustCodeOpt = False,
     seed: SeedOpt = 0,

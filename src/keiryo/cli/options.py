@@ -35,6 +35,9 @@ DeviceOpt = Annotated[str, typer.Option(help="auto (cuda > mps > cpu), cpu, cuda
 PrecisionOpt = Annotated[str, typer.Option(help="fp32 | bf16 | fp16 (autocast).")]
 LrOpt = Annotated[float, typer.Option(help="Peak learning rate (AdamW, cosine decay).")]
 ProgressOpt = Annotated[bool, typer.Option(help="Show the progress bar.")]
+WorkersOpt = Annotated[
+    int, typer.Option(min=1, help="Local worker processes (under torchrun: its WORLD_SIZE decides).")
+]
 PatienceOpt = Annotated[
     int,
     typer.Option(

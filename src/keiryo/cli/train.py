@@ -10,20 +10,7 @@ from typing import Annotated
 import typer
 
 from keiryo import data, models
-from keiryo.cli.options import (
-    MAX_BATCH,
-    DataOpt,
-    DeviceOpt,
-    LrOpt,
-    ModelOutOpt,
-    PatienceOpt,
-    PrecisionOpt,
-    ProgressOpt,
-    SeedOpt,
-    TrustCodeOpt,
-    parse_kwargs,
-    training,
-)
+from keiryo.cli import options as opt
 from keiryo.cli.outputs import check_output, console, data_path, err_console, same_path, save, size, staged
 from keiryo.errors import ConfigError
 from keiryo.examples import metadata_for, model_for_data
@@ -37,8 +24,8 @@ def train(
     model: Annotated[
         str, typer.Option("--model", "-m", help="mlp | cnn | transformer | pkg.mod:fn | file.py:fn")
     ] = "cnn",
-    data_source: DataOpt = "digits",
-    out: ModelOutOpt = Path("model.pt"),
+    data_source: opt.DataOpt = "digits",
+    out: opt.ModelOutOpt = Path("model.pt"),
     model_arg: Annotated[
         list[str] | None, typer.Option("--model-arg", "-a", help="Factory argument name=value (repeatable).")
     ] = None,
@@ -46,11 +33,11 @@ def train(
         int | None,
         typer.Option(min=1, help="Passes over the training split (default: 10, or more on small data)."),
     ] = None,
-    patience: PatienceOpt = 10,
-    batch_size: Annotated[int, typer.Option(min=1, max=MAX_BATCH, help="Samples per step.")] = 64,
-    lr: LrOpt = 3e-3,
-    device: DeviceOpt = "auto",
-    precision: PrecisionOpt = "fp32",
+    patience: opt.PatienceOpt = 10,
+    batch_size: Annotated[int, typer.Option(min=1, max=opt.MAX_BATCH, help="Samples per step.")] = 64,
+    lr: opt.LrOpt = 3e-3,
+    device: opt.DeviceOpt = "auto",
+    precision: opt.PrecisionOpt = "fp32",
     compile: Annotated[bool, typer.Option("--compile", help="Use torch.compile.")] = False,
     checkpoint: Annotated[
         Path | None,
@@ -62,14 +49,12 @@ def train(
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue from --checkpoint if it exists.")
     ] = False,
-    seed: SeedOpt = 0,
-    progress: ProgressOpt = True,
+    seed: opt.SeedOpt = 0,
+    progress: opt.ProgressOpt = True,
     strategy: Annotated[
         str, typer.Option(help="single | ddp | fsdp | pipeline (--workers processes) | async (Ray workers).")
     ] = "single",
-    workers: Annotated[
-        int, typer.Option(min=1, help="Local worker processes (under torchrun: its WORLD_SIZE decides).")
-    ] = 1,
+    workers: opt.WorkersOpt = 1,
     timeout: Annotated[
         float, typer.Option(help="Seconds before a crashed or hung worker stops the whole run.")
     ] = 120.0,
@@ -91,7 +76,7 @@ def train(
     ray_address: Annotated[
         str | None, typer.Option(help="Async: join this Ray cluster (default: start Ray locally).")
     ] = None,
-    trust_code: TrustCodeOpt = False,
+    trust_code: opt.TrustCodeOpt = False,
 ) -> None:
     """Train a model and save it with its measured test accuracy; in one process, N local workers or torchrun.
 
@@ -112,14 +97,14 @@ def train(
             f"unknown pipeline schedule '{pipeline_schedule}' (choose {' or '.join(SCHEDULES)})"
         )
     models.check_trusted(model, trust_code, "--model")
-    kwargs = parse_kwargs(model_arg)
+    kwargs = opt.parse_kwargs(model_arg)
     spec = _strategy(strategy, workers, timeout, _slowdown(slowdown))
     if isinstance(spec, Pipeline):
         given = {"split_points": split_point, "schedule": pipeline_schedule, "microbatches": microbatches}
         spec = replace(spec, **{k: v for k, v in given.items() if v is not None})
     elif isinstance(spec, Async):
         spec = replace(spec, mode=async_mode, staleness_bound=staleness_bound, ray_address=ray_address)
-    config = training(
+    config = opt.training(
         epochs,
         patience,
         lr,

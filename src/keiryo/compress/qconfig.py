@@ -127,9 +127,9 @@ class QAT:
     backends: ClassVar[tuple[str, ...]] = ("fbgemm",)
 
     def __post_init__(self) -> None:
-        _check_granularity(self.granularity)
         if not isinstance(self.train, TrainConfig):
             raise ConfigError(f"QAT(train=...) takes a TrainConfig, got a {type(self.train).__name__}")
+        _check_granularity(self.granularity)
 
 
 QuantConfig = Fp32 | Fp16 | Bf16 | Int8Dynamic | Int8WeightOnly | Int4WeightOnly | Int8Static | QAT
