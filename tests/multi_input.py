@@ -3,6 +3,7 @@ a dict of outputs out; samples as dicts with a `labels` key."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 from torch.utils.data import Dataset
@@ -38,3 +39,15 @@ class DictSamples(Dataset):
             "attention_mask": torch.ones(self.ids.shape[1]),
             "labels": int(self.labels[i]),
         }
+
+
+def tiny_bert(vocab: int, hidden: int, layers: int, heads: int, positions: int, seed: int = 0) -> nn.Module:
+    """A raw transformers `BertModel` from a small config (random weights, no download), seeded, in eval
+    mode; the feed-forward is twice the width."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(
+        vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        intermediate_size=2 * hidden, max_position_embeddings=positions,
+    )  # fmt: skip
+    return transformers.BertModel(config).eval()

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from multi_input import tiny_bert
 from torch import nn
 
 from keiryo.export import SUFFIXES, ExportError, export
@@ -215,13 +216,7 @@ def test_a_raw_bert_with_ids_and_mask_exports_to_onnx_and_runs_close_to_torch(tm
     has both inputs by name, a dynamic batch, and reproduces the main output (last_hidden_state)."""
     import onnxruntime as ort
 
-    transformers = pytest.importorskip("transformers")
-    config = transformers.BertConfig(
-        vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
-        max_position_embeddings=32,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    bert = transformers.BertModel(config).eval()
+    bert = tiny_bert(vocab=50, hidden=32, layers=1, heads=4, positions=32)
     ids = torch.randint(0, 50, (2, 7))
     mask = torch.ones_like(ids)
     mask[1, 5:] = 0

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from multi_input import DictSamples, TwoInputs
+from multi_input import DictSamples, TwoInputs, tiny_bert
 from torch import nn
 
 from keiryo import report
@@ -95,19 +95,9 @@ def test_multi_input_models_on_dict_samples_with_labels():
 
 def test_raw_bert_with_ids_and_mask_against_its_int8_copy():
     """Issue 14: a raw transformers BertModel (no keiryo wrapper) measured with (ids, mask) and a dict."""
-    transformers = pytest.importorskip("transformers")
     from torch.ao.quantization import quantize_dynamic
 
-    torch.manual_seed(0)
-    config = transformers.BertConfig(
-        vocab_size=100,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=128,
-        max_position_embeddings=16,
-    )
-    bert = transformers.BertModel(config).eval()
+    bert = tiny_bert(vocab=100, hidden=64, layers=2, heads=2, positions=16)
     int8 = quantize_dynamic(copy.deepcopy(bert), {nn.Linear}, dtype=torch.qint8)
     ids = torch.randint(0, 100, (8, 12))
     mask = torch.ones(8, 12, dtype=torch.long)

@@ -8,36 +8,26 @@ from multi_input import DictSamples, TwoInputs
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from keiryo import metrics
 from keiryo.errors import ConfigError, DataError
-from keiryo.metrics import (
-    Timing,
-    accuracy,
-    agreement,
-    batch_of,
-    count_flops,
-    count_parameters,
-    labelled_batches,
-    threads,
-    time_models,
-)
 
 
 def test_parameters_and_flops_of_a_known_model_are_exact():
     model = nn.Sequential(nn.Linear(10, 5), nn.ReLU(), nn.Linear(5, 2))
-    total, nonzero = count_parameters(model)
+    total, nonzero = metrics.count_parameters(model)
     assert total == 10 * 5 + 5 + 5 * 2 + 2 == nonzero
     # one sample: 2·m·n multiply-adds per Linear (bias adds are not counted by flop_counter)
-    assert count_flops(model, torch.randn(8, 10)) == 2 * 10 * 5 + 2 * 5 * 2
+    assert metrics.count_flops(model, torch.randn(8, 10)) == 2 * 10 * 5 + 2 * 5 * 2
     conv = nn.Conv2d(3, 4, kernel_size=3, padding=1, bias=False)
-    assert count_flops(conv, torch.randn(2, 3, 6, 6)) == 2 * (3 * 3 * 3) * 4 * 6 * 6
+    assert metrics.count_flops(conv, torch.randn(2, 3, 6, 6)) == 2 * (3 * 3 * 3) * 4 * 6 * 6
 
 
 def test_flops_of_one_sample_for_tuple_and_dict_inputs():
     model = TwoInputs(width=4, classes=3)
     ids, mask = torch.randint(0, 20, (8, 5)), torch.ones(8, 5)
     flops = 2 * 4 * 3  # the head on one sample (the embedding lookup and the mask multiply are not counted)
-    assert count_flops(model, (ids, mask)) == flops
-    assert count_flops(model, {"input_ids": ids, "attention_mask": mask}) == flops
+    assert metrics.count_flops(model, (ids, mask)) == flops
+    assert metrics.count_flops(model, {"input_ids": ids, "attention_mask": mask}) == flops
 
 
 def test_flops_of_kernels_the_counter_cannot_see_are_unknown_not_zero():
@@ -45,9 +35,12 @@ def test_flops_of_kernels_the_counter_cannot_see_are_unknown_not_zero():
     from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
     model = nn.Sequential(nn.Linear(10, 5), nn.ReLU(), nn.Linear(5, 2))
-    assert count_flops(quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8), torch.randn(8, 10)) is None
+    assert (
+        metrics.count_flops(quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8), torch.randn(8, 10))
+        is None
+    )
     quantize_(model, Int8WeightOnlyConfig())  # torchao: quantized weights as tensor subclasses
-    assert count_flops(model, torch.randn(8, 10)) is None
+    assert metrics.count_flops(model, torch.randn(8, 10)) is None
 
 
 def test_a_compiled_model_is_counted_through_its_eager_forward():
@@ -58,9 +51,9 @@ def test_a_compiled_model_is_counted_through_its_eager_forward():
     flops = 2 * 10 * 5 + 2 * 5 * 2
     wrapped = torch.compile(model)
     wrapped.forward = compiled_code  # what torch.compile(model)'s wrapper would run
-    assert count_flops(wrapped, torch.randn(8, 10)) == flops
+    assert metrics.count_flops(wrapped, torch.randn(8, 10)) == flops
     model._compiled_call_impl = compiled_code  # what model.compile() installs in place
-    assert count_flops(model, torch.randn(8, 10)) == flops
+    assert metrics.count_flops(model, torch.randn(8, 10)) == flops
     assert model._compiled_call_impl is compiled_code  # still compiled afterwards
 
 
@@ -68,7 +61,7 @@ def test_nonzero_counts_zeroed_weights():
     model = nn.Linear(10, 10)
     with torch.no_grad():
         model.weight[:, :4] = 0
-    total, nonzero = count_parameters(model)
+    total, nonzero = metrics.count_parameters(model)
     assert total == 110
     assert nonzero == 110 - 40
 
@@ -77,14 +70,14 @@ def test_agreement_of_identical_and_perturbed_models():
     torch.manual_seed(0)
     model = nn.Linear(8, 4)
     x = torch.randn(64, 8)
-    same = agreement(model, model, x)
+    same = metrics.agreement(model, model, x)
     assert same.top1 == 1.0 and same.max_error == 0.0 and same.cosine == pytest.approx(1.0)
     assert same.output == "output"
     noisy = nn.Linear(8, 4)
     noisy.load_state_dict(model.state_dict())
     with torch.no_grad():
         noisy.weight.add_(0.5 * torch.randn_like(noisy.weight))
-    worse = agreement(noisy, model, x)
+    worse = metrics.agreement(noisy, model, x)
     assert worse.top1 < 1.0 and worse.cosine < 0.99 and worse.max_error > 0
 
 
@@ -92,20 +85,20 @@ def test_agreement_compares_the_main_output_and_names_it():
     torch.manual_seed(0)
     model = TwoInputs()
     ids, mask = torch.randint(0, 20, (300, 5)), torch.ones(300, 5)  # more than one inner batch of 256
-    same = agreement(model, model, {"input_ids": ids, "attention_mask": mask})
+    same = metrics.agreement(model, model, {"input_ids": ids, "attention_mask": mask})
     assert same.output == "logits" and same.samples == 300 and same.top1 == 1.0 and same.max_error == 0.0
     noisy = TwoInputs()
     noisy.load_state_dict(model.state_dict())
     with torch.no_grad():
         noisy.head.weight.add_(torch.randn_like(noisy.head.weight))
-    worse = agreement(noisy, model, (ids, mask))
+    worse = metrics.agreement(noisy, model, (ids, mask))
     assert worse.output == "logits" and worse.cosine < 0.99 and worse.max_error > 0
 
     class Tuple(nn.Module):
         def forward(self, x):
             return (None, x * 2, x)
 
-    pair = agreement(Tuple(), Tuple(), torch.randn(4, 3, 2))
+    pair = metrics.agreement(Tuple(), Tuple(), torch.randn(4, 3, 2))
     assert pair.output == "output[1]" and pair.top1 is None and pair.cosine == pytest.approx(1.0)
 
 
@@ -121,7 +114,7 @@ def test_models_are_timed_interleaved():
             calls.append(self.name)
             return x
 
-    lat = time_models({"a": Tag("a"), "b": Tag("b")}, torch.zeros(4, 2), runs=20, warmup=2)
+    lat = metrics.time_models({"a": Tag("a"), "b": Tag("b")}, torch.zeros(4, 2), runs=20, warmup=2)
     assert calls[:4] == ["a", "b"] * 2
     rounds = ["".join(calls[i : i + 4]) for i in range(4, len(calls), 4)]
     # Each round visits both models (an untimed call, then the timed one), in a shuffled order.
@@ -138,31 +131,34 @@ def test_models_with_several_inputs_are_timed_on_all_of_them():
             seen.append((input_ids.shape, attention_mask.shape))
             return input_ids * attention_mask
 
-    example = batch_of({"input_ids": torch.ones(3, 5), "attention_mask": torch.ones(3, 5)}, 7)
-    lat = time_models({"pair": Pair()}, example, runs=3, warmup=1)
+    example = metrics.batch_of({"input_ids": torch.ones(3, 5), "attention_mask": torch.ones(3, 5)}, 7)
+    lat = metrics.time_models({"pair": Pair()}, example, runs=3, warmup=1)
     assert lat["pair"].batch_size == 7 and set(seen) == {(torch.Size([7, 5]), torch.Size([7, 5]))}
-    assert time_models({"pair": Pair()}, (torch.ones(2, 5), torch.ones(2, 5)), runs=2)["pair"].batch_size == 2
+    assert (
+        metrics.time_models({"pair": Pair()}, (torch.ones(2, 5), torch.ones(2, 5)), runs=2)["pair"].batch_size
+        == 2
+    )
 
 
 def test_thread_count_is_fixed_and_restored():
     before = torch.get_num_threads()
-    with threads(1) as n:
+    with metrics.threads(1) as n:
         assert n == 1 == torch.get_num_threads()
     assert torch.get_num_threads() == before
 
 
 def test_batch_of_repeats_rows():
     x = torch.arange(3.0).reshape(3, 1)
-    assert batch_of(x, 7).flatten().tolist() == [0, 1, 2, 0, 1, 2, 0]
-    ids, mask = batch_of((torch.arange(3).reshape(3, 1), torch.ones(3, 2)), 5)
+    assert metrics.batch_of(x, 7).flatten().tolist() == [0, 1, 2, 0, 1, 2, 0]
+    ids, mask = metrics.batch_of((torch.arange(3).reshape(3, 1), torch.ones(3, 2)), 5)
     assert ids.flatten().tolist() == [0, 1, 2, 0, 1] and mask.shape == (5, 2) and ids.is_contiguous()
 
 
 def test_timing_refuses_values_that_cannot_be_measured():
-    assert Timing(batch_sizes=[1, 8]).batch_sizes == (1, 8)
+    assert metrics.Timing(batch_sizes=[1, 8]).batch_sizes == (1, 8)
     for bad in ({"runs": 0}, {"warmup": -1}, {"batch_sizes": ()}, {"batch_sizes": (0, 4)}, {"threads": 0}):
         with pytest.raises(ConfigError):
-            Timing(**bad)
+            metrics.Timing(**bad)
 
 
 def test_accuracy_on_pairs_dicts_and_loaders():
@@ -174,20 +170,22 @@ def test_accuracy_on_pairs_dicts_and_loaders():
     labels = predicted.clone()
     labels[:10] = (labels[:10] + 1) % 3  # a quarter wrong
     dicts = DictSamples(ids, labels)
-    assert accuracy(model, dicts, batch_size=16) == pytest.approx(0.75)
+    assert metrics.accuracy(model, dicts, batch_size=16) == pytest.approx(0.75)
     loader = DataLoader(TensorDataset(ids, torch.ones(40, 5), labels), batch_size=8)  # (ids, mask, labels)
-    assert accuracy(model, loader) == pytest.approx(0.75)
-    assert accuracy(model, TensorDataset(ids, torch.ones(40, 5), labels.float())) is None  # regression
-    assert accuracy(model, TensorDataset(ids, torch.ones(40, 5))) is None  # no labels
+    assert metrics.accuracy(model, loader) == pytest.approx(0.75)
+    assert (
+        metrics.accuracy(model, TensorDataset(ids, torch.ones(40, 5), labels.float())) is None
+    )  # regression
+    assert metrics.accuracy(model, TensorDataset(ids, torch.ones(40, 5))) is None  # no labels
     with pytest.raises(DataError, match="data .x. has class labels 7..7 but the model has 3"):
-        accuracy(model, TensorDataset(ids, torch.ones(40, 5), labels * 0 + 7), what="data 'x'")
+        metrics.accuracy(model, TensorDataset(ids, torch.ones(40, 5), labels * 0 + 7), what="data 'x'")
 
 
 def test_labelled_batches_keep_the_order_and_split_labels_off():
     ids = torch.arange(10).reshape(5, 2)
-    batches = list(labelled_batches(DictSamples(ids, torch.arange(5)), batch_size=2))
+    batches = list(metrics.labelled_batches(DictSamples(ids, torch.arange(5)), batch_size=2))
     assert [len(y) for _, y in batches] == [2, 2, 1]
     assert torch.equal(torch.cat([x["input_ids"] for x, _ in batches]), ids)
     assert set(batches[0][0]) == {"input_ids", "attention_mask"}
-    plain = list(labelled_batches(TensorDataset(ids), batch_size=4))
+    plain = list(metrics.labelled_batches(TensorDataset(ids), batch_size=4))
     assert [y for _, y in plain] == [None, None] and torch.equal(plain[1][0], ids[4:])

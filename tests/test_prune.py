@@ -4,6 +4,7 @@ import time
 
 import pytest
 import torch
+from multi_input import tiny_bert
 from torch import nn
 
 from keiryo import artifacts, provenance, sparse
@@ -413,13 +414,7 @@ def test_data_of_dict_samples_scores_and_traces(importance):
 
 
 def test_raw_bert_model_pruned_with_ids_and_mask():
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.BertConfig(
-        vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-        max_position_embeddings=32,
-    )  # fmt: skip
-    model = transformers.BertModel(config).eval()
+    model = tiny_bert(vocab=100, hidden=64, layers=2, heads=4, positions=32)
     ids, mask = torch.randint(0, 100, (2, 12)), torch.ones(2, 12, dtype=torch.long)
     mask[1, 8:] = 0
     pruned = prune(model, 0.5, example_inputs=(ids, mask))

@@ -7,6 +7,7 @@ import time
 
 import pytest
 import torch
+from multi_input import tiny_bert
 from torch import nn
 
 from keiryo import artifacts, provenance
@@ -357,13 +358,7 @@ def test_int8_static_calibrates_on_a_loader_of_dicts_and_takes_tuple_or_dict_inp
 
 
 def test_a_raw_bert_model_takes_ids_and_mask_as_a_tuple_or_a_dict():
-    transformers = pytest.importorskip("transformers")
-    config = transformers.BertConfig(
-        vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-        max_position_embeddings=64,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    bert = transformers.BertModel(config).eval()
+    bert = tiny_bert(vocab=128, hidden=64, layers=2, heads=4, positions=64)
     ids = torch.randint(0, 128, (8, 16))
     mask = torch.ones_like(ids)
     mask[:, 12:] = 0
