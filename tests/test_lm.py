@@ -323,7 +323,7 @@ def test_loads_a_hugging_face_folder_offline_with_its_tokenizer(tmp_path):
 def _write_gguf(model, path):
     """A float32 GGUF of a tiny Llama with a byte-level vocabulary, laid out as llama.cpp's converter does
     (q/k rows permuted for its rotary layout, which transformers undoes on load)."""
-    gguf = pytest.importorskip("gguf")
+    import gguf  # a [dev] dependency: a missing one fails here rather than skipping the test
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     config, state = model.config, model.state_dict()
@@ -370,7 +370,8 @@ def _write_gguf(model, path):
 
 
 def test_loads_a_gguf_file_with_its_tokenizer(tmp_path):
-    pytest.importorskip("accelerate")  # transformers reads GGUF only with accelerate installed
+    import accelerate  # noqa: F401  (a [dev] dependency: transformers reads GGUF only with it)
+
     model = _model("llama")
     _write_gguf(model, tmp_path / "tiny.gguf")
     loaded, tokenizer = load_causal_lm(f"gguf:{tmp_path / 'tiny.gguf'}")
