@@ -20,11 +20,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 
 from keiryo import inputs
-from keiryo.data import check_targets
+from keiryo.data import check_targets, collate
 from keiryo.errors import ConfigError, DataError, ModelError
 from keiryo.inputs import Example
 
@@ -260,21 +260,10 @@ def labelled_batches(
             )
         return
     if isinstance(data, Dataset) and not isinstance(data, DataLoader):
-        data = DataLoader(data, batch_size=batch_size, collate_fn=_collate)
+        data = DataLoader(data, batch_size=batch_size, collate_fn=collate)
     for batch in data:
         example, targets = inputs.split_batch(batch)
         yield example, None if targets is None else torch.as_tensor(targets)
-
-
-def _collate(items: list) -> object:
-    """torch's default collation, after turning list values of dict samples (token ids) into tensors."""
-    items = [
-        {k: torch.as_tensor(v) if isinstance(v, list) else v for k, v in item.items()}
-        if isinstance(item, Mapping)
-        else item
-        for item in items
-    ]
-    return default_collate(items)
 
 
 def accuracy(
