@@ -17,9 +17,11 @@ folder is removed whatever happens (an error, Ctrl-C), so a failed export leaves
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import platform
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,26 +126,11 @@ def export_onnx(
     format = "onnx-int8" if int8 else "onnx"
     model, args, kwargs = _traceable(model, example_inputs, path, format)
     with staged_file(path) as staged:
-        try:
-            with quiet():
-                torch.onnx.export(
-                    model,
-                    args,
-                    str(staged),
-                    kwargs=kwargs or None,
-                    dynamo=True,
-                    dynamic_shapes=dynamic_batch(example_inputs),
-                    external_data=False,  # one self-contained file (fine below ONNX's 2 GB limit)
-                )
-        except Exception as exc:
-            if has_quantized_kernels(model):
-                raise ExportError(
-                    "ONNX export failed: this model runs PyTorch int8 kernels, which the ONNX exporter "
-                    "cannot translate; export the float model as onnx-int8 instead"
-                ) from exc
-            raise ExportError(f"ONNX export failed: {first_line(exc)}") from exc
+        write_onnx(model, (args, kwargs), dynamic_batch(example_inputs), staged)
         if int8:
-            _quantize_onnx(staged)
+            float_copy = staged.with_name("float." + staged.name)
+            staged.rename(float_copy)
+            quantize_onnx_dynamic(float_copy, staged)
         torch_ms = time_models({"torch": model}, example_inputs, runs=30, warmup=5)["torch"].p50_ms
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()  # same threads as PyTorch: fair
@@ -178,27 +165,67 @@ def _onnx_feed(session: object, example: Example) -> dict[str, object]:
     return feed
 
 
-def _quantize_onnx(path: Path) -> None:
-    """Rewrite the ONNX file at `path` with onnxruntime's dynamic int8 (MatMul/Gemm/Conv weights)."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    float_copy = path.with_name("float." + path.name)
-    path.rename(float_copy)
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # it logs a pre-processing tip on the root logger at every call
+def write_onnx(
+    model: nn.Module,
+    call: tuple[tuple, dict],
+    dynamic_shapes: tuple | dict,
+    path: Path,
+    names: tuple[list[str], list[str]] | None = None,
+) -> None:
+    """`model` called with `call` (args, kwargs) written as one self-contained ONNX file by the dynamo
+    exporter; `names` optionally names its (inputs, outputs). Failures are one-line ExportErrors."""
+    args, kwargs = call
+    input_names, output_names = names or (None, None)
     try:
         with quiet():
-            quantize_dynamic(
-                str(float_copy), str(path), weight_type=QuantType.QInt8, reduce_range=_saturating_cpu()
+            torch.onnx.export(
+                model,
+                args,
+                str(path),
+                kwargs=kwargs or None,
+                dynamo=True,
+                dynamic_shapes=dynamic_shapes,
+                input_names=input_names,
+                output_names=output_names,
+                external_data=False,  # one self-contained file (fine below ONNX's 2 GB limit)
             )
     except Exception as exc:
-        raise ExportError(f"onnxruntime int8 quantization failed: {first_line(exc)}") from exc
+        if has_quantized_kernels(model):
+            raise ExportError(
+                "ONNX export failed: this model runs PyTorch int8 kernels, which the ONNX exporter "
+                "cannot translate; export the float model as onnx-int8 instead"
+            ) from exc
+        raise ExportError(f"ONNX export failed: {first_line(exc)}") from exc
+
+
+def quantize_onnx_dynamic(source: Path, target: Path) -> None:
+    """onnxruntime's dynamic int8 of the ONNX file `source` (int8 MatMul/Gemm/Conv weights, activations
+    quantized per batch) written to `target`."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with ort_quiet():
+        try:
+            quantize_dynamic(
+                str(source), str(target), weight_type=QuantType.QInt8, reduce_range=saturating_cpu()
+            )
+        except Exception as exc:
+            raise ExportError(f"onnxruntime int8 quantization failed: {first_line(exc)}") from exc
+
+
+@contextlib.contextmanager
+def ort_quiet() -> Iterator[None]:
+    """onnxruntime's quantization logs a pre-processing tip on the root logger at every call."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with quiet():
+            yield
     finally:
         root.setLevel(level)
 
 
-def _saturating_cpu() -> bool:
+def saturating_cpu() -> bool:
     """Whether onnxruntime's int8 kernels saturate here: x86 without VNNI multiplies u8 × s8 with VPMADDUBSW,
     whose int16 sums overflow (a 20% output error measured on an AVX2 CPU); onnxruntime's documented remedy
     is 7-bit weights (`reduce_range`), which cost almost nothing in accuracy (1.7% there)."""
