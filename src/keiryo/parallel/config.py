@@ -14,6 +14,8 @@ from typing import ClassVar
 from keiryo.errors import ConfigError, check_whole, is_finite
 
 SCHEDULES = ("gpipe", "1f1b")
+GRAD_COMPRESSIONS = ("fp16", "bf16", "powersgd")  # DDP communication hooks; powersgd takes ":RANK"
+POWERSGD_RANK = 1  # PyTorch's default matrix_approximation_rank
 ASYNC_MODES = ("async", "bounded", "scaled", "dcasgd", "sync")
 DEFAULT_TIMEOUT_S = 120.0
 
@@ -52,14 +54,28 @@ class _ProcessGroup:
 
 @dataclass
 class DDP(_ProcessGroup):
-    """Data parallel: `workers` processes each take a share of every batch; gradients are averaged."""
+    """Data parallel: `workers` processes each take a share of every batch; gradients are averaged.
+
+    `grad_compression`: None all-reduces fp32 gradients; "fp16" or "bf16" casts them for the all-reduce
+    (half the bytes); "powersgd" or "powersgd:RANK" sends rank-RANK factors of each weight matrix (PyTorch's
+    PowerSGD hook with error feedback, after 10 plain steps; rank 1 by default).
+    """
 
     kind: ClassVar[str] = "ddp"
+    grad_compression: str | None = None
+
+    def validate(self) -> None:
+        """Reject values that would fail once workers are started, in one line."""
+        super().validate()
+        grad_compression_of(self.grad_compression)
 
 
 @dataclass
 class FSDP(_ProcessGroup):
-    """Fully sharded data parallel: like DDP, with parameters, gradients and optimizer state sharded."""
+    """Fully sharded data parallel: like DDP, with parameters, gradients and optimizer state sharded.
+
+    No gradient compression: DDP's communication hooks do not apply to FSDP's reduce-scatter.
+    """
 
     kind: ClassVar[str] = "fsdp"
 
@@ -175,6 +191,26 @@ def strategy_of(strategy: str | Strategy, workers: int | None = None) -> Strateg
     if workers is not None and workers != strategy.workers:
         raise ConfigError(f"workers={workers} differs from the strategy's own workers={strategy.workers}")
     return strategy
+
+
+def grad_compression_of(value: object) -> tuple[str, int] | None:
+    """("fp16", 0), ("bf16", 0) or ("powersgd", rank) for a `grad_compression` value; None for None.
+
+    Anything else is refused in one line naming the accepted values.
+    """
+    if value is None:
+        return None
+    accepted = f"{', '.join(GRAD_COMPRESSIONS)} or powersgd:RANK (RANK a whole number ≥ 1)"
+    if not isinstance(value, str):
+        raise ConfigError(f"grad_compression must be {accepted}, got {value!r}")
+    kind, colon, rank = value.strip().lower().partition(":")
+    if kind in ("fp16", "bf16") and not colon:
+        return kind, 0
+    if kind == "powersgd" and not colon:
+        return kind, POWERSGD_RANK
+    if kind == "powersgd" and rank.isascii() and rank.isdigit() and int(rank) >= 1:
+        return kind, int(rank)
+    raise ConfigError(f"unknown grad_compression '{value}' (choose {accepted})")
 
 
 def _check_workers(workers: object) -> None:
