@@ -38,6 +38,10 @@ class ResourceError(KeiryoError):
     """Reading an input would allocate more memory than `KEIRYO_MAX_BYTES` allows."""
 
 
+class MissingDependency(KeiryoError):
+    """An optional extra a feature needs is not installed; the message names the pip command."""
+
+
 class TrainingError(KeiryoError):
     """Training cannot go on: the loss became NaN/inf, or a worker failed, hung or was interrupted."""
 
