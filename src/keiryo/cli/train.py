@@ -66,6 +66,15 @@ def train(
     timeout: Annotated[
         float, typer.Option(help="Seconds before a crashed or hung worker stops the whole run.")
     ] = 120.0,
+    max_restarts: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Local workers: restart them up to N times after one dies; the run resumes from "
+            "--checkpoint "
+            "(under torchrun use torchrun's own --max-restarts).",
+        ),
+    ] = 0,
     split_point: Annotated[
         list[str] | None,
         typer.Option(help="Pipeline: module name a new stage starts at (repeatable; default: balanced)."),
@@ -107,7 +116,7 @@ def train(
         )
     models.check_trusted(model, trust_code, "--model")
     kwargs = opt.parse_kwargs(model_arg)
-    spec = _strategy(strategy, workers, timeout, _slowdown(slowdown))
+    spec = _strategy(strategy, workers, timeout, max_restarts, _slowdown(slowdown))
     if grad_compression is not None:
         if not isinstance(spec, DDP):
             raise ConfigError(
@@ -156,11 +165,13 @@ def train(
     console.print(f"{acc_text} · saved {out} ({size(out)})")
 
 
-def _strategy(name: str, workers: int, timeout: float, slowdown: list[float] | None) -> Strategy:
+def _strategy(
+    name: str, workers: int, timeout: float, max_restarts: int, slowdown: list[float] | None
+) -> Strategy:
     """The strategy config for --strategy and the options every parallel strategy shares."""
     spec = strategy_of(name, None if name == "single" and workers == 1 else workers)
     if isinstance(spec, (DDP, FSDP, Pipeline)):
-        return replace(spec, timeout=timeout)
+        return replace(spec, timeout=timeout, max_restarts=max_restarts)
     if isinstance(spec, Async):
         return replace(spec, slowdown=slowdown)
     return spec

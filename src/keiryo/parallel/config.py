@@ -36,11 +36,13 @@ class _ProcessGroup:
     """The fields every process-group strategy has; a base for fields only, dispatch is by the concrete type.
 
     `workers`: local processes (under torchrun: its WORLD_SIZE). `timeout`: seconds before a crashed or hung
-    worker stops the whole run.
+    worker stops the whole run. `max_restarts`: local runs restart the workers up to N times after a worker
+    dies; they resume from `TrainConfig.checkpoint` (under torchrun, use torchrun's own --max-restarts).
     """
 
     workers: int = 2
     timeout: float = DEFAULT_TIMEOUT_S
+    max_restarts: int = 0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -50,6 +52,7 @@ class _ProcessGroup:
         _check_workers(self.workers)
         if not is_finite(self.timeout) or self.timeout <= 0:
             raise ConfigError(f"timeout must be a number of seconds > 0, got {self.timeout}")
+        check_whole("max_restarts", self.max_restarts, 0)
 
 
 @dataclass
