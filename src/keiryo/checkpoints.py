@@ -6,11 +6,19 @@ position, history, best epoch); the parameter server writes its own state with `
 A checkpoint is a dict of tensors and plain values tagged with its format (the loop's or the parameter
 server's), saved with `fileio.atomic_torch_save` (a killed run leaves the previous checkpoint whole) and read
 with `weights_only` loading (a checkpoint cannot run code). What goes into one is the trainer's business.
+
+Restarts (`torchrun --max-restarts N`, or keiryo's local launcher with `max_restarts`): a restarted worker
+resumes from the checkpoint its own job wrote before the failure, without `--resume`. A loop checkpoint
+records the job that wrote it (`job_key`); on a restart (`restart_count() > 0`) only a checkpoint of the
+same job is taken, so a stale file from an earlier run at the same path is never picked up silently. On the
+first attempt a checkpoint is read only with `resume`, as without restarts.
 """
 
 from __future__ import annotations
 
 import glob
+import os
+import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,6 +34,9 @@ from keiryo.fileio import atomic_torch_save, safe_torch_load
 CHECKPOINT_FORMAT = "keiryo-checkpoint/1"  # keiryo.loop.fit
 ASYNC_CHECKPOINT_FORMAT = "keiryo-async-checkpoint/1"  # keiryo.parallel.async_ps
 _KINDS = {CHECKPOINT_FORMAT: "training checkpoint", ASYNC_CHECKPOINT_FORMAT: "parameter-server checkpoint"}
+
+RESTART_ENV = "TORCHELASTIC_RESTART_COUNT"  # set by torchrun, and by keiryo's local launcher on a restart
+JOB_ENV = "KEIRYO_JOB"  # keiryo's local launcher: one id per run, the same over its restarts
 
 LoadStates = Callable[[nn.Module, torch.optim.Optimizer, dict, dict], None]
 """(model, optimizer, model_state, optimizer_state): how a sharded run loads full state into its shards."""
@@ -51,15 +62,50 @@ def remove_stale_temps(path: str | Path) -> None:
         stale.unlink(missing_ok=True)
 
 
-def resume_state(path: str | Path | None, rank: int = 0, world_size: int = 1) -> dict | None:
+def restart_count() -> int:
+    """How many times this job's workers were restarted after a failure (0: the first attempt, or no
+    launcher that restarts)."""
+    value = os.environ.get(RESTART_ENV, "0")
+    return int(value) if value.isdigit() else 0
+
+
+def job_key() -> str | None:
+    """What names this worker's job across its restarts, or None outside a restarting launcher.
+
+    keiryo's local launcher sets KEIRYO_JOB. Under torchrun: the run id and this node's agent (its pid and
+    start time), which outlives the workers it restarts; a later torchrun invocation has another agent.
+    """
+    if JOB_ENV in os.environ:
+        return os.environ[JOB_ENV]
+    if RESTART_ENV not in os.environ:
+        return None
+    agent = os.getppid()
+    started = ""
+    if sys.platform.startswith("linux"):
+        try:  # field 22 of /proc/PID/stat, counted after the ")" that ends the command name
+            started = Path(f"/proc/{agent}/stat").read_text().rpartition(")")[2].split()[19]
+        except (OSError, IndexError):
+            started = ""
+    return f"{os.environ.get('TORCHELASTIC_RUN_ID', '')}:{agent}:{started}"
+
+
+def resume_state(
+    path: str | Path | None, rank: int = 0, world_size: int = 1, job: str | None = None
+) -> dict | None:
     """The loop checkpoint to resume from, or None when there is none yet.
 
-    In a multi-worker run rank 0 reads it and sends it to the others (whose disks may not hold it), so that
-    every worker makes the same choice.
+    With `job` (a restart without `resume`), only a checkpoint written by that job counts. In a
+    multi-worker run rank 0 reads it and sends it to the others (whose disks may not hold it), so that every
+    worker makes the same choice and resumes at the same step.
     """
+    ckpt = None
+    if rank == 0 and path and Path(path).exists():
+        ckpt = load_checkpoint(path)
+        if job is not None and ckpt.get("job") != job:
+            ckpt = None
     if world_size == 1:
-        return load_checkpoint(path) if path and Path(path).exists() else None
-    box = [load_checkpoint(path) if rank == 0 and path and Path(path).exists() else None]
+        return ckpt
+    box = [ckpt]
     dist.broadcast_object_list(box, src=0)
     return box[0]
 
@@ -150,6 +196,7 @@ def save_run(path: str, run: RunState, position: tuple[int, int, int]) -> None:
         "history": [asdict(h) for h in run.history],
         "rng": torch.get_rng_state(),
         "best": {"epoch": run.best_epoch, "score": list(run.best_score or []), "stopped": run.stopped},
+        "job": job_key(),
     }
     if run.best_epoch is not None:
         state["best_model"] = run.best_saved

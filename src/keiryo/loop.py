@@ -5,9 +5,10 @@ The budget fits the data: unless `epochs` is given, small data sets train for at
 steps, and validation accuracy decides when to stop and which epoch's weights to keep.
 Resume is exact on CPU: epoch k always sees the same shuffle (the loader is seeded by seed and epoch), and the
 checkpoint holds the model, the optimizer, the schedule, the RNG state, the best epoch so far and the position
-inside the epoch. Nothing bad is trained on silently: options are checked when the config is made, the model
-is fed one sample before any work, and a loss or weights that become NaN/inf stop the run before a checkpoint
-could keep them.
+inside the epoch. Workers restarted after a failure (torchrun --max-restarts) resume from their job's last
+checkpoint by themselves (see `keiryo.checkpoints`). Nothing bad is trained on silently: options are checked
+when the config is made, the model is fed one sample before any work, and a loss or weights that become
+NaN/inf stop the run before a checkpoint could keep them.
 """
 
 from __future__ import annotations
@@ -254,9 +255,10 @@ def fit(
     scaler = devices.grad_scaler(device, config.precision)
 
     start_epoch, skip_steps, global_step, resumed_from = 0, 0, 0, None
-    ckpt = (
-        checkpoints.resume_state(config.checkpoint, worker.rank, worker.world_size) if config.resume else None
-    )
+    restart, ckpt = checkpoints.restart_count(), None
+    if config.checkpoint and (config.resume or restart):  # a restart resumes from its own job's checkpoint
+        job = None if config.resume else checkpoints.job_key()
+        ckpt = checkpoints.resume_state(config.checkpoint, worker.rank, worker.world_size, job)
     if ckpt is not None:
         restore_run(ckpt, config.checkpoint, run)
         run.history = [EpochLog(**h) for h in ckpt["history"]]
@@ -271,6 +273,12 @@ def fit(
     with progress:
         if note and ckpt is None:
             progress.line(note)
+        if restart:
+            progress.line(
+                f"restart {restart}: resuming from step {global_step} of {config.checkpoint}"
+                if ckpt is not None
+                else f"restart {restart}: no checkpoint of this run yet; training from the start"
+            )
         for epoch in range(start_epoch, epochs):
             model.train()
             started = time.perf_counter()

@@ -1,7 +1,8 @@
 """The process group of a parallel run: join it from the environment, leave it, and tell a torchrun job.
 
 Local workers meet through a file in the run's own temp folder (`KEIRYO_STORE`), so no TCP store listens on
-any interface; a torchrun job (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set) meets the usual env:// way.
+any interface; a torchrun job (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set) meets at its agent's store,
+under keys of its own restart attempt; another env:// launcher meets the usual way.
 """
 
 from __future__ import annotations
@@ -30,14 +31,31 @@ def init_worker(device: torch.device, timeout_s: float) -> torch.device:
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = timedelta(seconds=timeout_s)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     store_path = os.environ.get(STORE_ENV)
     if store_path:  # a local run: meet through a file, so that no TCP store listens anywhere
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         store = dist.FileStore(store_path, world)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+    elif os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        store = dist.PrefixStore(_attempt_prefix(), _agent_store(world, timeout))
         dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
     else:
         dist.init_process_group(backend, timeout=timeout)
     return device
+
+
+def _agent_store(world: int, timeout: timedelta) -> dist.Store:
+    """A client of the TCP store torchrun's agent hosts at MASTER_ADDR:MASTER_PORT."""
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    return dist.TCPStore(host, port, world, is_master=False, timeout=timeout)
+
+
+def _attempt_prefix() -> str:
+    """The agent's store outlives the workers it restarts, and PyTorch no longer keys it by attempt
+    (pytorch/pytorch#135712): restarted workers read the dead ones' gloo/NCCL addresses and fail to connect.
+    Each attempt gets its own keys. The restart count agrees on one node; across nodes it agrees when every
+    agent restarted after the failure (if not, run torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1)."""
+    return f"keiryo/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
 
 
 def teardown() -> None:
