@@ -31,8 +31,14 @@ def _cnn() -> torch.nn.Module:
     return build_model("cnn", width=16, blocks=1)
 
 
+def _mlp() -> torch.nn.Module:
+    """2.2 MB of fp32 parameters: DDP makes several buckets (its first holds 1 MB)."""
+    torch.manual_seed(0)
+    return build_model("mlp", in_features=64, hidden=[512, 512, 512], num_classes=10)
+
+
 def _hooks_in_worker() -> dict:
-    """In each worker: for every method, a DDP cnn trains POWERSGD_START + 3 steps on its own random batches,
+    """In each worker: for every method, a DDP mlp trains POWERSGD_START + 3 steps on its own random batches,
     with `dist.all_reduce` wrapped to add up the bytes of every tensor a hook hands it (PowerSGD calls it
     from future callbacks too). Returns, per method, keiryo's count, the wrapped count, and how far the last
     step's averaged gradients are from the exact fp32 mean of the two workers' gradients."""
@@ -51,13 +57,13 @@ def _hooks_in_worker() -> dict:
     out = {}
     try:
         for method in METHODS:
-            model, traffic = _cnn(), GradTraffic()
+            model, traffic = _mlp(), GradTraffic()
             worker = apply_ddp(model, torch.device("cpu"), grad_compression=method, traffic=traffic)
             optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
             generator = torch.Generator().manual_seed(100 + dist.get_rank())
             seen["bytes"] = 0
             for _ in range(POWERSGD_START + 3):
-                inputs = torch.randn(16, 1, 8, 8, generator=generator)
+                inputs = torch.randn(16, 64, generator=generator)
                 targets = torch.randint(0, 10, (16,), generator=generator)
                 loss = torch.nn.functional.cross_entropy(model(inputs), targets)
                 exact = torch.cat(
@@ -91,12 +97,12 @@ def test_counted_bytes_are_the_bytes_the_hooks_all_reduce(counted):
 
 def test_compression_sends_fewer_bytes_and_keeps_the_mean(counted):
     dense = counted[None]["dense_bytes_per_step"]
-    params = sum(p.numel() for p in _cnn().parameters())
+    params = sum(p.numel() for p in _mlp().parameters())
     assert dense == 4 * params and counted[None]["last_step_bytes"] == dense
     for method in ("fp16", "bf16"):
         assert counted[method]["last_step_bytes"] == dense // 2
         assert counted[method]["dense_bytes_per_step"] == dense
-    assert counted["powersgd:2"]["last_step_bytes"] < 0.2 * dense  # conv weights as rank-2 factors
+    assert counted["powersgd:2"]["last_step_bytes"] < 0.05 * dense  # weight matrices as rank-2 factors
     assert counted[None]["error"] < 1e-6
     assert counted["fp16"]["error"] < 2e-3 and counted["bf16"]["error"] < 2e-2
 
@@ -138,7 +144,7 @@ def test_accepted_values():
 )
 def test_cli_refuses_bad_values_in_one_line(tmp_path, capsys, args, message):
     out = tmp_path / "model.pt"
-    code = main(["train", "--workers", "2", "--no-progress", "--out", str(out), *args])
+    code = main(["train", "--no-progress", "--out", str(out), *args])
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists()

@@ -69,7 +69,10 @@ class GradTraffic:
 
 
 def register_compression(
-    wrapped: nn.parallel.DistributedDataParallel, compression: str | None, traffic: GradTraffic
+    wrapped: nn.parallel.DistributedDataParallel,
+    compression: str | None,
+    traffic: GradTraffic,
+    powersgd_start: int = POWERSGD_START,
 ) -> None:
     """Register the communication hook for `compression` (None: plain all-reduce) on a DDP model, wrapped so
     that it counts each bucket's bytes into `traffic`.
@@ -77,7 +80,12 @@ def register_compression(
     None uses PyTorch's `allreduce_hook` (what DDP does without a hook, in Python) so that plain and
     compressed runs are counted the same way. fp16/bf16 all-reduce a cast copy (2 bytes per element) and
     cast back; PowerSGD all-reduces its factors (its own count of elements after compression) once past
-    its plain warm-up steps.
+    its `powersgd_start` plain warm-up steps (at least 2: its error feedback needs them).
+
+    On gloo, PowerSGD's chained all-reduces (each issued from a callback when the one before finishes)
+    start in a different order on different workers once a model has two buckets, and gloo aborts on the
+    mismatch (PyTorch tests this hook on NCCL only); so on gloo each bucket's chain is waited for before the
+    backward goes on, and PowerSGD's communication does not overlap the backward there.
     """
     spec = grad_compression_of(compression)
     traffic.compression = compression
@@ -99,8 +107,9 @@ def register_compression(
 
         wrapped.register_comm_hook(None, counted)
         return
+    in_order = dist.get_backend() == "gloo"
     state = powerSGD_hook.PowerSGDState(
-        process_group=None, matrix_approximation_rank=rank, start_powerSGD_iter=POWERSGD_START
+        process_group=None, matrix_approximation_rank=rank, start_powerSGD_iter=powersgd_start
     )
 
     def counted_powersgd(state, bucket):  # type: ignore[no-untyped-def]
@@ -109,6 +118,8 @@ def register_compression(
         plain = state.iter < state.start_powerSGD_iter
         before = state.total_numel_after_compression
         future = powerSGD_hook.powerSGD_hook(state, bucket)
+        if in_order:
+            future.wait()
         compressed = (state.total_numel_after_compression - before) * buffer.element_size()
         traffic.add(dense if plain else compressed, dense, bucket.is_last())
         return future
