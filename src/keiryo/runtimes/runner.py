@@ -174,6 +174,11 @@ class Runner(nn.Module):
             chunks.append(self.program.run(part))
         return self.signature.wrap(torch.cat(chunks))
 
+    @property
+    def suffix(self) -> str:
+        """The artifact's file suffix: ".onnx", ".xml" (OpenVINO IR, with a .bin beside it) or ".pte"."""
+        return self.program.suffix
+
     def file_bytes(self) -> int:
         """Bytes of the artifact on disk (all its files; not the small sidecar)."""
         return self.program.nbytes()
