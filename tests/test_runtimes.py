@@ -1,6 +1,6 @@
 """Deployment runtimes (keiryo.runtimes): every candidate's program reproduces the PyTorch model, takes any
 batch size, saves and loads back from its own artifact + JSON sidecar, and fails in one line on bad files or a
-missing package. openvino/nncf are in the [dev] extra and executorch is a base dependency: nothing is skipped."""
+missing package. openvino/nncf are in the [dev] extra, executorch is a base dependency: nothing is skipped."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from multi_input import tiny_bert
 from torch import nn
 
 from keiryo import inputs
@@ -18,7 +19,6 @@ from keiryo.export_check import ExportError
 from keiryo.metrics import agreement, time_models
 from keiryo.models import cnn
 from keiryo.runtimes import RUNTIME_CANDIDATES, Runner, RuntimeMissing, build, load_runtime
-from multi_input import tiny_bert
 
 INT8 = {c for c in RUNTIME_CANDIDATES if "int8" in c}
 
@@ -30,7 +30,7 @@ def trained(digits):
     model = cnn(width=16, blocks=1)
     x, y = tensors_of(digits.train)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for step in range(150):
+    for _ in range(150):
         rows = torch.randint(0, len(y), (64,))
         loss = nn.functional.cross_entropy(model(x[rows]), y[rows])
         opt.zero_grad()

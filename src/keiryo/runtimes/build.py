@@ -108,7 +108,9 @@ def load_runtime(path: str | Path, threads: int | None = None) -> Runner:
     return Runner(program, meta["signature"], runtime, str(precision))
 
 
-def _samples(sig: Signature, calibration: Example | Iterable[Example], precision: str) -> list[tuple[Tensor, ...]]:
+def _samples(
+    sig: Signature, calibration: Example | Iterable[Example], precision: str
+) -> list[tuple[Tensor, ...]]:
     """Static int8's calibration as single samples in the flat inputs' form (empty for other precisions)."""
     if precision != "int8-static":
         return []

@@ -104,6 +104,7 @@ def _quantize(program: torch.export.ExportedProgram, calibration: list[tuple[Ten
         XNNPACKQuantizer,
         get_symmetric_quantization_config,
     )
+
     import_torchao()  # quietly: its CUDA-only extensions cannot load on a CPU build
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 

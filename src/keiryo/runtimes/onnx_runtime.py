@@ -41,7 +41,7 @@ class OnnxProgram:
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-        options.log_severity_level = 3  # errors only: its warnings about unused initializers are not the user's
+        options.log_severity_level = 3  # errors only: warnings about unused initializers are not the user's
         try:
             self.session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
         except Exception as exc:
@@ -101,7 +101,9 @@ def _pre_process(source: Path, target: Path) -> None:
             raise ExportError(f"onnxruntime quantization pre-processing failed: {first_line(exc)}") from exc
 
 
-def _quantize_static(source: Path, target: Path, sig: Signature, calibration: list[tuple[Tensor, ...]]) -> None:
+def _quantize_static(
+    source: Path, target: Path, sig: Signature, calibration: list[tuple[Tensor, ...]]
+) -> None:
     """Static int8 in QDQ format: per-channel int8 weights, uint8 activations with min-max ranges."""
     from onnxruntime.quantization import (
         CalibrationDataReader,

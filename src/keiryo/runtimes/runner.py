@@ -127,7 +127,8 @@ def signature(model: nn.Module, example: Example) -> Signature:
         else:
             name, position = (positional[key] if key < len(positional) else f"input_{key}"), key
         batched = tensor.dim() > 0 and tensor.shape[0] == n
-        specs.append(InputSpec(name, position, str(tensor.dtype).removeprefix("torch."), tensor.dim(), batched))
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        specs.append(InputSpec(name, position, dtype, tensor.dim(), batched))
     with torch.inference_mode():
         output = inputs.call(model.eval(), example)
     name = inputs.output_name(output)
@@ -170,7 +171,8 @@ class Runner(nn.Module):
             return self.signature.wrap(self.program.run(flat))
         chunks = []
         for start in range(0, n, step):
-            part = [t[start : start + step] if s.batched else t for t, s in zip(flat, self.signature.inputs)]
+            specs = zip(flat, self.signature.inputs, strict=True)
+            part = [t[start : start + step] if s.batched else t for t, s in specs]
             chunks.append(self.program.run(part))
         return self.signature.wrap(torch.cat(chunks))
 
@@ -190,7 +192,7 @@ class Runner(nn.Module):
         if path.suffix != self.program.suffix:
             raise ConfigError(f"a {self.runtime} artifact is a {self.program.suffix} file; got '{path.name}'")
         if path.is_dir():
-            raise ConfigError(f"'{path}' is a folder; give a file path such as {path / ('model' + path.suffix)}")
+            raise ConfigError(f"'{path}' is a folder; give a file path such as {path / 'model'}{self.suffix}")
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as tmp:
             written = self.program.write(Path(tmp) / path.name)
@@ -226,7 +228,7 @@ def read_sidecar(path: str | Path) -> tuple[Path, dict]:
         meta_path, artifact = sidecar(path), path
     for file in (artifact, meta_path):
         if not file.is_file():
-            raise ArtifactError(f"runtime artifact '{file}' does not exist (save writes the artifact + .json)")
+            raise ArtifactError(f"runtime artifact '{file}' does not exist (save writes it and a .json)")
     check_bytes(meta_path.stat().st_size, f"runtime sidecar '{meta_path}'")
     try:
         meta = json.loads(meta_path.read_text())
@@ -237,6 +239,7 @@ def read_sidecar(path: str | Path) -> tuple[Path, dict]:
     if not ok:
         raise ArtifactError(f"'{meta_path}' is not a keiryo runtime sidecar (or it is corrupt)")
     if meta.get("version") != SIDECAR_VERSION:
-        raise ArtifactError(f"'{meta_path}' is version {meta.get('version')}; this keiryo reads {SIDECAR_VERSION}")
+        version = meta.get("version")
+        raise ArtifactError(f"'{meta_path}' is version {version}; this keiryo reads {SIDECAR_VERSION}")
     meta["signature"] = sig
     return artifact, meta
