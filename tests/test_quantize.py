@@ -103,7 +103,7 @@ def test_precision_casts(tmp_path, digits):
         assert torch.allclose(fp32(x.double()), fp64(x.double()).float(), atol=1e-5)
     base = build_model("mlp", hidden=[256, 128]).eval()
     for method, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
-        half = quantize(base, method, example_inputs=x)
+        half = quantize(base, method, example_inputs=x, policy=Policy("torch"))  # auto may keep float
         assert {p.dtype for p in half.parameters()} == {dtype}
         assert half(x).dtype == torch.float32  # float32 in, float32 out
         assert agreement(half, base, x).cosine > 0.999
@@ -171,7 +171,7 @@ def test_a_transformer_that_reads_layer_shapes_in_forward_still_runs(digits, tmp
 
 def test_int8_static_folds_batchnorm_and_keeps_accuracy(cnn, digits, tmp_path):
     x = example_inputs(digits, 64)
-    q = quantize(cnn, "int8-static", calibration=digits, example_inputs=x, policy=Policy(runs=3))
+    q = quantize(cnn, "int8-static", calibration=digits, example_inputs=x, policy=Policy("fbgemm", runs=3))
     assert not any(isinstance(m, nn.BatchNorm2d) for m in q.modules())
     assert sum(isinstance(m, quant_static.StaticQuantized) for m in q.modules()) == 4  # stem, 2 convs, fc
     assert accuracy(q, digits.test) >= accuracy(cnn, digits.test) - 0.01
@@ -258,7 +258,9 @@ def test_cli_quantize_prints_before_after_and_writes_a_loadable_file(mlp, digits
     source = artifacts.save(mlp, tmp_path / "mlp.pt", metadata={"input_shape": [1, 8, 8]})
     out = tmp_path / "mlp-int8.pt"
     args = ["quantize", str(source), "--method", "int8-static", "--calibration", "digits", "--out", str(out)]
-    code = main([*args, "--granularity", "per-channel", "--threads", "2", "--sensitivity"])
+    code = main(
+        [*args, "--granularity", "per-channel", "--backend", "fbgemm", "--threads", "2", "--sensitivity"]
+    )
     printed = capsys.readouterr()
     assert code == 0, printed.err
     assert "int8-static" in printed.out and "candidate fbgemm per-channel" in printed.out
@@ -321,7 +323,7 @@ def test_method_names_are_aliases_of_configs_and_provenance_is_kind_plus_asdict(
         config = method_of(kind)
         assert config_from(kind, dataclasses.asdict(config)) == config
     x = example_inputs(digits, 64)
-    q = quantize(mlp, Int8Static(observer="minmax"), digits, x, Policy(runs=1))
+    q = quantize(mlp, Int8Static(observer="minmax"), digits, x, Policy("fbgemm", runs=1))
     (transform,) = getattr(q, provenance.TRANSFORMS_ATTR)
     options = transform["options"]
     assert transform["kind"] == "quantize" and options["method"] == "int8-static"
@@ -350,7 +352,7 @@ def test_int8_static_calibrates_on_a_loader_of_dicts_and_takes_tuple_or_dict_inp
     rows = [{"pixels": pixels[i], "mask": mask[i], "labels": torch.tensor(i % 10)} for i in range(256)]
     loader = torch.utils.data.DataLoader(rows, batch_size=32)
     for example in ((pixels[:16], mask[:16]), {"pixels": pixels[:16], "mask": mask[:16]}):
-        q = quantize(model, "int8-static", loader, example, Policy(runs=1))
+        q = quantize(model, "int8-static", loader, example, Policy("fbgemm", runs=1))
         assert isinstance(q.features, quant_static.StaticQuantized)
         rep = report_of(q)
         assert rep.output == "logits" and rep.candidates[0].cosine > 0.99
@@ -388,7 +390,7 @@ def test_a_tiny_llama_is_quantized_in_seconds_and_still_generates():
         started = time.perf_counter()
         llama(ids)
         forward = time.perf_counter() - started
-    policy = Policy(time_limit=2.0)
+    policy = Policy(time_limit=2.0, batch_sizes=(1, 4))  # the sizes timed: at 64, forwards cost 16× more
     started = time.perf_counter()
     q = quantize(llama, "int8-dynamic", example_inputs={"input_ids": ids}, policy=policy)
     seconds = time.perf_counter() - started
@@ -431,3 +433,57 @@ def test_replay_refuses_a_record_it_cannot_rebuild():
     with pytest.raises(ModelError, match="'int8-dynamic' by 'tensorrt', which this keiryo lacks"):
         replay(model, method="int8-dynamic", config={}, backend="tensorrt", layers=["fc0"])
     assert all(_float_linear(m) for m in model.modules() if isinstance(m, nn.Linear))  # left as it was
+
+
+def test_pt2e_x86_inductor_int8_is_close_smaller_and_round_trips(cnn, digits, tmp_path):
+    x = example_inputs(digits, 64)
+    q = quantize(cnn, "int8-static", digits, x, Policy("x86-inductor", runs=2, batch_sizes=(1, 8)))
+    rep = report_of(q)
+    assert rep.backend == "x86-inductor" and set(rep.candidates[0].speedup) == {1, 8}
+    assert agreement(q, cnn, x).cosine > 0.99
+    assert accuracy(q, digits.test) >= accuracy(cnn, digits.test) - 0.02
+    assert file_bytes(q) < 0.7 * file_bytes(cnn)  # int8 weights only: the float copies are dropped
+    loaded = _round_trip(q, x[:4], tmp_path)  # exported again, ranges from the file, no pickled code
+    assert type(loaded).__name__ == "Pt2eInt8"
+
+
+def test_auto_keeps_float_when_no_kernel_is_faster_and_says_so():
+    torch.manual_seed(0)
+    tiny = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).eval()  # int8 overhead > compute
+    x = torch.randn(64, 8)
+    q = quantize(tiny, "int8-static", x, x, Policy(compile=False, runs=20, batch_sizes=(1, 64)))
+    rep = report_of(q)
+    assert rep.kept_float and rep.backend == "float" and rep.message.startswith("kept float: no kernel")
+    assert all(set(c.speedup) == {1, 64} for c in rep.candidates)
+    assert all(type(m) in (nn.Linear, nn.ReLU, nn.Sequential) for m in q.modules())
+    with torch.inference_mode():
+        assert torch.equal(q(x), tiny(x))
+
+
+def test_a_forced_backend_outside_the_tolerance_says_so(mlp, digits):
+    x = example_inputs(digits, 64)
+    q = quantize(mlp, "int8-dynamic", example_inputs=x, policy=Policy("fbgemm", min_cosine=1.01, runs=1))
+    rep = report_of(q)
+    assert not rep.kept_float and "OUTSIDE the quality tolerance" in rep.message
+    assert "asked for" in rep.message and not _float_linear(q.fc0)
+
+
+def test_batch_sizes_are_checked():
+    for bad in ((), (0,), (1.5,), (True,)):
+        with pytest.raises(ConfigError, match="batch_sizes"):
+            Policy(batch_sizes=bad)
+
+
+def test_embedding_tables_are_stored_as_int8_where_quality_holds(tmp_path):
+    bert = tiny_bert(vocab=4096, hidden=64, layers=2, heads=4, positions=64)  # mostly embedding table
+    ids = torch.randint(0, 4096, (16, 24))
+    example = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    q = quantize(bert, "int8-dynamic", example_inputs=example, policy=Policy("fbgemm", runs=1))
+    table = q.embeddings.word_embeddings
+    assert isinstance(table, quant_backends.Int8Embedding) and table.weight.dtype == torch.int8
+    assert "embeddings.word_embeddings" in getattr(q, provenance.TRANSFORMS_ATTR)[0]["options"]["embeddings"]
+    assert agreement(q, bert, example).cosine >= 0.99
+    assert file_bytes(q) < 0.35 * file_bytes(bert)
+    loaded = artifacts.load(artifacts.save(q, tmp_path / "bert-int8.pt"))
+    with torch.inference_mode():
+        assert torch.equal(loaded(**example).last_hidden_state, q(**example).last_hidden_state)

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from keiryo import models
+from keiryo.compress.fold import replay as replay_fold
 from keiryo.compress.quantize import replay as replay_quantize
 from keiryo.errors import (
     ArtifactError,
@@ -51,8 +52,9 @@ from keiryo.sparse import MAX_DIMS, checked_shape, decode_sparse, dense_bytes, e
 
 MODEL_FORMAT = "keiryo-model/1"
 # Each class-changing step a file may record, and the function its own compress module provides to rebuild its
-# layers on a freshly built float model (the weights are loaded afterwards). A new step adds one line here.
-REPLAY = {"quantize": replay_quantize}
+# layers on a freshly built float model (the weights are loaded afterwards), in place or by returning the
+# module that replaces the model (a PT2E int8 program). A new step adds one line here.
+REPLAY = {"quantize": replay_quantize, "fold_batchnorm": replay_fold}
 EXAMPLE_BATCH = 64  # the batch of random inputs the CLI makes from a recorded input shape
 
 
@@ -238,7 +240,7 @@ def load(path: str | Path, *, trust_code: bool = False) -> nn.Module:
     try:
         apply_structure(model, payload["structure"])
         for transform in payload["transforms"]:
-            _replay(model, transform)
+            model = _replay(model, transform)
         expected = _shapes(model.state_dict())
         model.load_state_dict(_with_versions(payload), strict=True, assign=True)
         if callable(getattr(model, "tie_weights", None)):
@@ -281,10 +283,11 @@ def _with_versions(payload: dict) -> dict:
     return state
 
 
-def _replay(model: nn.Module, transform: dict) -> None:
-    """Re-apply one recorded class-changing step to the rebuilt float model (weights come after)."""
+def _replay(model: nn.Module, transform: dict) -> nn.Module:
+    """Re-apply one recorded class-changing step to the rebuilt model (weights come after); returns it, or
+    the module that replaced it."""
     kind = transform["kind"]
     rebuild = REPLAY.get(kind)
     if rebuild is None:
         raise ArtifactError(f"it records transform '{kind}', which this keiryo version cannot replay")
-    rebuild(model, **transform["options"])
+    return rebuild(model, **transform["options"]) or model

@@ -82,3 +82,60 @@ def describe() -> dict[str, str]:
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
     return info
+
+
+# --- CPU inference fast paths: measured, never assumed (figures: benchmarks/quantize.py) ----------------
+
+
+class ChannelsLast(nn.Module):
+    """Runs `model` with channels-last (NHWC) weights and 4-D inputs: oneDNN's preferred layout for
+    convolutions, with no reorder per call. Outputs equal the original's up to float rounding."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model.to(memory_format=torch.channels_last)
+
+    def forward(self, *args: object, **kwargs: object) -> object:
+        args = tuple(_nhwc(a) for a in args)
+        kwargs = {k: _nhwc(v) for k, v in kwargs.items()}
+        return self.model(*args, **kwargs)
+
+
+def _nhwc(value: object) -> object:
+    if isinstance(value, torch.Tensor) and value.dim() == 4 and value.is_floating_point():
+        return value.contiguous(memory_format=torch.channels_last)
+    return value
+
+
+class Compiled(nn.Module):
+    """`model` compiled by inductor for inference with freezing: weights become constants, so convolutions
+    and Linear layers get prepacked oneDNN weights and fused epilogues. One compile per input shape
+    (`dynamic=False`: static shapes run the fastest kernels); a new batch size's first call takes seconds.
+    Gradients are off inside (freezing applies to inference only)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model.eval()
+        object.__setattr__(self, "_compiled", torch.compile(self.model, dynamic=False))  # not a submodule
+
+    def forward(self, *args: object, **kwargs: object) -> object:
+        with torch.no_grad(), frozen():
+            return self._compiled(*args, **kwargs)
+
+
+def frozen() -> contextlib.AbstractContextManager:
+    """Inductor's freezing on while compiling: set around every call, since compiling happens at the first
+    call of each input shape (the `options=` of torch.compile miss the quantization passes that need it)."""
+    return torch._inductor.config.patch(freezing=True)
+
+
+def channels_last(model: nn.Module) -> nn.Module:
+    """`model` (eval) run in channels-last layout, when it has 2-D convolutions; else `model` itself."""
+    if not any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        return model
+    return ChannelsLast(model.eval())
+
+
+def compile_frozen(model: nn.Module) -> nn.Module:
+    """`model` compiled with inductor and freezing for CPU inference (see `Compiled`); shares its weights."""
+    return Compiled(model)

@@ -1,10 +1,13 @@
 """How `quantize` chooses among the kernels it built: quality first, then speed, timed interleaved.
 
 Every candidate is compared with the float model on the calibration (else example) inputs; those within the
-policy's tolerance are timed beside float at batch 1 and at the example's batch, in interleaved loops whose
-number of runs fits the policy's time limit (one run at least). The fastest within tolerance wins; for a
-speed method float is kept when no kernel is ≥ `MIN_SPEEDUP` faster. The choice and every alternative go
-into a `QuantizeReport`.
+policy's tolerance are timed beside float (BatchNorms folded) at each of the policy's batch sizes, in
+interleaved loops whose number of runs fits the policy's time limit (one run at least). Under
+backend="auto" the result is never slower than float: the fastest kernel within tolerance wins only if it
+is ≥ `MIN_SPEEDUP` faster overall and at least as fast at every batch size; otherwise float is kept and the
+report says so (and, when the fastest differs by batch size, which is fastest at each). A backend the user
+named is returned whatever it measured, saying so when it misses the tolerance or is slower than float.
+The choice and every alternative go into a `QuantizeReport`.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import torch
 from torch import nn
 
 from keiryo import inputs
-from keiryo.compress.qconfig import SPEED_METHODS, Policy
+from keiryo.compress.qconfig import Policy
 from keiryo.metrics import agreement, time_models
 
 REPORT_ATTR = "quantize_report"
@@ -26,6 +29,9 @@ REPORT_ATTR = "quantize_report"
 # back-to-back timings on a shared CPU differ by a few percent, and a 1.03× "win" is noise, not a speed-up.
 MIN_SPEEDUP = 1.1
 MIN_RUNS = 3  # below this many timed runs, the call that judged the time is the only warm-up
+# Slower than float at one batch size by less than this (timing noise on a shared CPU) still counts as
+# "as fast": the 1.1× overall gain is the real bar.
+NOISE = 0.97
 
 
 @dataclass
@@ -61,6 +67,9 @@ class QuantizeReport:
     kept_float: bool
     message: str
     output: str = "output"  # the output compared: 'output', 'logits', 'last_hidden_state', ...
+    fastest: dict[int, str] = field(
+        default_factory=dict
+    )  # per batch size timed: the fastest within tolerance
 
 
 def measure(
@@ -94,7 +103,7 @@ def measure(
     if example is None or not timed:
         return output
     models = {"float": model, **timed}
-    sizes = sorted({1, inputs.batch_size(example)})
+    sizes = sorted(set(policy.batch_sizes))
     for size in sizes:
         batch = inputs.resize_batch(example, size)
         runs = _runs_within(models, batch, policy.time_limit / len(sizes), policy.runs)
@@ -108,7 +117,8 @@ def measure(
 
 def _runs_within(models: dict[str, nn.Module], batch: inputs.Example, seconds: float, most: int) -> int:
     """Timed runs per model that fit in `seconds` (each run calls every model twice: one warm call, one
-    timed), judged from one call of each, which also warms them up; at least 1, at most `most`. Warm-up
+    timed), judged from one call of each, which also warms them up (and compiles what compiles, so a
+    compiled candidate's first-call cost counts against the budget); at least 1, at most `most`. Warm-up
     calls are only added when there is time for more than MIN_RUNS runs."""
     started = time.perf_counter()
     with torch.inference_mode():
@@ -124,39 +134,97 @@ def choose(
     layers: list[str],
     built: dict[str, nn.Module],
     candidates: dict[str, Candidate],
-    forced: bool,
+    policy: Policy,
 ) -> nn.Module:
-    """The fastest candidate within tolerance, with its report attached (or float, for a speed method).
-
-    `forced`: the caller named the backend, so its kernel is returned whatever it measured.
-    """
-    may_keep_float = method in SPEED_METHODS and not forced
+    """The candidate to return, with its report attached: under auto the fastest within tolerance that is
+    not slower than float (`model`, BatchNorms folded) at any batch size timed, else float; a named backend's
+    kernel whatever it measured (the message says when it misses the tolerance or is slower)."""
     passing = [k for k in built if candidates[k].passed]
-    best = max(passing, key=lambda k: candidates[k].score) if passing else None
-    if best is None and may_keep_float:
-        return _kept_float(model, method, layers, candidates, "no kernel stays within tolerance")
-    if best is None:
-        best = max(built, key=lambda k: candidates[k].cosine or 0.0)
-        message = f"{best}: no kernel met the tolerance; this is the closest to float (see candidates)"
-    elif candidates[best].speedup and candidates[best].score < MIN_SPEEDUP and may_keep_float:
-        why = f"no int8 kernel is ≥ {MIN_SPEEDUP}× faster than float here"
-        return _kept_float(model, method, layers, candidates, why)
-    else:
-        ups = ", ".join(f"{u:.2f}× at batch {b}" for b, u in candidates[best].speedup.items())
-        message = f"{best}" + (f": {ups} vs float" if ups else " (speed not measured: no example inputs)")
-        if candidates[best].speedup and candidates[best].score <= 1.0:
-            message += " (slower than float; kept because this method or backend was asked for)"
+    fastest = _fastest_per_batch(passing, candidates)
+    if policy.backend != "auto":
+        best = max(passing, key=lambda k: candidates[k].score) if passing else None
+        if best is None:
+            best = max(built, key=lambda k: candidates[k].cosine or 0.0)
+        return _report(built, candidates, (method, layers, fastest), best, _forced_message(best, candidates))
+    # Returned even if slower (the message says so): QAT retrained the model on purpose; fp32 is float.
+    exempt = method in ("qat", "fp32")
+    fast = [k for k in passing if exempt or _never_slower(candidates[k])]
+    if not passing:
+        return _kept_float(model, (method, layers, fastest), candidates, "no kernel stays within tolerance")
+    if not fast:
+        best = max(passing, key=lambda k: candidates[k].score)
+        why = (
+            f"no kernel within tolerance is ≥ {MIN_SPEEDUP}× faster than float and as fast at every batch "
+            f"size here (best: {best}, {_speeds(candidates[best])})"
+        )
+        return _kept_float(model, (method, layers, fastest), candidates, why)
+    best = max(fast, key=lambda k: candidates[k].score)
+    c = candidates[best]
+    message = (
+        f"{best}: {_speeds(c)} vs float" if c.speedup else f"{best} (speed not measured: no example inputs)"
+    )
+    if c.speedup and c.score <= 1.0:
+        message += f" (slower than float; returned because {method} was asked for)"
+    return _report(built, candidates, (method, layers, fastest), best, message + _by_batch(fastest))
+
+
+def _never_slower(c: Candidate) -> bool:
+    """≥ MIN_SPEEDUP faster overall and not slower than float (beyond noise) at any batch size; a candidate
+    that could not be timed (no example inputs) passes, and its report says it was not timed."""
+    if not c.speedup:
+        return True
+    return c.score >= MIN_SPEEDUP and min(c.speedup.values()) >= NOISE
+
+
+def _fastest_per_batch(passing: list[str], candidates: dict[str, Candidate]) -> dict[int, str]:
+    """For each batch size timed, the fastest within tolerance, float included."""
+    sizes = sorted({b for k in passing for b in candidates[k].speedup})
+    out = {}
+    for size in sizes:
+        ups = {k: candidates[k].speedup[size] for k in passing if size in candidates[k].speedup}
+        best = max(ups, key=ups.get) if ups else None
+        out[size] = best if best is not None and ups[best] > 1.0 else "float"
+    return out
+
+
+def _by_batch(fastest: dict[int, str]) -> str:
+    if len(set(fastest.values())) <= 1:
+        return ""
+    each = ", ".join(f"batch {b}: {k}" for b, k in fastest.items())
+    return f"; the fastest differs by batch size ({each}): pick per batch size, or ship both"
+
+
+def _speeds(c: Candidate) -> str:
+    return ", ".join(f"{u:.2f}× at batch {b}" for b, u in c.speedup.items()) or "not timed"
+
+
+def _forced_message(best: str, candidates: dict[str, Candidate]) -> str:
+    c = candidates[best]
+    message = f"{best}" + (f": {_speeds(c)} vs float" if c.speedup else " (speed not measured)")
+    if not c.passed:
+        message += f" — OUTSIDE the quality tolerance ({c.note or 'see candidates'}; cosine {c.cosine:.4f})"
+        message += "; returned because this backend was asked for"
+    elif c.speedup and c.score <= 1.0:
+        message += " (slower than float; returned because this backend was asked for)"
+    return message
+
+
+def _report(built, candidates, what, best: str, message: str) -> nn.Module:
+    method, layers, fastest = what
     c = candidates[best]
     report = QuantizeReport(
-        method, c.backend, c.granularity, layers, list(candidates.values()), False, message
+        method, c.backend, c.granularity, layers, list(candidates.values()), False, message, fastest=fastest
     )
     setattr(built[best], REPORT_ATTR, report)
     return built[best]
 
 
-def _kept_float(model, method, layers, candidates, why) -> nn.Module:
+def _kept_float(model, what, candidates, why) -> nn.Module:
+    method, layers, fastest = what
     kept = copy.deepcopy(model).eval()
-    message = f"kept float: {why} on this machine (every alternative measured is listed)"
-    report = QuantizeReport(method, "float", None, layers, list(candidates.values()), True, message)
+    message = f"kept float: {why} on this machine (every alternative measured is listed)" + _by_batch(fastest)
+    report = QuantizeReport(
+        method, "float", None, layers, list(candidates.values()), True, message, fastest=fastest
+    )
     setattr(kept, REPORT_ATTR, report)
     return kept

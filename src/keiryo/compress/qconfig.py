@@ -97,13 +97,16 @@ class Int4WeightOnly:
 @dataclass(frozen=True)
 class Int8Static:
     """Linear and Conv layers: int8 weights and activations, activation ranges calibrated on data by
-    `observer` (minmax | histogram | percentile). BatchNorms after convolutions are folded first."""
+    `observer` (minmax | histogram | percentile). BatchNorms after convolutions are folded first.
+    Backends: "fbgemm" (torch.ao's eager int8 layers, any model) and "x86-inductor" (PT2E: the whole model
+    exported, quantized by torchao's X86InductorQuantizer with its own histogram observers and per-channel
+    weights, then compiled so quantize/dequantize fuse into oneDNN int8 kernels; needs torch.export)."""
 
     observer: str = "histogram"
     granularity: str | None = None
     symmetric: bool = True
     kind: ClassVar[str] = "int8-static"
-    backends: ClassVar[tuple[str, ...]] = ("fbgemm",)
+    backends: ClassVar[tuple[str, ...]] = ("fbgemm", "x86-inductor")
 
     def __post_init__(self) -> None:
         _check_granularity(self.granularity)
@@ -138,8 +141,6 @@ CONFIGS: dict[str, type] = {
 }
 METHODS = tuple(CONFIGS)
 CASTS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# Methods that exist for speed: under backend="auto", the float model stays when no kernel beats it.
-SPEED_METHODS = ("int8-dynamic", "int8-weight-only")
 
 
 def method_of(method: str | QuantConfig, **options: Any) -> QuantConfig:
@@ -178,13 +179,16 @@ def config_from(kind: str, fields: dict[str, Any]) -> QuantConfig:
 class Policy:
     """How `quantize` chooses a kernel for a method.
 
-    `backend`: "auto" builds every kernel that can run the method here, measures each against the float
-    model and keeps the fastest within tolerance (for a speed method, float when none is ≥ 1.1× faster);
-    a backend name forces that kernel. `skip`: layer names kept in float. Tolerance: output cosine ≥
+    `backend`: "auto" builds every kernel that can run the method here, times each beside the float model
+    (BatchNorms folded) at every size in `batch_sizes`, and keeps the fastest within tolerance; when none is
+    ≥ 1.1× faster than float overall and at least as fast at each batch size, it keeps float and says so. A
+    backend name forces that kernel (a forced kernel outside the tolerance is returned, and says so).
+    `skip`: layer names kept in float. Tolerance: output cosine ≥
     `min_cosine`, and top-1 agreement ≥ `min_top1` when outputs are `class_scores` (None: known from labelled
     calibration data or the model's recorded classes). `compile`: also try torch.compile'd kernels (tens of
     seconds each to build; None: only for models of ≥ 10M parameters, where they can pay off). `runs`: timed
     runs per candidate and batch size, fewer when they would take more than `time_limit` seconds in all.
+    `batch_sizes`: the batch sizes served, each timed (the example inputs repeated or cut to that size).
     """
 
     backend: str = "auto"
@@ -195,9 +199,15 @@ class Policy:
     compile: bool | None = None
     runs: int = 30
     time_limit: float = 10.0
+    batch_sizes: tuple[int, ...] = (1, 64)
 
     def __post_init__(self) -> None:
         self.skip = tuple(self.skip)
+        self.batch_sizes = tuple(self.batch_sizes)
+        if not self.batch_sizes or not all(
+            isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in self.batch_sizes
+        ):
+            raise ConfigError(f"batch_sizes must be whole numbers ≥ 1, got {self.batch_sizes!r}")
         if isinstance(self.runs, bool) or not isinstance(self.runs, int) or self.runs < 1:
             raise ConfigError(f"runs must be a whole number ≥ 1, got {self.runs!r}")
         for name in ("min_cosine", "min_top1", "time_limit"):
@@ -218,6 +228,10 @@ def check_options(
     if backend != "auto" and backend not in config.backends:
         raise ConfigError(
             f"backend '{backend}' cannot run {config.kind} (available: auto, {', '.join(config.backends)})"
+        )
+    if backend == "x86-inductor" and (policy or Policy()).skip:
+        raise ConfigError(
+            "backend 'x86-inductor' quantizes the whole exported program: it cannot skip layers"
         )
     if isinstance(config, Int4WeightOnly) and not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
         raise ConfigError("int4-weight-only needs torch's CPU int4 kernel, which this torch build lacks")

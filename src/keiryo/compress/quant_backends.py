@@ -238,3 +238,46 @@ class PackedInt4(nn.Module):
             return F.linear(x, self.weight(), self.bias)
         conv = F.conv1d if self.kind == "conv1d" else F.conv2d
         return conv(x, self.weight(), self.bias, **self.conv)
+
+
+# --- int8 embedding tables (every int8 method; no library kernel is both small and fast here) ---------------
+
+
+class Int8Embedding(nn.Module):
+    """An `nn.Embedding` table stored as int8 with one float scale per row (symmetric): 4× smaller, and a
+    lookup dequantizes only the rows it reads. torchao's IntxWeightOnlyConfig on an embedding dequantizes the
+    whole table at each call (250 ms for MiniLM's 30522×384 table here) and torch.ao's quantized Embedding
+    keeps a packed object in the file; this is two index lookups and a multiply."""
+
+    def __init__(self, table: nn.Embedding) -> None:
+        super().__init__()
+        weight = table.weight.detach().float()
+        scale = weight.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127
+        self.register_buffer("weight", (weight / scale).round().clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scale", scale)
+        self.num_embeddings, self.embedding_dim = weight.shape
+        self.padding_idx = table.padding_idx
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return F.embedding(ids, self.weight).float() * F.embedding(ids, self.scale)
+
+    def dequantize(self) -> Tensor:
+        """The float table (what `measure.count_parameters` and exports read)."""
+        return self.weight.float() * self.scale
+
+
+def embedding_tables(model: nn.Module, skip: tuple[str, ...] = ()) -> list[str]:
+    """The plain embedding tables int8 can store: `nn.Embedding` without max_norm, not tied to another
+    layer (a language model's output head sharing it stays float), not skipped."""
+    return [
+        name
+        for name in target_layers(model, (nn.Embedding,), skip)
+        if model.get_submodule(name).max_norm is None
+    ]
+
+
+def int8_embeddings(model: nn.Module, names: list[str]) -> None:
+    """Replace the named embedding tables by Int8Embedding, in place (also at load: the file's int8 rows
+    and scales then replace what was computed from the fresh weights)."""
+    for name in names:
+        replace_module(model, name, Int8Embedding(model.get_submodule(name)))

@@ -3,7 +3,8 @@
 `torch.ao.quantization` is deprecated, but it is the only library here with static int8 kernels for both
 convolutions and Linear layers with calibrated activation ranges: torchao's static int8 covers Linear only.
 Each layer becomes `StaticQuantized`: quantize the input with calibrated (scale, zero point), run the int8
-kernel, dequantize. This works on any model without tracing; BatchNorms after convolutions are folded first.
+kernel, dequantize. This works on any model without tracing; BatchNorms after convolutions are folded
+first (`fold.py`).
 """
 
 from __future__ import annotations
@@ -17,46 +18,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from keiryo import inputs
-from keiryo.compress.quant_backends import CONV, replace_module, weight_observer, weight_qscheme
+from keiryo.compress.quant_backends import replace_module, weight_observer, weight_qscheme
 
 SHAPE_ATTRIBUTES = ("in_features", "out_features", "in_channels", "out_channels")
-
-
-def conv_bn_pairs(model: nn.Module) -> list[list[str]]:
-    """[conv, bn] names of every BatchNorm that directly follows a Conv (whose output nothing else reads).
-
-    Found by tracing with torch.fx; a model that does not trace keeps its BatchNorms (still correct, slower).
-    """
-    try:
-        graph = torch.fx.symbolic_trace(model).graph
-    except Exception:  # data-dependent control flow etc.: no folding, nothing wrong
-        return []
-    modules = dict(model.named_modules())
-    pairs = []
-    for node in graph.nodes:
-        if node.op != "call_module" or not isinstance(
-            modules.get(node.target), nn.modules.batchnorm._BatchNorm
-        ):
-            continue
-        source = node.args[0] if node.args else None
-        if (
-            isinstance(source, torch.fx.Node)
-            and source.op == "call_module"
-            and type(modules.get(source.target)) in CONV
-            and len(source.users) == 1
-        ):
-            pairs.append([source.target, node.target])
-    return pairs
-
-
-def apply_folds(model: nn.Module, pairs: list[list[str]]) -> None:
-    """Replace each [conv, bn] pair by the conv with the BatchNorm folded in, and an Identity."""
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
-    for conv_name, bn_name in pairs:
-        conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
-        replace_module(model, conv_name, fuse_conv_bn_eval(conv.eval(), bn.eval()))
-        replace_module(model, bn_name, nn.Identity())
 
 
 class PercentileObserver(nn.Module):
@@ -274,8 +238,7 @@ def convert_qat(model: nn.Module, layers: list[str]) -> None:
         replace_module(model, name, static)
 
 
-def rebuild_static(model: nn.Module, folded: list[list[str]], layers: list[str]) -> None:
-    """Fold as recorded, then swap the named layers for empty StaticQuantized shells (load fills them)."""
-    apply_folds(model, folded)
+def rebuild_static(model: nn.Module, layers: list[str]) -> None:
+    """Swap the named layers for empty StaticQuantized shells (load fills them)."""
     for name in layers:
         replace_module(model, name, empty_static(model.get_submodule(name)))

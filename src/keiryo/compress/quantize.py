@@ -22,8 +22,9 @@ import torch
 from torch import nn
 
 from keiryo import inputs, provenance
-from keiryo.compress import qdata
+from keiryo.compress import fold, qdata
 from keiryo.compress import quant_backends as qb
+from keiryo.compress import quant_pt2e as qp
 from keiryo.compress import quant_static as qs
 from keiryo.compress.qchoose import REPORT_ATTR, Candidate, QuantizeReport, choose, measure
 from keiryo.compress.qconfig import (
@@ -46,6 +47,8 @@ from keiryo.lm.calibrate import linearize
 from keiryo.loop import fit
 from keiryo.metrics import agreement
 
+# Methods whose candidates also store embedding tables as int8 (per-row scales); the quality check covers it.
+INT8_EMBEDDINGS = ("int8-dynamic", "int8-weight-only", "int8-static")
 # torch.compile'd kernels take tens of seconds to build: under Policy(compile=None) only models this large
 # (parameters) try them, where a faster kernel can repay that; a 2M-parameter model is quantized in seconds.
 COMPILE_MIN_PARAMS = 10_000_000
@@ -85,6 +88,11 @@ def quantize(
     layers = _layers(model, config, policy.skip)
     data = qdata.labelled(calibration) if isinstance(config, QAT) else None
     cal, targets = qdata.calibration_data(calibration) if calibration is not None else (None, None)
+    seen = cal if cal is not None else example
+    folds = fold.batchnorm_pairs(model, seen) if seen is not None else []
+    reference = _folded(model, folds)  # the float model every candidate is timed against: BatchNorms folded
+    tables = qb.embedding_tables(model, policy.skip) if config.kind in INT8_EMBEDDINGS else []
+    derived = {"folded": folds, "embeddings": tables}
     built: dict[str, nn.Module] = {}
     candidates: dict[str, Candidate] = {}
     for backend, concrete in _candidates(model, config, policy):
@@ -95,7 +103,7 @@ def quantize(
             candidates[key].note = "skipped: torchao's int8 weights are symmetric only"
             continue
         try:
-            built[key] = build(model, concrete, backend, layers, data if data is not None else cal)
+            built[key] = build(model, concrete, backend, layers, data if data is not None else cal, derived)
         except (RuntimeError, AssertionError, NotImplementedError, ValueError) as exc:
             candidates[key].note = f"failed: {one_line(exc, 160)}"
     if not built:
@@ -104,9 +112,9 @@ def quantize(
     quality_inputs = cal if cal is not None else example
     scores = policy.class_scores if policy.class_scores is not None else qdata.class_scores(model, targets)
     output = measure(
-        model, built, candidates, (quality_inputs, scores, isinstance(config, QAT)), example, policy
+        reference, built, candidates, (quality_inputs, scores, isinstance(config, QAT)), example, policy
     )
-    chosen = choose(model, config.kind, layers, built, candidates, policy.backend != "auto")
+    chosen = choose(reference, config.kind, layers, built, candidates, policy)
     report_of(chosen).output = output
     return chosen
 
@@ -154,29 +162,40 @@ def _torchao(model: nn.Module, config: QuantConfig, plan: dict, data: object) ->
         model.compile()  # in place: the state_dict keeps its keys (no `_orig_mod.`)
 
 
-def _static(model: nn.Module, config: Int8Static, plan: dict, data: object) -> None:
-    """Fold BatchNorms, then calibrate activation ranges on `data` (None: empty layers the file fills)."""
+def _static(model: nn.Module, config: Int8Static, plan: dict, data: object) -> nn.Module | None:
+    """Calibrate activation ranges on `data` (None: empty layers the file fills); x86-inductor: PT2E."""
+    if plan["backend"] == "x86-inductor":
+        return _pt2e(model, plan, data)
     if data is None:
-        qs.rebuild_static(model, plan["folded"], plan["layers"])
-        return
-    qs.apply_folds(model, plan["folded"])
+        qs.rebuild_static(model, plan["layers"])
+        return None
     per_channel = config.granularity == "per-channel"
     qs.calibrate_static(model, plan["layers"], data, config.observer, per_channel, config.symmetric)
+    return None
+
+
+def _pt2e(model: nn.Module, plan: dict, data: object) -> nn.Module:
+    """The whole model as a PT2E int8 program (x86 quantizer; the plan's layers are not used): calibrated on
+    `data`, or rebuilt from what the plan recorded (activation ranges, input shapes) when loading."""
+    if data is None:
+        return qp.rebuild(model, plan["pt2e"])
+    program, plan["pt2e"] = qp.quantize_pt2e(model, data, reduce_range=not torch.cpu._is_vnni_supported())
+    return program
 
 
 def _qat(model: nn.Module, config: QAT, plan: dict, data: object) -> None:
-    """Fold BatchNorms, train with fake quantization on `data` (labelled splits), convert to static int8."""
+    """Train with fake quantization on `data` (labelled splits), convert to static int8."""
     if data is None:
-        qs.rebuild_static(model, plan["folded"], plan["layers"])
+        qs.rebuild_static(model, plan["layers"])
         return
-    qs.apply_folds(model, plan["folded"])
     qs.prepare_qat(model, plan["layers"], config.granularity == "per-channel", config.symmetric)
     fit(model, data, config.train)
     model.eval()
     qs.convert_qat(model, plan["layers"])
 
 
-Handler = Callable[[nn.Module, QuantConfig, dict, object], None]
+# A handler changes the model in place, or returns the module that replaces it (x86-inductor's program).
+Handler = Callable[[nn.Module, QuantConfig, dict, object], nn.Module | None]
 HANDLERS: dict[type, Handler] = {
     Fp32: _cast,
     Fp16: _cast,
@@ -189,17 +208,26 @@ HANDLERS: dict[type, Handler] = {
 }
 
 
-def build(model: nn.Module, config: QuantConfig, backend: str, layers: list[str], data: object) -> nn.Module:
-    """A deep copy of `model` quantized by one (config, backend), recording how to rebuild it (before any
-    module changes class): the config's kind and `asdict`, the backend, the layers and what was derived
-    (BatchNorm folds, int4 kernel/packed layers, whether GPT-2's Conv1D layers became Linear)."""
+def build(
+    model: nn.Module,
+    config: QuantConfig,
+    backend: str,
+    layers: list[str],
+    data: object,
+    derived: dict | None = None,
+) -> nn.Module:
+    """A deep copy of `model` quantized by one (config, backend), after what `derived` names: BatchNorms to
+    fold ("folded", from `fold.batchnorm_pairs`) and embedding tables to store as int8 ("embeddings").
+    Records how to rebuild it (before any module changes class): the config's kind and `asdict`, the
+    backend, the layers and what was derived (those, int4 kernel/packed layers, whether GPT-2's Conv1D
+    layers became Linear, a PT2E program's activation ranges)."""
     out = copy.deepcopy(model).eval()
     out.__dict__.pop(REPORT_ATTR, None)
     plan = {"method": config.kind, "config": dataclasses.asdict(config), "backend": backend}
     plan["layers"] = list(layers)
-    if isinstance(config, (Int8Static, QAT)):
-        plan["folded"] = qs.conv_bn_pairs(out)
-    elif backend.startswith("torchao"):
+    plan["folded"] = [list(pair) for pair in (derived or {}).get("folded", [])]
+    plan["embeddings"] = list((derived or {}).get("embeddings", []))
+    if backend.startswith("torchao"):
         group_size = getattr(config, "group_size", 32)
         fits = [
             not isinstance(config, Int4WeightOnly) or qb.int4_kernel_fits(out.get_submodule(n), group_size)
@@ -209,19 +237,26 @@ def build(model: nn.Module, config: QuantConfig, backend: str, layers: list[str]
         plan["packed_layers"] = [n for n, ok in zip(layers, fits, strict=True) if not ok]
     plan["linearize"] = any(qb.is_conv1d(out.get_submodule(n)) for n in layers)
     provenance.record_transform(out, "quantize", **plan)
-    _apply(out, config, plan, data)
-    return out
+    result = _apply(out, config, plan, data)
+    if result is not out:  # a new module (PT2E program): it carries the provenance, with what was derived
+        getattr(out, provenance.TRANSFORMS_ATTR)[-1]["options"] = plan
+        result.__dict__.update({k: v for k, v in vars(out).items() if k.startswith("_keiryo")})
+    return result
 
 
-def _apply(model: nn.Module, config: QuantConfig, plan: dict, data: object) -> None:
-    """GPT-2's Conv1D layers become Linear first when the plan says so, then the config's handler runs."""
+def _apply(model: nn.Module, config: QuantConfig, plan: dict, data: object) -> nn.Module:
+    """Recorded BatchNorm folds and int8 embedding tables first, GPT-2's Conv1D layers become Linear when
+    the plan says so, then the config's handler runs; returns the model, or the module that replaced it."""
+    fold.apply_folds(model, plan.get("folded") or [])
+    qb.int8_embeddings(model, plan.get("embeddings") or [])
     if plan.get("linearize"):
         linearize(model)
-    HANDLERS[type(config)](model, config, plan, data)
+    return HANDLERS[type(config)](model, config, plan, data) or model
 
 
-def replay(model: nn.Module, **plan: object) -> None:
-    """Rebuild a recorded quantization on a freshly built float model, in place; weights are loaded after.
+def replay(model: nn.Module, **plan: object) -> nn.Module:
+    """Rebuild a recorded quantization on a freshly built float model, in place (or return the module that
+    replaces it: a PT2E program); weights are loaded after.
 
     Called by `keiryo.load` with what `build` recorded. Static scales and zero points come from the
     state_dict, not from calibration.
@@ -238,7 +273,7 @@ def replay(model: nn.Module, **plan: object) -> None:
             f"model file records quantization '{config.kind}' by '{backend}', which this keiryo lacks"
         )
     model.eval()
-    _apply(model, config, plan, None)
+    return _apply(model, config, plan, None)
 
 
 # --- per-layer sensitivity ----------------------------------------------------------------------------------
@@ -270,8 +305,9 @@ def sensitivity(
     config = next(c for b, c in _concrete(config, backend, auto=False))
     reference = _outputs(model.eval(), x)
     results = []
+    folds = fold.batchnorm_pairs(model, x)
     for name in _layers(model, config, ()):
-        quantized = build(model, config, backend, [name], cal)
+        quantized = build(model, config, backend, [name], cal, {"folded": folds})
         agree = agreement(quantized, model, x)
         noise = (_outputs(quantized, x) - reference).norm()
         sqnr = float(20 * torch.log10(reference.norm() / noise)) if noise > 0 else math.inf
@@ -291,6 +327,7 @@ def _check_model(model: nn.Module, config: QuantConfig) -> None:
     done = [
         t.get("options", {}).get("method", t.get("kind"))
         for t in getattr(model, provenance.TRANSFORMS_ATTR, [])
+        if t.get("kind") != "fold_batchnorm"  # folding keeps float: the folded model quantizes like any
     ]
     if done:
         raise ConfigError(
@@ -334,7 +371,9 @@ def _candidates(model: nn.Module, config: QuantConfig, policy: Policy) -> Iterat
     if compiled is None:
         compiled = sum(p.numel() for p in model.parameters()) >= COMPILE_MIN_PARAMS
     for backend in config.backends:
-        if compiled or not backend.endswith("-compile"):
+        if backend == "x86-inductor" and policy.skip:
+            continue  # the whole program or nothing: layers kept float are for fbgemm
+        if compiled or not (backend.endswith("-compile") or backend == "x86-inductor"):
             yield from _concrete(config, backend, auto=True)
 
 
@@ -352,6 +391,16 @@ def _concrete(config: QuantConfig, backend: str, auto: bool) -> Iterator[tuple[s
         choices = ["per-channel" if backend != "fbgemm" or isinstance(config, QAT) else "per-tensor"]
     for granularity in choices:
         yield backend, dataclasses.replace(config, granularity=granularity)
+
+
+def _folded(model: nn.Module, folds: list[list[str]]) -> nn.Module:
+    """An eval copy of the float model with `folds` applied (recorded, so a kept float model saves)."""
+    out = copy.deepcopy(model).eval()
+    out.__dict__.pop(REPORT_ATTR, None)
+    if folds:
+        provenance.record_transform(out, "fold_batchnorm", pairs=[list(p) for p in folds])
+        fold.apply_folds(out, folds)
+    return out
 
 
 def _outputs(model: nn.Module, example: inputs.Example) -> torch.Tensor:
