@@ -9,6 +9,8 @@ keiryo file (`artifacts.save`), which is why this sits above the file layer and 
 
 from __future__ import annotations
 
+import contextlib
+import platform
 import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -184,3 +186,25 @@ def _first_samples(data: Dataset | Iterable, limit: int, what: str) -> tuple[Exa
         raise DataError(f"{what} holds no samples")
     joined = inputs.take(inputs.concat(examples), 0, limit)
     return joined, None if any(t is None for t in targets) else torch.cat(targets)[:limit]
+
+
+# the instruction-set extensions that decide which int8/bf16 kernels are fast (x86 and Arm names)
+CPU_FLAGS = (
+    "avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_int8", "amx_bf16",
+    "asimd", "asimddp", "i8mm", "bf16", "sve",
+)  # fmt: skip
+
+
+def machine() -> str:
+    """The CPU model and its flags that matter for kernels, e.g. 'AMD EPYC (avx2, fma)': every speed figure
+    holds for one machine, so every report says which (nothing in keiryo assumes an instruction set)."""
+    model, flags = platform.processor() or platform.machine() or "unknown CPU", set()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and value.strip():
+                model = value.strip()
+            elif key.strip() in ("flags", "Features"):
+                flags = set(value.split())
+    present = [f for f in CPU_FLAGS if f in flags]
+    return f"{model} ({', '.join(present) or 'no AVX2/AVX-512/NEON flags listed'})"
