@@ -71,8 +71,7 @@ def train(
         typer.Option(
             min=0,
             help="Local workers: restart them up to N times after one dies; the run resumes from "
-            "--checkpoint "
-            "(under torchrun use torchrun's own --max-restarts).",
+            "--checkpoint (under torchrun use torchrun's own --max-restarts).",
         ),
     ] = 0,
     split_point: Annotated[
