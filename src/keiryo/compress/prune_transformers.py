@@ -8,7 +8,10 @@ shares its key/value head) and head_dim is kept (rotary embeddings need it); the
 norms, the residual stream, the tied LM head) is kept, so the outputs keep their shape. Every block keeps
 the same number of heads and neurons, which is what a model config can say: it is updated
 (num_attention_heads, num_key_value_heads, head_dim, intermediate size) so `save_pretrained` writes the
-pruned shape. Heads and neurons are ranked by the l1/l2 norm of their weights.
+pruned shape. Heads and neurons are ranked by the l1/l2 norm of their weights, or by scores the caller
+measured (keiryo.lm ranks them by their activations on calibration text, as Minitron does).
+Whole blocks go too (`remove_layers`, ShortGPT/Minitron depth pruning): the remaining blocks are renumbered
+(their KV-cache slot) and the config's layer count and per-layer lists follow.
 """
 
 from __future__ import annotations
@@ -70,7 +73,7 @@ def attention_blocks(model: nn.Module) -> list[Heads]:
     """Every attention module laid out as one of the known families, in model order."""
     found = []
     for module in model.modules():
-        if _is_conv1d(getattr(module, "c_attn", None)) and hasattr(module, "split_size"):
+        if _is_layer(getattr(module, "c_attn", None)) and hasattr(module, "split_size"):
             found.append(Heads(module, module.c_attn, module.c_attn, module.c_attn, module.c_proj,
                                module.head_dim, fused=True))  # fmt: skip
             continue
@@ -104,7 +107,7 @@ def feed_forwards(model: nn.Module) -> list[FeedForward]:
 
 def prune_transformer(model: nn.Module, keep: float, importance: str, protected: list[str]) -> None:
     """Keep `keep` of each block's key/value groups (or query heads, with one key/value head) and of its
-    feed-forward neurons, in place; update the modules' head counts and the model config."""
+    feed-forward neurons, ranked by weight norms, in place; update the modules' head counts and the config."""
     if importance not in ("l1", "l2"):
         raise ConfigError(
             f"importance '{importance}' is not available for Hugging Face transformer blocks "
@@ -114,28 +117,43 @@ def prune_transformer(model: nn.Module, keep: float, importance: str, protected:
     skip = {model.get_submodule(name) for name in protected}  # layers whose outputs must stay whole
     for block in attention_blocks(model):
         if not {block.module, block.q, block.k, block.v} & skip:
-            _prune_heads(block, keep, p)
+            prune_heads(block, keep, weight_head_scores(block, p))
     for ffn in feed_forwards(model):
         if not set(ffn.ups) & skip:
-            _prune_neurons(ffn, keep, p)
-    _update_config(model)
+            prune_neurons(ffn, keep, weight_neuron_scores(ffn, p))
+    update_config(model)
 
 
-def _prune_heads(block: Heads, keep: float, p: int) -> None:
+def weight_head_scores(block: Heads, p: int) -> Tensor:
+    """One score per query head from its weights: the l_p norms of its query rows and output columns, plus
+    (grouped-query attention) its key/value group's key and value rows shared out over the group's heads."""
     heads, kv, d = block.heads, block.kv_heads, block.head_dim
-    per_group = heads // kv
     parts = 3 if block.fused else 1  # a fused c_attn scores each head's query, key and value rows together
     score = _row_norms(block.q, p).view(parts, heads, d).sum((0, 2))
     score += _row_norms(block.out, p, out=False).view(heads, d).sum(1)
-    if kv > 1:  # whole key/value groups go: each with the query heads that read it
-        kv_score = score.view(kv, per_group).sum(1)
-        if not block.fused:
-            kv_score += (_row_norms(block.k, p) + _row_norms(block.v, p)).view(kv, d).sum(1)
-        groups = _top(kv_score, _kept(kv, keep))
+    if kv > 1 and not block.fused:
+        shared = (_row_norms(block.k, p) + _row_norms(block.v, p)).view(kv, d).sum(1) / (heads // kv)
+        score += shared.repeat_interleave(heads // kv)
+    return score
+
+
+def prune_heads(block: Heads, keep: float, scores: Tensor) -> None:
+    """Keep `keep` of the block's key/value groups, ranked by the sum of their query heads' `scores` (one per
+    query head), each with the query heads that read it; with a single key/value head (or GPT-2's
+    one-to-one heads) the query heads themselves are ranked. The module's head counts follow."""
+    heads, kv, d = block.heads, block.kv_heads, block.head_dim
+    per_group = heads // kv
+    scores = scores.detach().float().cpu()
+    if scores.shape != (heads,):
+        raise ConfigError(
+            f"head scores must have one value per query head ({heads}), got {tuple(scores.shape)}"
+        )
+    if kv > 1 and not block.fused:  # whole key/value groups go: each with the query heads that read it
+        groups = _top(scores.view(kv, per_group).sum(1), _kept(kv, keep))
         kept_heads = (groups[:, None] * per_group + torch.arange(per_group)).flatten()
-    else:  # one key/value head shared by all: the query heads go
+    else:  # one key/value head shared by all (or one per head, GPT-2): the query heads go
         groups = torch.tensor([0])
-        kept_heads = _top(score, _kept(heads, keep))
+        kept_heads = _top(scores, _kept(heads, keep))
     rows = (kept_heads[:, None] * d + torch.arange(d)).flatten()
     kv_rows = (groups[:, None] * d + torch.arange(d)).flatten()
     if block.fused:  # query, key and value thirds of c_attn keep the same heads
@@ -160,16 +178,71 @@ def _prune_heads(block: Heads, keep: float, p: int) -> None:
             setattr(block.module, attr, value)
 
 
-def _prune_neurons(ffn: FeedForward, keep: float, p: int) -> None:
+def weight_neuron_scores(ffn: FeedForward, p: int) -> Tensor:
+    """One score per feed-forward neuron: the l_p norms of its rows in the widening layers and of its
+    column in the narrowing one."""
+    return sum(_row_norms(up, p) for up in ffn.ups) + _row_norms(ffn.down, p, out=False)
+
+
+def prune_neurons(ffn: FeedForward, keep: float, scores: Tensor) -> None:
+    """Keep the `keep` share of the block's feed-forward neurons with the highest `scores`."""
     width = _width(ffn.down, out=False)
-    score = sum(_row_norms(up, p) for up in ffn.ups) + _row_norms(ffn.down, p, out=False)
-    kept = _top(score, _kept(width, keep))
+    if tuple(scores.shape) != (width,):
+        raise ConfigError(
+            f"neuron scores must have one value per neuron ({width}), got {tuple(scores.shape)}"
+        )
+    kept = _top(scores.detach().float().cpu(), _kept(width, keep))
     for up in ffn.ups:
         _keep(up, kept, out=True)
     _keep(ffn.down, kept, out=False)
 
 
-def _update_config(model: nn.Module) -> None:
+def transformer_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's list of blocks: the ModuleList each of whose entries holds an attention module."""
+    attentions = [block.module for block in attention_blocks(model)]
+    for module in model.modules():
+        if (
+            isinstance(module, nn.ModuleList)
+            and len(module)
+            and all(any(a is m for a in attentions for m in entry.modules()) for entry in module)
+        ):
+            return module
+    raise ConfigError(f"{type(model).__name__} has no list of transformer blocks that keiryo can find")
+
+
+def remove_layers(model: nn.Module, indices: list[int]) -> None:
+    """Remove whole blocks (by index) in place; renumber the rest (each attention's `layer_idx` is its slot
+    in the KV cache) and say the new depth in the config (layer count and per-layer lists)."""
+    layers = transformer_layers(model)
+    count = len(layers)
+    drop = set(indices)
+    if not drop <= set(range(count)) or len(drop) >= count:
+        raise ConfigError(
+            f"can remove 0 to {count - 1} of the {count} blocks by index, got {sorted(indices)}"
+        )
+    config = getattr(model, "config", None)
+    if getattr(config, "scale_attn_by_inverse_layer_idx", False):
+        raise ConfigError(
+            "this GPT-2 config scales attention by the layer index: its blocks cannot be renumbered"
+        )
+    kept = [i for i in range(count) if i not in drop]
+    survivors = [layers[i] for i in kept]
+    for new_index, block in enumerate(survivors):
+        for module in block.modules():
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = new_index
+    layers._modules.clear()
+    for i, block in enumerate(survivors):
+        layers.add_module(str(i), block)
+    if config is None:
+        return
+    config.num_hidden_layers = len(kept)
+    for attr, value in list(vars(config).items()):  # per-layer lists (Qwen2's layer_types ...)
+        if isinstance(value, list) and len(value) == count and attr != "architectures":
+            setattr(config, attr, [value[i] for i in kept])
+
+
+def update_config(model: nn.Module) -> None:
     """Say the pruned shape in the config, so that save_pretrained writes it: where every block has the
     same number of heads (and of feed-forward neurons), as a config can only say one."""
     config = model.config

@@ -1,0 +1,155 @@
+"""Structured pruning of a causal LM: whole key/value groups of heads, feed-forward width and whole blocks.
+
+Unlike 50% or 2:4 sparsity (`sparsity.py`), what goes is really gone: the matrices get smaller, the config
+says the new shape (so the model saves, reloads and generates as a smaller model of its family) and every
+decode step does less work. As in Minitron (Muralidharan et al. 2024):
+
+- width (`heads`, `ffn`): heads are ranked by the size of their attention output on calibration text
+  (Σ over tokens of ‖head output‖², the input of the output projection), feed-forward neurons by the size
+  of their activation (Σ a², the input of the down projection); key/value groups go whole, with the query
+  heads that read them (scores summed over the group). Blocks are pruned one after the other, each
+  measured on the outputs of the already-pruned blocks before it (`calibrate.run_layerwise`).
+  `importance="l1"|"l2"` ranks by weight norms instead, for comparison (Torch-Pruning's default);
+- depth (`layers`): the blocks that change their input least go, by ShortGPT's block importance
+  1 − mean cos(block input, block output) over calibration tokens, measured once on the unpruned model.
+
+Depth goes first (it is measured on the whole model), then width. Pruned models lose quality in a way
+weight quantization does not: `keiryo.lm.distill` heals them from the unpruned model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from keiryo.compress.prune_transformers import (
+    attention_blocks,
+    feed_forwards,
+    prune_heads,
+    prune_neurons,
+    remove_layers,
+    update_config,
+    weight_head_scores,
+    weight_neuron_scores,
+)
+from keiryo.errors import ConfigError, check_choice
+from keiryo.lm.calibrate import Progress, capture_block_inputs, check_batch_size, run_layerwise
+from keiryo.lm.load import decoder_layers
+
+IMPORTANCES = ("activation", "l2", "l1")
+
+
+@dataclass
+class Structured:
+    """Structured pruning: `heads` and `ffn` are the shares of each block's key/value groups (with their
+    query heads) and feed-forward neurons removed; `layers` the number of whole blocks removed.
+
+    `importance` ranks heads and neurons: "activation" (on calibration text) or "l2"/"l1" (weight norms).
+    """
+
+    heads: float = 0.0
+    ffn: float = 0.0
+    layers: int = 0
+    importance: str = "activation"
+    batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        for name in ("heads", "ffn"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+                raise ConfigError(f"{name} is the share removed, in [0, 1), got {value!r}")
+        if isinstance(self.layers, bool) or not isinstance(self.layers, int) or self.layers < 0:
+            raise ConfigError(
+                f"layers is the number of blocks removed, a whole number ≥ 0, got {self.layers!r}"
+            )
+        check_choice(self.importance, IMPORTANCES, "structured pruning importance")
+        check_batch_size(self.batch_size)
+
+    @property
+    def statistic(self) -> str | None:
+        """What it learns from calibration text: activation norms (width), block cosines (depth), or None."""
+        if self.importance == "activation" and (self.heads or self.ffn):
+            return "norm"
+        return "block-cosine" if self.layers else None
+
+
+def structured_prune(
+    model: nn.Module, config: Structured, calibration: Tensor | None, progress: Progress
+) -> None:
+    """`compress`'s handler: remove `config.layers` blocks, then `heads` and `ffn` of every block's width, in
+    place; the model config follows. `progress(1)` after each remaining block's width is pruned."""
+    if config.heads and any(block.fused for block in attention_blocks(model)):
+        raise ConfigError(
+            "GPT-2's config ties its head count to its width (n_embd = heads × head_dim), so fewer heads "
+            "could not be saved: prune ffn or layers"
+        )
+    if config.layers:
+        count = len(decoder_layers(model))
+        if config.layers >= count:
+            raise ConfigError(
+                f"cannot remove {config.layers} of the model's {count} blocks (at most {count - 1})"
+            )
+        scores = block_importance(model, calibration, config.batch_size)
+        remove_layers(model, least_important(scores, config.layers))
+    if config.heads or config.ffn:
+        step = _width_step(config)
+        if config.importance == "activation":
+            run_layerwise(
+                model, calibration, step, statistic="norm", batch_size=config.batch_size, progress=progress
+            )
+        else:
+            for index, block in enumerate(decoder_layers(model)):
+                step(index, block, None)
+                if progress is not None:
+                    progress(1)
+    update_config(model)
+
+
+def _width_step(config: Structured):
+    """The per-block step: rank this block's heads and neurons (activations or weights) and prune them."""
+    p = 1 if config.importance == "l1" else 2
+
+    def step(index: int, block: nn.Module, stats: dict[str, Tensor] | None) -> None:
+        names = {id(m): name for name, m in block.named_modules()}
+        if config.heads:
+            for heads in attention_blocks(block):
+                scores = (
+                    weight_head_scores(heads, p)
+                    if stats is None
+                    else stats[names[id(heads.out)]].view(heads.heads, heads.head_dim).sum(1)
+                )
+                prune_heads(heads, 1 - config.heads, scores)
+        if config.ffn:
+            for ffn in feed_forwards(block):
+                scores = weight_neuron_scores(ffn, p) if stats is None else stats[names[id(ffn.down)]]
+                prune_neurons(ffn, 1 - config.ffn, scores)
+
+    return step
+
+
+@torch.inference_mode()
+def block_importance(model: nn.Module, windows: Tensor, batch_size: int = 4) -> Tensor:
+    """ShortGPT's block importance: 1 − the mean cosine between each block's input and output hidden
+    state over every token of `windows` ((count, length) ids). Low: the block barely changes its input."""
+    if windows is None or windows.dim() != 2 or len(windows) == 0:
+        raise ConfigError("removing blocks needs calibration text: token ids, (count, length)")
+    blocks = decoder_layers(model)
+    inputs, kwargs = capture_block_inputs(model, windows, batch_size)
+    total = torch.zeros(len(blocks), dtype=torch.float64)
+    tokens = 0
+    for hidden in inputs:
+        tokens += hidden.shape[0] * hidden.shape[1]
+        for index, block in enumerate(blocks):
+            out = block(hidden, **kwargs)
+            out = out[0] if isinstance(out, (tuple, list)) else out
+            total[index] += F.cosine_similarity(hidden.float(), out.float(), dim=-1).double().sum()
+            hidden = out
+    return (1 - total / tokens).float()
+
+
+def least_important(scores: Tensor, count: int) -> list[int]:
+    """Indices of the `count` blocks with the lowest importance, in ascending order."""
+    return sorted(torch.topk(scores, count, largest=False).indices.tolist())

@@ -1,0 +1,258 @@
+"""Structured pruning (heads by key/value group, FFN width, whole blocks) and distillation of causal LMs, on
+tiny Llama / Qwen2 / GPT-2 configs with random weights built here."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+transformers = pytest.importorskip("transformers")
+
+from keiryo.errors import ConfigError  # noqa: E402
+from keiryo.lm import load_compressed, save_compressed  # noqa: E402
+from keiryo.lm.calibrate import linearize  # noqa: E402
+from keiryo.lm.compress import compress  # noqa: E402
+from keiryo.lm.distill import LMDistill, LMDistillLoss, cache_teacher, distill  # noqa: E402
+from keiryo.lm.load import decoder_layers  # noqa: E402
+from keiryo.lm.prune import Structured, block_importance, structured_prune  # noqa: E402
+
+VOCAB = 128
+
+
+def _config(arch: str, layers: int = 4):
+    common = {"initializer_range": 0.1}  # peaked distributions: something for a student to learn
+    if arch == "llama":
+        return transformers.LlamaConfig(
+            vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+            tie_word_embeddings=True, **common,
+        )  # fmt: skip
+    if arch == "qwen2":  # biases on q/k/v, untied head, per-layer layer_types
+        return transformers.Qwen2Config(
+            vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, **common,
+        )  # fmt: skip
+    return transformers.GPT2Config(  # Conv1D layers (linearized), one key/value head per query head
+        vocab_size=VOCAB, n_embd=64, n_layer=layers, n_head=4, n_positions=128, bos_token_id=0,
+        eos_token_id=0, **common,
+    )  # fmt: skip
+
+
+def _model(arch: str = "llama", seed: int = 0, layers: int = 4):
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(_config(arch, layers), attn_implementation="sdpa")
+    return linearize(model.eval())
+
+
+def _windows(count: int, length: int = 32, seed: int = 1):
+    return torch.randint(0, VOCAB, (count, length), generator=torch.Generator().manual_seed(seed))
+
+
+CALIBRATION = _windows(8)
+HELD_OUT = _windows(8, seed=2)
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids, use_cache=False).logits.float()
+
+
+def _kl(teacher, student, ids) -> float:
+    """Mean per-token KL(teacher ‖ student) on `ids`."""
+    t, s = _logits(teacher, ids), _logits(student, ids)
+    return float(
+        F.kl_div(F.log_softmax(s, -1).flatten(0, 1), F.softmax(t, -1).flatten(0, 1), reduction="batchmean")
+    )
+
+
+def _params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# --- pruning ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_pruned_shapes_and_config_agree_and_the_model_reloads_and_generates(arch, tmp_path):
+    model = _model(arch)
+    before = _params(model)
+    compress(model, Structured(heads=0.5, ffn=0.5, layers=1), CALIBRATION)
+    config = model.config
+    assert (config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads) == (3, 2, 1)
+    assert config.intermediate_size == 64 and config.head_dim == 16
+    if arch == "qwen2":
+        assert len(config.layer_types) == 3
+    blocks = decoder_layers(model)
+    assert len(blocks) == 3 and [b.self_attn.layer_idx for b in blocks] == [0, 1, 2]
+    for block in blocks:
+        assert block.self_attn.q_proj.weight.shape == (32, 64) and block.self_attn.k_proj.weight.shape == (
+            16,
+            64,
+        )
+        assert block.self_attn.o_proj.weight.shape == (64, 32) and block.mlp.down_proj.weight.shape == (
+            64,
+            64,
+        )
+    assert _params(model) < 0.75 * before
+    # the keiryo file and a Hugging Face folder both rebuild the smaller model from its config alone
+    save_compressed(model, tmp_path / "m.pt")
+    ids = HELD_OUT[:2]
+    torch.testing.assert_close(_logits(load_compressed(tmp_path / "m.pt"), ids), _logits(model, ids))
+    model.save_pretrained(tmp_path / "hf")
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    torch.testing.assert_close(_logits(again, ids), _logits(model, ids))
+    # generation with the KV cache (one slot per remaining block) follows the model's own greedy choice
+    out = model.generate(ids[:1, :8], max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 14)
+    assert int(out[0, 8]) == int(_logits(model, ids[:1, :8])[0, -1].argmax())
+
+
+def test_gpt2_loses_feed_forward_width_and_blocks_but_refuses_heads(tmp_path):
+    model = _model("gpt2")
+    compress(model, Structured(ffn=0.25, layers=2), CALIBRATION)
+    assert (model.config.n_layer, model.config.n_inner) == (2, 192)
+    assert [b.attn.layer_idx for b in model.transformer.h] == [0, 1]
+    save_compressed(model, tmp_path / "g.pt")
+    torch.testing.assert_close(
+        _logits(load_compressed(tmp_path / "g.pt"), HELD_OUT[:2]), _logits(model, HELD_OUT[:2])
+    )
+    with pytest.raises(ConfigError, match="GPT-2"):
+        compress(_model("gpt2"), Structured(heads=0.5), CALIBRATION)
+
+
+def test_the_block_that_leaves_its_input_unchanged_is_the_one_removed():
+    model = _model("llama")
+    block = decoder_layers(model)[2]
+    with torch.no_grad():  # block 2 adds nothing to the residual stream: output = input
+        block.self_attn.o_proj.weight.zero_()
+        block.mlp.down_proj.weight.zero_()
+    reference = copy.deepcopy(model)
+    scores = block_importance(model, CALIBRATION)
+    assert float(scores[2]) == pytest.approx(0.0, abs=1e-6) and float(scores.min()) == float(scores[2])
+    compress(model, Structured(layers=1), CALIBRATION)
+    torch.testing.assert_close(_logits(model, HELD_OUT), _logits(reference, HELD_OUT), rtol=1e-4, atol=1e-4)
+
+
+def _silence_group_and_neurons(model):
+    """In every block: key/value group 1 outputs nothing (zero value rows) but has the largest weights
+    otherwise; FFN neurons 0-63 output nothing (zero up rows) but have the largest gate rows."""
+    with torch.no_grad():
+        for block in decoder_layers(model):
+            attn, mlp = block.self_attn, block.mlp
+            attn.v_proj.weight[16:].zero_()
+            attn.q_proj.weight[32:] *= 20
+            attn.k_proj.weight[16:] *= 20
+            attn.o_proj.weight[:, 32:] *= 20
+            mlp.up_proj.weight[:64].zero_()
+            mlp.gate_proj.weight[:64] *= 20
+
+
+def test_activations_find_the_silent_heads_and_neurons_that_weight_norms_keep():
+    model = _model("llama")
+    _silence_group_and_neurons(model)
+    reference = copy.deepcopy(model)
+    by_activation, by_weight = copy.deepcopy(model), copy.deepcopy(model)
+    compress(by_activation, Structured(heads=0.5, ffn=0.5), CALIBRATION)
+    compress(by_weight, Structured(heads=0.5, ffn=0.5, importance="l2"), CALIBRATION)
+    # what activations removed contributed nothing: the outputs are the unpruned model's
+    torch.testing.assert_close(
+        _logits(by_activation, HELD_OUT), _logits(reference, HELD_OUT), rtol=1e-4, atol=1e-4
+    )
+    # weight norms removed the working half instead
+    assert _kl(reference, by_weight, HELD_OUT) > 0.05
+
+
+def test_l2_importance_prunes_without_calibration_and_bad_configs_are_one_line_errors():
+    model = _model("llama")
+    structured_prune(model, Structured(ffn=0.25, importance="l2"), None, None)
+    assert model.config.intermediate_size == 96
+    for bad in (
+        {"heads": 1.0},
+        {"ffn": -0.1},
+        {"layers": -1},
+        {"layers": 1.5},
+        {"importance": "taylor"},
+        {"batch_size": 0},
+    ):
+        with pytest.raises(ConfigError):
+            Structured(**bad)
+    with pytest.raises(ConfigError, match="calibration"):
+        compress(_model("llama"), Structured(ffn=0.5), None)
+    with pytest.raises(ConfigError, match="at most 3"):
+        compress(_model("llama"), Structured(layers=4), CALIBRATION)
+
+
+def test_progress_is_called_once_per_remaining_block():
+    calls = []
+    compress(_model("llama"), Structured(ffn=0.5, layers=1), CALIBRATION, progress=calls.append)
+    assert calls == [1, 1, 1]
+
+
+# --- distillation -------------------------------------------------------------------------------------------
+
+
+def test_cached_teacher_gives_the_same_loss_as_running_it():
+    teacher, student = _model("llama"), _model("llama", seed=3, layers=2)
+    rows = torch.tensor([3, 0, 5])
+    config = LMDistill(temperature=2.0, alpha=0.7, top_k=None)
+    cache = cache_teacher(teacher, CALIBRATION, config)
+    cached, _ = LMDistillLoss(teacher, CALIBRATION, config, cache)(student, rows, torch.zeros(3))
+    live, _ = LMDistillLoss(teacher, CALIBRATION, config, None)(student, rows, torch.zeros(3))
+    torch.testing.assert_close(cached, live)
+    # top-k keeps each position's k most likely tokens with their exact probabilities
+    top = cache_teacher(teacher, CALIBRATION, LMDistill(temperature=2.0, top_k=8))
+    dense = top.targets(rows)
+    full = cache.targets(rows)
+    assert int((dense > 0).sum(1).max()) == 8
+    kept = dense > 0
+    torch.testing.assert_close(dense[kept], full[kept])
+    mass = dense.sum(1)  # the k most likely of V tokens hold at least k/V of the mass, and at most all
+    assert bool((mass <= 1 + 1e-5).all()) and bool((mass >= 8 / VOCAB - 1e-6).all())
+
+
+def test_healing_lowers_the_held_out_kl_of_a_pruned_model():
+    teacher = _model("llama")
+    pruned = compress(copy.deepcopy(teacher), Structured(heads=0.5, ffn=0.5, layers=1), CALIBRATION)
+    unhealed = _kl(teacher, pruned, HELD_OUT)
+    embedding = pruned.get_input_embeddings().weight.detach().clone()
+    teacher_state = {k: v.clone() for k, v in teacher.state_dict().items()}
+    distill(teacher, pruned, _windows(32, seed=4), LMDistill(steps=40, lr=3e-3, top_k=16, progress=False))
+    healed = _kl(teacher, pruned, HELD_OUT)
+    assert healed < 0.7 * unhealed, (unhealed, healed)
+    torch.testing.assert_close(pruned.get_input_embeddings().weight, embedding)  # frozen by default
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in teacher_state.items())  # never trained
+    assert pruned.get_input_embeddings().weight.requires_grad  # given back as it was
+
+
+def test_a_fresh_shallower_student_learns_from_the_teacher():
+    teacher = _model("qwen2")
+    student = _model("qwen2", seed=5, layers=2)
+    before = _kl(teacher, student, HELD_OUT)
+    distill(
+        teacher,
+        student,
+        _windows(32, seed=4),
+        LMDistill(steps=40, lr=3e-3, train_embeddings=True, progress=False),
+    )
+    assert _kl(teacher, student, HELD_OUT) < 0.7 * before
+
+
+def test_distillation_inputs_are_checked():
+    teacher = _model("llama")
+    with pytest.raises(ConfigError, match="different model"):
+        distill(teacher, teacher, CALIBRATION)
+    with pytest.raises(ConfigError, match="windows"):
+        distill(teacher, _model("llama", seed=1), CALIBRATION[0])
+    for bad in ({"steps": 0}, {"top_k": 0}, {"lr": 0.0}, {"temperature": 0.0}, {"alpha": 2.0}):
+        with pytest.raises(ConfigError):
+            LMDistill(**bad)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB * 2, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1,
+    )  # fmt: skip
+    other_vocab = transformers.AutoModelForCausalLM.from_config(config)
+    with pytest.raises(ConfigError, match="shape"):
+        distill(teacher, other_vocab, CALIBRATION, LMDistill(steps=1, progress=False))
