@@ -7,11 +7,12 @@ import re
 import pytest
 import torch
 
-from keiryo.checkpoints import ASYNC_CHECKPOINT_FORMAT, load_checkpoint
+from keiryo.checkpoints import ASYNC_CHECKPOINT_FORMAT, load_checkpoint, write_checkpoint
 from keiryo.errors import ConfigError, TrainingError
 from keiryo.loop import TrainConfig
 from keiryo.metrics import accuracy
 from keiryo.models import build_model
+from keiryo.parallel import async_ps
 from keiryo.parallel.async_ps import train_async
 from keiryo.parallel.config import Async
 from keiryo.parallel.ray_setup import ray_init
@@ -108,7 +109,61 @@ def test_killed_worker_is_restarted_and_no_update_is_lost(digits, tmp_path):
     assert sum(resumed.stats["pushes"].values()) == 40
 
 
+def test_killed_parameter_server_is_restarted_from_its_checkpoint_and_the_count_goes_on(digits, tmp_path):
+    """on_failure="restart": the driver starts a new server from the last checkpoint of this run; it counts on
+    from the checkpoint's update, applies exactly the updates left, and the run ends at max_updates."""
+    ck = str(tmp_path / "ps.pt")
+    killed = []
+
+    def kill_server_once(ctx):
+        if not killed and ctx["stats"]["version"] >= 6:
+            killed.append(load_checkpoint(ck, ASYNC_CHECKPOINT_FORMAT)["version"])
+            ray.kill(ctx["server"])
+
+    model = _mlp()
+    before = accuracy(model, digits.test)
+    config = _train(checkpoint=ck, checkpoint_every=3)
+    result = train_async(
+        model, digits, _async(workers=2, max_updates=90, eval_every=0.1), config, on_tick=kill_server_once
+    )
+    assert killed, "the server was never killed"
+    (resumed_at,) = result.server_restarts
+    assert resumed_at % 3 == 0 and resumed_at >= killed[0] >= 6  # its checkpoint when it died, or a later one
+    s = result.stats
+    assert s["version"] == s["accepted"] == 90
+    assert sum(s["pushes"].values()) == 90 - resumed_at  # the new server applied exactly the updates left
+    assert load_checkpoint(ck, ASYNC_CHECKPOINT_FORMAT)["version"] == 90
+    assert accuracy(result.model, digits.test) > before + 0.3
+
+
+def test_a_server_that_keeps_dying_ends_the_run_and_a_stale_checkpoint_is_not_taken(
+    digits, tmp_path, monkeypatch
+):
+    """A server killed at every check is restarted MAX_SERVER_RESTARTS times (1 here), then the run ends in
+    one line. The checkpoint file at the path is another run's, and this run never reaches its first
+    checkpoint: the restart begins from the start, not from the stale file."""
+    monkeypatch.setattr(async_ps, "MAX_SERVER_RESTARTS", 1)
+    ck = str(tmp_path / "ps.pt")
+    write_checkpoint({"version": 40, "run": "an-earlier-run"}, ck, ASYNC_CHECKPOINT_FORMAT)
+    seen = []
+
+    def kill_server(ctx):
+        seen.append(ctx["stats"]["version"])
+        ray.kill(ctx["server"])
+
+    config = _train(checkpoint=ck, checkpoint_every=10_000)
+    with pytest.raises(TrainingError) as caught:
+        _run(digits, _async(workers=2, max_updates=100_000, eval_every=0.1), config, on_tick=kill_server)
+    assert len(seen) == 2 and max(seen) < 40  # two servers, each from the start
+    assert re.fullmatch(
+        r"the parameter server died \(\w+Error; last seen at update \d+, after 1 restarts\); "
+        rf"nothing of this run to resume from \('{re.escape(ck)}' is another run's\)",
+        str(caught.value),
+    )
+
+
 def test_dead_parameter_server_ends_the_run_in_one_line_and_the_checkpoint_resumes(digits, tmp_path):
+    """on_failure="continue": a dead server ends the run, and --resume continues from its checkpoint."""
     ck = str(tmp_path / "ps.pt")
 
     def kill_server(ctx):
@@ -117,7 +172,12 @@ def test_dead_parameter_server_ends_the_run_in_one_line_and_the_checkpoint_resum
 
     config = _train(checkpoint=ck, checkpoint_every=3)
     with pytest.raises(TrainingError) as caught:
-        _run(digits, _async(max_updates=100_000, eval_every=0.1), config, on_tick=kill_server)
+        _run(
+            digits,
+            _async(max_updates=100_000, eval_every=0.1, on_failure="continue"),
+            config,
+            on_tick=kill_server,
+        )
     saved = load_checkpoint(ck, ASYNC_CHECKPOINT_FORMAT)["version"]
     assert saved >= 6
     assert re.fullmatch(

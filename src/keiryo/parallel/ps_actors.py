@@ -33,11 +33,13 @@ from keiryo.parallel.config import Async
 
 @dataclass
 class Plan:
-    """The run in updates: how many in all, how many make an epoch, and each push's batch size."""
+    """The run in updates: how many in all, how many make an epoch, and each push's batch size; `run_id`
+    tags the server's checkpoints, so that a restarted server takes only its own run's."""
 
     max_updates: int
     steps_per_epoch: int
     worker_batch: int
+    run_id: str = ""
 
 
 class ParameterServer:
@@ -205,6 +207,7 @@ class ParameterServer:
             "optimizer": self.opt.state_dict(),
             "scheduler": self.schedule.state_dict(),
             "version": self.version,
+            "run": self.plan.run_id,
         }
         write_checkpoint(state, path, ASYNC_CHECKPOINT_FORMAT)
 
