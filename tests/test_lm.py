@@ -261,6 +261,29 @@ def test_smoothquant_recovers_what_outlier_channels_cost_plain_w8a8(models, cali
         SmoothQuant(alpha=1.5)
 
 
+def test_w8a8_holds_one_packed_copy_and_scales_each_token_on_its_own():
+    torch.manual_seed(0)
+    weight = torch.randn(96, 64) * 0.05
+    from keiryo.lm.quant import int8_rtn
+
+    q, scale = int8_rtn(weight)
+    per_token = W8A8Linear(q, scale, torch.randn(96))
+    assert set(per_token.state_dict()) == {"bias"}  # no int8 buffers beside fbgemm's packed weight
+    back_q, back_scale = per_token.int8_weight()
+    assert torch.equal(back_q, q) and torch.equal(back_scale.float(), scale.float())
+    per_tensor = W8A8Linear(q, scale, per_token.bias.detach(), per_token=False)
+    x = torch.randn(2, 8, 64)
+    x[0, 0] *= 200  # one outlier token, as the first token of a real LLM's sequence often is
+    exact = F.linear(x, per_token.dequantize(), per_token.bias)
+    small = (slice(None), slice(1, None))  # every other token
+
+    def error(layer):
+        return float((layer(x)[small] - exact[small]).norm() / exact[small].norm())
+
+    assert error(per_token) < 0.02 < 5 * error(per_token) < error(per_tensor)
+    assert copy.deepcopy(per_token)(x).equal(per_token(x))
+
+
 # --- every method: generation, storage ----------------------------------------------------------------------
 
 METHODS = {
@@ -377,6 +400,85 @@ def test_loads_a_gguf_file_with_its_tokenizer(tmp_path):
     loaded, tokenizer = load_causal_lm(f"gguf:{tmp_path / 'tiny.gguf'}")
     assert torch.equal(_logits(loaded, IDS), _logits(model, IDS))
     assert tokenize(tokenizer, "hi!").tolist() == [104, 105, 33]  # byte-level: one token per byte
+
+
+def _bpe_tokenizer(directory):
+    """A byte-level BPE tokenizer (GPT-2's byte alphabet, no merges) of VOCAB tokens, as tokenizer.json."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    chars = bytes_to_unicode()
+    core = Tokenizer(models.BPE({chars[i]: i for i in range(VOCAB)}, []))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=core, eos_token=chars[1], bos_token=chars[0]
+    )
+    tokenizer.save_pretrained(directory)
+
+
+GGUF_CASES = {  # method → (compress, largest |GGUF weight − keiryo weight|, file × float32 GGUF at most)
+    "float": (lambda m, c: m, 0.0, 1.0),
+    "int8": (lambda m, c: compress(m, "int8"), 0.0, 0.3),
+    "int4-rtn": (lambda m, c: compress(m, WeightQuant("int4", group_size=64)), 2e-3, 0.2),
+    "int4-gptq": (lambda m, c: compress(m, WeightQuant("int4", "gptq", group_size=32), c), 2e-3, 0.2),
+    "w8a8-smoothquant": (lambda m, c: compress(m, SmoothQuant(), c), 0.0, 0.3),
+    "wanda-2:4": (lambda m, c: compress(m, Sparsify("wanda", "2:4"), c), 0.0, 1.0),
+}
+
+
+@pytest.mark.parametrize("method", list(GGUF_CASES))
+def test_gguf_export_holds_the_very_weights_keiryo_computes_with(tmp_path, calibration, method):
+    from keiryo.lm.gguf_export import export_gguf
+
+    _write_gguf(_model("llama"), tmp_path / "source.gguf")
+    source = f"gguf:{tmp_path / 'source.gguf'}"
+    model, tokenizer = load_causal_lm(source)
+    make, tolerance, ratio = GGUF_CASES[method]
+    compressed = make(copy.deepcopy(model), calibration)
+    size = export_gguf(compressed, tmp_path / "out.gguf", source)
+    assert size <= ratio * (tmp_path / "source.gguf").stat().st_size + 8192  # + metadata of the tiny file
+    back, back_tokenizer = load_causal_lm(f"gguf:{tmp_path / 'out.gguf'}")  # transformers dequantizes it
+    for block, back_block in zip(decoder_layers(compressed), decoder_layers(back), strict=True):
+        for name, layer in block_linears(back_block).items():
+            mine = block.get_submodule(name)
+            weight = mine.dequantize() if hasattr(mine, "dequantize") else mine.weight
+            assert (layer.weight - weight).abs().max() <= tolerance, name  # q/k: llama.cpp's row order undone
+    if method in ("float", "int8", "wanda-2:4"):  # the same weights, and the same kernels' arithmetic
+        assert torch.allclose(_logits(back, IDS), _logits(compressed, IDS), atol=1e-4)
+    assert back_tokenizer("hi!")["input_ids"] == tokenizer("hi!")["input_ids"]
+
+
+def test_gguf_export_from_a_hugging_face_folder_in_half_precision(tmp_path):
+    from keiryo.lm.gguf_export import export_gguf
+
+    model = _model("llama")
+    model.save_pretrained(tmp_path / "hf")
+    _bpe_tokenizer(tmp_path / "hf")
+    loaded, tokenizer = load_causal_lm(f"hf:{tmp_path / 'hf'}")
+    f32 = export_gguf(loaded, tmp_path / "f32.gguf", f"hf:{tmp_path / 'hf'}")
+    for kind in ("f16", "bf16"):
+        size = export_gguf(loaded, tmp_path / f"{kind}.gguf", f"hf:{tmp_path / 'hf'}", kind)
+        assert size < 0.6 * f32
+        back, back_tokenizer = load_causal_lm(tmp_path / f"{kind}.gguf")
+        assert _cosine(_logits(back, IDS), _logits(loaded, IDS)) > 0.9999
+        assert back_tokenizer("hi w1!")["input_ids"] == tokenizer("hi w1!")["input_ids"]
+
+
+def test_gguf_export_refuses_what_it_cannot_write_in_one_line(tmp_path):
+    from keiryo.lm.gguf_export import export_gguf
+
+    model = _model("gpt2")
+    with pytest.raises(ModelError, match="Llama-architecture models; this one is 'gpt2'"):
+        export_gguf(model, tmp_path / "x.gguf", tmp_path)
+    _model("llama").save_pretrained(tmp_path / "word")
+    _tokenizer(tmp_path / "word")  # a word-level tokenizer: not byte-level BPE
+    llama, _ = load_causal_lm(tmp_path / "word")
+    with pytest.raises(ModelError, match="byte-level BPE"):
+        export_gguf(llama, tmp_path / "x.gguf", tmp_path / "word")
+    with pytest.raises(ConfigError, match="GGUF float type"):
+        export_gguf(llama, tmp_path / "x.gguf", tmp_path / "word", "f8")
+    assert not list(tmp_path.glob("*.gguf*"))  # nothing half-written is left
 
 
 def test_refuses_a_folder_that_names_its_own_code(tmp_path):

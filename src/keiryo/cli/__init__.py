@@ -13,7 +13,7 @@ import warnings
 
 import typer
 
-from keiryo.cli import bench, compress, env, recipes, train
+from keiryo.cli import bench, compress, env, lm, recipes, train
 from keiryo.errors import KeiryoError, one_line
 from keiryo.interrupts import SigintWatch, interrupted, uninstall
 
@@ -40,6 +40,7 @@ COMMANDS = {
 }
 for _name, _command in COMMANDS.items():
     app.command(_name)(_command)
+app.add_typer(lm.app, name="lm")
 
 # Libraries' notes to their own developers (deprecations inside torch, exporter tips) would break the one-line
 # output of a command; KEIRYO_DEBUG=1 shows them.

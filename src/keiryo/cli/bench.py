@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from keiryo import artifacts, data, hf_text, inputs, models, provenance, report
+from keiryo.cli import lm
 from keiryo.cli.options import MAX_BATCH, ModelOutOpt, RunsOpt, SeedOpt, ThreadsOpt, TrustCodeOpt, int_list
 from keiryo.cli.outputs import (
     check_fits,
@@ -31,11 +32,25 @@ from keiryo.metrics import Timing
 
 
 def bench(
-    model_files: Annotated[list[Path], typer.Argument(help="Model files; the first is the baseline.")],
+    model_files: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Model files, or language models as hf:FOLDER / gguf:FILE; the first is the baseline."
+        ),
+    ],
     data_source: Annotated[
-        str | None, typer.Option("--data", "-d", help="Data for accuracy and agreement (test split).")
+        str | None,
+        typer.Option(
+            "--data",
+            "-d",
+            help="Data for accuracy and agreement (test split); for language models a text file "
+            "or 'shakespeare' for perplexity.",
+        ),
     ] = None,
-    batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes to time.")] = "1,64",
+    batch_sizes: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated batch sizes to time (default 1,64; language models 1,8)."),
+    ] = None,
     runs: Annotated[int, typer.Option(min=1, help="Timed runs per batch size (after warm-up).")] = 50,
     threads: Annotated[int | None, typer.Option(min=1, help="Intra-op threads (default: torch's).")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write raw numbers as JSON.")] = None,
@@ -47,9 +62,19 @@ def bench(
 ) -> None:
     """Measure model files side by side: size, FLOPs, latency, throughput, accuracy, agreement.
 
+    Language models (hf:FOLDER, gguf:FILE) get `keiryo lm eval`'s table instead: perplexity on the --data
+    text, prefill ms of a 128-token prompt, decode tokens/s, memory and file size.
+
     Example: keiryo bench teacher.pt student.pt --data digits --batch-sizes 1,64 --threads 2
+    Example: keiryo bench gguf:SmolLM2-135M.gguf --data shakespeare
     """
-    sizes = int_list(batch_sizes, "--batch-sizes")
+    if any(lm.is_language_model(str(path)) for path in model_files):
+        sizes = tuple(int_list(batch_sizes or "1,8", "--batch-sizes"))
+        options = lm.EvalOptions(batch_sizes=sizes, rounds=min(runs, lm.EvalOptions.rounds))
+        specs = [str(path) for path in model_files]
+        lm.evaluate(specs, data_source, options, threads, (json_out, markdown_out))
+        return
+    sizes = int_list(batch_sizes or "1,64", "--batch-sizes")
     inputs = [*model_files, data_path(data_source)]
     for option, path in (("--json", json_out), ("--markdown", markdown_out)):
         if path is not None:

@@ -1,19 +1,20 @@
 """Causal language models: load (HF folder or GGUF), measure (perplexity, generation speed, memory),
-compress (int8/int4 weight-only by RTN or GPTQ; W8A8 with SmoothQuant; 50% or 2:4 sparsity by magnitude or
-Wanda) and store.
+compress (int8/int4 weight-only by RTN or GPTQ; W8A8 with per-token activation scales and SmoothQuant; 50% or
+2:4 sparsity by magnitude or Wanda), store (keiryo's compact file, with the tokenizer) and export as GGUF.
 
 One module per job: `load`, `text`, `evaluate`, `calibrate` (layer-by-layer calibration), `kernels`
 (quantized CPU layers), `quant`, `smooth`, `sparsity` (one method family each; `compress` is the
-verb over them), `store`.
+verb over them), `store`, `gguf_export`.
 """
 
 from keiryo.lm.compress import compress
 from keiryo.lm.evaluate import Perplexity, Speed, generation_speed, perplexity
+from keiryo.lm.gguf_export import export_gguf
 from keiryo.lm.load import load_causal_lm
 from keiryo.lm.quant import WeightQuant
 from keiryo.lm.smooth import SmoothQuant
 from keiryo.lm.sparsity import Sparsify
-from keiryo.lm.store import load_compressed, save_compressed
+from keiryo.lm.store import load_compressed, load_lm, save_compressed
 from keiryo.lm.text import TextSplits, calibration_windows, shakespeare_plays, split_documents, tokenize
 
 __all__ = [
@@ -25,9 +26,11 @@ __all__ = [
     "WeightQuant",
     "calibration_windows",
     "compress",
+    "export_gguf",
     "generation_speed",
     "load_causal_lm",
     "load_compressed",
+    "load_lm",
     "perplexity",
     "save_compressed",
     "shakespeare_plays",

@@ -3,7 +3,8 @@ calibration)`, with one small config per method and its handler in the dict belo
 
 - `WeightQuant` (int8 / int4 weight-only, round-to-nearest or GPTQ) — `quant.py`;
 - `SmoothQuant` (int8 weights and activations, smoothed or not) — `smooth.py`;
-- `Sparsify` (50% unstructured or 2:4, by magnitude or Wanda) — `sparsity.py`.
+- `Sparsify` (50% unstructured or 2:4, by magnitude or Wanda) — `sparsity.py`;
+- `Structured` (heads by key/value group, FFN width, whole blocks; activation-ranked) — `prune.py`.
 
 A config's `statistic` says what calibration it needs (GPTQ's Hessians, Wanda's norms, SmoothQuant's ranges);
 methods that need none run without calibration text.
@@ -16,20 +17,29 @@ from torch import Tensor, nn
 
 from keiryo.errors import ConfigError, check_choice
 from keiryo.lm.calibrate import Progress, linearize
+from keiryo.lm.prune import Structured, structured_prune
 from keiryo.lm.quant import WeightQuant, quantize_weights
 from keiryo.lm.smooth import SmoothQuant, smooth_quantize
 from keiryo.lm.sparsity import Sparsify, prune_weights
 
-Config = WeightQuant | Sparsify | SmoothQuant
-HANDLERS = {WeightQuant: quantize_weights, Sparsify: prune_weights, SmoothQuant: smooth_quantize}
+Config = WeightQuant | Sparsify | SmoothQuant | Structured
+HANDLERS = {
+    WeightQuant: quantize_weights,
+    Sparsify: prune_weights,
+    SmoothQuant: smooth_quantize,
+    Structured: structured_prune,
+}
 NAMES = {  # the method names a command line or a recipe uses, as configs with their defaults
     "int8": WeightQuant("int8"),
     "int4": WeightQuant("int4"),
     "gptq": WeightQuant("int4", "gptq"),
     "magnitude": Sparsify("magnitude"),
     "wanda": Sparsify("wanda"),
+    "magnitude-2:4": Sparsify("magnitude", "2:4"),
+    "wanda-2:4": Sparsify("wanda", "2:4"),
     "smoothquant": SmoothQuant(),
     "w8a8": SmoothQuant(alpha=None),
+    "structured": Structured(heads=1 / 3, ffn=0.25, layers=4),
 }
 
 

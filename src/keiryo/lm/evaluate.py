@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from keiryo.errors import ConfigError
+from keiryo.lm.kernels import W8A8Linear
 
 
 @dataclass
@@ -201,7 +202,7 @@ def release_free_memory() -> bool:
 
 def tensor_bytes(model: nn.Module) -> int:
     """Bytes of the distinct storages behind the model's parameters and buffers (quantized tensors counted
-    by their packed data): what the weights occupy in memory."""
+    by their packed data), plus what fbgemm holds for `W8A8Linear` layers: what the weights occupy."""
     seen: dict[tuple[int, int], int] = {}
     for tensor in list(model.parameters()) + list(model.buffers()):
         for leaf in _leaves(tensor):
@@ -209,7 +210,8 @@ def tensor_bytes(model: nn.Module) -> int:
                 continue
             storage = leaf.untyped_storage()
             seen[(storage.data_ptr(), storage.nbytes())] = storage.nbytes()
-    return sum(seen.values())
+    packed = sum(m.packed_bytes() for m in model.modules() if isinstance(m, W8A8Linear))
+    return sum(seen.values()) + packed
 
 
 def _leaves(tensor: Tensor) -> list[Tensor]:

@@ -72,49 +72,84 @@ class Int8Linear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, int8 per-channel, kernel=_weight_int8pack_mm"
 
 
-class W8A8Linear(Int8Linear):
-    """int8 weights (per output channel) and int8 activations: fbgemm's dynamic linear quantizes each input to
-    8 bits (one scale per call) and multiplies in integers. Without AVX-512 VNNI fbgemm's u8·s8 products
-    saturate, so activations keep 7 bits there (`reduce_range`), as torch.ao does. Stored like `Int8Linear`;
-    the packed kernel weight is rebuilt from the int8 weight and scales whenever the layer is made.
+class W8A8Linear(nn.Module):
+    """int8 weights (per output channel) and int8 activations with one scale per token, on fbgemm's integer
+    GEMM (`quantized::linear_dynamic`).
 
-    torch.ao's quantized ops are deprecated, but they are the CPU's integer GEMM that PyTorch ships
-    (`torch._int_mm` runs a reference loop on the CPU, ~100× slower here): used only in this class."""
+    fbgemm's dynamic linear quantizes its whole input with one scale per call. A per-token scale is had from
+    it exactly: each row is divided by its largest |x| before the call (every row then spans [-1, 1], so the
+    call's one scale is every row's own) and the output row multiplied back — the product is linear in each
+    row. The bias is added afterwards, in float. `per_token=False` keeps fbgemm's one scale per call (what
+    torch.ao's dynamic quantization does): a single outlier token then coarsens every other token's levels.
+    Without AVX-512 VNNI fbgemm's u8·s8 products saturate, so activations keep 7 bits there (`reduce_range`).
 
-    def __init__(self, weight_int8: Tensor, scale: Tensor, bias: Tensor | None = None) -> None:
-        super().__init__(weight_int8, scale, bias)
+    Only fbgemm's packed weight is held (fbgemm keeps the int8 tensor it was packed from beside the packed
+    copy, for `linear_unpack`); `int8_weight()` reads the int8 values and scales back from it for saving and
+    export. torch.ao's quantized ops are deprecated, but they are the CPU integer GEMM that PyTorch ships:
+    `torch._int_mm` runs a reference loop on this CPU (~25× slower than float at 512 rows), and oneDNN's
+    `qlinear_pointwise` halves the weights' range on AVX2 (a larger error, measured)."""
+
+    def __init__(
+        self, weight_int8: Tensor, scale: Tensor, bias: Tensor | None = None, *, per_token: bool = True
+    ) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight_int8.shape
+        self.per_token = per_token
         self.reduce_range = not torch.cpu._is_vnni_supported()
-        self._packed = _prepack(self.weight_int8, self.scale, self.bias)
+        self._packed = _prepack(weight_int8.to(torch.int8), scale.reshape(-1).to(torch.bfloat16))
+        self.bias = nn.Parameter(bias.detach().float(), requires_grad=False) if bias is not None else None
+
+    def int8_weight(self) -> tuple[Tensor, Tensor]:
+        """(int8 weight (out, in), bf16 scale per output channel), read back from the packed weight."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quantized, _ = torch.ops.quantized.linear_unpack(self._packed)
+            return quantized.int_repr(), quantized.q_per_channel_scales().to(torch.bfloat16)
+
+    def dequantize(self) -> Tensor:
+        """The float32 weight this layer computes with."""
+        q, scale = self.int8_weight()
+        return q.float() * scale.float().unsqueeze(1)
+
+    def packed_bytes(self) -> int:
+        """Bytes fbgemm holds for this layer: the packed int8 weight and the int8 tensor it keeps for unpack,
+        plus per-channel scales, zero points and column offsets (estimated; the object is opaque)."""
+        return 2 * self.out_features * self.in_features + 20 * self.out_features
 
     def forward(self, x: Tensor) -> Tensor:
         shape, dtype = x.shape, x.dtype
-        y = torch.ops.quantized.linear_dynamic(
-            x.reshape(-1, self.in_features).float().contiguous(), self._packed, self.reduce_range
-        )
+        x2 = x.reshape(-1, self.in_features).float().contiguous()
+        if self.per_token:
+            rows = x2.abs().amax(dim=1, keepdim=True).clamp(min=1e-12)
+            y = torch.ops.quantized.linear_dynamic(x2 / rows, self._packed, self.reduce_range) * rows
+        else:
+            y = torch.ops.quantized.linear_dynamic(x2, self._packed, self.reduce_range)
+        if self.bias is not None:
+            y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features).to(dtype)
 
     def __deepcopy__(self, memo: dict) -> W8A8Linear:
-        return W8A8Linear(
-            self.weight_int8.clone(), self.scale.clone(), None if self.bias is None else self.bias
-        )
+        bias = None if self.bias is None else self.bias.detach().clone()
+        return W8A8Linear(*self.int8_weight(), bias, per_token=self.per_token)
 
     def extra_repr(self) -> str:
         bits = 7 if self.reduce_range else 8
+        scales = "per-token" if self.per_token else "per-tensor"
         return (
             f"in={self.in_features}, out={self.out_features}, int8 weights per-channel, {bits}-bit dynamic "
-            "activations, kernel=fbgemm linear_dynamic"
+            f"{scales} activations, kernel=fbgemm linear_dynamic"
         )
 
 
-def _prepack(weight_int8: Tensor, scale: Tensor, bias: Tensor | None) -> object:
-    """fbgemm's packed weight from int8 values and per-channel scales."""
+def _prepack(weight_int8: Tensor, scale: Tensor) -> object:
+    """fbgemm's packed weight (no bias) from int8 values and per-channel scales."""
     with warnings.catch_warnings():  # the deprecation note on quantized tensors: see W8A8Linear
         warnings.simplefilter("ignore")
         out = weight_int8.shape[0]
         q = torch._make_per_channel_quantized_tensor(
-            weight_int8, scale.double(), torch.zeros(out, dtype=torch.long), 0
+            weight_int8.contiguous(), scale.double(), torch.zeros(out, dtype=torch.long), 0
         )
-        return torch.ops.quantized.linear_prepack(q, None if bias is None else bias.float())
+        return torch.ops.quantized.linear_prepack(q, None)
 
 
 class Int8Embedding(nn.Module):

@@ -10,6 +10,8 @@ float by transformers through the `gguf` package (so the float model carries wha
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import struct
@@ -47,11 +49,14 @@ def load_causal_lm(source: str | os.PathLike, *, dtype: torch.dtype = torch.floa
         check_bytes(folder_float_bytes(path, dtype), f"model in '{path}' as {dtype}")
         where, options = str(path), {}
     common = {"local_files_only": True, "trust_remote_code": False, **options}
+    # transformers draws its own tqdm bar while it dequantizes a GGUF file; a command draws its own
+    quiet = contextlib.redirect_stderr(io.StringIO()) if kind == "gguf" else contextlib.nullcontext()
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(where, **common)
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            where, dtype=dtype, attn_implementation="sdpa", **common
-        )
+        with quiet:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(where, **common)
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                where, dtype=dtype, attn_implementation="sdpa", **common
+            )
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
         raise ModelError(f"cannot load a causal language model from '{path}': {_first_line(exc)}") from exc
     if getattr(model.generation_config, "pad_token_id", None) is None:

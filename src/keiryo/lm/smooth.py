@@ -41,9 +41,11 @@ PAIRS = (
 @dataclass(frozen=True)
 class SmoothQuant:
     """W8A8 for a causal LM: `alpha` is SmoothQuant's migration strength in [0, 1] (None: no smoothing, plain
-    W8A8 — no calibration needed), `batch_size` that of the calibration windows."""
+    W8A8 — no calibration needed), `per_token` activation scales (else one per call, as torch.ao's dynamic
+    quantization), `batch_size` that of the calibration windows."""
 
     alpha: float | None = 0.5
+    per_token: bool = True
     batch_size: int = 8
 
     def __post_init__(self) -> None:
@@ -51,6 +53,8 @@ class SmoothQuant:
             raise ConfigError(
                 f"SmoothQuant's alpha must be in [0, 1] (or None: no smoothing), got {self.alpha!r}"
             )
+        if not isinstance(self.per_token, bool):
+            raise ConfigError(f"per_token must be true or false, got {self.per_token!r}")
         check_batch_size(self.batch_size)
 
     @property
@@ -69,7 +73,7 @@ def smooth_quantize(
         if ranges is not None:
             smooth_block(block, ranges, config.alpha)
         for name, linear in block_linears(block).items():
-            layer = W8A8Linear(*int8_rtn(linear.weight.float()), linear.bias)
+            layer = W8A8Linear(*int8_rtn(linear.weight.float()), linear.bias, per_token=config.per_token)
             parent, _, child = name.rpartition(".")
             setattr(block.get_submodule(parent) if parent else block, child, layer)
 

@@ -3,11 +3,14 @@
 The file is a `torch.save`d dict that loads with `weights_only=True`: the transformers config (JSON text), the
 kind of each quantized layer, and a state dict in which
 
-- int8 layers (weight-only, or W8A8) keep their int8 weight and bf16 scales (a tied embedding shares the
-  head's, stored once);
+- int8 layers (weight-only, or W8A8: read back from fbgemm's packing) keep their int8 weight and bf16
+  scales (a tied embedding shares the head's, stored once);
 - int4 layers store their 4-bit integers two to a byte in plain row order, with bf16 scales and zeros — not
   the CPU kernel's packed layout, which differs between CPUs (AVX2, AVX-512) — and are packed on load;
 - float tensors that are mostly zeros (pruned weights) go through keiryo's sparse storage (values + bitmask).
+
+The tokenizer, when given, is kept beside the weights (its tokenizer.json text and special tokens), so that
+`load_lm` gives a keiryo file back with its tokenizer, as it does a Hugging Face folder or a GGUF file.
 
 `load_compressed` builds the architecture on the meta device (no memory), puts the stored tensors in place,
 and computes the few non-persistent buffers (rotary frequencies) on the CPU: resident memory is what the
@@ -24,18 +27,19 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from keiryo.errors import ArtifactError, TrustError, check_bytes
+from keiryo.errors import ArtifactError, ConfigError, ModelError, TrustError, check_bytes
 from keiryo.fileio import atomic_torch_save, safe_torch_load
 from keiryo.lm.calibrate import linearize
 from keiryo.lm.kernels import Int4Linear, Int8Embedding, Int8Linear, W8A8Linear
-from keiryo.lm.load import _transformers
+from keiryo.lm.load import _transformers, is_lm_spec, load_causal_lm
 from keiryo.sparse import decode_sparse, encode_sparse
 
 FORMAT = "keiryo-lm/1"
 
 
-def save_compressed(model: nn.Module, path: str | os.PathLike) -> int:
-    """Write `model` (float, pruned or quantized by keiryo.lm) to `path` atomically; returns its bytes."""
+def save_compressed(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None) -> int:
+    """Write `model` (float, pruned or quantized by keiryo.lm) and its (fast) `tokenizer` to `path`
+    atomically; returns its bytes."""
     layers: dict[str, dict[str, Any]] = {}
     state: dict[str, Any] = {}
     handled: set[str] = set()
@@ -48,10 +52,13 @@ def save_compressed(model: nn.Module, path: str | os.PathLike) -> int:
             state[prefix + "q4"] = (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)
             state[prefix + "scale"] = scale.to(torch.bfloat16)
             state[prefix + "zero"] = zero.to(torch.bfloat16)
-        elif isinstance(module, Int8Linear):  # W8A8Linear too: the same int8 weight and scales
-            layers[name] = {"kind": "w8a8" if isinstance(module, W8A8Linear) else "int8"}
+        elif isinstance(module, Int8Linear):
+            layers[name] = {"kind": "int8"}
             state[prefix + "weight_int8"] = module.weight_int8
             state[prefix + "scale"] = module.scale
+        elif isinstance(module, W8A8Linear):  # the int8 weight and scales, read back from fbgemm's packing
+            layers[name] = {"kind": "w8a8", "per_token": module.per_token}
+            state[prefix + "weight_int8"], state[prefix + "scale"] = module.int8_weight()
         elif isinstance(module, Int8Embedding):
             layers[name] = {"kind": "int8-embedding", "padding_idx": module.padding_idx}
             state[prefix + "weight_int8"] = module.weight_int8  # the same storage as a tied head: saved once
@@ -67,6 +74,8 @@ def save_compressed(model: nn.Module, path: str | os.PathLike) -> int:
     config = model.config.to_dict()
     config.pop("quantization_config", None)  # a GGUF file's: the weights here are keiryo's, not GGUF's
     payload = {"format": FORMAT, "config": json.dumps(config), "layers": layers, "state": state}
+    if tokenizer is not None:
+        payload["tokenizer"] = _tokenizer_record(tokenizer)
     atomic_torch_save(payload, path)
     return Path(path).stat().st_size
 
@@ -105,6 +114,40 @@ def load_compressed(path: str | os.PathLike) -> nn.Module:
     return model.eval()
 
 
+def load_lm(source: str | os.PathLike) -> tuple[nn.Module, Any]:
+    """(model, tokenizer) from "hf:FOLDER", "gguf:FILE" or a keiryo language model file (tokenizer None
+    when the file was saved without one)."""
+    if is_lm_spec(source) or Path(source).is_dir() or Path(source).suffix == ".gguf":
+        return load_causal_lm(source)
+    path = Path(source)
+    if not path.is_file():
+        raise ModelError(f"language model file '{path}' does not exist")
+    model = load_compressed(path)
+    record = safe_torch_load(path, what="language model file").get("tokenizer")
+    return model, None if record is None else _tokenizer_from(record, f"language model file '{path}'")
+
+
+def _tokenizer_record(tokenizer: Any) -> dict[str, Any]:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ConfigError(f"only fast tokenizers can be stored with a model, not {type(tokenizer).__name__}")
+    names = ("bos_token", "eos_token", "unk_token", "pad_token")
+    special = {name: str(getattr(tokenizer, name)) for name in names if getattr(tokenizer, name, None)}
+    return {"json": backend.to_str(), "special": special}
+
+
+def _tokenizer_from(record: Any, what: str) -> Any:
+    transformers = _transformers()
+    try:
+        from tokenizers import Tokenizer
+
+        core = Tokenizer.from_str(record["json"])
+        special = {k: v for k, v in record.get("special", {}).items() if isinstance(v, str)}
+        return transformers.PreTrainedTokenizerFast(tokenizer_object=core, **special)
+    except Exception as exc:  # tokenizers raises a plain Exception for text that is not its JSON
+        raise ArtifactError(f"{what} has a corrupt tokenizer: {exc}") from exc
+
+
 def _belongs(key: str, layers: dict) -> bool:
     module = key.rpartition(".")[0]
     return module in layers
@@ -121,9 +164,15 @@ def _place(model: nn.Module, name: str, entry: dict, state: dict, what: str) -> 
             q = torch.stack([packed & 15, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
             scale, zero = state[prefix + "scale"].float(), state[prefix + "zero"].float()
             module: nn.Module = Int4Linear(q, scale, zero, int(entry["group_size"]), bias)
-        elif kind in ("int8", "w8a8"):
-            layer = W8A8Linear if kind == "w8a8" else Int8Linear
-            module = layer(state[prefix + "weight_int8"], state[prefix + "scale"], bias)
+        elif kind == "int8":
+            module = Int8Linear(state[prefix + "weight_int8"], state[prefix + "scale"], bias)
+        elif kind == "w8a8":
+            per_token = entry.get("per_token", False)  # files written before per-token scales had none
+            if not isinstance(per_token, bool):
+                raise ArtifactError(f"{what}: layer '{name}' has a non-boolean per_token")
+            module = W8A8Linear(
+                state[prefix + "weight_int8"], state[prefix + "scale"], bias, per_token=per_token
+            )
         elif kind == "int8-embedding":
             module = Int8Embedding(
                 state[prefix + "weight_int8"], state[prefix + "scale"], entry["padding_idx"]

@@ -1,0 +1,128 @@
+"""`keiryo lm compress`, `keiryo lm eval` and `keiryo bench gguf:...` on a tiny Llama written as GGUF here."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from test_lm import IDS, _logits, _model, _tokenizer, _write_gguf  # noqa: E402
+
+from keiryo.cli import main  # noqa: E402
+from keiryo.lm import load_causal_lm  # noqa: E402
+from keiryo.lm.store import load_lm  # noqa: E402
+
+TEXT = (
+    " ".join(f"the {w} of the {v}" for w in ("king", "queen", "fool", "duke") for v in ("court", "sea")) * 12
+)
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    """A tiny Llama GGUF file (byte-level tokenizer) and a text file."""
+    folder = tmp_path_factory.mktemp("lm")
+    model = _model("llama")
+    _write_gguf(model, folder / "tiny.gguf")
+    (folder / "text.txt").write_text(TEXT)
+    return folder
+
+
+def run(capsys, *args: str) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_compress_to_gguf_then_eval_side_by_side(source, tmp_path, capsys):
+    src = f"gguf:{source / 'tiny.gguf'}"
+    code, out, err = run(capsys, "lm", "compress", src, "--method", "int8", "--out", tmp_path / "int8.gguf")
+    assert code == 0, err
+    assert (
+        "int8.gguf" in out
+        and (tmp_path / "int8.gguf").stat().st_size < 0.4 * (source / "tiny.gguf").stat().st_size
+    )
+    float_model, _ = load_causal_lm(src)
+    back, _ = load_causal_lm(tmp_path / "int8.gguf")  # transformers reads the Q8_0 tensors keiryo wrote
+    cosine = torch.nn.functional.cosine_similarity(
+        _logits(back, IDS).flatten(), _logits(float_model, IDS).flatten(), 0
+    )
+    assert cosine > 0.999
+    code, out, err = run(
+        capsys, "lm", "compress", src, "--method", "gptq", "--text", source / "text.txt", "--windows", "4",
+        "--length", "32", "--out", tmp_path / "gptq.pt",
+    )  # fmt: skip
+    assert code == 0, err
+    model, tokenizer = load_lm(tmp_path / "gptq.pt")  # the keiryo file carries its tokenizer
+    assert tokenizer("hi", add_special_tokens=False)["input_ids"] == [104, 105]
+    report = tmp_path / "eval.json"
+    code, out, err = run(
+        capsys, "lm", "eval", src, tmp_path / "int8.gguf", tmp_path / "gptq.pt",
+        "--text", source / "text.txt", "--context", "64", "--stride", "32", "--max-tokens", "400",
+        "--prompt-tokens", "16", "--new-tokens", "2", "--batch-sizes", "1,2", "--rounds", "1",
+        "--json", report,
+    )  # fmt: skip
+    assert code == 0, err
+    assert "perplexity" in out and "context 64, stride 32" in out
+    rows = json.loads(report.read_text())["models"]
+    assert [r["name"] for r in rows] == ["tiny.gguf", "int8.gguf", "gptq.pt"]
+    for row in rows:
+        assert row["scored_tokens"] == 399 and row["perplexity"] > 1
+        assert row["batch_2"]["decode_tokens_per_s"] > 0 and row["batch_1"]["prefill_ms"] > 0
+        assert row["weight_bytes"] > 0 and row["peak_rss_bytes"] > 0
+    assert rows[2]["file_bytes"] < 0.3 * rows[0]["file_bytes"]
+    # int8 weights change the perplexity of random weights by little
+    assert rows[1]["perplexity"] == pytest.approx(rows[0]["perplexity"], rel=0.02)
+
+
+def test_bench_takes_language_models(source, capsys):
+    code, out, err = run(
+        capsys, "bench", f"gguf:{source / 'tiny.gguf'}", "--data", source / "text.txt", "--batch-sizes", "1",
+        "--runs", "1",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "decode tok/s b1" in out and "perplexity on" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["lm", "eval", "gguf:MISSING.gguf"], "does not exist"),
+        (["lm", "eval", "gguf:CORRUPT"], "GGUF"),
+        (["lm", "eval", "NOTALM"], "not a keiryo language model"),
+        (["lm", "eval", "hf:NOTDECODER"], "cannot load a causal language model"),
+        (["lm", "compress", "gguf:SRC", "--method", "int3", "--out", "OUT.pt"], "int3"),
+        (["lm", "compress", "gguf:SRC", "--method", "gptq", "--out", "OUT.pt"], "--text"),
+        (["lm", "compress", "hf:GPT2", "--method", "int8", "--out", "OUT.gguf"], "Llama-architecture"),
+        (["lm", "compress", "gguf:SRC", "--method", "int8", "--float-type", "f8", "--out", "OUT.gguf"], "f8"),
+        (["lm", "eval", "gguf:SRC", "--context", "8", "--stride", "16"], "--stride"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2_and_keeps_the_output(source, tmp_path, capsys, args, message):
+    (tmp_path / "corrupt.gguf").write_bytes(b"GGUF\x03\x00\x00\x00garbage")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "notalm.pt")
+    (tmp_path / "notdecoder").mkdir()
+    (tmp_path / "notdecoder" / "config.json").write_text(json.dumps({"model_type": "vit"}))
+    _model("gpt2").save_pretrained(tmp_path / "gpt2")
+    _tokenizer(tmp_path / "gpt2")
+    out = tmp_path / "out.gguf"
+    out.write_bytes(b"keep me")
+    (tmp_path / "out.pt").write_bytes(b"keep me")
+    names = {
+        "MISSING.gguf": str(tmp_path / "missing.gguf"), "CORRUPT": str(tmp_path / "corrupt.gguf"),
+        "NOTALM": str(tmp_path / "notalm.pt"), "NOTDECODER": str(tmp_path / "notdecoder"),
+        "SRC": str(source / "tiny.gguf"), "GPT2": str(tmp_path / "gpt2"), "OUT.pt": str(tmp_path / "out.pt"),
+        "OUT.gguf": str(out),
+    }  # fmt: skip
+    resolved = []
+    for arg in args:
+        prefix, _, rest = arg.partition(":") if arg.startswith(("gguf:", "hf:")) else ("", "", arg)
+        rest = names.get(rest, rest)
+        resolved.append(f"{prefix}:{rest}" if prefix else rest)
+    code, _, err = run(capsys, *resolved)
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], err
+    assert out.read_bytes() == b"keep me" and (tmp_path / "out.pt").read_bytes() == b"keep me"
