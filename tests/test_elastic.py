@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -18,18 +19,23 @@ from keiryo.checkpoints import JOB_ENV, RESTART_ENV, load_checkpoint
 from keiryo.loop import TrainConfig, fit
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+EPOCHS = 8
 linux_only = pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds workers through /proc")
 
 
-def _torchrun(tmp_path: Path, name: str, *extra: str) -> list[str]:
-    """torchrun with 2 local workers training the mlp on digits with ddp, checkpointing every 10 steps."""
+def _keiryo(tmp_path: Path, name: str) -> list[str]:
+    """The same run in every test: ddp over 2 workers training the mlp on digits, a checkpoint every 10
+    steps."""
     return [
-        *("torchrun", "--standalone", "--nproc-per-node=2", *extra),
         *("-m", "keiryo", "train", "--model", "mlp", "--device", "cpu", "--no-progress"),
-        *("--strategy", "ddp", "--epochs", "8", "--seed", "3"),
+        *("--strategy", "ddp", "--epochs", str(EPOCHS), "--seed", "3"),
         *("--checkpoint", str(tmp_path / f"{name}.ck"), "--checkpoint-every", "10"),
         *("--out", str(tmp_path / f"{name}.pt")),
     ]
+
+
+def _torchrun(tmp_path: Path, name: str, *extra: str) -> list[str]:
+    return ["torchrun", "--standalone", "--nproc-per-node=2", *extra, *_keiryo(tmp_path, name)]
 
 
 def _worker_of_rank(agent: int, rank: int) -> int | None:
@@ -50,18 +56,28 @@ def _accuracy(output: str) -> float:
     return float(found[1])
 
 
-@linux_only
-def test_torchrun_restarts_a_killed_worker_and_the_run_resumes_from_its_checkpoint(tmp_path):
-    """SIGKILL to rank 1 once the first checkpoint is on disk: torchrun restarts both workers, they resume
-    from rank 0's last checkpoint (not from step 0), and finish with the uninterrupted run's accuracy."""
-    ck = tmp_path / "elastic.ck"
-    run = subprocess.Popen(
-        _torchrun(tmp_path, "elastic", "--max-restarts=1"),
+@pytest.fixture(scope="module")
+def plain_accuracy(tmp_path_factory) -> float:
+    """Test accuracy of the same ddp run under torchrun, uninterrupted."""
+    folder = tmp_path_factory.mktemp("plain")
+    plain = subprocess.run(
+        _torchrun(folder, "plain", "--max-restarts=0"),
         env=ENV,
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
+        cwd=folder,
+        capture_output=True,
         text=True,
+        timeout=180,
+    )
+    assert plain.returncode == 0, plain.stdout + plain.stderr
+    assert "resumed" not in plain.stdout
+    return _accuracy(plain.stdout)
+
+
+def _kill_after_first_checkpoint(command: list[str], ck: Path, cwd: Path) -> str:
+    """Start `command` (torchrun, or keiryo's own launcher: the workers' parent either way), SIGKILL its
+    rank-1 worker once `ck` is on disk, and return its output."""
+    run = subprocess.Popen(
+        command, env=ENV, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     deadline = time.monotonic() + 120
     while not ck.exists() and run.poll() is None and time.monotonic() < deadline:
@@ -71,24 +87,36 @@ def test_torchrun_restarts_a_killed_worker_and_the_run_resumes_from_its_checkpoi
     os.kill(victim, signal.SIGKILL)
     output = run.communicate(timeout=180)[0]
     assert run.returncode == 0, output
+    return output
+
+
+def _check_resumed(output: str, ck: Path, plain_accuracy: float) -> None:
+    """The run went on from a checkpoint (not from step 0), ran every epoch, and reached the plain run's
+    accuracy within 1 point."""
     resumed = re.search(r"resumed from step (\d+) of", output)
     assert resumed, output
-    step = int(resumed[1])
     final = load_checkpoint(ck)
-    assert 10 <= step < final["global_step"]  # it went on from a checkpoint, not from the start
-    assert len(final["history"]) == 8 and [h["epoch"] for h in final["history"]] == list(range(1, 9))
+    assert 10 <= int(resumed[1]) < final["global_step"]
+    assert [h["epoch"] for h in final["history"]] == list(range(1, EPOCHS + 1))
+    assert abs(_accuracy(output) - plain_accuracy) <= 1.0
 
-    plain = subprocess.run(
-        _torchrun(tmp_path, "plain", "--max-restarts=0"),
-        env=ENV,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert plain.returncode == 0, plain.stdout + plain.stderr
-    assert "resumed" not in plain.stdout
-    assert abs(_accuracy(output) - _accuracy(plain.stdout)) <= 1.0
+
+@linux_only
+def test_torchrun_restarts_a_killed_worker_and_the_run_resumes_from_its_checkpoint(tmp_path, plain_accuracy):
+    """SIGKILL to rank 1 once the first checkpoint is on disk: torchrun restarts both workers, they resume
+    from rank 0's last checkpoint, and finish with the uninterrupted run's accuracy."""
+    command = _torchrun(tmp_path, "elastic", "--max-restarts=1")
+    output = _kill_after_first_checkpoint(command, tmp_path / "elastic.ck", tmp_path)
+    _check_resumed(output, tmp_path / "elastic.ck", plain_accuracy)
+
+
+@linux_only
+def test_local_workers_restart_with_max_restarts_and_resume(tmp_path, plain_accuracy):
+    """keiryo's own launcher (no torchrun) with --max-restarts 1 does the same."""
+    ck = tmp_path / "local.ck"
+    command = [sys.executable, *_keiryo(tmp_path, "local"), "--workers", "2", "--max-restarts", "1"]
+    output = _kill_after_first_checkpoint(command, ck, tmp_path)
+    _check_resumed(output, ck, plain_accuracy)
 
 
 def _data():

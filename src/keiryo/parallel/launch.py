@@ -12,7 +12,11 @@ Local workers are `python -m keiryo.parallel.worker` processes that receive the 
 through a file in the run's own temp folder (no TCP store) and talk over the loopback interface only, so a
 local run listens on no network interface; `watch` stops them all on the first failure. The temp folder goes
 with the run. Checkpoints are written by rank 0 only, atomically, so the last one stays whole and `--resume`
-continues from it.
+continues from it. After a worker dies, `torchrun --max-restarts N` (or keiryo's own `--max-restarts N` for
+local workers) starts the workers again and they resume from the run's last checkpoint by themselves:
+
+    torchrun --standalone --nproc-per-node=2 --max-restarts=3 -m keiryo train --strategy ddp \\
+        --model cnn --epochs 30 --checkpoint ck.pt --checkpoint-every 50
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import uuid
 from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -36,12 +41,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from keiryo.checkpoints import JOB_ENV, RESTART_ENV
 from keiryo.data import DataSplits, make_loader
 from keiryo.devices import resolve_device
 from keiryo.errors import ConfigError, one_line
 from keiryo.loop import EpochLog, LossFn, TrainConfig, TrainResult, classification_loss, fit
 from keiryo.parallel.config import DDP, DEFAULT_TIMEOUT_S, FSDP, Pipeline
-from keiryo.parallel.ddp import apply_ddp, apply_fsdp, full_model_state, worker_memory
+from keiryo.parallel.ddp import GradTraffic, apply_ddp, apply_fsdp, full_model_state, worker_memory
 from keiryo.parallel.group import STORE_ENV, init_worker, teardown, under_torchrun
 from keiryo.parallel.pipeline import apply_pipeline, gather_stages, microbatches_of
 from keiryo.parallel.watch import (
@@ -53,6 +59,7 @@ from keiryo.parallel.watch import (
     watch,
 )
 from keiryo.parallel.worker import LAUNCHER_ENV, write_payload
+from keiryo.progress import say
 
 LOOPBACK = "lo0" if sys.platform == "darwin" else "lo"
 WORKER_MODULE = "keiryo.parallel.worker"
@@ -81,6 +88,8 @@ def run(
             raise ConfigError(
                 f"--workers {strategy.workers} differs from the torchrun job's WORLD_SIZE {world}"
             )
+        if strategy.max_restarts:
+            raise ConfigError("under torchrun, restarts are torchrun's: pass --max-restarts to torchrun")
         _check_batches(strategy, config, len(splits.train), world)
         out = train_worker(*args)
     else:
@@ -91,7 +100,7 @@ def run(
                 f"{strategy.workers} workers need {strategy.workers} GPUs; "
                 f"this machine has {torch.cuda.device_count()}"
             )
-        out = run_local(train_worker, args, strategy.workers, strategy.timeout)
+        out = _run_restarting(args, strategy, config.progress)
     model.load_state_dict(out["state"])
     model.eval()
     history = [EpochLog(**h) for h in out["history"]]
@@ -138,8 +147,9 @@ def train_in_group(
     config = replace(config, device=str(device))
     world, rank = dist.get_world_size(), dist.get_rank()
     info: dict[str, Any] = {"strategy": strategy.kind, "workers": world, "rank": rank}
+    traffic = GradTraffic()  # the bytes DDP's hook hands to all-reduce, counted during fit
     if isinstance(strategy, DDP):
-        trained, worker = model, apply_ddp(model, device, config.compile)
+        trained, worker = model, apply_ddp(model, device, config.compile, strategy.grad_compression, traffic)
     elif isinstance(strategy, FSDP):
         trained, worker = model, apply_fsdp(model, device, config.compile)
     else:
@@ -154,6 +164,8 @@ def train_in_group(
     prints = [None] * dist.get_world_size()
     dist.all_gather_object(prints, fingerprint(state))
     info.update(fingerprint=prints[dist.get_rank()], weights_identical=len(set(prints)) == 1)
+    if isinstance(strategy, DDP):
+        info["grad_traffic"] = traffic.summary()
     return {
         "state": state,
         "history": [asdict(h) for h in result.history],
@@ -161,6 +173,26 @@ def train_in_group(
         "best_epoch": result.best_epoch,
         "parallel": info,
     }
+
+
+def _run_restarting(args: tuple, strategy: DDP | FSDP | Pipeline, progress: bool) -> dict:
+    """`run_local(train_worker, ...)`, started again up to `strategy.max_restarts` times after a worker dies,
+    hangs or loses its peers, as torchrun --max-restarts does; the new workers resume from the run's last
+    checkpoint (`keiryo.checkpoints`: the job id and restart count travel in their environment). A worker's
+    own error (bad data, a diverged loss) is not retried: it would fail again."""
+    if not strategy.max_restarts:
+        return run_local(train_worker, args, strategy.workers, strategy.timeout)
+    job, restart = uuid.uuid4().hex, 0
+    while True:
+        env = {JOB_ENV: job, RESTART_ENV: str(restart)}
+        try:
+            return run_local(train_worker, args, strategy.workers, strategy.timeout, env)
+        except WorkerError as exc:
+            if exc.own_error or restart == strategy.max_restarts:
+                raise
+            restart += 1
+            if progress:
+                say(f"{exc}; restarting the workers (restart {restart} of {strategy.max_restarts})")
 
 
 def fingerprint(state: dict) -> str:
@@ -216,8 +248,15 @@ def _check_batches(strategy: DDP | FSDP | Pipeline, config: TrainConfig, samples
         )
 
 
-def run_local(fn: Callable[..., Any], args: tuple, workers: int, timeout_s: float = DEFAULT_TIMEOUT_S) -> Any:
+def run_local(
+    fn: Callable[..., Any],
+    args: tuple,
+    workers: int,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    env: dict[str, str] | None = None,
+) -> Any:
     """Run `fn(*args)` in `workers` worker processes joined in one process group; return rank 0's result.
+    `env`: more environment for the workers (a restart's count and job id).
 
     `fn` and `args` travel by value (cloudpickle) to `python -m keiryo.parallel.worker` processes. The
     workers meet through a file in a temp folder of this run, talk over loopback only, and rank 0's result
@@ -232,6 +271,7 @@ def run_local(fn: Callable[..., Any], args: tuple, workers: int, timeout_s: floa
     write_payload(Path(tmp), work, threads=max(1, torch.get_num_threads() // workers))
     env = {
         **os.environ,
+        **(env or {}),
         "WORLD_SIZE": str(workers),
         STORE_ENV: str(Path(tmp) / "store"),
         LAUNCHER_ENV: str(os.getpid()),

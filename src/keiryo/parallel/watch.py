@@ -32,7 +32,14 @@ POLL_S = 0.2
 
 
 class WorkerError(TrainingError):
-    """A training worker crashed, was killed, stopped responding or hung; the whole run was stopped."""
+    """A training worker crashed, was killed, stopped responding or hung; the whole run was stopped.
+
+    `own_error`: a worker raised an error of its own (not a lost peer): running again would fail the same.
+    """
+
+    def __init__(self, message: str, own_error: bool = False) -> None:
+        super().__init__(message)
+        self.own_error = own_error
 
 
 def heartbeat(path: Path, launcher: int) -> None:
@@ -67,8 +74,9 @@ def watch(processes: list[subprocess.Popen], tmp: str, timeout_s: float) -> None
             codes = [p.poll() for p in processes]
             if all(code == 0 for code in codes):
                 return
+            own_error = False
             if any(code not in (0, None) for code in codes):
-                message = _failure(codes, tmp, timeout_s)
+                message, own_error = _failure(codes, tmp, timeout_s)
             elif silent := _silent(codes, tmp, timeout_s, started):
                 message = f"{_ranks(silent)} stopped responding for {timeout_s:.0f} s; the run was stopped"
             else:
@@ -79,7 +87,7 @@ def watch(processes: list[subprocess.Popen], tmp: str, timeout_s: float) -> None
                     continue
                 hung = [rank for rank, code in enumerate(codes) if code is None]
                 message = f"{_ranks(hung)} hung {timeout_s:.0f} s after the others finished; run stopped"
-            raise WorkerError(message)
+            raise WorkerError(message, own_error)
     finally:
         stop(processes)
 
@@ -117,10 +125,10 @@ def _silent(codes: list[int | None], tmp: str, timeout_s: float, started: float)
     return silent
 
 
-def _failure(codes: list[int | None], tmp: str, timeout_s: float) -> str:
+def _failure(codes: list[int | None], tmp: str, timeout_s: float) -> tuple[str, bool]:
     """Say which worker caused the failure and how. A worker's own error beats a death by a signal, which
     beats the communication errors such a death causes in the others; when the others only timed out
-    waiting, the workers still running are the ones that stopped responding."""
+    waiting, the workers still running are the ones that stopped responding. Flag: a worker's own error."""
     errors = {}
     for rank in range(len(codes)):
         try:
@@ -129,19 +137,19 @@ def _failure(codes: list[int | None], tmp: str, timeout_s: float) -> str:
             continue
     own = [rank for rank, e in errors.items() if not e["comm"]]
     if own:
-        return f"worker {own[0]} failed: {errors[own[0]]['message']}"
+        return f"worker {own[0]} failed: {errors[own[0]]['message']}", True
     for rank, code in enumerate(codes):
         if code is not None and code < 0:
-            return _signal_text(rank, -code)
+            return _signal_text(rank, -code), False
     alive = [rank for rank, code in enumerate(codes) if code is None]
     timed_out = [rank for rank, e in errors.items() if "timed out" in e["message"].lower()]
     if timed_out and alive:
-        return f"{_ranks(alive)} stopped responding for {timeout_s:.0f} s; the run was stopped"
+        return f"{_ranks(alive)} stopped responding for {timeout_s:.0f} s; the run was stopped", False
     if errors:
         rank = min(errors)
-        return f"worker {rank} failed: {errors[rank]['message']}"
+        return f"worker {rank} failed: {errors[rank]['message']}", False
     rank = next(r for r, code in enumerate(codes) if code not in (0, None))
-    return f"worker {rank} exited with code {codes[rank]}; the run was stopped"
+    return f"worker {rank} exited with code {codes[rank]}; the run was stopped", False
 
 
 def _signal_text(rank: int, signum: int) -> str:
