@@ -2,12 +2,13 @@
 
 Run: python benchmarks/quantize.py [--runs 50] [--skip-compile] [--sections 1,2,3,4,5,6]
 
-It prints (and writes to benchmarks/out/quantize.md), with 2 threads, latencies as p50 of interleaved runs:
+It prints (and writes to benchmarks/out/quantize.md; a part of it: quantize-sections-5-6.md ...), with 2
+threads, latencies as p50 of interleaved runs:
 1. the 4x1024 Linear stack: keiryo `int8-dynamic` (backend="auto", its measured candidates) against fp32 and
    against each backend called directly (torch.ao fbgemm, torchao eager, torchao compiled): speed-up at
    batch 1 and 64, file size, and keiryo's time over the best direct call;
-2. the `cnn` and `mlp` trained on digits: every method × {latency b1, b64, bytes, test accuracy};
-3. the `transformer` trained on digits: int8 output cosine similarity against fp32 and the speed-up;
+2., 3. the `cnn` and `mlp` trained on digits: every method × {latency b1, b64, bytes, test accuracy};
+4. the `transformer` trained on digits: int8 output cosine similarity against fp32 and the speed-up;
 5. the PyTorch fast paths side by side on the digits cnn, the 4×1024 MLP and a transformers ResNet-18 layout
    (3×64×64): which convolution kernel eager fp32 runs, fp32 eager (BatchNorm folded) / channels-last /
    compiled with freezing, int8-static fbgemm / PT2E x86-inductor, and what quantize(auto) keeps;
@@ -39,7 +40,7 @@ from keiryo.metrics import Timing, agreement, time_models
 from keiryo.models import build_model, kwargs_for_data
 from keiryo.training import train
 
-OUT = Path(__file__).parent / "out" / "quantize.md"
+OUT = Path(__file__).parent / "out"  # quantize.md for the whole run; quantize-sections-5-6.md for a part
 TIME_LIMIT = 600.0  # seconds for timing the candidates of one quantize call: here every run is wanted
 warnings.filterwarnings("ignore")
 
@@ -349,7 +350,30 @@ def embeddings_section() -> str:
         lines.append(
             f"| {k} | {size / 2**20:.1f} MiB | {size / base:.3f} | {agreement(m, model, x).cosine:.4f} |"
         )
-    return "\n".join(lines)
+    return "\n".join(lines + ["", _embedding_kernels(model.embeddings.word_embeddings, ids)])
+
+
+def _embedding_kernels(table: nn.Embedding, ids: torch.Tensor) -> str:
+    """Lookup time of the int8 table options for one embedding: keiryo's Int8Embedding, torch.ao's quantized
+    Embedding, torchao's IntxWeightOnlyConfig (which dequantizes the whole table per call)."""
+    import torch.ao.nn.quantized as nnq
+    from torchao.quantization import IntxWeightOnlyConfig, PerAxis, quantize_
+
+    from keiryo.compress.quant_backends import Int8Embedding
+
+    table.qconfig = torch.ao.quantization.float_qparams_weight_only_qconfig
+    options = {
+        "fp32": table,
+        "keiryo Int8Embedding": Int8Embedding(table),
+        "torch.ao": nnq.Embedding.from_float(table),
+    }
+    torchao = nn.Sequential(copy.deepcopy(table))
+    config = IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0))
+    quantize_(torchao, config, filter_fn=lambda m, fqn: isinstance(m, nn.Embedding))
+    options["torchao IntxWeightOnly"] = torchao
+    lat = {b: time_models(options, ids[:b], runs=10, warmup=2) for b in (1, 32)}
+    each = ", ".join(f"{k} {lat[1][k].p50_ms:.3f} / {lat[32][k].p50_ms:.3f} ms" for k in options)
+    return f"word-embedding lookup, batch 1 / 32 of 64 tokens: {each}"
 
 
 def main() -> None:
@@ -373,6 +397,7 @@ def main() -> None:
         "6": embeddings_section,
     }
     chosen = args.sections.split(",")
+    out = OUT / ("quantize.md" if set(chosen) >= set(steps) else f"quantize-sections-{'-'.join(chosen)}.md")
     steps = [steps[k] for k in chosen if k in steps]
     sections = [
         "# Quantization on this CPU (2 threads)",
@@ -384,12 +409,12 @@ def main() -> None:
     for step in steps:
         sections.append(step())
         print("\n" + sections[-1], flush=True)
-        fileio.atomic_write_bytes(("\n\n".join(sections) + "\n\n_(partial)_\n").encode(), OUT)
+        fileio.atomic_write_bytes(("\n\n".join(sections) + "\n\n_(partial)_\n").encode(), out)
     sections.append(
         f"_whole run: {time.perf_counter() - started:.0f} s; load average at end {os.getloadavg()[0]:.1f}_"
     )
     print("\n" + sections[-1])
-    fileio.atomic_write_bytes(("\n\n".join(sections) + "\n").encode(), OUT)
+    fileio.atomic_write_bytes(("\n\n".join(sections) + "\n").encode(), out)
 
 
 if __name__ == "__main__":
