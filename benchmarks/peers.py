@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from keiryo.deploy import DeployConfig, deploy
+from keiryo.deployment import DeployConfig, deploy
 from keiryo.measuring import machine
 from keiryo.metrics import time_models
 
@@ -383,7 +383,7 @@ def keiryo_best(case: Case, tmp: Path, runs: int) -> Peer:
     calls = {b: report.model_for(b) for b in case.batches}
     chosen = {b: report.chosen[b] for b in case.batches}
     note = "; ".join(f"b{b}: {name}" for b, name in chosen.items())
-    return Peer("keiryo.deploy", calls, report.artifact_bytes(), time.perf_counter() - started, note=note)
+    return Peer("keiryo.deployment", calls, report.artifact_bytes(), time.perf_counter() - started, note=note)
 
 
 # ---------------------------------------------------------------------------------------------- measuring
@@ -477,7 +477,7 @@ def case_table(case: Case, peers: list[Peer]) -> list[str]:
 
 def summary_rows(case: Case, peers: list[Peer]) -> list[str]:
     """model | batch | keiryo | fastest peer within quality | keiryo / peer | keiryo / eager."""
-    keiryo = next((p for p in peers if p.name == "keiryo.deploy"), None)
+    keiryo = next((p for p in peers if p.name == "keiryo.deployment"), None)
     eager_peer = peers[0]
     out = []
     for b in case.batches:

@@ -27,8 +27,18 @@ LAYERS: list[tuple[str, ...]] = [
     ),
     ("loop", "checkpoints", "holdout", "progress", "batches"),
     ("parallel", "compress", "lm"),
-    ("artifacts", "measuring", "export_check", "export", "report", "examples", "summary", "runtimes"),
-    ("training", "recipe", "optimize", "steps", "deploy"),
+    (
+        "artifacts",
+        "measuring",
+        "export_check",
+        "export",
+        "report",
+        "examples",
+        "summary",
+        "runtimes",
+        "deploy_report",
+    ),
+    ("training", "recipe", "optimize", "steps", "deployment"),
     ("keiryo", "cli", "__main__"),
 ]
 # entry points that import on purpose inside a function: `__main__` imports the command under its Ctrl-C

@@ -42,6 +42,9 @@ _API = {
     "save": "keiryo.artifacts",
     "load": "keiryo.artifacts",
     "run": "keiryo.steps",
+    "deploy": "keiryo.deployment",
+    "DeployConfig": "keiryo.deployment",
+    "load_runtime": "keiryo.runtimes",
 }
 __all__ = sorted(_API)
 

@@ -37,6 +37,7 @@ from keiryo.metrics import (
     threads,
     time_models,
 )
+from keiryo.runtimes import Runner
 
 AGREEMENT_SAMPLES = 1024  # agreement is measured on at most this many samples of the data
 
@@ -79,7 +80,10 @@ class Report:
 
 
 def file_bytes(model: nn.Module) -> int | None:
-    """Bytes of the model saved as a keiryo file (or its state_dict when it has no factory)."""
+    """Bytes of the model saved as a keiryo file (or its state_dict when it has no factory); a runtime's
+    program (`keiryo.runtimes.Runner`): its artifact's bytes."""
+    if isinstance(model, Runner):
+        return model.file_bytes()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.pt"
         try:

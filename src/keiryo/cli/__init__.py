@@ -13,7 +13,7 @@ import warnings
 
 import typer
 
-from keiryo.cli import bench, compress, env, lm, recipes, train
+from keiryo.cli import bench, compress, deploy, env, lm, recipes, train
 from keiryo.errors import KeiryoError, one_line
 from keiryo.interrupts import SigintWatch, interrupted, uninstall
 
@@ -34,6 +34,7 @@ COMMANDS = {
     "distill": compress.distill,
     "hf": bench.hf_folder,
     "quantize": compress.quantize,
+    "deploy": deploy.deploy_command,
     "run": recipes.run,
     "demo": recipes.demo,
     "env": env.env,

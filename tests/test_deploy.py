@@ -1,0 +1,145 @@
+"""keiryo.deploy: every candidate measured beside float, the fastest within tolerance per batch size, never
+slower than float in its own measurements; artifacts written whole (or not at all) and loaded back."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from keiryo import artifacts, deploy_report, deployment
+from keiryo.deployment import DeployConfig, candidates_of, deploy
+from keiryo.errors import ConfigError, MissingDependency, ModelError
+from keiryo.models import build_model
+from keiryo.runtimes import load_runtime
+
+FAST = ("torch", "torch-channels-last", "onnxruntime", "onnxruntime-int8-dynamic")
+
+
+@pytest.fixture(scope="module")
+def cnn() -> nn.Module:
+    torch.manual_seed(0)
+    model = build_model("cnn", in_channels=1, num_classes=10, width=8, blocks=1)
+    with torch.no_grad():  # non-trivial BatchNorm statistics, so folding them matters
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+def _config(**changes) -> DeployConfig:
+    return DeployConfig(
+        **{"batch_sizes": (1, 8), "candidates": FAST, "runs": 5, "progress": False, **changes}
+    )
+
+
+def test_chooses_within_tolerance_and_never_slower_than_float(cnn, tmp_path):
+    calibration = torch.randn(64, 1, 8, 8)
+    report = deploy(cnn, calibration[:1], calibration, _config(), tmp_path / "out")
+    floats = report.candidate("torch")
+    assert floats.within_tolerance and floats.cosine > 0.9999  # BatchNorm folded, same outputs
+    for b, name in report.chosen.items():
+        chosen = report.candidate(name)
+        assert chosen.within_tolerance and chosen.cosine >= 0.99
+        assert chosen.p50_ms[b] <= floats.p50_ms[b]  # its own measurement, same interleaved run
+        assert b in chosen.chosen_for
+        assert name == "torch" or chosen.speedup[b] >= _config().min_speedup
+    blob = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert {c["name"] for c in blob["candidates"]} == set(FAST)
+    assert blob["cpu"] and blob["threads"] >= 1
+    for c in blob["candidates"]:
+        assert set(c["p50_ms"]) == {"1", "8"} and c["bytes"] > 0, c
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "| candidate |" in text and "CPU:" in text and all(n in text for n in FAST)
+    for name in set(report.chosen.values()):
+        assert (tmp_path / "out" / report.candidate(name).artifact).is_file()
+
+
+def test_written_runtime_artifact_loads_back_and_matches(cnn, tmp_path):
+    x = torch.randn(32, 1, 8, 8)
+    config = _config(candidates=("torch", "onnxruntime"), also=("onnxruntime",), min_speedup=1e9)
+    report = deploy(cnn, x[:1], x, config, tmp_path / "out")
+    assert set(report.chosen.values()) == {"torch"}  # nothing can be 1e9× faster: float is kept
+    assert any("float kept" in m for m in report.messages)
+    onnx = tmp_path / "out" / report.candidate("onnxruntime").artifact
+    runner = load_runtime(onnx)
+    assert runner.runtime == "onnxruntime" and onnx.suffix == ".onnx"
+    torch.testing.assert_close(runner(x), cnn(x), atol=1e-4, rtol=1e-4)
+    loaded = artifacts.load(tmp_path / "out" / report.candidate("torch").artifact)
+    torch.testing.assert_close(loaded(x), cnn(x), atol=1e-4, rtol=1e-4)
+
+
+def test_model_without_factory_is_written_as_torch_export_program(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    x = torch.randn(16, 16)
+    report = deploy(model, x[:1], x, _config(candidates=("torch",)), tmp_path / "out")
+    artifact = tmp_path / "out" / report.candidate("torch").artifact
+    assert artifact.suffix == ".pt2"
+    program = torch.export.load(artifact).module()
+    torch.testing.assert_close(program(x), model(x))  # any batch size: the batch dimension is dynamic
+
+
+def test_outside_tolerance_is_never_chosen(cnn):
+    x = torch.randn(16, 1, 8, 8)
+    report = deploy(cnn, x[:1], x, _config(candidates=("torch", "onnxruntime-int8-dynamic"), min_cosine=1.01))
+    int8 = report.candidate("onnxruntime-int8-dynamic")
+    assert not int8.within_tolerance and not int8.p50_ms and "outside tolerance" in int8.note
+    assert set(report.chosen.values()) == {"torch"}
+
+
+def test_failed_deploy_leaves_existing_out_untouched(cnn, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("from an earlier run")
+
+    def broken(*args, **kwargs):
+        raise ModelError("the written artifact does not reproduce the model")
+
+    monkeypatch.setattr(deployment, "_save", broken)
+    x = torch.randn(8, 1, 8, 8)
+    with pytest.raises(ModelError):
+        deploy(cnn, x[:1], x, _config(candidates=("torch",)), out)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staged folder left beside it
+
+
+def test_missing_runtime_is_one_line_and_the_rest_runs(cnn, monkeypatch):
+    def require(runtime: str) -> None:
+        if runtime == "openvino":
+            raise MissingDependency("openvino is not installed: pip install 'keiryo[openvino]'")
+
+    monkeypatch.setattr(deployment, "require", require)
+    x = torch.randn(8, 1, 8, 8)
+    report = deploy(cnn, x[:1], x, _config(candidates=("torch", "openvino", "openvino-int8")))
+    skipped = [m for m in report.messages if m.startswith("skipped openvino")]
+    assert skipped == ["skipped openvino: openvino is not installed: pip install 'keiryo[openvino]'"]
+    assert report.candidate("openvino-int8").note == "skipped: not installed"
+    assert set(report.chosen.values()) == {"torch"}
+
+
+def test_families_expand_and_bad_options_are_one_line(tmp_path):
+    assert candidates_of(["openvino", "torch-compile"]) == ("openvino", "openvino-int8", "torch-compile")
+    with pytest.raises(ConfigError, match="unknown runtime or candidate 'tensorrt'"):
+        candidates_of(["tensorrt"])
+    for bad in ({"batch_sizes": (0,)}, {"candidates": ("nope",)}, {"also": ("torch",)}, {"runs": 0}):
+        with pytest.raises(ConfigError):
+            DeployConfig(**bad)
+    afile = tmp_path / "file"
+    afile.write_text("x")
+    with pytest.raises(ConfigError, match="is a file"):
+        deploy(nn.Linear(2, 2), torch.randn(1, 2), out=afile)
+
+
+def test_report_lines_say_when_winners_differ():
+    a = deploy_report.Candidate("torch", "torch", "fp32", 1.0, None, True, {1: 2.0, 8: 8.0}, {1: 1.0, 8: 1.0})
+    b = deploy_report.Candidate("onnxruntime", "onnxruntime", "fp32", 0.9999, None, True, {1: 1.0, 8: 9.0})
+    b.speedup = {1: 2.0, 8: 8.0 / 9.0}
+    report = deploy_report.DeployReport([a, b], {1: "onnxruntime", 8: "torch"}, "cpu", 2, "cosine ≥ 0.99", [])
+    lines = report.choice_lines()
+    assert lines[0].startswith("batch 1: onnxruntime") and "2.00× float" in lines[0]
+    assert lines[1].startswith("batch 8: float kept")
+    assert "differs by batch size" in lines[2]
