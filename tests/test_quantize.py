@@ -463,7 +463,8 @@ def test_auto_keeps_float_when_no_kernel_is_faster_and_says_so():
 
 def test_a_forced_backend_outside_the_tolerance_says_so(mlp, digits):
     x = example_inputs(digits, 64)
-    q = quantize(mlp, "int8-dynamic", example_inputs=x, policy=Policy("fbgemm", min_cosine=1.01, runs=1))
+    with pytest.warns(UserWarning, match="OUTSIDE the quality tolerance"):
+        q = quantize(mlp, "int8-dynamic", example_inputs=x, policy=Policy("fbgemm", min_cosine=1.01, runs=1))
     rep = report_of(q)
     assert not rep.kept_float and "OUTSIDE the quality tolerance" in rep.message
     assert "asked for" in rep.message and not _float_linear(q.fc0)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -145,7 +146,10 @@ def choose(
         best = max(passing, key=lambda k: candidates[k].score) if passing else None
         if best is None:
             best = max(built, key=lambda k: candidates[k].cosine or 0.0)
-        return _report(built, candidates, (method, layers, fastest), best, _forced_message(best, candidates))
+        message = _forced_message(best, candidates)
+        if not candidates[best].passed:  # quality is a contract: breaking it on request is said at once
+            warnings.warn(f"quantize {method}: {message}", stacklevel=3)
+        return _report(built, candidates, (method, layers, fastest), best, message)
     # Returned even if slower (the message says so): QAT retrained the model on purpose; fp32 is float.
     exempt = method in ("qat", "fp32")
     fast = [k for k in passing if exempt or _never_slower(candidates[k])]
