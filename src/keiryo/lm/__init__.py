@@ -1,16 +1,20 @@
 """Causal language models: load (HF folder or GGUF), measure (perplexity, generation speed, memory),
 compress (int8/int4 weight-only by RTN or GPTQ; W8A8 with per-token activation scales and SmoothQuant; 50% or
-2:4 sparsity by magnitude or Wanda), store (keiryo's compact file, with the tokenizer) and export as GGUF.
+2:4 sparsity by magnitude or Wanda; structured pruning of heads, FFN width and blocks), heal or shrink
+by distillation from the original (`distill`), store (keiryo's compact file, with the tokenizer) and export
+as GGUF.
 
 One module per job: `load`, `text`, `evaluate`, `calibrate` (layer-by-layer calibration), `kernels`
-(quantized CPU layers), `quant`, `smooth`, `sparsity` (one method family each; `compress` is the
-verb over them), `store`, `gguf_export`.
+(quantized CPU layers), `quant`, `smooth`, `sparsity`, `prune` (one method family each; `compress` is the
+verb over them), `distill`, `store`, `gguf_export`.
 """
 
 from keiryo.lm.compress import compress
+from keiryo.lm.distill import LMDistill, distill
 from keiryo.lm.evaluate import Perplexity, Speed, generation_speed, perplexity
 from keiryo.lm.gguf_export import export_gguf
 from keiryo.lm.load import load_causal_lm
+from keiryo.lm.prune import Structured
 from keiryo.lm.quant import WeightQuant
 from keiryo.lm.smooth import SmoothQuant
 from keiryo.lm.sparsity import Sparsify
@@ -18,14 +22,17 @@ from keiryo.lm.store import load_compressed, load_lm, save_compressed
 from keiryo.lm.text import TextSplits, calibration_windows, shakespeare_plays, split_documents, tokenize
 
 __all__ = [
+    "LMDistill",
     "Perplexity",
     "SmoothQuant",
     "Sparsify",
     "Speed",
+    "Structured",
     "TextSplits",
     "WeightQuant",
     "calibration_windows",
     "compress",
+    "distill",
     "export_gguf",
     "generation_speed",
     "load_causal_lm",
