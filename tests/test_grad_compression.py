@@ -6,6 +6,7 @@ processes over gloo on loopback."""
 
 from __future__ import annotations
 
+import re
 import threading
 
 import pytest
@@ -149,3 +150,16 @@ def test_cli_refuses_bad_values_in_one_line(tmp_path, capsys, args, message):
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists()
+
+
+def test_cli_trains_with_powersgd_and_reports_the_bytes(tmp_path, capsys):
+    out = tmp_path / "cnn.pt"
+    args = ["train", "--model", "cnn", "-a", "width=16", "-a", "blocks=1", "--epochs", "1", "--no-progress"]
+    ddp = ["--strategy", "ddp", "--workers", "2", "--grad-compression", "powersgd:2", "--out", str(out)]
+    code = main(args + ddp)
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    text = " ".join(captured.out.split())  # rich wraps long lines
+    share = re.search(r"gradients all-reduced per step per worker: .*? \(powersgd:2; ([\d.]+)% of fp32", text)
+    assert share and float(share.group(1)) < 50, text
+    assert "test accuracy" in text and out.exists()
