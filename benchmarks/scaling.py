@@ -124,74 +124,97 @@ class _Sleep(torch.autograd.Function):
 
 
 class Layer(nn.Module):
-    def __init__(self, shapes: list[tuple[int, ...]], forward_s: float, backward_s: float) -> None:
+    """Parameters of one layer's shapes; `scale["compute"]` (shared by all layers: 0 or 1) turns its sleep
+    on or off."""
+
+    def __init__(self, shapes: list[tuple[int, ...]], seconds: float, scale: dict) -> None:
         super().__init__()
         self.weights = nn.ParameterList(nn.Parameter(torch.zeros(s)) for s in shapes)
-        self.forward_s, self.backward_s = forward_s, backward_s
+        self.seconds, self.scale = seconds, scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _Sleep.apply(x, self.forward_s, self.backward_s, *self.weights)
+        seconds = self.seconds * self.scale["compute"]
+        return _Sleep.apply(x, seconds / 3, seconds * 2 / 3, *self.weights)
 
 
-def stand_in(shape: Shape, compute: bool) -> nn.Sequential:
+def stand_in(shape: Shape, switches: dict) -> nn.Sequential:
     """The model's parameters in its layers; each layer sleeps its share (by parameters) of the compute."""
-    total = shape.compute_s if compute else 0.0
-    layers = []
-    for layer in shape.layers:
-        share = sum(torch.Size(s).numel() for s in layer) / shape.params
-        layers.append(Layer(layer, total * share / 3, total * share * 2 / 3))
-    return nn.Sequential(*layers)
+    return nn.Sequential(
+        *(
+            Layer(layer, shape.compute_s * sum(torch.Size(s).numel() for s in layer) / shape.params, switches)
+            for layer in shape.layers
+        )
+    )
 
 
-def _no_comm(state, bucket):  # the "ideal" run: DDP's reducer and bucket writes, no all-reduce
+def _no_comm(bucket):  # the "ideal" step: DDP's reducer and bucket writes, no all-reduce
     future = torch.futures.Future()
     future.set_result(bucket.buffer())
     return future
 
 
-def timed_steps(model: nn.Module, steps: int, warmup: int) -> float:
-    """The median over `steps` (after `warmup`) of the slowest worker's forward+backward seconds."""
-    x = torch.zeros(1)
-    times = []
-    for i in range(warmup + steps):
-        dist.barrier()
-        start = time.perf_counter()
-        model(x).sum().backward()
-        seconds = torch.tensor([time.perf_counter() - start])
-        dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
-        if i >= warmup:
-            times.append(float(seconds))
-    return statistics.median(times)
+class _Captured:
+    """Takes the hook `register_compression` would register, so that a switch can turn it off per step."""
+
+    def register_comm_hook(self, state, hook) -> None:
+        self.state, self.hook = state, hook
 
 
-def ddp_case(
-    shape: Shape, method: str | None, compute: bool, comm: bool, bucket_mb: float, steps: int
-) -> dict:
-    """One DDP configuration: median step seconds and the bytes its hook counted per step."""
-    model = stand_in(shape, compute)
+def one_step(model: nn.Module) -> float:
+    """The slowest worker's forward+backward seconds (all start together)."""
+    dist.barrier()
+    start = time.perf_counter()
+    model(torch.zeros(1)).sum().backward()
+    seconds = torch.tensor([time.perf_counter() - start])
+    dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
+    return float(seconds)
+
+
+MODES = {"step": (1, True), "ideal": (1, False), "alone": (0, True), "local": (0, False)}
+
+
+def ddp_case(shape: Shape, method: str | None, bucket_mb: float, rounds: int, modes: tuple[str, ...]) -> dict:
+    """One DDP model with `method`'s hook: `modes` (compute on/off × communication on/off) interleaved
+    step by step for `rounds` rounds after 3 warm-up steps; the median seconds of each, and the bytes the
+    hook counted in its last step."""
+    switches = {"compute": 1, "comm": True}
+    model = stand_in(shape, switches)
     ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=bucket_mb, gradient_as_bucket_view=True)
-    traffic = GradTraffic()
-    if comm:
-        register_compression(ddp, method, traffic, powersgd_start=2)
-    else:
-        ddp.register_comm_hook(None, _no_comm)
-    seconds = timed_steps(ddp, steps, warmup=3 if method and method.startswith("powersgd") else 2)
+    traffic, captured = GradTraffic(), _Captured()
+    register_compression(captured, method, traffic, powersgd_start=2)
+
+    def switched(state, bucket):
+        return captured.hook(captured.state, bucket) if switches["comm"] else _no_comm(bucket)
+
+    ddp.register_comm_hook(None, switched)
+    for _ in range(3):  # DDP rebuilds its buckets after step 1; PowerSGD compresses from step 3
+        one_step(ddp)
+    times: dict[str, list[float]] = {mode: [] for mode in modes}
+    for _ in range(rounds):
+        for mode in modes:
+            switches["compute"], switches["comm"] = MODES[mode]
+            times[mode].append(one_step(ddp))
+        switches["comm"] = True
+    out = {mode: statistics.median(t) for mode, t in times.items()}
+    out["bytes"] = traffic.last_sent
     del ddp, model
     gc.collect()
-    return {"seconds": seconds, "bytes": traffic.last_sent}
+    return out
 
 
-def fsdp_case(shape: Shape, compute: bool, steps: int) -> float:
-    """FSDP2, each layer sharded: median seconds (all-gathers in forward and backward; reduce-scatter)."""
+def fsdp_case(shape: Shape, rounds: int) -> float:
+    """FSDP2, each layer sharded: median seconds (all-gathers in forward and backward, reduce-scatter)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    model = stand_in(shape, compute)
+    model = stand_in(shape, {"compute": 1})
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     for layer in model:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    seconds = timed_steps(model, steps, warmup=2)
+    for _ in range(2):
+        one_step(model)
+    seconds = statistics.median(one_step(model) for _ in range(rounds))
     del model
     gc.collect()
     return seconds
@@ -213,50 +236,32 @@ def bus_bandwidth(reps: int = 5) -> float:
     return 2 * (world - 1) / world * BANDWIDTH_BYTES / statistics.median(times)
 
 
-def worker(models: list[Shape], steps: dict[str, int], buckets: bool, fsdp: bool, skip: set) -> dict:
+def worker(models: list[Shape], rounds: dict[str, int], buckets: bool, skip: set) -> dict:
     """Every configuration for this worker count, in one process group (one start-up per worker count)."""
-    init_worker(torch.device("cpu"), 1800)
+    init_worker(torch.device("cpu"), 3600)
     out: dict = {"bus_bandwidth": bus_bandwidth(), "rows": [], "buckets": []}
     for shape in models:
-        n = steps[shape.name]
-        ideal = ddp_case(shape, None, True, False, 25, n)["seconds"]
-        local = ddp_case(shape, None, False, False, 25, n)["seconds"]
-        alone = ddp_case(shape, None, False, True, 25, n)
+        n = rounds[shape.name]
         for method in METHODS:
             if (shape.name, method) in skip:
                 continue
-            real = ddp_case(shape, method, True, True, 25, n)
+            modes = tuple(MODES) if method is None else ("step", "ideal")
+            t = ddp_case(shape, method, 25, n, modes)
+            comm = t["alone"] - t["local"] if method is None else None
+            row = {"model": shape.name, "strategy": "ddp", "method": method or "fp32", "comm": comm}
+            out["rows"].append({**row, "ideal": t["ideal"], "step": t["step"], "bytes": t["bytes"]})
+        if (shape.name, "fsdp") not in skip:
+            ideal = next(r["ideal"] for r in out["rows"] if r["model"] == shape.name)
+            row = {"model": shape.name, "strategy": "fsdp", "method": "fp32", "comm": None}
             out["rows"].append(
-                {
-                    "model": shape.name,
-                    "strategy": "ddp",
-                    "method": method or "fp32",
-                    "ideal": ideal,
-                    "step": real["seconds"],
-                    "comm": alone["seconds"] - local if method is None else None,
-                    "bytes": real["bytes"],
-                }
+                {**row, "ideal": ideal, "step": fsdp_case(shape, n), "bytes": 4 * shape.params}
             )
-        if fsdp and (shape.name, "fsdp") not in skip:
-            step = fsdp_case(shape, True, n)
-            out["rows"].append(
-                {
-                    "model": shape.name,
-                    "strategy": "fsdp",
-                    "method": "fp32",
-                    "ideal": ideal,
-                    "step": step,
-                    "comm": None,  # (its step alone is as slow as the step: exposed says it)
-                    "bytes": 4 * shape.params,
-                }
-            )
-        if buckets and shape.params > 10**7:  # 25 MB (DDP's default) is the fp32 row above
-            default = next(
-                r["step"] for r in out["rows"] if r["model"] == shape.name and r["method"] == "fp32"
-            )
+        if buckets and shape.params > 10**7:  # 25 MB is DDP's default
             for mb in (1, 25, 4 * shape.params / 2**20 + 1):
-                step = default if mb == 25 else ddp_case(shape, None, True, True, mb, n)["seconds"]
-                out["buckets"].append({"model": shape.name, "bucket_mb": mb, "ideal": ideal, "step": step})
+                t = ddp_case(shape, None, mb, n, ("step", "ideal"))
+                out["buckets"].append(
+                    {"model": shape.name, "bucket_mb": mb, "ideal": t["ideal"], "step": t["step"]}
+                )
     return out
 
 
@@ -392,7 +397,10 @@ def main() -> None:
     results = {int(n): r for n, r in sorted(saved["results"].items(), key=lambda kv: int(kv[0]))}
     skipped = {int(n): s for n, s in saved["skipped"].items()}
     bandwidth = results[2]["bus_bandwidth"]
-    acc = accuracy_rows(args.quick)
+    if not (args.reuse and "accuracy" in saved):
+        saved["accuracy"] = accuracy_rows(args.quick)
+        raw.write_text(json.dumps(saved, indent=1))
+    acc = saved["accuracy"]
     plot(results, models, bandwidth, args.out / "scaling.png")
     text = report(results, models, bandwidth, acc, skipped, time.time() - started, args.quick)
     (args.out / "scaling.md").write_text(text)
@@ -402,14 +410,14 @@ def main() -> None:
 def scaling_run(models: list[Shape], workers: int, quick: bool) -> tuple[dict, list[str]]:
     """One worker count in one process group: its results, and what was skipped (memory or run time: at 4
     and 8 workers BERT-base runs fp32 and fp16 only; its PowerSGD and FSDP steps take ~9 s at 2 workers)."""
-    steps = {"digits cnn": 8, "ResNet-50": 3, "BERT-base": 2}
+    rounds = {"digits cnn": 8, "ResNet-50": 4, "BERT-base": 3}
     if quick:
-        steps = {name: 2 for name in steps}
+        rounds = {name: 2 for name in rounds}
     slow = {("BERT-base", "powersgd:4"), ("BERT-base", "fsdp")} if workers > 2 else set()
     skip = memory_skips(models, workers) | slow
     skipped = sorted(f"{m} {k or 'fp32'}" for m, k in skip)
     print(f"{workers} workers (skipped: {skipped or 'none'})", flush=True)
-    result = run_local(worker, (models, steps, workers == 2, True, skip), workers, 3600)
+    result = run_local(worker, (models, rounds, workers == 2, skip), workers, 3600)
     for row in result["rows"]:
         print(
             f"  {row['model']} {row['strategy']} {row['method']}: step {row['step'] * 1e3:.1f} ms, "
@@ -417,6 +425,28 @@ def scaling_run(models: list[Shape], workers: int, quick: bool) -> tuple[dict, l
             flush=True,
         )
     return result, skipped
+
+
+def summary_lines(results: dict, models: list[Shape], bandwidth: float) -> list[str]:
+    """Efficiency per model and worker count, each way, beside the ring model for fp32 gradients."""
+    ways = (("ddp", "fp32"), ("ddp", "fp16"), ("ddp", "powersgd:4"), ("fsdp", "fp32"))
+    lines = [
+        "## Efficiency (ideal / measured step) at 2, 4 and 8 workers",
+        "",
+        "| model | workers | ddp fp32 | ddp fp16 | ddp powersgd:4 | fsdp "
+        "| ring model, fp32 (no overlap · full) |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for shape in models:
+        for n, result in results.items():
+            found = {(r["strategy"], r["method"]): r for r in result["rows"] if r["model"] == shape.name}
+            if not found:
+                continue
+            cells = [f"{efficiency(found[w]):.0%}" if w in found else "–" for w in ways]
+            ideal, comm = found[ways[0]]["ideal"], ring_seconds(n, 4 * shape.params, bandwidth)
+            model = f"{ideal / (ideal + comm):.0%} · {ideal / max(ideal, comm):.0%}"
+            lines.append(f"| {shape.name} | {n} | " + " | ".join(cells) + f" | {model} |")
+    return [*lines, ""]
 
 
 def report(results, models, bandwidth, acc, skipped, seconds, quick) -> str:
@@ -454,7 +484,8 @@ def report(results, models, bandwidth, acc, skipped, seconds, quick) -> str:
         + ", ".join(f"N={n}: {results[n]['bus_bandwidth'] / 1e9:.2f} GB/s" for n in counts)
         + f". The ring model uses B = {bandwidth / 1e9:.2f} GB/s (N=2) at every N.",
         "",
-        "## Efficiency at 2, 4 and 8 workers",
+        *summary_lines(results, models, bandwidth),
+        "## Every measured row",
         "",
         "bytes: what each worker hands to all-reduce per step (counted by keiryo's hook; PowerSGD's steady "
         "state); comm: the step with no compute minus the step with neither compute nor communication; ring "
