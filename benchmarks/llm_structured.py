@@ -41,9 +41,9 @@ QUICK = os.environ.get("KEIRYO_LLM_STRUCT_QUICK") == "1"
 HELD_OUT_TOKENS = 1024 if QUICK else 16384
 CONTEXT = STRIDE = 512
 PRUNE_WINDOWS, PRUNE_LENGTH = (4, 256) if QUICK else (16, 512)
-HEAL_WINDOWS, HEAL_LENGTH = (16, 128) if QUICK else (256, 256)
 HEAL_STEPS = int(os.environ.get("KEIRYO_LLM_HEAL_STEPS", "12" if QUICK else "200"))
 HEAL_BATCH = 2 if QUICK else 4
+HEAL_WINDOWS, HEAL_LENGTH = (HEAL_STEPS * HEAL_BATCH, 128) if QUICK else (256, 256)  # quick: each seen once
 HEAL_LR = float(os.environ.get("KEIRYO_LLM_HEAL_LR", "2e-4"))
 PROMPT_TOKENS, NEW_TOKENS, ROUNDS = (32, 16, 2) if QUICK else (128, 32, 5)
 PACKAGE_NOTE = "weights already rounded to 4 bits (Q4_1) by the GGUF's packager"
