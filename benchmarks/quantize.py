@@ -3,7 +3,7 @@
 Run: python benchmarks/quantize.py [--runs 50] [--skip-compile] [--sections 1,2,3,4,5,6]
 
 It prints (and writes to benchmarks/out/quantize.md; a part of it: quantize-sections-5-6.md ...), with 2
-threads, latencies as p50 of interleaved runs:
+threads (--threads), latencies as p50 of interleaved runs:
 1. the 4x1024 Linear stack: keiryo `int8-dynamic` (backend="auto", its measured candidates) against fp32 and
    against each backend called directly (torch.ao fbgemm, torchao eager, torchao compiled): speed-up at
    batch 1 and 64, file size, and keiryo's time over the best direct call;
@@ -116,7 +116,7 @@ def linear_stack(runs: int, compile_too: bool) -> str:
         quantize_(aoc, Int8DynamicActivationInt8WeightConfig())
         direct["torchao compiled direct"] = torch.compile(aoc)
     models = {"fp32": fp32, "keiryo int8-dynamic": keiryo_q, **direct}
-    rep = compare(models, x, timing=Timing(runs=runs, batch_sizes=(1, 64), threads=2))
+    rep = compare(models, x, timing=Timing(runs=runs, batch_sizes=(1, 64), threads=torch.get_num_threads()))
     rows = {r.name: r for r in rep.rows}
     best = {b: min(rows[n].latency[b].p50_ms for n in direct) for b in (1, 64)}
     mine = rows["keiryo int8-dynamic"]
@@ -165,7 +165,7 @@ def digits_methods(number: int, name: str, splits, epochs: int, runs: int, compi
         q = quantize(model, method, calibration, x if method not in ("fp16", "bf16") else None, policy)
         models[label] = q
         notes[label] = report_of(q).message.replace("|", "/")
-    rep = compare(models, x, splits, Timing(runs=runs, batch_sizes=(1, 64), threads=2))
+    rep = compare(models, x, splits, Timing(runs=runs, batch_sizes=(1, 64), threads=torch.get_num_threads()))
     rows = {r.name: r for r in rep.rows}
     base = rows["fp32"].accuracy
     checks = [
@@ -208,7 +208,7 @@ def transformer_section(splits, runs: int, compile_too: bool) -> str:
         {"fp32": model, "int8-dynamic (auto)": q, "int8-static (auto)": static},
         x,
         splits,
-        Timing(runs=runs, threads=2),
+        Timing(runs=runs, threads=torch.get_num_threads()),
     )
     return "\n\n".join(
         [
@@ -311,9 +311,7 @@ def fast_paths_section(runs: int) -> str:
                 f"| {k} | {lat[1][k].p50_ms:.3f} | {lat[64][k].p50_ms:.3f} | {ups[0]:.2f}× | {ups[1]:.2f}× | "
                 f"{cosine[k]:.4f} |"
             )
-        auto = quantize(
-            model, "int8-static", x, x[:64], Policy(compile=True, runs=runs, time_limit=TIME_LIMIT)
-        )
+        auto = quantize(model, "int8-static", x, x[:64], Policy(compile=True, runs=runs, time_limit=60.0))
         lines += [
             "",
             f"quantize(int8-static, backend auto, batch sizes 1 and 64): **{report_of(auto).message}**",
@@ -382,9 +380,10 @@ def main() -> None:
     )
     parser.add_argument("--runs", type=int, default=50, help="timed runs per model and batch size")
     parser.add_argument("--skip-compile", action="store_true", help="leave torch.compile candidates out")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (1 on a loaded machine)")
     parser.add_argument("--sections", default="1,2,3,4,5,6", help="which sections to run (comma-separated)")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     started = time.perf_counter()
     splits = load_data("digits")
     compile_too = not args.skip_compile
@@ -400,7 +399,7 @@ def main() -> None:
     out = OUT / ("quantize.md" if set(chosen) >= set(steps) else f"quantize-sections-{'-'.join(chosen)}.md")
     steps = [steps[k] for k in chosen if k in steps]
     sections = [
-        "# Quantization on this CPU (2 threads)",
+        f"# Quantization on this CPU ({args.threads} threads)",
         f"`python benchmarks/quantize.py --sections {args.sections}` · torch {torch.__version__} · load "
         f"average at start {os.getloadavg()[0]:.1f} · latencies: p50 of {args.runs} interleaved runs after "
         f"warm-up · {cpu_line()}",
