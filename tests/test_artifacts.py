@@ -129,3 +129,24 @@ def test_model_without_factory_needs_one(tmp_path):
         kwargs={"in_features": 2, "out_features": 2},
     )
     assert isinstance(artifacts.load(path, trust_code=True), nn.Linear)
+
+
+def test_recorded_folds_and_pt2e_records_that_do_not_fit_are_one_line_errors(tmp_path):
+    from keiryo.compress.fold import fold_batchnorm
+
+    model = build_model("cnn", in_channels=1, num_classes=10, width=8, blocks=1).eval()
+    path = artifacts.save(fold_batchnorm(model, torch.randn(2, 1, 8, 8)), tmp_path / "folded.pt")
+    payload = torch.load(path, weights_only=True)
+    payload["transforms"][0]["options"]["pairs"] = [["stem.9", "stem.1"]]  # a layer the factory lacks
+    torch.save(payload, tmp_path / "bad-fold.pt")
+    with pytest.raises(ArtifactError, match="bad-fold.pt"):
+        artifacts.load(tmp_path / "bad-fold.pt")
+    payload["transforms"] = [
+        {
+            "kind": "quantize",
+            "options": {"method": "int8-static", "config": {}, "backend": "x86-inductor", "layers": []},
+        }
+    ]
+    torch.save(payload, tmp_path / "bad-pt2e.pt")  # no recorded example shapes or ranges
+    with pytest.raises(ArtifactError, match="bad-pt2e.pt"):
+        artifacts.load(tmp_path / "bad-pt2e.pt")
