@@ -22,6 +22,7 @@ import argparse
 import copy
 import os
 import subprocess
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -400,7 +401,7 @@ def main() -> None:
     steps = [steps[k] for k in chosen if k in steps]
     sections = [
         f"# Quantization on this CPU ({args.threads} threads)",
-        f"`python benchmarks/quantize.py --sections {args.sections}` · torch {torch.__version__} · load "
+        f"`python benchmarks/quantize.py {' '.join(sys.argv[1:])}` · torch {torch.__version__} · load "
         f"average at start {os.getloadavg()[0]:.1f} · latencies: p50 of {args.runs} interleaved runs after "
         f"warm-up · {cpu_line()}",
     ]

@@ -2,11 +2,13 @@
 
 `quantize(model, Int8Static(observer="minmax"), calibration, example_inputs, Policy(...))` returns a
 quantized copy; a method name ("int8-static") stands for its config with defaults (`qconfig.py`). Under
-`Policy(backend="auto")` it builds every kernel that can run the method here, measures each against the float
-model and keeps the fastest within tolerance (`qchoose.py`); `report_of(model)` says what was chosen and why.
+`Policy(backend="auto")` it builds every kernel that can run the method here, times each beside the float
+model (BatchNorms folded, `fold.py`) at each batch size served, and keeps the fastest within tolerance, or
+float when none is faster (`qchoose.py`); `report_of(model)` says what was chosen and why.
 What each config does is one handler below (`HANDLERS`), on the kernels of `quant_backends.py` and
-`quant_static.py`. The same handler rebuilds a saved model's layers at load (`replay`), given no data:
-scales and zero points then come from the file. Inputs may be a Tensor, a tuple of positional arguments or a
+`quant_static.py` (and `quant_pt2e.py` for int8-static's x86-inductor backend). The same handler
+rebuilds a saved model's layers at load (`replay`), given no data: scales and zero points then come from
+the file. Inputs may be a Tensor, a tuple of positional arguments or a
 dict of keyword arguments (`keiryo.inputs`); outputs are compared on their main tensor (logits, ...).
 """
 
