@@ -48,7 +48,12 @@ def train(
         int, typer.Option(min=0, help="Also checkpoint every N steps (0: epoch ends only).")
     ] = 0,
     resume: Annotated[
-        bool, typer.Option("--resume", help="Continue from --checkpoint if it exists.")
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue from --checkpoint if it exists (workers restarted by --max-restarts or by "
+            "torchrun --max-restarts resume from their own run's checkpoint by themselves).",
+        ),
     ] = False,
     seed: opt.SeedOpt = 0,
     progress: opt.ProgressOpt = True,

@@ -119,8 +119,10 @@ class Async:
     (damp stale pushes), dcasgd (delay compensation with `dc_lambda`), sync (a barrier, to compare).
     The server applies the optimizer `TrainConfig` describes (optimizer, lr, weight decay, schedule), and
     one update counts as one step. `max_updates`: None runs `TrainConfig`'s epochs of the training split.
-    `slowdown`: one factor ≥ 1 per worker (experiments). `on_failure`: restart or continue after a worker
-    dies. `ray_address`: join that cluster (None: start a local Ray of this run's own).
+    `slowdown`: one factor ≥ 1 per worker (experiments). `on_failure`: after a worker dies, "restart"
+    replaces it and "continue" goes on without it; after the parameter server dies, "restart" restarts it
+    from its last checkpoint of this run (needs `TrainConfig.checkpoint`; at most 3 times) and "continue"
+    ends the run in one line. `ray_address`: join that cluster (None: start a local Ray of this run's own).
     """
 
     kind: ClassVar[str] = "async"
