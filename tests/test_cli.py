@@ -10,6 +10,7 @@ import torch
 from keiryo import artifacts, provenance
 from keiryo.cli import main
 from keiryo.models import build_model
+from keiryo.runtimes import load_runtime
 
 
 def run(capsys, *args: str) -> tuple[int, str, str]:
@@ -66,6 +67,11 @@ def test_train_then_bench(tmp_path, capsys):
         (["bench", "GOOD", "--batch-sizes", "a,b"], "--batch-sizes"),
         (["train", "--epochs", "zero"], "--epochs"),
         (["frobnicate"], "frobnicate"),
+        (["deploy", "missing.pt"], "missing.pt"),
+        (["deploy", "GOOD", "--batch", "0,8"], "--batch"),
+        (["deploy", "GOOD", "--runtimes", "tensorrt"], "tensorrt"),
+        (["deploy", "GOOD", "--also", "torch"], "also"),
+        (["deploy", "GOOD", "--out", "GOOD"], "--out"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):
@@ -96,9 +102,27 @@ def test_demo_runs_the_whole_recipe(tmp_path, capsys):
     assert "keiryo demo" in out and "report:" in out
     for step in ("teacher", "prune", "distill", "quantize"):
         assert (tmp_path / f"{step}.pt").exists(), step
-    assert (tmp_path / "export.onnx").exists() and (tmp_path / "report.html").exists()
-    final = artifacts.load(tmp_path / "quantize.pt")
-    assert final(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+    assert (tmp_path / "report.html").exists() and "deploy (" in out
+    chosen = json.loads((tmp_path / "deploy" / "report.json").read_text())["chosen"]
+    assert set(chosen) == {"1", "64"}
+    pte = load_runtime(tmp_path / "deploy" / "executorch.pte")  # the .pte runs in ExecuTorch's runtime
+    x = torch.randn(5, 1, 8, 8)
+    distilled = artifacts.load(tmp_path / "distill.pt")
+    torch.testing.assert_close(pte(x), distilled(x), atol=1e-3, rtol=1e-3)
+
+
+def test_deploy_writes_the_choice_and_prints_the_table(tmp_path, capsys):
+    model = artifacts.save(build_model("mlp", in_features=64, hidden=[16], num_classes=10), tmp_path / "m.pt")
+    out = tmp_path / "deployed"
+    args = ["deploy", str(model), "--data", "digits", "--out", str(out), "--batch", "1,8"]
+    code, stdout, err = run(capsys, *args, "--runtimes", "onnxruntime-fp32", "--runs", "3", "--no-progress")
+    assert code == 0, err
+    assert "onnxruntime" in stdout and "batch 8:" in stdout and "report:" in stdout
+    blob = json.loads((out / "report.json").read_text())
+    assert {c["name"] for c in blob["candidates"]} == {"torch", "onnxruntime"}
+    for b, name in blob["chosen"].items():
+        chosen = next(c for c in blob["candidates"] if c["name"] == name)
+        assert (out / chosen["artifact"]).is_file() and chosen["cosine"] > 0.99, b
 
 
 def test_env_prints_versions(capsys):

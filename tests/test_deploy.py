@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from keiryo import artifacts, deploy_report, deployment
+from keiryo import artifacts, deploy_files, deploy_report, deployment
 from keiryo.deployment import DeployConfig, candidates_of, deploy
-from keiryo.errors import ConfigError, MissingDependency, ModelError
+from keiryo.errors import ArtifactError, ConfigError, MissingDependency, ModelError
 from keiryo.models import build_model
 from keiryo.runtimes import load_runtime
 
@@ -70,6 +70,12 @@ def test_written_runtime_artifact_loads_back_and_matches(cnn, tmp_path):
     torch.testing.assert_close(runner(x), cnn(x), atol=1e-4, rtol=1e-4)
     loaded = artifacts.load(tmp_path / "out" / report.candidate("torch").artifact)
     torch.testing.assert_close(loaded(x), cnn(x), atol=1e-4, rtol=1e-4)
+    chosen = deploy_files.load_deployed(tmp_path / "out", 8)  # what serves batch 8, from the folder alone
+    torch.testing.assert_close(chosen(x), cnn(x), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ConfigError, match="batch sizes \\[1, 8\\], not 3"):
+        deploy_files.load_deployed(tmp_path / "out", 3)
+    with pytest.raises(ArtifactError, match="not a folder keiryo deploy wrote"):
+        deploy_files.load_deployed(tmp_path)
 
 
 def test_model_without_factory_is_written_as_torch_export_program(tmp_path):
@@ -99,7 +105,7 @@ def test_failed_deploy_leaves_existing_out_untouched(cnn, tmp_path, monkeypatch)
     def broken(*args, **kwargs):
         raise ModelError("the written artifact does not reproduce the model")
 
-    monkeypatch.setattr(deployment, "_save", broken)
+    monkeypatch.setattr(deploy_files, "_save", broken)
     x = torch.randn(8, 1, 8, 8)
     with pytest.raises(ModelError):
         deploy(cnn, x[:1], x, _config(candidates=("torch",)), out)
@@ -123,6 +129,7 @@ def test_missing_runtime_is_one_line_and_the_rest_runs(cnn, monkeypatch):
 
 def test_families_expand_and_bad_options_are_one_line(tmp_path):
     assert candidates_of(["openvino", "torch-compile"]) == ("openvino", "openvino-int8", "torch-compile")
+    assert candidates_of(["onnxruntime-fp32", "torch-fp32"]) == ("onnxruntime", "torch")
     with pytest.raises(ConfigError, match="unknown runtime or candidate 'tensorrt'"):
         candidates_of(["tensorrt"])
     for bad in ({"batch_sizes": (0,)}, {"candidates": ("nope",)}, {"also": ("torch",)}, {"runs": 0}):

@@ -37,6 +37,7 @@ LAYERS: list[tuple[str, ...]] = [
         "summary",
         "runtimes",
         "deploy_report",
+        "deploy_files",
     ),
     ("training", "recipe", "optimize", "steps", "deployment"),
     ("keiryo", "cli", "__main__"),

@@ -73,6 +73,14 @@ def test_recipe_runs_reuses_and_reports(tmp_path):
             "line 3: step 'quantize': unknown observer 'x'",
         ),
         ("steps:\n  - train: {}\n  - quantize: {group_size: 64}\n", "int8-dynamic has no option group_size"),
+        (
+            "steps:\n  - train: {}\n  - deploy: {runtimes: [tensorrt]}\n",
+            "unknown runtime or candidate 'tensorrt'",
+        ),
+        ("steps:\n  - train: {}\n  - deploy: {batch_sizes: [0]}\n", "line 3: step 'deploy': batch size"),
+        ("steps:\n  - train: {}\n  - deploy: {also: [torch]}\n", "unknown runtime candidate in also 'torch'"),
+        ("steps:\n  - train: {grad_compression: fp16}\n", "grad_compression needs strategy ddp"),
+        ("steps:\n  - train: {strategy: ddp, grad_compression: fp8}\n", "unknown grad_compression 'fp8'"),
     ],
 )
 def test_bad_recipes_name_the_field_and_line(tmp_path, text, message):
@@ -92,7 +100,10 @@ def test_the_demo_recipe_is_valid():
     from importlib import resources
 
     recipe = load_recipe(str(resources.files("keiryo").joinpath("recipes/digits.yaml")))
-    assert [s.kind for s in recipe.steps] == ["train", "prune", "distill", "quantize", "export"]
+    assert [s.kind for s in recipe.steps] == ["train", "prune", "distill", "quantize", "deploy"]
+    deploy = recipe.steps[-1]
+    assert deploy.source == "distill" and deploy.configs["deploy"].also == ("executorch",)
+    assert deploy.configs["deploy"].batch_sizes == (1, 64)
 
 
 def test_a_step_is_its_configs_and_older_spellings_still_work(tmp_path):
@@ -111,3 +122,27 @@ def test_a_step_is_its_configs_and_older_spellings_still_work(tmp_path):
         assert prune.configs["finetune"].epochs == 1
     path.write_text("steps:\n  - train: {}\n  - prune: {ratio: 0.5, structured: false}\n")
     assert load_recipe(path).steps[1].configs["method"] == Unstructured(ratio=0.5)
+    path.write_text("steps:\n  - train: {strategy: ddp, workers: 2, grad_compression: powersgd:2}\n")
+    assert load_recipe(path).steps[0].configs["strategy"] == DDP(workers=2, grad_compression="powersgd:2")
+
+
+def test_deploy_step_writes_its_folder_and_its_choice_joins_the_table(tmp_path):
+    """The deploy step runs keiryo.deploy on the step before it; its chosen model is a row of the report."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "name: d\ndata: digits\nsteps:\n  - train: {model: mlp, epochs: 1, model_args: {hidden: [32]}}\n"
+        "  - deploy: {batch_sizes: [1, 8], runtimes: [onnxruntime], also: [onnxruntime], runs: 3}\n"
+    )
+    out = tmp_path / "out"
+    report, outcomes = run_recipe(recipe, out, progress=False)
+    folder = out / "deploy"
+    blob = json.loads((folder / "report.json").read_text())
+    assert set(blob["chosen"]) == {"1", "8"} and (folder / "onnxruntime.onnx").is_file()
+    names = [r.name for r in report.rows]
+    assert names[0] == "train" and all(n.startswith("deploy (") for n in names[1:]) and len(names) >= 2
+    for row in report.rows[1:]:
+        assert row.agreement.cosine > 0.99 and row.accuracy is not None
+    info = outcomes[1].info
+    assert "b1 " in info["chosen"] and "onnxruntime.onnx" in info["written"]
+    _, again = run_recipe(recipe, out, progress=False)
+    assert all(o.cached for o in again)

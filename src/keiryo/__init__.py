@@ -45,6 +45,7 @@ _API = {
     "deploy": "keiryo.deployment",
     "DeployConfig": "keiryo.deployment",
     "load_runtime": "keiryo.runtimes",
+    "load_deployed": "keiryo.deploy_files",
 }
 __all__ = sorted(_API)
 

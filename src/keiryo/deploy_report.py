@@ -45,6 +45,7 @@ class DeployReport:
     tolerance: str
     messages: list[str]
     out: str | None = None
+    written: list[str] = field(default_factory=list)  # one line per artifact written and loaded back
     models: dict[str, nn.Module] = field(default_factory=dict, repr=False)  # built candidates, not saved
 
     def candidate(self, name: str) -> Candidate:
@@ -110,7 +111,7 @@ class DeployReport:
                 f"CPU: {self.cpu}; {self.threads} threads for every runtime. Tolerance: {self.tolerance}. "
                 "Latency: p50 of interleaved rounds (× = speed-up over float in the same run).",
                 "",
-                *[f"- {m}" for m in self.messages],
+                *[f"- {m}" for m in [*self.messages, *self.written]],
                 "",
                 "| " + " | ".join(header) + " |",
                 "|" + "---|" * len(header),

@@ -10,43 +10,39 @@ timed in the same loop and a candidate must beat it by `min_speedup` to replace 
 slower than float in that run. When the winners differ by batch size, each one's artifact is written and
 the report says which serves which. `out` receives the winners' artifacts (a keiryo model file or a
 torch.export `.pt2`, `.onnx`, OpenVINO IR, `.pte`; each loaded back and checked), `report.md` and
-`report.json`, all at once: a run that fails leaves an existing `out` as it was. Rendering: `deploy_report`.
+`report.json`, all at once: a run that fails leaves an existing `out` as it was. Rendering: `deploy_report`;
+files: `deploy_files`.
 (This module is `deployment`, not `deploy`, so that `keiryo.deploy` is always the function.)
 """
 
 from __future__ import annotations
 
 import copy
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from torch import nn
 
-from keiryo import artifacts, inputs, measuring
+from keiryo import inputs, measuring
 from keiryo.compress import qdata
 from keiryo.compress.fold import fold_batchnorm
 from keiryo.compress.qconfig import Policy
 from keiryo.compress.quantize import quantize, report_of
+from keiryo.deploy_files import write_folder
 from keiryo.deploy_report import FLOAT, Candidate, DeployReport, progress_bar
-from keiryo.devices import ChannelsLast, Compiled, channels_last, compile_frozen
+from keiryo.devices import channels_last, compile_frozen
 from keiryo.errors import (
-    ArtifactError,
     ConfigError,
     KeiryoError,
     MissingDependency,
-    ModelError,
     check_whole,
     is_finite,
     one_line,
 )
 from keiryo.metrics import agreement, batch_of, threads, time_models
-from keiryo.runtimes import RUNTIME_CANDIDATES, Runner, RuntimeMissing, build, load_runtime, require
+from keiryo.runtimes import RUNTIME_CANDIDATES, RuntimeMissing, build, require
 from keiryo.runtimes.build import CANDIDATES as RUNTIME_KINDS
 from keiryo.runtimes.build import RUNTIMES
 
@@ -60,7 +56,6 @@ TORCH_CANDIDATES = {
     "torch-pt2e-int8": ("int8-static", True),
 }
 CANDIDATES = (*TORCH_CANDIDATES, *RUNTIME_CANDIDATES)
-ARTIFACT_CHECK_SAMPLES = 64  # a written artifact is loaded back and run on this many quality inputs
 
 
 @dataclass
@@ -114,17 +109,22 @@ class DeployConfig:
 
 
 def candidates_of(names: list[str] | tuple[str, ...]) -> tuple[str, ...]:
-    """Candidate names from names and families: 'torch', 'onnxruntime', 'openvino', 'executorch' stand for
-    all of theirs ('openvino' → openvino, openvino-int8); anything else is refused in one line."""
+    """Candidate names from families and names: a runtime ('torch', 'onnxruntime', 'openvino', 'executorch')
+    stands for all of its candidates ('openvino' → openvino, openvino-int8), '<runtime>-fp32' for its float
+    one alone, any other candidate name for itself; anything else is refused in one line."""
     families = {"torch": tuple(TORCH_CANDIDATES)} | {
         runtime: tuple(n for n, (r, _) in RUNTIME_KINDS.items() if r == runtime) for runtime in RUNTIMES
     }
+    exact = {f"{family}-fp32": family for family in families} | {
+        c: c for c in CANDIDATES if c not in families
+    }
     out: list[str] = []
     for name in (n.strip() for n in names if n.strip()):
-        if name not in families and name not in CANDIDATES:
-            known = ", ".join([*families, *[c for c in CANDIDATES if c not in families]])
-            raise ConfigError(f"unknown runtime or candidate '{name}' (choose {known})")
-        out += families.get(name, (name,))
+        if name not in families and name not in exact:
+            raise ConfigError(
+                f"unknown runtime or candidate '{name}' (choose {', '.join([*families, *exact])})"
+            )
+        out += families.get(name, (exact.get(name),))
     return tuple(dict.fromkeys(out))
 
 
@@ -161,7 +161,8 @@ def deploy(
     report.models = built
     report.messages += report.choice_lines()
     if out is not None:
-        _write(report, config, out, (model, example, quality_inputs))
+        names = [*report.chosen.values(), *[n for n in config.also if n in built]]
+        write_folder(report, names, out, (model, example, quality_inputs))
     return report
 
 
@@ -320,79 +321,3 @@ def _choose(results: dict[str, Candidate], config: DeployConfig) -> dict[int, st
         chosen[b] = best.name if best.speedup[b] >= config.min_speedup else FLOAT
         results[chosen[b]].chosen_for.append(b)
     return chosen
-
-
-def _write(report: DeployReport, config: DeployConfig, out: Path, check: tuple) -> None:
-    """The winners' (and `also`'s) artifacts, each loaded back and checked, and the report: into `out` at
-    once (staged in a folder beside it, swapped in at the end)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
-        for name in dict.fromkeys([*report.chosen.values(), *[n for n in config.also if n in report.models]]):
-            c = report.candidate(name)
-            c.artifact, how = _save(report.models[name], stage, name, check)
-            report.messages.append(f"{name}: {c.artifact} ({how})")
-        report.out = str(out)
-        (stage / "report.md").write_text(report.markdown())
-        (stage / "report.json").write_text(report.to_json())
-        _swap(stage, out)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-
-
-def _save(model: nn.Module, folder: Path, name: str, check: tuple) -> tuple[str, str]:
-    """Write one candidate's artifact and load it back: the loaded copy must give the outputs the candidate
-    gave. Returns the file name and how to load it."""
-    reference, example, quality_inputs = check
-    if isinstance(model, Runner):
-        path = model.save(folder / f"{name}{RUNTIMES[model.runtime][0].SUFFIX}")
-        loaded, how = load_runtime(path), "keiryo.load_runtime(path)"
-    else:
-        inner = model.model if isinstance(model, (Compiled, ChannelsLast)) else model
-        wrap = {Compiled: "keiryo.devices.compile_frozen", ChannelsLast: "keiryo.devices.channels_last"}
-        outer = wrap.get(type(model))
-        path, loaded, how = _save_torch(inner, folder / name, example)
-        if outer is not None:
-            loaded, how = (
-                (compile_frozen if type(model) is Compiled else channels_last)(loaded),
-                f"{outer}({how})",
-            )
-    sample = inputs.take(quality_inputs, 0, ARTIFACT_CHECK_SAMPLES)
-    again, before = agreement(loaded, reference, sample), agreement(model, reference, sample)
-    if abs(again.cosine - before.cosine) > 1e-3:
-        raise ModelError(
-            f"{name}: the written artifact does not reproduce the model it was built from "
-            f"(cosine {again.cosine:.4f} vs {before.cosine:.4f}); nothing was written"
-        )
-    return path.name, how
-
-
-def _save_torch(model: nn.Module, stem: Path, example: inputs.Example) -> tuple[Path, nn.Module, str]:
-    """A keiryo model file when the model has a factory (keiryo's models, and what keiryo made of them);
-    else a torch.export program (`.pt2`, loaded without pickle by torch.export.load)."""
-    try:
-        path = artifacts.save(model, stem.with_suffix(".pt"))
-        return path, artifacts.load(path), "keiryo.load(path)"
-    except ArtifactError:
-        pass
-    args, kwargs = inputs.args_kwargs(batch_of(example, 2))
-    dims = tuple(
-        {0: torch.export.Dim.AUTO} if isinstance(a, torch.Tensor) else None for a in (*args, *kwargs.values())
-    )
-    path = stem.with_suffix(".pt2")
-    try:
-        torch.export.save(torch.export.export(model, args, kwargs, dynamic_shapes=dims), path)
-    except Exception as exc:  # noqa: BLE001  (torch.export raises many kinds; the line names it)
-        raise ModelError(f"{stem.name}: no keiryo factory and torch.export failed: {one_line(exc)}") from None
-    return path, torch.export.load(path).module(), "torch.export.load(path).module()"
-
-
-def _swap(stage: Path, out: Path) -> None:
-    """Put the staged folder at `out`: the old one (if any) is moved aside first and removed after."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(stage, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

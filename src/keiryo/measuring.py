@@ -47,8 +47,8 @@ class Metrics:
     """Everything measured about one model."""
 
     name: str
-    params: int
-    nonzero_params: int
+    params: int | None  # None for a runtime's program (a Runner): its weights are not torch parameters
+    nonzero_params: int | None
     bytes: int | None
     flops: int | None  # per sample
     latency: dict[int, Latency] = field(default_factory=dict)
@@ -127,13 +127,14 @@ def compare(
         with threads(timing.threads) as n:
             rows = {}
             for name, model in models.items():
-                total, nonzero = count_parameters(model)
+                program = isinstance(model, Runner)  # params and FLOPs live in the runtime, unseen by torch
+                total, nonzero = (None, None) if program else count_parameters(model)
                 rows[name] = Metrics(
                     name=name,
                     params=total,
                     nonzero_params=nonzero,
                     bytes=file_bytes(model),
-                    flops=count_flops(model, example_inputs),
+                    flops=None if program else count_flops(model, example_inputs),
                     accuracy=accuracy(model, eval_set, what=what) if eval_set is not None else None,
                     agreement=None
                     if name == reference_name

@@ -1,5 +1,5 @@
-"""Recipes: a YAML list of steps (train, prune, distill, quantize, export, measure), read and validated here
-before anything runs (`keiryo.steps` runs them).
+"""Recipes: a YAML list of steps (train, prune, distill, quantize, export, deploy, measure), read and
+validated here before anything runs (`keiryo.steps` runs them).
 
 ```yaml
 name: digits
@@ -10,18 +10,22 @@ steps:
   - distill: {teacher: train, epochs: 6}          # student: the previous step's model
   - quantize: {method: int8-dynamic}
   - export: {format: onnx}
+  - deploy: {from: distill, batch_sizes: [1, 64], also: [executorch]}
 ```
 
 Each step takes the model of the step before it (or of `from: <step name>`). A step's options are the
 fields of the API's configs, read into them here so that a bad value fails before anything runs, naming the
 line:
 - train → `TrainConfig` (`epochs`, `batch_size`, `lr`, `precision`, `patience`: null runs every epoch and
-  keeps the last weights) and a strategy (`strategy: ddp`, `workers: 2`);
+  keeps the last weights) and a strategy (`strategy: ddp`, `workers: 2`, `grad_compression: powersgd:4`
+  for ddp);
 - prune → `Structured`/`Unstructured` (`kind`, `ratio`, `importance`, `target`, `global_pruning`, `protect`,
   `steps`; the older `structured`, `global`, `iterative_steps` still work), `finetune_epochs`, `distill`;
 - distill → `Distill` (`temperature`, `alpha`, `loss`, `features`, ...) and `epochs`, `lr`, `patience`;
 - quantize → the method's config (`method: int8-static`, `observer`, `granularity`, ...) and `Policy`
-  (`backend`, `skip`, `compile`).
+  (`backend`, `skip`, `compile`);
+- deploy → `DeployConfig` (`batch_sizes`, `runtimes`: names or families such as onnxruntime, `also`,
+  `min_cosine`, `min_top1`, `runs`): the fastest way to run the model here, written to `<name>/`.
 A step's file records each config as its kind and `dataclasses.asdict`.
 
 A recipe is data, not code: a model spec that would import Python (anything but the built-ins and hf:DIR)
@@ -46,6 +50,7 @@ from keiryo.compress.prune_config import check_options as check_prune
 from keiryo.compress.prune_config import method_from
 from keiryo.compress.qconfig import Policy, method_of
 from keiryo.compress.qconfig import check_options as check_quantize
+from keiryo.deployment import DeployConfig, candidates_of
 from keiryo.errors import ConfigError
 from keiryo.loop import TrainConfig
 from keiryo.parallel.config import strategy_of
@@ -62,6 +67,7 @@ STEP_FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
         "lr": (int, float),
         "strategy": str,
         "workers": int,
+        "grad_compression": (str, type(None)),
         "precision": str,
         "patience": (int, type(None)),
     },
@@ -107,6 +113,15 @@ STEP_FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
         "skip": list,
     },
     "export": {**_NAME, "format": str},
+    "deploy": {
+        **_NAME,
+        "batch_sizes": list,
+        "runtimes": list,
+        "also": list,
+        "min_cosine": (int, float),
+        "min_top1": (int, float),
+        "runs": int,
+    },
 }
 PRUNE_FIELDS = ("kind", "ratio", "importance", "target", "global_pruning", "steps")
 DISTILL_FIELDS = ("temperature", "alpha", "loss", "features", "feature_weight", "cache_teacher")
@@ -219,10 +234,12 @@ def _configs(kind: str, options: dict[str, Any], seed: int) -> dict[str, Any]:
     o = options
     if kind == "train":
         train = {k: o[k] for k in ("epochs", "batch_size", "lr", "precision", "patience") if k in o}
-        return {
-            "strategy": strategy_of(o.get("strategy", "single"), o.get("workers")),
-            "train": TrainConfig(**train, seed=seed, device="cpu"),
-        }
+        strategy = strategy_of(o.get("strategy", "single"), o.get("workers"))
+        if o.get("grad_compression") is not None:
+            if strategy.kind != "ddp":
+                raise ConfigError(f"grad_compression needs strategy ddp (this step's is {strategy.kind})")
+            strategy = dataclasses.replace(strategy, grad_compression=o["grad_compression"])  # checks it
+        return {"strategy": strategy, "train": TrainConfig(**train, seed=seed, device="cpu")}
     if kind == "prune":
         method = {
             k: o[k] for k in ("kind", "ratio", "importance", "target", "global_pruning", "steps") if k in o
@@ -253,6 +270,11 @@ def _configs(kind: str, options: dict[str, Any], seed: int) -> dict[str, Any]:
         )
         method = check_quantize(method_of(o.get("method", "int8-dynamic"), **how), policy)
         return {"method": method, "policy": policy}
+    if kind == "deploy":
+        how = {k: o[k] for k in ("min_cosine", "min_top1", "runs") if k in o}
+        runtimes = candidates_of(o["runtimes"]) if "runtimes" in o else None
+        batch_sizes = tuple(o.get("batch_sizes", (1, 64)))
+        return {"deploy": DeployConfig(batch_sizes, runtimes, also=tuple(o.get("also", ())), **how)}
     return {}
 
 
@@ -287,14 +309,17 @@ def _unique(kind: str, steps: list[Step]) -> str:
 
 
 def demo_recipe(quick: bool = False) -> Recipe:
-    """The recipe `keiryo demo` runs (recipes/digits.yaml); `quick`: one epoch per step (a smoke test)."""
+    """The recipe `keiryo demo` runs (recipes/digits.yaml); `quick`: one epoch per step and few timing rounds
+    (a smoke test)."""
     path = resources.files("keiryo").joinpath("recipes/digits.yaml")
     raw = yaml.safe_load(path.read_text())
     if quick:
         for step in raw["steps"]:
-            options = next(iter(step.values()))
+            kind, options = next(iter(step.items()))
             if "epochs" in options:
                 options["epochs"] = 1
+            if kind == "deploy":
+                options["runs"] = 5
     recipe = load_recipe(raw)
     recipe.path = str(path)
     return recipe

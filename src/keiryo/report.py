@@ -55,7 +55,9 @@ def rows(report: Report) -> list[dict[str, Any]]:
         row: dict[str, Any] = {
             "model": r.name,
             "params": human_count(r.params),
-            "non-zero": human_count(r.nonzero_params) if r.nonzero_params != r.params else "all",
+            "non-zero": "all"
+            if r.params is not None and r.nonzero_params == r.params
+            else human_count(r.nonzero_params),
             "size": human_bytes(r.bytes),
             "FLOPs/sample": human_count(r.flops),
         }

@@ -1,7 +1,8 @@
 """Running a recipe: each step calls the public API, unchanged steps are reused, and every model is measured.
 
 Each step takes the model of the step before it (or of `from: <step name>`) and writes `<name>.pt` and
-`<name>.json` in the output folder. A step whose options and inputs are unchanged is not run again, so an
+`<name>.json` in the output folder (a deploy step: the folder `<name>/` that `keiryo.deploy` writes, whose
+chosen models join the final table). A step whose options and inputs are unchanged is not run again, so an
 interrupted recipe resumes where it stopped (and a train step resumes from its own checkpoint). Finally every
 model is measured side by side and `report.md`, `report.html` and `metrics.json` are written.
 """
@@ -21,10 +22,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from keiryo import artifacts, data, fileio, measuring, models, report
+from keiryo import artifacts, data, fileio, inputs, measuring, models, report
 from keiryo.compress.distill import distill
 from keiryo.compress.prune import prune
 from keiryo.compress.quantize import quantize
+from keiryo.deploy_files import deployed_choice, load_deployed
+from keiryo.deployment import deploy
 from keiryo.errors import ArtifactError, ConfigError
 from keiryo.examples import model_for_data
 from keiryo.export import SUFFIXES, export
@@ -98,7 +101,8 @@ def run_recipe(
         if on_step is not None:
             on_step(step)
         previous = _read_meta(meta_path)
-        fresh = not force and previous.get("key") == key and (model_path is None or model_path.exists())
+        made = model_path if model_path is not None else out / step.name if step.kind == "deploy" else None
+        fresh = not force and previous.get("key") == key and (made is None or made.exists())
         started = time.perf_counter()
         info = previous.get("info") if isinstance(previous.get("info"), dict) else {}
         if fresh and model_path is not None:
@@ -116,7 +120,8 @@ def run_recipe(
             blob = {"key": key, "kind": step.kind, "options": step.options, "configs": configs, "info": info}
             fileio.atomic_write_bytes(json.dumps(blob, indent=2, default=str).encode(), meta_path)
         outcomes.append(StepOutcome(step, model_path, fresh, time.perf_counter() - started, info))
-    result = measuring.compare(loaded, example, splits, Timing(threads=torch.get_num_threads()))
+    rows = {**loaded, **_deployed(outcomes, out)}
+    result = measuring.compare(rows, example, splits, Timing(threads=torch.get_num_threads()))
     report.write_reports(result, out, title=f"keiryo recipe: {recipe.name}", notes=_notes(outcomes))
     return result, outcomes
 
@@ -183,6 +188,8 @@ def _run_step(step: Step, ctx: _Context) -> tuple[nn.Module | None, dict[str, An
         return _quantize(step, ctx), {}
     if step.kind == "export":
         return None, _export(step, ctx)
+    if step.kind == "deploy":
+        return None, _deploy(step, ctx)
     raise ConfigError(f"unknown step '{step.kind}'")  # load_recipe already rejects these
 
 
@@ -234,3 +241,29 @@ def _export(step: Step, ctx: _Context) -> dict[str, Any]:
     timing = {"runtime_p50_ms": result.runtime_p50_ms, "torch_p50_ms": result.torch_p50_ms}
     info = {"file": result.path.name, "bytes": result.bytes, "max_error": f"{result.max_error:.2e}"}
     return {**info, **{k: round(v, 3) for k, v in timing.items() if v is not None}}
+
+
+def _deploy(step: Step, ctx: _Context) -> dict[str, Any]:
+    """The fastest way to run the step's model here (`keiryo.deploy`), written to `<out>/<name>/`."""
+    config = replace(step.configs["deploy"], progress=ctx.progress)
+    source = ctx.loaded[step.source]
+    result = deploy(source, inputs.take(ctx.example, 0, 1), ctx.splits, config, ctx.out / step.name)
+    chosen = ", ".join(
+        f"b{b} {name} ({result.candidate(name).speedup[b]:.2f}× float)" for b, name in result.chosen.items()
+    )
+    files = {c.name: c.artifact for c in result.candidates if c.artifact}
+    return {"chosen": chosen, "written": " · ".join(result.written), "files": files, "lines": result.messages}
+
+
+def _deployed(outcomes: list[StepOutcome], out: Path) -> dict[str, nn.Module]:
+    """The models each deploy step chose (one per distinct winner), loaded from its folder for the table."""
+    rows: dict[str, nn.Module] = {}
+    for o in outcomes:
+        if o.step.kind != "deploy":
+            continue
+        chosen, _ = deployed_choice(out / o.step.name)
+        for b, candidate in chosen.items():
+            name = f"{o.step.name} ({candidate})"
+            if name not in rows:
+                rows[name] = load_deployed(out / o.step.name, b)
+    return rows

@@ -32,8 +32,9 @@ def deploy_command(
     runtimes: Annotated[
         str | None,
         typer.Option(
-            help="Only these (comma-separated): torch, onnxruntime, openvino, executorch, or candidate names "
-            "such as openvino-int8 (default: all installed). PyTorch float is always measured."
+            help="Only these (comma-separated): torch, onnxruntime, openvino, executorch (each: all its "
+            "precisions), or single candidates such as openvino-int8, onnxruntime-fp32 (default: all "
+            "installed). PyTorch float is always measured."
         ),
     ] = None,
     also: Annotated[
@@ -87,6 +88,6 @@ def deploy_command(
     example = example_inputs(model, splits, 1, seed, str(model_file))
     result = deploy(model, example, splits, config, out)
     console.print(result.table(), markup=False)
-    for line in result.messages:
+    for line in [*result.messages, *result.written]:
         console.print(line, markup=False)
     console.print(f"report: {out / 'report.md'}", markup=False)
