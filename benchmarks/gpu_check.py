@@ -181,13 +181,15 @@ def check_async(splits) -> tuple[str, str]:
 
 
 def check_elastic(device: str) -> tuple[str, str]:
-    """torchrun restarts its one worker, SIGKILLed after the first checkpoint; the run resumes from it."""
+    """torchrun restarts its one worker, SIGKILLed after the first checkpoint; the run resumes from it.
+    40 epochs on CUDA (seconds there), so that the kill lands well before the end."""
     with tempfile.TemporaryDirectory() as tmp:
         ck = Path(tmp) / "ck.pt"
         command = [
             *(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1"),
             *("--max-restarts=1", "-m", "keiryo", "train", "--model", "cnn", "--device", device),
-            *("--no-progress", "--strategy", "ddp", "--epochs", "40", "--out", str(Path(tmp) / "m.pt")),
+            *("--no-progress", "--strategy", "ddp", "--epochs", "40" if device == "cuda" else "3"),
+            *("--out", str(Path(tmp) / "m.pt")),
             *("--checkpoint", str(ck), "--checkpoint-every", "10"),
         ]
         env = {**os.environ, "OMP_NUM_THREADS": "4", "PYTHONWARNINGS": "ignore"}
@@ -274,13 +276,20 @@ def check_torchao(method: str, device: str) -> tuple[str, str]:
         x = torch.randn(256, width, device=device, dtype=torch.bfloat16)
         ref, out = model(x).float(), quantized(x).float()
         sqnr = float(20 * torch.log10(ref.norm() / (ref - out).norm()))
+        broken = False
         for batch in (1, 256):
-            base, mine = _ms(model, x[:batch]), _ms(quantized, x[:batch])
+            try:
+                base, mine = _ms(model, x[:batch]), _ms(quantized, x[:batch])
+            except RuntimeError as exc:  # a kernel's shape limits (e.g. _int_mm wants more than 16 rows)
+                broken = True
+                parts.append(f"batch {batch}: {' '.join(str(exc).split())[:120]}")
+                continue
             parts.append(f"batch {batch}: {mine:.3f} ms vs bf16 {base:.3f} ms ({base / mine:.2f}x)")
     weight = type(quantized[0].weight).__name__
-    return verdict(
-        sqnr >= min_sqnr, f"SQNR {sqnr:.1f} dB (≥ {min_sqnr:.0f}) · {weight} · " + " · ".join(parts)
-    )
+    detail = f"SQNR {sqnr:.1f} dB (≥ {min_sqnr:.0f}) · {weight} · " + " · ".join(parts)
+    if sqnr >= min_sqnr and broken:
+        return "info", detail
+    return verdict(sqnr >= min_sqnr, detail)
 
 
 def _ms(model: nn.Module, x: torch.Tensor, calls: int = 20) -> float:
