@@ -254,9 +254,10 @@ def _fast_models():
     yield "4 × Linear(1024)", mlp, (1024,)
     from transformers import ResNetConfig, ResNetForImageClassification
 
-    config = ResNetConfig(
-        embedding_size=64, hidden_sizes=[64, 128, 256, 512], depths=[2, 2, 2, 2], num_labels=10
-    )
+    config = ResNetConfig(  # ResNet-18: basic blocks, as benchmarks/peers.py builds it
+        embedding_size=64, hidden_sizes=[64, 128, 256, 512], depths=[2, 2, 2, 2], layer_type="basic",
+        num_labels=1000,
+    )  # fmt: skip
     yield (
         "transformers ResNet-18 layout (3×64×64)",
         _Logits(ResNetForImageClassification(config).eval()),
@@ -318,6 +319,7 @@ def fast_paths_section(runs: int) -> str:
             f"quantize(int8-static, backend auto, batch sizes 1 and 64): **{report_of(auto).message}**",
         ]
         parts.append("\n".join(lines))
+        print(parts[-1], flush=True)
     return "\n\n".join(parts)
 
 
