@@ -383,7 +383,7 @@ def keiryo_best(case: Case, tmp: Path, runs: int) -> Peer:
     calls = {b: report.model_for(b) for b in case.batches}
     chosen = {b: report.chosen[b] for b in case.batches}
     note = "; ".join(f"b{b}: {name}" for b, name in chosen.items())
-    return Peer("keiryo.deployment", calls, report.artifact_bytes(), time.perf_counter() - started, note=note)
+    return Peer("keiryo.deploy", calls, report.artifact_bytes(), time.perf_counter() - started, note=note)
 
 
 # ---------------------------------------------------------------------------------------------- measuring
@@ -477,7 +477,7 @@ def case_table(case: Case, peers: list[Peer]) -> list[str]:
 
 def summary_rows(case: Case, peers: list[Peer]) -> list[str]:
     """model | batch | keiryo | fastest peer within quality | keiryo / peer | keiryo / eager."""
-    keiryo = next((p for p in peers if p.name == "keiryo.deployment"), None)
+    keiryo = next((p for p in peers if p.name == "keiryo.deploy"), None)
     eager_peer = peers[0]
     out = []
     for b in case.batches:
@@ -502,15 +502,21 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a smoke run: cnn and MLP, 5 timed rounds")
     parser.add_argument("--runs", type=int, default=20, help="timed interleaved rounds per batch size")
     parser.add_argument("--skip", default="", help="peers to leave out, e.g. executorch,pt2e")
+    parser.add_argument("--models", default="cnn,mlp,resnet,minilm", help="which of cnn,mlp,resnet,minilm")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
     os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
     runs = 5 if args.quick else args.runs
-    started = time.perf_counter()
-    builders: list[Callable[[], Case]] = [lambda: digits_cnn(2 if args.quick else 6), linear_stack]
-    if not args.quick:
-        builders += [resnet18, minilm]
+    started, cpu_started = time.perf_counter(), time.process_time()
+    cases: dict[str, Callable[[], Case]] = {
+        "cnn": lambda: digits_cnn(2 if args.quick else 6),
+        "mlp": linear_stack,
+        "resnet": resnet18,
+        "minilm": minilm,
+    }
+    wanted = ["cnn", "mlp"] if args.quick else [m.strip() for m in args.models.split(",") if m.strip()]
+    builders = [cases[m] for m in wanted]
     sections, summary, notes = [], [], []
     for make in builders:
         case = make()
@@ -521,13 +527,15 @@ def main() -> None:
         notes += case_notes
         print("\n".join(case_table(case, peers)), flush=True)
     minutes = (time.perf_counter() - started) / 60
-    command = "python benchmarks/peers.py" + (" --quick" if args.quick else "")
+    cpu_minutes = (time.process_time() - cpu_started) / 60
+    command = " ".join(["python benchmarks/peers.py", *sys.argv[1:]])
     text = "\n".join(
         [
             "# keiryo against the runtimes a user would serve with (issue 18)",
             "",
             f"CPU: {machine()}. {THREADS} threads for every runtime; torch {torch.__version__}. "
-            f"p50 of {runs} interleaved rounds. Command: `{command}` ({minutes:.1f} min).",
+            f"p50 of {runs} interleaved rounds. Command: `{command}` ({minutes:.1f} min wall, "
+            f"{cpu_minutes:.1f} min CPU; load average at the end {os.getloadavg()[0]:.1f}).",
             "",
             "| model | batch | keiryo.deploy (its choice) | fastest peer within quality "
             "| keiryo / peer (target ≤ 1.1×) | keiryo / PyTorch eager |",

@@ -251,8 +251,7 @@ def _deploy(step: Step, ctx: _Context) -> dict[str, Any]:
     chosen = ", ".join(
         f"b{b} {name} ({result.candidate(name).speedup[b]:.2f}× float)" for b, name in result.chosen.items()
     )
-    files = {c.name: c.artifact for c in result.candidates if c.artifact}
-    return {"chosen": chosen, "written": " · ".join(result.written), "files": files, "lines": result.messages}
+    return {"chosen": chosen, "notes": " · ".join(result.messages), "written": " · ".join(result.written)}
 
 
 def _deployed(outcomes: list[StepOutcome], out: Path) -> dict[str, nn.Module]:
