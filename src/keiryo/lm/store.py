@@ -82,8 +82,10 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, tokenizer: Any = 
 
 def load_compressed(path: str | os.PathLike) -> nn.Module:
     """The model saved by `save_compressed`, in eval mode, built without allocating its float weights."""
-    payload = safe_torch_load(path, what="language model file")
-    what = f"language model file '{path}'"
+    return _build(safe_torch_load(path, what="language model file"), f"language model file '{path}'")
+
+
+def _build(payload: Any, what: str) -> nn.Module:
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ArtifactError(f"{what} is not a keiryo language model file ({FORMAT})")
     try:
@@ -122,9 +124,11 @@ def load_lm(source: str | os.PathLike) -> tuple[nn.Module, Any]:
     path = Path(source)
     if not path.is_file():
         raise ModelError(f"language model file '{path}' does not exist")
-    model = load_compressed(path)
-    record = safe_torch_load(path, what="language model file").get("tokenizer")
-    return model, None if record is None else _tokenizer_from(record, f"language model file '{path}'")
+    payload = safe_torch_load(path, what="language model file")
+    what = f"language model file '{path}'"
+    model = _build(payload, what)
+    record = payload.get("tokenizer")
+    return model, None if record is None else _tokenizer_from(record, what)
 
 
 def _tokenizer_record(tokenizer: Any) -> dict[str, Any]:
