@@ -137,11 +137,13 @@ def gguf_sizes(model: torch.nn.Module, workdir: Path, check: bool, held_out: tor
     read back by transformers (dequantized) and its perplexity on the same windows."""
     from keiryo.lm import load_causal_lm, perplexity
     from keiryo.lm.gguf_export import export_gguf
+    from keiryo.lm.kernels import Int4Linear, Int8Linear, W8A8Linear
 
     source = f"gguf:{gguf_path()}"
     path = workdir / "model.gguf"
     out = {"gguf": export_gguf(model, path, source)}
-    if not any(hasattr(m, "dequantize") for m in model.modules()):
+    quantized = (Int4Linear, Int8Linear, W8A8Linear)
+    if not any(isinstance(m, quantized) for m in model.modules()):
         out["gguf_f16"] = export_gguf(model, workdir / "f16.gguf", source, "f16")
         (workdir / "f16.gguf").unlink()
     if check:
