@@ -4,9 +4,9 @@ Each candidate in RUNTIME_CANDIDATES names a runtime and a precision; `build` co
 runtime's own documented tools (see onnx_runtime, openvino_runtime, executorch_runtime) and returns a
 `Runner`. Every program takes any batch size: ONNX Runtime and OpenVINO programs have a dynamic batch
 dimension, ExecuTorch programs are planned for batches up to `executorch_runtime.MAX_BATCH` and the Runner
-runs larger ones in chunks. A runtime whose package is missing raises `RuntimeMissing` (one line naming the
-pip command), a model it cannot convert raises `ExportError`: both are KeiryoErrors a caller can report as
-"skipped".
+runs larger ones in chunks. A runtime whose package is missing raises `errors.MissingDependency` (one line
+naming the pip command), a model it cannot convert raises `ExportError`: both are KeiryoErrors a caller can
+report as "skipped".
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ import torch
 from torch import Tensor, nn
 
 from keiryo import inputs
-from keiryo.errors import ArtifactError, ConfigError, KeiryoError, check_choice
+from keiryo.errors import ArtifactError, ConfigError, MissingDependency, check_choice
 from keiryo.export_check import ExportError, check_inputs
 from keiryo.inputs import Example
 from keiryo.runtimes import executorch_runtime, onnx_runtime, openvino_runtime
-from keiryo.runtimes.runner import Flat, Runner, Signature, read_sidecar, signature
+from keiryo.runtimes.runner import Conversion, Flat, Runner, Signature, read_sidecar, signature
 
 # candidate -> (runtime, precision)
 CANDIDATES = {
@@ -45,18 +45,17 @@ RUNTIMES = {
 CALIBRATION_SAMPLES = 300  # as NNCF's default subset: enough for min-max ranges, quick on small models
 
 
-class RuntimeMissing(KeiryoError):
-    """A runtime's package is not installed; the message names the pip command that installs it."""
+RuntimeMissing = MissingDependency  # until keiryo.deployment imports MissingDependency (H3 asked)
 
 
 def require(runtime: str) -> None:
-    """Raise RuntimeMissing unless every package `runtime` needs imports."""
+    """Raise MissingDependency unless every package `runtime` needs imports."""
     _, packages, pip = RUNTIMES[runtime]
     for package in packages:
         try:
             importlib.import_module(package)
         except ImportError:
-            raise RuntimeMissing(f"{runtime} is not installed ({package} is missing): {pip}") from None
+            raise MissingDependency(f"{runtime} is not installed ({package} is missing): {pip}") from None
 
 
 def build(
@@ -84,7 +83,7 @@ def build(
     sig = signature(model, example)
     flat = Flat(model, example)
     samples = _samples(sig, calibration if calibration is not None else example_inputs, precision)
-    program = module.build(flat, flat.example(example), sig, precision, samples, threads)
+    program = module.build(Conversion(flat, flat.example(example), sig, precision, samples, threads))
     runner = Runner(program, sig, runtime, precision)
     _check_shape(runner, model, example)
     return runner

@@ -20,9 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from keiryo.export_check import ExportError, first_line, quiet
-from keiryo.fileio import atomic_write_bytes
 from keiryo.optional import import_torchao
-from keiryo.runtimes.runner import Signature, dynamic_shapes
+from keiryo.runtimes.runner import Conversion, Signature, dynamic_shapes
 
 SUFFIX = ".pte"
 MAX_BATCH = 64  # memory is planned for at most this batch; larger calls run in chunks (see Runner)
@@ -58,40 +57,30 @@ class ExecuTorchProgram:
     def run(self, flat: list[Tensor]) -> Tensor:
         return self.method.execute(flat)[0]
 
-    def write(self, path: Path) -> list[Path]:
-        atomic_write_bytes(self.pte, path)
-        return [path]
-
-    def nbytes(self) -> int:
-        return len(self.pte)
+    def artifact(self) -> dict[str, bytes]:
+        return {SUFFIX: self.pte}
 
 
-def build(
-    flat: nn.Module,
-    example: tuple[Tensor, ...],
-    sig: Signature,
-    precision: str,
-    calibration: list[tuple[Tensor, ...]],
-    threads: int,
-) -> ExecuTorchProgram:
-    """Lower `flat` (see `runner.Flat`) to an XNNPACK .pte, int8 when `precision` says so."""
+def build(conv: Conversion) -> ExecuTorchProgram:
+    """Lower the flat model to an XNNPACK .pte, int8 when `conv.precision` says so."""
+    import_torchao()  # executorch imports torchao: quietly (its CUDA-only extensions cannot load here)
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
-    shapes = dynamic_shapes(sig, MAX_BATCH)
+    shapes = dynamic_shapes(conv.sig, MAX_BATCH)
     try:
         with quiet(), torch.no_grad():
-            program = torch.export.export(flat, example, dynamic_shapes=shapes)
-            if precision != "fp32":
-                quantized = _quantize(program, calibration)  # a GraphModule taking the inputs one by one
-                program = torch.export.export(quantized, example, dynamic_shapes=shapes[0])
+            program = torch.export.export(conv.flat, conv.example, dynamic_shapes=shapes)
+            if conv.precision != "fp32":
+                quantized = _quantize(program, conv.calibration)  # a GraphModule taking the inputs one by one
+                program = torch.export.export(quantized, conv.example, dynamic_shapes=shapes[0])
             lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
             pte = lowered.to_executorch().buffer
     except ExportError:
         raise
     except Exception as exc:
         raise ExportError(f"ExecuTorch cannot lower the model: {first_line(exc)}") from exc
-    return ExecuTorchProgram(pte, sig, threads)
+    return ExecuTorchProgram(pte, conv.sig, conv.threads)
 
 
 def load(path: Path, sig: Signature, threads: int) -> ExecuTorchProgram:
@@ -104,8 +93,6 @@ def _quantize(program: torch.export.ExportedProgram, calibration: list[tuple[Ten
         XNNPACKQuantizer,
         get_symmetric_quantization_config,
     )
-
-    import_torchao()  # quietly: its CUDA-only extensions cannot load on a CPU build
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))

@@ -17,12 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from keiryo.export import ort_quiet, quantize_onnx_dynamic, saturating_cpu, write_onnx
 from keiryo.export_check import ExportError, first_line
-from keiryo.fileio import atomic_write_bytes
-from keiryo.runtimes.runner import Signature, dynamic_shapes
+from keiryo.runtimes.runner import Conversion, Signature, dynamic_shapes
 
 SUFFIX = ".onnx"
 
@@ -53,37 +52,27 @@ class OnnxProgram:
         feed = {name: t.numpy() for name, t in zip(self.names, flat, strict=True)}
         return torch.from_numpy(self.session.run(None, feed)[0])
 
-    def write(self, path: Path) -> list[Path]:
-        atomic_write_bytes(self.model_bytes, path)
-        return [path]
-
-    def nbytes(self) -> int:
-        return len(self.model_bytes)
+    def artifact(self) -> dict[str, bytes]:
+        return {SUFFIX: self.model_bytes}
 
 
-def build(
-    flat: nn.Module,
-    example: tuple[Tensor, ...],
-    sig: Signature,
-    precision: str,
-    calibration: list[tuple[Tensor, ...]],
-    threads: int,
-) -> OnnxProgram:
-    """Export `flat` (see `runner.Flat`) to ONNX and quantize it as `precision` says."""
+def build(conv: Conversion) -> OnnxProgram:
+    """Export the flat model to ONNX and quantize it as `conv.precision` says."""
+    sig = conv.sig
     names = ([s.name for s in sig.inputs], [sig.output.replace("[", "_").replace("]", "")])
     with tempfile.TemporaryDirectory(prefix="keiryo-onnx-") as tmp:
         source = Path(tmp) / "float.onnx"
-        write_onnx(flat, (example, {}), dynamic_shapes(sig), source, names)
-        if precision == "fp32":
-            return OnnxProgram(source.read_bytes(), sig, threads)
+        write_onnx(conv.flat, (conv.example, {}), dynamic_shapes(sig), source, names)
+        if conv.precision == "fp32":
+            return OnnxProgram(source.read_bytes(), sig, conv.threads)
         prepared = Path(tmp) / "prepared.onnx"
         target = Path(tmp) / "int8.onnx"
         _pre_process(source, prepared)
-        if precision == "int8-dynamic":
+        if conv.precision == "int8-dynamic":
             quantize_onnx_dynamic(prepared, target)
         else:
-            _quantize_static(prepared, target, sig, calibration)
-        return OnnxProgram(target.read_bytes(), sig, threads)
+            _quantize_static(prepared, target, sig, conv.calibration)
+        return OnnxProgram(target.read_bytes(), sig, conv.threads)
 
 
 def load(path: Path, sig: Signature, threads: int) -> OnnxProgram:

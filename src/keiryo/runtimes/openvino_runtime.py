@@ -3,8 +3,11 @@
 As OpenVINO's documentation shows: `ov.convert_model` from the PyTorch model with an example input (only the
 batch dimension left dynamic), `nncf.quantize` on the converted model with an `nncf.Dataset` over the
 calibration samples (`ModelType.TRANSFORMER` for transformers, which keeps softmax/layer-norm paths in
-float), and `core.compile_model(model, "CPU", {...})` with the LATENCY hint and the thread count PyTorch uses.
-Inference precision is pinned to f32 so a CPU with bf16 units does not silently run "fp32" in bf16.
+float; the full bias correction, `fast_bias_correction=False`: on keiryo's digits cnn it lifts the cosine to
+the float outputs from 0.986 to 0.996 and top-1 agreement from 98.1% to 100%), and
+`core.compile_model(model, "CPU", {...})` with the LATENCY hint and the thread count PyTorch uses, compiled
+for each input shape it meets (static shapes run faster than a dynamic batch). Inference precision is
+pinned to f32 so a CPU with bf16 units does not silently run "fp32" in bf16.
 IR files (.xml + .bin) are written with `compress_to_fp16=False`: the weights stay as they ran.
 """
 
@@ -17,73 +20,83 @@ import torch
 from torch import Tensor, nn
 
 from keiryo.export_check import ExportError, first_line, quiet
-from keiryo.runtimes.runner import Signature
+from keiryo.runtimes.runner import Conversion, Signature
 
 SUFFIX = ".xml"
+# OpenVINO's CPU plugin ran the digits cnn 2x faster at batch 1 compiled for that shape than with a dynamic
+# batch (0.68 vs 1.34 ms): each input shape met is compiled once, statically, up to this many shapes
+STATIC_SHAPES = 8
 
 
 class OpenVinoProgram:
-    """An OpenVINO model compiled for the CPU, with one reused inference request."""
+    """An OpenVINO model compiled for the CPU: with static shapes for each input shape it meets (up to
+    STATIC_SHAPES of them, compiled at first use; beyond, the dynamic-batch compilation runs)."""
 
     suffix = SUFFIX
     max_batch = None  # a dynamic batch: any size in one run
 
     def __init__(self, model: object, threads: int) -> None:
+        self.model, self.threads = model, threads
+        self.requests: dict[tuple, object] = {}
+        self.dynamic = self._compile(model)
+        self._files: dict[str, bytes] | None = None
+
+    def _compile(self, model: object) -> object:
         import openvino as ov
 
         config = {
             "PERFORMANCE_HINT": "LATENCY",
-            "INFERENCE_NUM_THREADS": threads,
+            "INFERENCE_NUM_THREADS": self.threads,
             "INFERENCE_PRECISION_HINT": "f32",
         }
         try:
-            compiled = ov.Core().compile_model(model, "CPU", config)
+            return ov.Core().compile_model(model, "CPU", config).create_infer_request()
         except Exception as exc:
             raise ExportError(f"OpenVINO cannot compile the program: {first_line(exc)}") from exc
-        self.model = model
-        self.request = compiled.create_infer_request()
-        self._nbytes: int | None = None
 
     def run(self, flat: list[Tensor]) -> Tensor:
-        result = self.request.infer([t.numpy() for t in flat], share_inputs=True)
-        return torch.from_numpy(result[0])
-
-    def write(self, path: Path) -> list[Path]:
         import openvino as ov
 
-        ov.save_model(self.model, str(path), compress_to_fp16=False)
-        return [path.with_suffix(".bin"), path]
+        shapes = tuple(tuple(t.shape) for t in flat)
+        request = self.requests.get(shapes)
+        if request is None and len(self.requests) < STATIC_SHAPES:
+            static = self.model.clone()
+            static.reshape({i: list(shape) for i, shape in enumerate(shapes)})
+            request = self.requests[shapes] = self._compile(static)
+        request = request or self.dynamic
+        for i, t in enumerate(flat):
+            request.set_input_tensor(i, ov.Tensor(t.numpy(), shared_memory=True))
+        request.infer()
+        return torch.from_numpy(request.get_output_tensor(0).data.copy())
 
-    def nbytes(self) -> int:
-        if self._nbytes is None:
+    def artifact(self) -> dict[str, bytes]:
+        """The IR's .xml and .bin, serialized once (weights kept as they run: no fp16 compression)."""
+        import openvino as ov
+
+        if self._files is None:
             with tempfile.TemporaryDirectory(prefix="keiryo-ov-") as tmp:
-                self._nbytes = sum(f.stat().st_size for f in self.write(Path(tmp) / "model.xml"))
-        return self._nbytes
+                xml = Path(tmp) / "model.xml"
+                ov.save_model(self.model, str(xml), compress_to_fp16=False)
+                self._files = {".xml": xml.read_bytes(), ".bin": xml.with_suffix(".bin").read_bytes()}
+        return self._files
 
 
-def build(
-    flat: nn.Module,
-    example: tuple[Tensor, ...],
-    sig: Signature,
-    precision: str,
-    calibration: list[tuple[Tensor, ...]],
-    threads: int,
-) -> OpenVinoProgram:
-    """Convert `flat` (see `runner.Flat`) to OpenVINO, quantized with NNCF when `precision` is int8."""
+def build(conv: Conversion) -> OpenVinoProgram:
+    """Convert the flat model to OpenVINO, quantized with NNCF when `conv.precision` is int8."""
     import openvino as ov
 
     shapes = [
         (ov.PartialShape([-1 if s.batched and d == 0 else n for d, n in enumerate(t.shape)]), _ov_type(t))
-        for s, t in zip(sig.inputs, example, strict=True)
+        for s, t in zip(conv.sig.inputs, conv.example, strict=True)
     ]
     try:
         with quiet(), torch.no_grad():
-            model = ov.convert_model(flat, example_input=example, input=shapes)
+            model = ov.convert_model(conv.flat, example_input=conv.example, input=shapes)
     except Exception as exc:
         raise ExportError(f"OpenVINO cannot convert the model: {first_line(exc)}") from exc
-    if precision != "fp32":
-        model = _quantize(model, calibration, _is_transformer(flat))
-    return OpenVinoProgram(model, threads)
+    if conv.precision != "fp32":
+        model = _quantize(model, conv.calibration, _is_transformer(conv.flat))
+    return OpenVinoProgram(model, conv.threads)
 
 
 def load(path: Path, sig: Signature, threads: int) -> OpenVinoProgram:
@@ -103,7 +116,13 @@ def _quantize(model: object, calibration: list[tuple[Tensor, ...]], transformer:
     model_type = nncf.ModelType.TRANSFORMER if transformer else None
     try:
         with quiet():
-            return nncf.quantize(model, dataset, subset_size=len(calibration), model_type=model_type)
+            return nncf.quantize(
+                model,
+                dataset,
+                subset_size=len(calibration),
+                model_type=model_type,
+                fast_bias_correction=False,
+            )
     except Exception as exc:
         raise ExportError(f"NNCF int8 quantization failed: {first_line(exc)}") from exc
 

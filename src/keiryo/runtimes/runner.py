@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +21,7 @@ from torch import Tensor, nn
 
 from keiryo import inputs
 from keiryo.errors import ArtifactError, ConfigError, check_bytes
+from keiryo.fileio import atomic_write_bytes
 from keiryo.inputs import Example
 
 SIDECAR_FORMAT = "keiryo-runtime"
@@ -66,7 +65,8 @@ class Signature:
                     f"'{spec.name}' has {value.dim()} dimensions; the program takes {spec.rank} "
                     f"({self.describe()})"
                 )
-            flat.append(value.detach().cpu().to(getattr(torch, spec.dtype)).contiguous())
+            dtype = getattr(torch, spec.dtype)
+            flat.append((value if value.dtype == dtype else value.to(dtype)).detach().cpu().contiguous())
         return flat
 
     def wrap(self, output: Tensor) -> Tensor | dict[str, Tensor]:
@@ -111,6 +111,20 @@ class Flat(nn.Module):
         return tuple(args[key] if kind == "arg" else kwargs[key] for kind, key in self.slots)
 
 
+@dataclass(frozen=True)
+class Conversion:
+    """What each runtime's `build` converts: the flat model, its example in flat form (a batch of 2), their
+    signature, the precision asked for, static int8's calibration samples (flat, one sample each) and the
+    thread count."""
+
+    flat: Flat
+    example: tuple[Tensor, ...]
+    sig: Signature
+    precision: str
+    calibration: list[tuple[Tensor, ...]]
+    threads: int
+
+
 def signature(model: nn.Module, example: Example) -> Signature:
     """The flat inputs of `model` called on `example` (named after its forward's arguments) and its output."""
     flat = Flat(model, example)
@@ -142,16 +156,14 @@ def dynamic_shapes(sig: Signature, max_batch: int | None = None) -> tuple:
 
 
 class Program(Protocol):
-    """What a runtime hands a Runner: runs flat inputs, writes its artifact, knows its artifact's size."""
+    """What a runtime hands a Runner: runs flat inputs, and gives its artifact's files (suffix -> bytes)."""
 
     suffix: str  # the artifact's file suffix: ".onnx", ".xml", ".pte"
     max_batch: int | None  # the largest batch one run takes (None: any); larger calls run in chunks
 
     def run(self, flat: list[Tensor]) -> Tensor: ...
 
-    def write(self, path: Path) -> list[Path]: ...  # the files written (path first)
-
-    def nbytes(self) -> int: ...
+    def artifact(self) -> dict[str, bytes]: ...  # the main file's suffix first: {".xml": ..., ".bin": ...}
 
 
 class Runner(nn.Module):
@@ -183,31 +195,29 @@ class Runner(nn.Module):
 
     def file_bytes(self) -> int:
         """Bytes of the artifact on disk (all its files; not the small sidecar)."""
-        return self.program.nbytes()
+        return sum(len(data) for data in self.program.artifact().values())
 
     def save(self, path: str | Path) -> Path:
         """Write the artifact at `path` (its suffix is the runtime's: .onnx, .xml + .bin, .pte) and
-        `<path>.json` beside it; files are staged and moved into place only once all are written."""
+        `<path>.json` beside it, each file atomically (`fileio.atomic_write_bytes`), the sidecar last."""
         path = Path(path)
         if path.suffix != self.program.suffix:
             raise ConfigError(f"a {self.runtime} artifact is a {self.program.suffix} file; got '{path.name}'")
         if path.is_dir():
             raise ConfigError(f"'{path}' is a folder; give a file path such as {path / 'model'}{self.suffix}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as tmp:
-            written = self.program.write(Path(tmp) / path.name)
-            meta = {
-                "format": SIDECAR_FORMAT,
-                "version": SIDECAR_VERSION,
-                "runtime": self.runtime,
-                "precision": self.precision,
-                "artifact": path.name,
-                "signature": self.signature.to_json(),
-            }
-            meta_file = sidecar(Path(tmp) / path.name)
-            meta_file.write_text(json.dumps(meta, indent=2))
-            for file in [*written, meta_file]:  # the sidecar last: once it is there, the artifact is whole
-                os.replace(file, path.parent / file.name)
+        meta = {
+            "format": SIDECAR_FORMAT,
+            "version": SIDECAR_VERSION,
+            "runtime": self.runtime,
+            "precision": self.precision,
+            "artifact": path.name,
+            "signature": self.signature.to_json(),
+        }
+        files = {path.with_suffix(suffix): data for suffix, data in self.program.artifact().items()}
+        for file, data in files.items():
+            atomic_write_bytes(data, file)
+        # the sidecar last: once it is there, the artifact is whole
+        atomic_write_bytes(json.dumps(meta, indent=2).encode(), sidecar(path))
         return path
 
     def extra_repr(self) -> str:
