@@ -118,3 +118,10 @@ def test_a_model_without_batchnorm_comes_back_unchanged_and_the_original_is_unto
     fold_batchnorm(cnn.train(), torch.randn(4, 1, 8, 8))
     assert cnn.training and _batchnorms(cnn) == 3
     assert all(torch.equal(before[k], v) for k, v in cnn.state_dict().items())
+
+
+def test_each_module_keeps_its_own_train_or_eval_mode():
+    inner = _shuffled_statistics(build_model("cnn", in_channels=1, num_classes=10, width=8, blocks=1))
+    wrapper = nn.Sequential(inner)  # a wrapper in train mode (the default) around an eval model
+    batchnorm_pairs(wrapper, torch.randn(2, 1, 8, 8))
+    assert wrapper.training and not any(m.training for m in inner.modules())

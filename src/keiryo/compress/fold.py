@@ -137,7 +137,7 @@ def _candidate_pairs(model: nn.Module, example: inputs.Example) -> list[list[str
     for name, module in modules.items():
         handles.append(module.register_forward_pre_hook(lambda m, a, n=name: enter(n, m, a)))
         handles.append(module.register_forward_hook(lambda m, a, o, n=name: leave(n, m, a, o)))
-    was_training = model.training
+    modes = _modes(model)
     model.eval()
     try:
         with torch.no_grad(), reads:
@@ -145,7 +145,7 @@ def _candidate_pairs(model: nn.Module, example: inputs.Example) -> list[list[str
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
+        _restore(modes)
     pairs = []
     for bn_name, source in bn_input.items():
         layer_name = produced.get(source)
@@ -180,13 +180,24 @@ def _folded_outputs(model: nn.Module, pairs: list[list[str]], example: inputs.Ex
 
 
 def _outputs(model: nn.Module, example: inputs.Example) -> Tensor:
-    was_training = model.training
+    modes = _modes(model)
     model.eval()
     try:
         with torch.no_grad():
             return inputs.forward(model, example).float()
     finally:
-        model.train(was_training)
+        _restore(modes)
+
+
+def _modes(model: nn.Module) -> list[tuple[nn.Module, bool]]:
+    """Each module's own train/eval flag: `model.train(flag)` would set them all alike (a wrapper in train
+    mode around an eval model would put the inner model's BatchNorms in train mode)."""
+    return [(m, m.training) for m in model.modules()]
+
+
+def _restore(modes: list[tuple[nn.Module, bool]]) -> None:
+    for module, training in modes:
+        module.training = training
 
 
 def _close(got: Tensor, want: Tensor) -> bool:
