@@ -140,3 +140,24 @@ def test_splits_of_a_multi_input_example_are_measured_on_their_test_part():
     rep = compare({"model": model, "copy": copy.deepcopy(model)}, (ids[:8], mask[:8]), splits, QUICK)
     assert [r.accuracy for r in rep.rows] == [1.0, 1.0]
     assert rep.rows[1].agreement.samples == len(splits.test) > 0 and rep.rows[1].agreement.max_error == 0.0
+
+
+def test_a_runtime_program_is_a_row_with_its_artifact_size_and_unknown_params(tmp_path):
+    from keiryo.runtimes import build
+
+    torch.manual_seed(0)
+    model = build_model("mlp", in_features=64, hidden=[32], num_classes=10).eval()
+    x = torch.randn(16, 1, 8, 8)
+    runner = build(model, x, "onnxruntime")
+    report_ = compare({"torch": model, "onnxruntime": runner}, x, timing=QUICK)
+    row = report_.rows[1]
+    assert row.params is None and row.flops is None and row.bytes == runner.file_bytes() > 0
+    assert row.agreement.cosine > 0.9999 and set(row.latency) == {1, 64}
+    assert report.rows(report_)[1]["params"] == "-"
+
+
+def test_machine_names_the_cpu_and_its_kernel_flags():
+    from keiryo.measuring import machine
+
+    text = machine()
+    assert text and "(" in text and text.endswith(")")
