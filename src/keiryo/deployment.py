@@ -42,7 +42,7 @@ from keiryo.errors import (
     one_line,
 )
 from keiryo.metrics import agreement, batch_of, threads, time_models
-from keiryo.runtimes import RUNTIME_CANDIDATES, RuntimeMissing, build, require
+from keiryo.runtimes import RUNTIME_CANDIDATES, build, require
 from keiryo.runtimes.build import CANDIDATES as RUNTIME_KINDS
 from keiryo.runtimes.build import RUNTIMES
 
@@ -207,7 +207,7 @@ def _build_all(
             started = time.perf_counter()
             try:
                 built[name] = _build_one(name, folded, example, cal, n)
-            except (RuntimeMissing, MissingDependency) as exc:
+            except MissingDependency as exc:
                 missing.add(runtime)
                 messages.append(f"skipped {runtime}: {one_line(exc)}")
                 c.note = "skipped: not installed"

@@ -45,9 +45,6 @@ RUNTIMES = {
 CALIBRATION_SAMPLES = 300  # as NNCF's default subset: enough for min-max ranges, quick on small models
 
 
-RuntimeMissing = MissingDependency  # until keiryo.deployment imports MissingDependency (H3 asked)
-
-
 def require(runtime: str) -> None:
     """Raise MissingDependency unless every package `runtime` needs imports."""
     _, packages, pip = RUNTIMES[runtime]
