@@ -79,6 +79,27 @@ SECTIONS = [
         "they differ.",
     ),
     (
+        "scaling.md",
+        "Scaling efficiency and gradient compression",
+        "`python benchmarks/scaling.py` (about 25 minutes; `--quick`: a smoke run): ddp and fsdp with 2, 4 "
+        "and 8 local workers over gloo on loopback, each worker's forward/backward replaced by a per-layer "
+        "sleep of a stated accelerator's compute time while the gradients (real shapes: digits cnn, "
+        "ResNet-50, BERT-base), DDP's buckets and the all-reduce are real; efficiency = the same step with a "
+        "no-op all-reduce / the measured step, next to the ring model with the loopback bandwidth measured in"
+        " the same run; bucket sizes; fp16/bf16/PowerSGD gradient compression (bytes per step, step time) and"
+        " accuracy after the same epochs. On 2 cores, 8 workers oversubscribe the CPU and loopback is not a "
+        "network: the figures show the mechanism and the model, not a cluster's numbers.",
+    ),
+    (
+        "peers.md",
+        "The fastest way to run a model here: keiryo.deploy against ONNX Runtime, OpenVINO, ExecuTorch",
+        "`pip install -e '.[dev]' && python benchmarks/peers.py` (`--quick`: cnn and MLP only): keiryo's "
+        "chosen runtime (`keiryo.deploy`) against each peer configured as its documentation recommends, "
+        "same thread count, interleaved rounds, quality as cosine/top-1 agreement with PyTorch fp32. "
+        "Target (issue 18): keiryo within 1.1× of the fastest peer that keeps quality, and never slower "
+        "than float.",
+    ),
+    (
         "small_data.md",
         "Small data with the defaults",
         "`python benchmarks/small_data.py --seeds 5`: scikit-learn's breast-cancer and wine with "
@@ -115,6 +136,27 @@ SECTIONS = [
         "from dense 5.12).",
     ),
 ]
+
+
+LLM_EXTRA = [
+    (
+        "llm_w8a8.md",
+        "W8A8 activation scales, resident memory, GGUF read back (SmolLM2-135M)",
+        "`nice -n 5 python benchmarks/llm_w8a8.py` (about 16 minutes): per-tensor against per-token "
+        "activation scales, with and without SmoothQuant; resident memory of the one-copy W8A8 layer; the "
+        "int4 model written as GGUF Q4_1 and read back by transformers.",
+    ),
+    (
+        "llm_structured.md",
+        "Structured pruning + distillation healing (SmolLM2-135M)",
+        "`nice -n 10 python benchmarks/llm_structured.py` (the file states the settings it ran with): a "
+        "quarter of the decoder blocks' parameters removed by depth (ShortGPT block importance) or by "
+        "depth + key/value groups + FFN width (activation-ranked, Minitron), unhealed and healed by logit "
+        "distillation from the original with the teacher's top-k cached. Target (issue 15): healed within "
+        "+15% of float perplexity, ≥ 1.25× decode tokens/s.",
+    ),
+]
+SECTIONS += LLM_EXTRA
 
 
 def quoted(text: str) -> str:
