@@ -7,7 +7,8 @@ Attention modules laid out like timm's (a `qkv` Linear and an int `num_heads`) l
 
 from __future__ import annotations
 
-import signal
+import ctypes
+import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterator
@@ -143,31 +144,48 @@ def _pruner(model: nn.Module, channel_ratio: float, job: PruneJob):
     return pruner
 
 
+class _Expired(BaseException):  # not Exception: no `except Exception` on the way may swallow it
+    """Raised in the bounded thread by the watchdog (CPython sets an asynchronous exception by its class)."""
+
+
 @contextmanager
 def time_bound(model: nn.Module, seconds: float) -> Iterator[None]:
     """Stop torch-pruning after `seconds` with a one-line ModelError naming the layer it was grouping.
 
     Its dependency graph can take minutes, or loop, on some models (decoders with rotary embeddings and tied
-    heads did); a hang is the worst answer. A timer signal, so only in the main thread (elsewhere: no bound).
+    heads did); a hang is the worst answer. A watchdog thread raises in this thread at its next Python step
+    (PyThreadState_SetAsyncExc), not a SIGALRM: a signal is delivered on whatever alternate signal stack a
+    native library left registered, and after OpenVINO's NNCF and ExecuTorch had run in the same process that
+    delivery crashed the interpreter (SIGSEGV in the demo's process).
     """
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
-        yield
-        return
     names = {m: n for n, m in model.named_modules()}
+    target = threading.get_ident()
+    lock = threading.Lock()
+    state: dict[str, object] = {"done": False, "where": None}
 
-    def expire(signum: int, frame: FrameType | None) -> None:
-        raise ModelError(
-            f"torch-pruning's dependency graph did not finish in {seconds:g} s{_grouping(frame, names)}; "
-            "protect that layer (protect=[...]) or prune a smaller model"
-        )
+    def expire() -> None:
+        with lock:
+            if state["done"]:
+                return
+            state["where"] = _grouping(sys._current_frames().get(target), names)
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(target), ctypes.py_object(_Expired))
 
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    timer.start()
     try:
         yield
+    except _Expired:
+        raise ModelError(
+            f"torch-pruning's dependency graph did not finish in {seconds:g} s{state['where'] or ''}; "
+            "protect that layer (protect=[...]) or prune a smaller model"
+        ) from None
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+        with lock:
+            state["done"] = True
+        timer.cancel()
+        if state["where"] is not None:  # fired as the work ended: drop an exception not yet raised
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(target), None)
 
 
 def _grouping(frame: FrameType | None, names: dict[nn.Module, str]) -> str:
