@@ -128,7 +128,12 @@ def test_missing_runtime_is_one_line_and_the_rest_runs(cnn, monkeypatch):
 
 
 def test_families_expand_and_bad_options_are_one_line(tmp_path):
-    assert candidates_of(["openvino", "torch-compile"]) == ("openvino", "openvino-int8", "torch-compile")
+    assert candidates_of(["openvino", "torch-compile"]) == (
+        "openvino",
+        "openvino-bf16",
+        "openvino-int8",
+        "torch-compile",
+    )
     assert candidates_of(["onnxruntime-fp32", "torch-fp32"]) == ("onnxruntime", "torch")
     with pytest.raises(ConfigError, match="unknown runtime or candidate 'tensorrt'"):
         candidates_of(["tensorrt"])

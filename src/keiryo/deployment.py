@@ -110,8 +110,8 @@ class DeployConfig:
 
 def candidates_of(names: list[str] | tuple[str, ...]) -> tuple[str, ...]:
     """Candidate names from families and names: a runtime ('torch', 'onnxruntime', 'openvino', 'executorch')
-    stands for all of its candidates ('openvino' → openvino, openvino-int8), '<runtime>-fp32' for its float
-    one alone, any other candidate name for itself; anything else is refused in one line."""
+    stands for all of its candidates ('openvino' → openvino, openvino-bf16, openvino-int8), '<runtime>-fp32'
+    for its float one alone, any other candidate name for itself; anything else is refused in one line."""
     families = {"torch": tuple(TORCH_CANDIDATES)} | {
         runtime: tuple(n for n, (r, _) in RUNTIME_KINDS.items() if r == runtime) for runtime in RUNTIMES
     }

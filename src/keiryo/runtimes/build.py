@@ -31,6 +31,7 @@ CANDIDATES = {
     "onnxruntime-int8-dynamic": ("onnxruntime", "int8-dynamic"),
     "onnxruntime-int8-static": ("onnxruntime", "int8-static"),
     "openvino": ("openvino", "fp32"),
+    "openvino-bf16": ("openvino", "bf16"),
     "openvino-int8": ("openvino", "int8-static"),
     "executorch": ("executorch", "fp32"),
     "executorch-int8": ("executorch", "int8-static"),
@@ -98,7 +99,7 @@ def load_runtime(path: str | Path, threads: int | None = None) -> Runner:
         raise ArtifactError(f"'{artifact}': a {runtime} artifact is a {module.SUFFIX} file")
     require(runtime)
     try:
-        program = module.load(artifact, meta["signature"], threads or torch.get_num_threads())
+        program = module.load(artifact, meta["signature"], threads or torch.get_num_threads(), str(precision))
     except ExportError as exc:
         raise ArtifactError(f"'{artifact}' is corrupt or not a {runtime} program: {exc}") from None
     return Runner(program, meta["signature"], runtime, str(precision))

@@ -83,7 +83,7 @@ def build(conv: Conversion) -> ExecuTorchProgram:
     return ExecuTorchProgram(pte, conv.sig, conv.threads)
 
 
-def load(path: Path, sig: Signature, threads: int) -> ExecuTorchProgram:
+def load(path: Path, sig: Signature, threads: int, precision: str) -> ExecuTorchProgram:
     return ExecuTorchProgram(path.read_bytes(), sig, threads)
 
 

@@ -75,7 +75,7 @@ def build(conv: Conversion) -> OnnxProgram:
         return OnnxProgram(target.read_bytes(), sig, conv.threads)
 
 
-def load(path: Path, sig: Signature, threads: int) -> OnnxProgram:
+def load(path: Path, sig: Signature, threads: int, precision: str) -> OnnxProgram:
     return OnnxProgram(path.read_bytes(), sig, threads)
 
 
