@@ -12,6 +12,7 @@ from torch import nn
 from keiryo import artifacts, deploy_files, deploy_report, deployment
 from keiryo.deployment import DeployConfig, candidates_of, deploy
 from keiryo.errors import ArtifactError, ConfigError, MissingDependency, ModelError
+from keiryo.metrics import Latency
 from keiryo.models import build_model
 from keiryo.runtimes import load_runtime
 
@@ -155,3 +156,61 @@ def test_report_lines_say_when_winners_differ():
     assert lines[0].startswith("batch 1: onnxruntime") and "2.00× float" in lines[0]
     assert lines[1].startswith("batch 8: float kept")
     assert "differs by batch size" in lines[2]
+
+
+def test_a_winner_that_cannot_be_written_gives_way_to_the_next_fastest(cnn, tmp_path, monkeypatch):
+    """When the fastest candidate's artifact cannot be written (as torch.ao int8 of a model without a keiryo
+    factory: packed weights neither replay nor export), the next fastest is written, loaded back and serves,
+    and the report says why. Timing is noise here, so it is fixed; the write failure is simulated."""
+    x = torch.randn(64, 1, 8, 8)
+    p50 = {"torch": 1.0, "torch-channels-last": 0.4, "onnxruntime": 0.7}
+
+    def timed(models, batch, *, runs, warmup):
+        return {n: Latency(batch.shape[0], p50[n], p50[n], runs) for n in models}
+
+    save_torch = deploy_files._save_torch
+
+    def save_or_fail(model, stem, example):
+        if stem.name == "torch-channels-last":
+            raise ModelError(f"{stem.name}: no keiryo factory and torch.export failed: packed params")
+        return save_torch(model, stem, example)
+
+    monkeypatch.setattr(deployment, "time_models", timed)
+    monkeypatch.setattr(deploy_files, "_save_torch", save_or_fail)
+    report = deploy(cnn, x[:1], x, _config(batch_sizes=(1,), candidates=tuple(p50)), tmp_path / "out")
+    assert report.chosen == {1: "onnxruntime"}
+    stuck = report.candidate("torch-channels-last")
+    assert not stuck.writable and "not written" in stuck.note and stuck.chosen_for == []
+    assert any("torch-channels-last was fastest but cannot be written" in m for m in report.messages)
+    assert report.candidate("onnxruntime").chosen_for == [1]
+    assert sorted(f.name for f in (tmp_path / "out").iterdir() if f.suffix != ".json") == [
+        "onnxruntime.onnx", "report.md"
+    ]  # fmt: skip
+    loaded = deploy_files.load_deployed(tmp_path / "out", 1)
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(x[:4]), cnn(x[:4]), atol=1e-4, rtol=1e-4)
+
+
+def test_a_user_sequential_quantized_by_torch_ao_cannot_be_written_and_says_so(tmp_path):
+    """Why the test above simulates: torch.ao's fbgemm int8 Linear of a plain nn.Sequential has no keiryo
+    factory to replay and does not torch.export; writing it is a one-line ModelError."""
+    from keiryo.compress.qconfig import Policy
+    from keiryo.compress.quantize import quantize
+
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10)).eval()
+    q = quantize(model, "int8-dynamic", example_inputs=torch.randn(1, 64), policy=Policy(backend="fbgemm"))
+    with pytest.raises(ModelError, match="no keiryo factory and torch.export failed"):
+        deploy_files._save_torch(q, tmp_path / "q", torch.randn(1, 64))
+
+
+def test_several_inputs_as_a_tuple_are_calibration_inputs_not_inputs_and_targets():
+    """(input_ids, attention_mask) shaped like the example inputs are a two-input model's calibration, not an
+    (inputs, targets) pair; a genuine (inputs, labels) pair is still read as one."""
+    from keiryo.compress.qdata import calibration_data
+
+    ids, mask = torch.randint(0, 50, (8, 16)), torch.ones(8, 16, dtype=torch.long)
+    cal, targets = calibration_data((ids, mask), like=(ids[:1], mask[:1]))
+    assert isinstance(cal, tuple) and len(cal) == 2 and targets is None
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    cal, targets = calibration_data((x, y), like=x[:1])
+    assert torch.equal(cal, x) and torch.equal(targets, y)

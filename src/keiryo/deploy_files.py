@@ -31,6 +31,15 @@ WRAPPERS: dict[str, Callable[[nn.Module], nn.Module]] = {
 ARTIFACT_CHECK_SAMPLES = 64  # a written artifact is loaded back and run on this many quality inputs
 
 
+class Unwritable(ModelError):
+    """A candidate whose artifact cannot be written, or does not reproduce it when loaded back; `name` says
+    which (deploy then lets the next fastest serve)."""
+
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(message)
+        self.name = name
+
+
 def write_folder(report: DeployReport, names: list[str], out: Path, check: tuple) -> None:
     """The named candidates' artifacts, each loaded back and checked against `check` (the float model,
     example and quality inputs), and report.md/report.json: into `out` at once (staged in a folder beside
@@ -39,7 +48,10 @@ def write_folder(report: DeployReport, names: list[str], out: Path, check: tuple
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
         for name in dict.fromkeys(names):
-            report.candidate(name).artifact = _save(report, name, stage, check)
+            try:
+                report.candidate(name).artifact = _save(report, name, stage, check)
+            except ModelError as exc:
+                raise Unwritable(name, str(exc)) from None
         report.out = str(out)
         (stage / "report.md").write_text(report.markdown())
         (stage / "report.json").write_text(report.to_json())

@@ -31,6 +31,7 @@ class Candidate:
     build_s: float = 0.0
     chosen_for: list[int] = field(default_factory=list)  # the batch sizes it serves
     artifact: str | None = None  # its file in the output folder
+    writable: bool = True  # False once writing its artifact failed: it is not chosen again
     note: str = ""
 
 

@@ -30,7 +30,7 @@ from keiryo.compress import qdata
 from keiryo.compress.fold import fold_batchnorm
 from keiryo.compress.qconfig import Policy
 from keiryo.compress.quantize import quantize, report_of
-from keiryo.deploy_files import write_folder
+from keiryo.deploy_files import Unwritable, write_folder
 from keiryo.deploy_report import FLOAT, Candidate, DeployReport, progress_bar
 from keiryo.devices import channels_last, compile_frozen
 from keiryo.errors import (
@@ -146,7 +146,7 @@ def deploy(
     config = config or DeployConfig()
     example = inputs.check_example(example_inputs)
     out = _check_out(out)
-    cal, targets = qdata.calibration_data(calibration) if calibration is not None else (None, None)
+    cal, targets = (None, None) if calibration is None else qdata.calibration_data(calibration, like=example)
     quality_inputs = _quality_inputs(cal if cal is not None else example, config)
     model = model.eval()
     scores = config.class_scores if config.class_scores is not None else qdata.class_scores(model, targets)
@@ -159,11 +159,31 @@ def deploy(
     chosen = _choose(results, config)
     report = DeployReport(list(results.values()), chosen, measuring.machine(), n, tolerance, messages)
     report.models = built
-    report.messages += report.choice_lines()
     if out is not None:
-        names = [*report.chosen.values(), *[n for n in config.also if n in built]]
-        write_folder(report, names, out, (model, example, quality_inputs))
+        _write(report, results, config, out, (model, example, quality_inputs))
+    report.messages += report.choice_lines()
     return report
+
+
+def _write(
+    report: DeployReport, results: dict[str, Candidate], config: DeployConfig, out: Path, check: tuple
+) -> None:
+    """Write the winners' artifacts. A winner that cannot be written (torch.ao int8 of a model without a
+    keiryo factory: its packed weights neither replay nor export) gives way to the next fastest at its
+    batch sizes, and the report says so; float, or an artifact asked for in `also`, failing is an error."""
+    while True:
+        names = [*report.chosen.values(), *[n for n in config.also if n in report.models]]
+        try:
+            write_folder(report, names, out, check)
+            return
+        except Unwritable as exc:
+            if exc.name == FLOAT or exc.name in config.also:
+                raise
+            c = results[exc.name]
+            c.writable = False
+            c.note = (c.note + "; " if c.note else "") + f"not written: {one_line(exc, 160)}"
+            report.messages.append(f"{exc.name} was fastest but cannot be written: the next fastest serves")
+            report.chosen = _choose(results, config)
 
 
 def _check_out(out: str | Path | None) -> Path | None:
@@ -314,10 +334,13 @@ def _time(
 
 
 def _choose(results: dict[str, Candidate], config: DeployConfig) -> dict[int, str]:
-    """Per batch size: the fastest within tolerance, if it beats float by `min_speedup`; else float."""
+    """Per batch size: the fastest within tolerance (and writable), if it beats float by `min_speedup`;
+    else float."""
     chosen = {}
+    for c in results.values():
+        c.chosen_for = []
     for b in config.batch_sizes:
-        best = min((c for c in results.values() if b in c.p50_ms), key=lambda c: c.p50_ms[b])
+        best = min((c for c in results.values() if b in c.p50_ms and c.writable), key=lambda c: c.p50_ms[b])
         chosen[b] = best.name if best.speedup[b] >= config.min_speedup else FLOAT
         results[chosen[b]].chosen_for.append(b)
     return chosen

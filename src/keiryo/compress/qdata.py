@@ -3,6 +3,9 @@
 Calibration may be a Tensor of inputs, a dict of keyword inputs, an (inputs, targets) pair, a Dataset or a
 DataLoader (whose batches may be tuples or dicts, as Hugging Face datasets yield), `DataSplits`, or a data
 name/file; every form becomes one example (`keiryo.inputs`: Tensor | tuple | dict) of the first inputs.
+A tuple is (inputs, targets) as a DataLoader yields it, except where it is shaped like the model's example
+inputs (as many tensors, each of the example's dtype and per-sample shape): then it is the inputs of a
+model that takes several, e.g. (input_ids, attention_mask).
 """
 
 from __future__ import annotations
@@ -44,10 +47,24 @@ def _from_batches(batches, limit: int) -> tuple[inputs.Example, Tensor | None]:
     return joined, labels
 
 
+def shaped_like(data: object, example: inputs.Example | None) -> bool:
+    """Whether `data` is a tuple of tensors matching the tuple `example` input for input (count, dtype and
+    every dimension after the batch): several inputs, not an (inputs, targets) pair."""
+    if not isinstance(example, tuple) or not isinstance(data, (tuple, list)) or len(data) != len(example):
+        return False
+    return len(example) > 1 and all(
+        isinstance(d, Tensor) and isinstance(e, Tensor) and d.dtype == e.dtype and d.shape[1:] == e.shape[1:]
+        for d, e in zip(data, example, strict=True)
+    )
+
+
 def calibration_data(
-    calibration: object, limit: int = MAX_CALIBRATION
+    calibration: object, limit: int = MAX_CALIBRATION, like: inputs.Example | None = None
 ) -> tuple[inputs.Example, Tensor | None]:
-    """The first `limit` calibration inputs as one example, and their targets when the data has them."""
+    """The first `limit` calibration inputs as one example, and their targets when the data has them.
+    `like`: the model's example inputs, which tell a tuple of several inputs from (inputs, targets)."""
+    if shaped_like(calibration, like):
+        return _floats32(inputs.take(tuple(calibration), 0, limit)), None
     if isinstance(calibration, (str, Path)):
         calibration = load_data(calibration)
     if isinstance(calibration, DataSplits):

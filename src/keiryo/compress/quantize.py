@@ -89,7 +89,7 @@ def quantize(
     example = inputs.check_example(example_inputs) if example_inputs is not None else None
     layers = _layers(model, config, policy.skip)
     data = qdata.labelled(calibration) if isinstance(config, QAT) else None
-    cal, targets = qdata.calibration_data(calibration) if calibration is not None else (None, None)
+    cal, targets = (None, None) if calibration is None else qdata.calibration_data(calibration, like=example)
     seen = cal if cal is not None else example
     folds = fold.batchnorm_pairs(model, seen) if seen is not None else []
     reference = _folded(model, folds)  # the float model every candidate is timed against: BatchNorms folded
