@@ -503,7 +503,7 @@ def summary_rows(case: Case, peers: list[Peer]) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run: cnn and MLP, 5 timed rounds")
-    parser.add_argument("--runs", type=int, default=20, help="timed interleaved rounds per batch size")
+    parser.add_argument("--runs", type=int, default=50, help="timed interleaved rounds per batch size")
     parser.add_argument("--skip", default="", help="peers to leave out, e.g. executorch,pt2e")
     parser.add_argument("--models", default="cnn,mlp,resnet,minilm", help="which of cnn,mlp,resnet,minilm")
     parser.add_argument("--out", type=Path, default=OUT)

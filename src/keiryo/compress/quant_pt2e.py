@@ -93,7 +93,14 @@ def _prepared(model: nn.Module, example: inputs.Example, reduce_range: bool) -> 
         exported = torch.export.export(model.eval(), args, kwargs, dynamic_shapes=dims)
     quantizer = xiq.X86InductorQuantizer()
     quantizer.set_global(xiq.get_default_x86_inductor_quantization_config(reduce_range=reduce_range))
-    return prepare_pt2e(exported.module(), quantizer)
+    try:
+        return prepare_pt2e(exported.module(), quantizer)
+    except (IndexError, KeyError, TypeError, AttributeError) as exc:
+        # the quantizer's pattern matching fails on some graphs (a raw BERT: IndexError in its linear
+        # fusion): this backend does not take the model, which `quantize` reports as one line
+        raise NotImplementedError(
+            f"torchao's X86InductorQuantizer cannot annotate this model ({type(exc).__name__}: {exc})"
+        ) from exc
 
 
 def _converted(prepared: torch.fx.GraphModule) -> torch.fx.GraphModule:
