@@ -214,3 +214,21 @@ def test_several_inputs_as_a_tuple_are_calibration_inputs_not_inputs_and_targets
     x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
     cal, targets = calibration_data((x, y), like=x[:1])
     assert torch.equal(cal, x) and torch.equal(targets, y)
+
+
+def test_pt2e_int8_of_a_user_model_is_written_as_its_int8_graph_and_loads_back(tmp_path):
+    """A PT2E int8 model of a model without a keiryo factory is written as its int8 graph (.pt2, no pickle)
+    and loaded back as a Pt2eInt8 (compiled at its first call, as deploy timed it) giving the same outputs."""
+    from keiryo.compress.quant_pt2e import Pt2eInt8, quantize_pt2e
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10)).eval()
+    x = torch.randn(32, 64)
+    q, _ = quantize_pt2e(model, x, reduce_range=False)
+    path = deploy_files._save_torch(q, tmp_path / "torch-pt2e-int8", x[:1])
+    assert path.suffix == ".pt2"
+    loaded = deploy_files._load(path, "torch-pt2e-int8")
+    assert isinstance(loaded, Pt2eInt8)
+    with torch.no_grad():  # the graphs uncompiled: the same int8 arithmetic, no inductor compile here
+        torch.testing.assert_close(loaded.program(x[:5]), q.program(x[:5]))
+        assert nn.functional.cosine_similarity(loaded.program(x), model(x)).mean() > 0.99

@@ -16,10 +16,12 @@ import torch
 from torch import nn
 
 from keiryo import artifacts, inputs
+from keiryo.compress.quant_pt2e import Pt2eInt8
 from keiryo.deploy_report import DeployReport
 from keiryo.devices import channels_last, compile_frozen
 from keiryo.errors import ArtifactError, ConfigError, ModelError, one_line
 from keiryo.metrics import agreement, batch_of
+from keiryo.optional import import_torchao
 from keiryo.runtimes import Runner, load_runtime
 from keiryo.runtimes.build import RUNTIMES
 
@@ -28,6 +30,7 @@ WRAPPERS: dict[str, Callable[[nn.Module], nn.Module]] = {
     "torch-compile": compile_frozen,
     "torch-channels-last": channels_last,
 }
+PT2E = "torch-pt2e-int8"  # written as its int8 graph (.pt2) when the model has no keiryo factory
 ARTIFACT_CHECK_SAMPLES = 64  # a written artifact is loaded back and run on this many quality inputs
 
 
@@ -87,11 +90,14 @@ def _save(report: DeployReport, name: str, folder: Path, check: tuple) -> str:
 
 def _save_torch(model: nn.Module, stem: Path, example: inputs.Example) -> Path:
     """A keiryo model file when the model has a factory (keiryo's models, and what keiryo made of them);
-    else a torch.export program (`.pt2`, loaded without pickle by torch.export.load)."""
+    else a torch.export program (`.pt2`, loaded without pickle by torch.export.load; a PT2E int8 model as
+    its int8 graph, compiled again at load)."""
     try:
         return artifacts.save(model, stem.with_suffix(".pt"))
     except ArtifactError:
         pass
+    if isinstance(model, Pt2eInt8):
+        model = model.program  # the int8 graph itself; compiled again at load, as it was timed
     args, kwargs = inputs.args_kwargs(batch_of(example, 2))
     dims = tuple(
         {0: torch.export.Dim.AUTO} if isinstance(a, torch.Tensor) else None for a in (*args, *kwargs.values())
@@ -131,7 +137,11 @@ def _load(path: Path, name: str) -> nn.Module:
     if path.suffix == ".pt":
         model = artifacts.load(path)
     elif path.suffix == ".pt2":
+        if name == PT2E:
+            import_torchao()  # its quantize/dequantize ops must be registered before the graph loads
         model = torch.export.load(path).module()
+        if name == PT2E:
+            return Pt2eInt8(model)
     else:
         return load_runtime(path)
     return WRAPPERS[name](model) if name in WRAPPERS else model
