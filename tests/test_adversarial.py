@@ -291,7 +291,12 @@ def test_ctrl_c_while_importing_torch_is_one_line_and_exit_130(tmp_path):
 def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path):
     """A real SIGINT 1.5 s in lands while torch is imported (or as training starts): `interrupted`, 130."""
     args = [sys.executable, "-m", "keiryo", *TRAIN[:5], "--epochs", "200", "--out", str(tmp_path / "m.pt")]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    # as a terminal starts it: SIGINT at its default (a job started in the background of a non-interactive
+    # shell, as CI may be, inherits SIGINT ignored, and a program rightly keeps ignoring it then)
+    proc = subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
     time.sleep(1.5)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)

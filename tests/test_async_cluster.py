@@ -26,6 +26,17 @@ print(json.dumps(result.stats))
 """
 
 
+WAIT_FOR_NODES = """
+import sys, time, ray
+ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
+deadline = time.monotonic() + 90
+while sum(n["Alive"] for n in ray.nodes()) < 2:
+    if time.monotonic() > deadline:
+        sys.exit("the second Ray node never joined")
+    time.sleep(0.5)
+"""
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -55,6 +66,11 @@ def two_node_cluster():
     try:
         subprocess.run(head, env=env, check=True, capture_output=True, timeout=120)
         subprocess.run(second, env=env, check=True, capture_output=True, timeout=120)
+        # `ray start` returns before the second node has registered with the head (seconds on a loaded
+        # machine): wait until both are alive, so that the run below meets a two-node cluster
+        subprocess.run(
+            [sys.executable, "-c", WAIT_FOR_NODES, f"127.0.0.2:{port}"], env=env, check=True, timeout=120
+        )
         yield f"127.0.0.2:{port}", env
     finally:
         subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
