@@ -98,6 +98,18 @@ def train_async(
                 ray.shutdown()
 
 
+def _placement(worker_id: int) -> object:
+    """Worker `worker_id`'s node: the cluster's live nodes in turn (soft: another node if that one cannot
+    take it). Ray's own "SPREAD" is best effort: on a busy machine it put every worker on the head."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))
+    if len(nodes) < 2:
+        return "DEFAULT"
+    return NodeAffinitySchedulingStrategy(node_id=nodes[worker_id % len(nodes)], soft=True)
+
+
 def _run(model, splits, strategy, config, plan, loss_fn, on_tick, state) -> AsyncResult:
     """The driver: start the server and the workers, restart failed workers (and a failed server, from its
     checkpoint), evaluate, stop, collect."""
@@ -113,7 +125,7 @@ def _run(model, splits, strategy, config, plan, loss_fn, on_tick, state) -> Asyn
     torch.manual_seed(config.seed)
 
     def start(server, worker_id: int) -> tuple:
-        handle = worker_cls.options(scheduling_strategy="SPREAD").remote(
+        handle = worker_cls.options(scheduling_strategy=_placement(worker_id)).remote(
             worker_id, copy.deepcopy(model).cpu(), *shards[worker_id], plan, config.seed
         )
         slowdown = strategy.slowdown[worker_id] if strategy.slowdown else 1.0
