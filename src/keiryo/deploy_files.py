@@ -136,12 +136,11 @@ def deployed_choice(folder: Path) -> tuple[dict[int, str], dict[str, str]]:
 def _load(path: Path, name: str) -> nn.Module:
     if path.suffix == ".pt":
         model = artifacts.load(path)
+    elif name == PT2E and path.suffix == ".pt2":
+        import_torchao()  # its quantize/dequantize ops must be registered before the graph loads
+        return Pt2eInt8(torch.export.load(path).module())
     elif path.suffix == ".pt2":
-        if name == PT2E:
-            import_torchao()  # its quantize/dequantize ops must be registered before the graph loads
         model = torch.export.load(path).module()
-        if name == PT2E:
-            return Pt2eInt8(model)
     else:
         return load_runtime(path)
     return WRAPPERS[name](model) if name in WRAPPERS else model
