@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from multi_input import DictSamples, TwoInputs
@@ -102,7 +104,7 @@ def test_agreement_compares_the_main_output_and_names_it():
     assert pair.output == "output[1]" and pair.top1 is None and pair.cosine == pytest.approx(1.0)
 
 
-def test_models_are_timed_interleaved():
+def test_models_are_timed_in_blocks_interleaved(monkeypatch: pytest.MonkeyPatch):
     calls: list[str] = []
 
     class Tag(nn.Module):
@@ -114,13 +116,28 @@ def test_models_are_timed_interleaved():
             calls.append(self.name)
             return x
 
+    monkeypatch.setattr(metrics, "SETTLE_S", 0.0)  # settle with the minimum: two untimed calls per visit
     lat = metrics.time_models({"a": Tag("a"), "b": Tag("b")}, torch.zeros(4, 2), runs=20, warmup=2)
     assert calls[:4] == ["a", "b"] * 2
-    rounds = ["".join(calls[i : i + 4]) for i in range(4, len(calls), 4)]
-    # Each round visits both models (an untimed call, then the timed one), in a shuffled order.
-    assert len(rounds) == 20 and set(rounds) == {"aabb", "bbaa"}
+    visits = ["".join(calls[i : i + 6]) for i in range(4, len(calls), 6)]
+    # 5 rounds; each visits both models in a shuffled order: 2 settling calls, then a block of 4 timed ones.
+    assert len(visits) == 10 and set(visits) == {"a" * 6, "b" * 6}
+    rounds = {visits[i][0] + visits[i + 1][0] for i in range(0, 10, 2)}
+    assert rounds == {"ab", "ba"}
     assert lat["a"].runs == 20 and lat["a"].batch_size == 4
     assert lat["a"].p90_ms >= lat["a"].p50_ms > 0
+
+
+def test_each_visit_settles_for_a_while_before_its_block():
+    calls: list[float] = []
+
+    class Stamp(nn.Module):
+        def forward(self, x):
+            calls.append(time.perf_counter())
+            return x
+
+    metrics.time_models({"a": Stamp()}, torch.zeros(1), runs=2, warmup=0, blocks=1)
+    assert len(calls) > 4 and calls[-2] - calls[0] >= 0.9 * metrics.SETTLE_S  # the first timed call
 
 
 def test_models_with_several_inputs_are_timed_on_all_of_them():

@@ -4,8 +4,9 @@ Every function that calls a model takes an *example* as PyTorch passes inputs (`
 tuple of positional arguments or a dict of keyword arguments. Outputs that are tuples, dicts or Hugging Face
 `ModelOutput`s are compared on `inputs.main_output` (logits, else last_hidden_state, ...), and the figures say
 which field. Latency is the median (p50) and p90 of many timed forward passes after warm-up, under
-`inference_mode`, at a fixed thread count, several models interleaved (see `time_models`). This module knows
-no file format: a model's file size is measured a layer up, in `keiryo.measuring`.
+`inference_mode`, at a fixed thread count, in blocks of consecutive calls, several models' blocks
+interleaved (see `time_models`). This module knows no file format: a model's file size is measured a layer
+up, in `keiryo.measuring`.
 """
 
 from __future__ import annotations
@@ -171,14 +172,27 @@ def batch_of(example_inputs: Example, batch_size: int) -> Example:
     return inputs.map_tensors(inputs.resize_batch(example_inputs, batch_size), lambda t: t.contiguous())
 
 
-def time_models(
-    models: Mapping[str, nn.Module], example_inputs: Example, *, runs: int = 50, warmup: int = 10
-) -> dict[str, Latency]:
-    """Median/p90 latency of each model on `example_inputs`, timed interleaved after warm-up.
+SETTLE_S = 0.010  # untimed calls before each block, for at least this long (and at least 2 calls)
+BLOCKS = 5  # rounds of blocks: each model's timed calls are split over this many visits
 
-    Each round visits the models in a new (seeded) random order, and each visit makes one untimed call before
-    the timed one: a model is timed with its own weights in cache, as when it serves requests, and no model
-    pays for always following a larger one (a fixed order biased small int8 models by 20% here).
+
+def time_models(
+    models: Mapping[str, nn.Module],
+    example_inputs: Example,
+    *,
+    runs: int = 50,
+    warmup: int = 10,
+    blocks: int = BLOCKS,
+) -> dict[str, Latency]:
+    """Median/p90 latency of each model on `example_inputs`: `runs` timed calls each, after warm-up.
+
+    A model is timed as it serves a stream of requests: in blocks of consecutive calls. The `runs` calls are
+    split over `blocks` rounds, and each round visits the models in a new (seeded) random order, so that drift
+    of a shared machine falls on all of them alike. Each visit first makes untimed calls for SETTLE_S (at
+    least two): the previous model's spinning thread pool (OpenMP, ONNX Runtime, XNNPACK) goes quiet and this
+    model's weights are in cache. Timed one call at a time right after another runtime, ONNX Runtime's int8
+    cnn ran 1.6x slower at batch 64 on 2 cores (PyTorch's threads still spinning) and 3x slower at batch 1
+    among ten runtimes.
     """
     if runs < 1:
         raise ConfigError(f"runs must be ≥ 1, got {runs}")
@@ -186,18 +200,25 @@ def time_models(
     times: dict[str, list[float]] = {name: [] for name in models}
     order = list(models)
     rng = random.Random(0)
+    rounds = max(1, min(blocks, runs))
+    per_block = [runs // rounds + (1 if i < runs % rounds else 0) for i in range(rounds)]
+    clock = time.perf_counter
     with torch.inference_mode():
         for _ in range(warmup):
             for model in models.values():
                 model(*args, **kwargs)
-        for _ in range(runs):
+        for count in per_block:
             rng.shuffle(order)
             for name in order:
                 model = models[name]
-                model(*args, **kwargs)
-                start = time.perf_counter()
-                model(*args, **kwargs)
-                times[name].append(time.perf_counter() - start)
+                settled, calls = clock() + SETTLE_S, 0
+                while calls < 2 or clock() < settled:
+                    model(*args, **kwargs)
+                    calls += 1
+                for _ in range(count):
+                    start = clock()
+                    model(*args, **kwargs)
+                    times[name].append(clock() - start)
     out = {}
     for name, samples in times.items():
         samples.sort()
