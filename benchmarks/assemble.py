@@ -20,9 +20,11 @@ Every figure here comes from a script in `benchmarks/`, run on a 2-core developm
 (the CPU changes between sessions — AMD EPYC with or without AVX-512, Intel Xeon — so each output file records
 the model and flags it ran on), with the command given in its section; each script writes its output to
 `benchmarks/out/`, and `python benchmarks/assemble.py` rebuilds this page from those files. Latencies are
-medians of interleaved runs after warm-up (each round visits the models in a new random order, each timed call
-right after an untimed one): read them as ratios measured side by side. The machine is shared, so absolute
-times drift by 10-20% between runs (see the first section); every file records the load it was measured under.
+medians after warm-up, each model timed in blocks of consecutive calls after a settling pause, the models'
+blocks interleaved in a new random order each round (`keiryo.metrics.time_models`; before 2026-12-02, single
+calls interleaved, which charged a runtime for the previous one's spinning threads): read them as ratios
+measured side by side. The machine is shared, so absolute times drift by 10-20% between runs (see the first
+section); every file records the load it was measured under.
 """
 
 # (output file, section title, what it shows and how to reproduce it)

@@ -110,7 +110,8 @@ class DeployReport:
                 "# keiryo deploy",
                 "",
                 f"CPU: {self.cpu}; {self.threads} threads for every runtime. Tolerance: {self.tolerance}. "
-                "Latency: p50 of interleaved rounds (× = speed-up over float in the same run).",
+                "Latency: p50 of blocks of calls, candidates interleaved (× = speed-up over float in the "
+                "same run).",
                 "",
                 *[f"- {m}" for m in [*self.messages, *self.written]],
                 "",

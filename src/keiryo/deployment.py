@@ -67,9 +67,10 @@ class DeployConfig:
     top-1 agreement ≥ `min_top1` when outputs are class scores (`class_scores` None: from integer labels in
     the calibration data or the model's recorded classes). `min_speedup`: how much faster than float a
     candidate must be at a batch size to replace it there (timing noise on a shared CPU is a few percent).
-    `samples`: calibration inputs quality is measured on. `runs`: timed interleaved rounds per batch size;
-    `threads`: intra-op threads for every runtime (None: torch's current count). `also`: runtime candidates
-    whose artifact is written whether or not they win (the demo's ExecuTorch `.pte`).
+    `samples`: calibration inputs quality is measured on. `runs`: timed calls per batch size (in blocks:
+    `metrics.time_models`); `threads`: intra-op threads for every runtime (None: torch's current count).
+    `also`: runtime candidates whose artifact is written whether or not they win (the demo's ExecuTorch
+    `.pte`).
     """
 
     batch_sizes: tuple[int, ...] = (1, 64)

@@ -1,10 +1,11 @@
 """Several models measured side by side, and one model measured alone: the figures every report shows.
 
-`compare` times the models interleaved in one process (every round visits them all, in a new random order;
-see `metrics.time_models`), so that noise from a shared machine falls on all of them alike and their ratios
-stay meaningful. Before any figure, each model runs one sample of the example inputs and of the data, so that
-inputs it cannot take fail as one ModelError that names both shapes. The file size is the model saved as a
-keiryo file (`artifacts.save`), which is why this sits above the file layer and `metrics` does not.
+`compare` times the models side by side in one process (blocks of calls, every round visits them all in a
+new random order; see `metrics.time_models`), so that noise from a shared machine falls on all of them alike
+and their ratios stay meaningful. Before any figure, each model runs one sample of the example inputs and
+of the data, so that inputs it cannot take fail as one ModelError that names both shapes. The file size is
+the model saved as a keiryo file (`artifacts.save`), which is why this sits above the file layer and
+`metrics` does not.
 """
 
 from __future__ import annotations

@@ -65,7 +65,7 @@ class Signature:
 
     def flatten(self, args: tuple, kwargs: dict) -> list[Tensor]:
         """The call's tensors in the program's order, cast to the dtypes it was built with (on the hot path
-        of every timed call at batch 1, ~1 µs: nothing is copied or converted that is already as it must be)."""
+        of every call, ~1 µs: nothing is copied or converted that is already as it must be)."""
         flat = []
         for position, name, dtype, rank in self._plan:
             if position is not None and position < len(args):
