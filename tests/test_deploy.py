@@ -158,6 +158,36 @@ def test_report_lines_say_when_winners_differ():
     assert "differs by batch size" in lines[2]
 
 
+def test_close_candidates_are_timed_again_head_to_head_and_ranked_on_that(cnn, monkeypatch):
+    """Two candidates within 15% of each other after the first timing are timed again with float (twice
+    the calls), and the second timing decides; a slower one is not re-timed. Timing is fixed here."""
+    x = torch.randn(16, 1, 8, 8)
+    first = {"torch": 1.0, "torch-channels-last": 0.50, "onnxruntime": 0.55}
+    second = {"torch": 1.1, "torch-channels-last": 0.60, "onnxruntime": 0.52}
+    calls: list[tuple[set, int]] = []
+
+    def timed(models, batch, *, runs, warmup):
+        calls.append((set(models), runs))
+        p50 = first if len(calls) == 1 else second
+        return {n: Latency(batch.shape[0], p50[n], p50[n], runs) for n in models}
+
+    monkeypatch.setattr(deployment, "time_models", timed)
+    config = _config(batch_sizes=(1,), candidates=("torch-channels-last", "onnxruntime"), runs=4)
+    report = deploy(cnn, x[:1], x, config)
+    assert calls == [(set(first), 4), (set(first), 8)]
+    assert report.chosen == {1: "onnxruntime"}
+    winner = report.candidate("onnxruntime")
+    assert winner.p50_ms[1] == 0.52 and winner.runoff == [1]
+    assert winner.speedup[1] == pytest.approx(1.1 / 0.52)
+    assert "0.520* (" in report.markdown()
+
+    first["onnxruntime"] = 0.9  # now nothing is close to the fastest: one timing decides
+    calls.clear()
+    report = deploy(cnn, x[:1], x, config)
+    assert len(calls) == 1 and report.chosen == {1: "torch-channels-last"}
+    assert report.candidate("onnxruntime").runoff == []
+
+
 def test_a_winner_that_cannot_be_written_gives_way_to_the_next_fastest(cnn, tmp_path, monkeypatch):
     """When the fastest candidate's artifact cannot be written (as torch.ao int8 of a model without a keiryo
     factory: packed weights neither replay nor export), the next fastest is written, loaded back and serves,

@@ -30,6 +30,7 @@ class Candidate:
     bytes: int | None = None
     build_s: float = 0.0
     chosen_for: list[int] = field(default_factory=list)  # the batch sizes it serves
+    runoff: list[int] = field(default_factory=list)  # batch sizes where it was timed again, head to head
     artifact: str | None = None  # its file in the output folder
     writable: bool = True  # False once writing its artifact failed: it is not chosen again
     note: str = ""
@@ -95,7 +96,9 @@ class DeployReport:
                 "in tolerance": "yes" if c.within_tolerance else "no",
             }
             for b in sorted(self.chosen):
-                row[f"p50 b{b} ms"] = f"{c.p50_ms[b]:.3f} ({c.speedup[b]:.2f}×)" if b in c.p50_ms else "-"
+                mark = "*" if b in c.runoff else ""
+                p50 = f"{c.p50_ms[b]:.3f}{mark} ({c.speedup[b]:.2f}×)" if b in c.p50_ms else "-"
+                row[f"p50 b{b} ms"] = p50
             row["file"] = _size(c.bytes)
             row["chosen"] = ", ".join(f"b{b}" for b in c.chosen_for) or "-"
             row["note"] = c.note
@@ -111,7 +114,8 @@ class DeployReport:
                 "",
                 f"CPU: {self.cpu}; {self.threads} threads for every runtime. Tolerance: {self.tolerance}. "
                 "Latency: p50 of blocks of calls, candidates interleaved (× = speed-up over float in the "
-                "same run).",
+                "same run; * = the fastest within 15%, timed again head to head with float, twice as long, "
+                "and ranked on that).",
                 "",
                 *[f"- {m}" for m in [*self.messages, *self.written]],
                 "",
