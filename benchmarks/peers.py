@@ -19,7 +19,8 @@ ResNet-18 layout at 3×64×64 with random weights, all-MiniLM-L6-v2 at 64 tokens
 - ExecuTorch: a `.pte` per batch lowered to XNNPACK (fp32; int8 through `XNNPACKQuantizer`, symmetric
   per-channel), run by ExecuTorch's own runtime with its thread pool set to the same count.
 keiryo's row is `keiryo.deploy` (every candidate it measures, the fastest within its tolerance per batch).
-Latency is the p50 of interleaved rounds (`keiryo.metrics.time_models`), every model in one process at the
+Latency is the p50 of `runs` calls per model, timed in blocks of consecutive calls after a 10 ms settling
+pause, the models' blocks interleaved (`keiryo.metrics.time_models`), every model in one process at the
 same thread count; quality is cosine (and top-1 agreement for the trained cnn) against PyTorch fp32 on held
 inputs: digits' test split, random inputs, or real sentences. A peer "keeps quality" at cosine ≥ 0.99 (and
 top-1 ≥ 0.98 where it applies), keiryo's default tolerance. Writes benchmarks/out/peers.md.
@@ -404,7 +405,7 @@ def quality(peer: Peer, case: Case, reference: Tensor) -> None:
 
 
 def measure(peers: list[Peer], case: Case, runs: int) -> None:
-    """p50 of interleaved rounds at each batch size, every peer in one loop (keiryo.metrics.time_models)."""
+    """p50 at each batch size, every peer timed in one loop (blocks, interleaved: metrics.time_models)."""
     for b in case.batches:
         batch = rows_at(case.example, b)
         timed = time_models({p.name: p.calls[b] for p in peers}, batch, runs=runs, warmup=3)
@@ -503,7 +504,7 @@ def summary_rows(case: Case, peers: list[Peer]) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run: cnn and MLP, 5 timed rounds")
-    parser.add_argument("--runs", type=int, default=50, help="timed interleaved rounds per batch size")
+    parser.add_argument("--runs", type=int, default=50, help="timed calls per model and batch size")
     parser.add_argument("--skip", default="", help="peers to leave out, e.g. executorch,pt2e")
     parser.add_argument("--models", default="cnn,mlp,resnet,minilm", help="which of cnn,mlp,resnet,minilm")
     parser.add_argument("--out", type=Path, default=OUT)
@@ -537,7 +538,8 @@ def main() -> None:
             "# keiryo against the runtimes a user would serve with (issue 18)",
             "",
             f"CPU: {machine()}. {THREADS} threads for every runtime; torch {torch.__version__}. "
-            f"p50 of {runs} interleaved rounds. Command: `{command}` ({minutes:.1f} min wall, "
+            f"p50 of {runs} calls each, in blocks of consecutive calls, blocks interleaved. "
+            f"Command: `{command}` ({minutes:.1f} min wall, "
             f"{cpu_minutes:.1f} min CPU; load average at the end {os.getloadavg()[0]:.1f}).",
             "",
             "| model | batch | keiryo.deploy (its choice) | fastest peer within quality "
