@@ -227,7 +227,8 @@ def test_healing_lowers_the_held_out_kl_of_a_pruned_model():
     assert pruned.get_input_embeddings().weight.requires_grad  # given back as it was
 
 
-def test_a_fresh_shallower_student_learns_from_the_teacher():
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_fresh_shallower_student_learns_from_the_teacher(precision):
     teacher = _model("qwen2")
     student = _model("qwen2", seed=5, layers=2)
     before = _kl(teacher, student, HELD_OUT)
@@ -235,9 +236,10 @@ def test_a_fresh_shallower_student_learns_from_the_teacher():
         teacher,
         student,
         _windows(32, seed=4),
-        LMDistill(steps=40, lr=3e-3, train_embeddings=True, progress=False),
+        LMDistill(steps=40, lr=3e-3, train_embeddings=True, precision=precision, progress=False),
     )
     assert _kl(teacher, student, HELD_OUT) < 0.7 * before
+    assert next(student.parameters()).dtype == torch.float32  # autocast: the weights stay float32
 
 
 def test_distillation_inputs_are_checked():
@@ -246,7 +248,14 @@ def test_distillation_inputs_are_checked():
         distill(teacher, teacher, CALIBRATION)
     with pytest.raises(ConfigError, match="windows"):
         distill(teacher, _model("llama", seed=1), CALIBRATION[0])
-    for bad in ({"steps": 0}, {"top_k": 0}, {"lr": 0.0}, {"temperature": 0.0}, {"alpha": 2.0}):
+    for bad in (
+        {"steps": 0},
+        {"top_k": 0},
+        {"lr": 0.0},
+        {"temperature": 0.0},
+        {"alpha": 2.0},
+        {"precision": "int3"},
+    ):
         with pytest.raises(ConfigError):
             LMDistill(**bad)
     config = transformers.LlamaConfig(

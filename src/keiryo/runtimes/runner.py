@@ -72,7 +72,7 @@ class Signature:
                 value = args[position]
             else:
                 value = kwargs.get(name)
-            if type(value) is not Tensor and not isinstance(value, Tensor):
+            if not isinstance(value, Tensor):
                 raise ConfigError(
                     f"this runtime program takes '{name}' as a tensor ({self.describe()}); "
                     f"got {type(value).__name__}"
@@ -81,11 +81,11 @@ class Signature:
                 raise ConfigError(
                     f"'{name}' has {value.dim()} dimensions; the program takes {rank} ({self.describe()})"
                 )
-            if value.dtype != dtype:
+            if value.dtype is not dtype:  # dtypes are singletons
                 value = value.to(dtype)
             if value.requires_grad:
                 value = value.detach()
-            if value.device.type != "cpu" or not value.is_contiguous():
+            if not value.is_cpu or not value.is_contiguous():
                 value = value.cpu().contiguous()
             flat.append(value)
         return flat
@@ -201,7 +201,8 @@ class Runner(nn.Module):
         flat = sig.flatten(args, kwargs)
         step, index = self.program.max_batch, sig.batch_index
         if not step or index is None or (n := flat[index].shape[0]) <= step:
-            return sig.wrap(self.program.run(flat))
+            out = self.program.run(flat)
+            return {sig.output: out} if sig.output_is_dict else out
         chunks = []
         for start in range(0, n, step):
             specs = zip(flat, self.signature.inputs, strict=True)
