@@ -19,7 +19,7 @@ ResNet-18 layout at 3×64×64 with random weights, all-MiniLM-L6-v2 at 64 tokens
 - ExecuTorch: a `.pte` per batch lowered to XNNPACK (fp32; int8 through `XNNPACKQuantizer`, symmetric
   per-channel), run by ExecuTorch's own runtime with its thread pool set to the same count.
 keiryo's row is `keiryo.deploy` (every candidate it measures, the fastest within its tolerance per batch).
-Latency is the p50 of `runs` calls per model, timed in blocks of consecutive calls after a 10 ms settling
+Latency is the p50 of `runs` calls per model, timed in blocks of consecutive calls after a 50 ms settling
 pause, the models' blocks interleaved (`keiryo.metrics.time_models`), every model in one process at the
 same thread count; quality is cosine (and top-1 agreement for the trained cnn) against PyTorch fp32 on held
 inputs: digits' test split, random inputs, or real sentences. A peer "keeps quality" at cosine ≥ 0.99 (and

@@ -172,7 +172,7 @@ def batch_of(example_inputs: Example, batch_size: int) -> Example:
     return inputs.map_tensors(inputs.resize_batch(example_inputs, batch_size), lambda t: t.contiguous())
 
 
-SETTLE_S = 0.010  # untimed calls before each block, for at least this long (and at least 2 calls)
+SETTLE_S = 0.050  # untimed calls before each block, for at least this long (and at least 2 calls)
 BLOCKS = 5  # rounds of blocks: each model's timed calls are split over this many visits
 
 
@@ -192,7 +192,8 @@ def time_models(
     least two): the previous model's spinning thread pool (OpenMP, ONNX Runtime, XNNPACK) goes quiet and this
     model's weights are in cache. Timed one call at a time right after another runtime, ONNX Runtime's int8
     cnn ran 1.6x slower at batch 64 on 2 cores (PyTorch's threads still spinning) and 3x slower at batch 1
-    among ten runtimes.
+    among ten runtimes; ExecuTorch's int8 MLP ran at 50-165 µs instead of 32 µs for 10 ms after an ONNX
+    Runtime session had run (its worker thread spins on), and at 32-41 µs after 50 ms.
     """
     if runs < 1:
         raise ConfigError(f"runs must be ≥ 1, got {runs}")
