@@ -97,7 +97,8 @@ SECTIONS = [
         "The fastest way to run a model here: keiryo.deploy against ONNX Runtime, OpenVINO, ExecuTorch",
         "`pip install -e '.[dev]' && python benchmarks/peers.py` (`--quick`: cnn and MLP only): keiryo's "
         "chosen runtime (`keiryo.deploy`) against each peer configured as its documentation recommends, "
-        "same thread count, interleaved rounds, quality as cosine/top-1 agreement with PyTorch fp32. "
+        "same thread count, timed in blocks of calls (interleaved), quality as cosine/top-1 agreement with "
+        "PyTorch fp32. "
         "Target (issue 18): keiryo within 1.1× of the fastest peer that keeps quality, and never slower "
         "than float.",
     ),
