@@ -126,6 +126,20 @@ def test_a_step_is_its_configs_and_older_spellings_still_work(tmp_path):
     assert load_recipe(path).steps[0].configs["strategy"] == DDP(workers=2, grad_compression="powersgd:2")
 
 
+def test_quantize_step_says_what_it_chose(tmp_path):
+    """A quantize step's report line names its choice, kept float included (the demo's kept float silently)."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "name: q\ndata: digits\nsteps:\n  - train: {model: mlp, epochs: 1, model_args: {hidden: [32]}}\n"
+        "  - quantize: {method: int8-dynamic}\n"
+    )
+    _, outcomes = run_recipe(recipe, tmp_path / "out", progress=False)
+    chosen = outcomes[1].info["chosen"]
+    assert chosen.startswith("kept float:") or "× float" in chosen, chosen
+    saved = json.loads((tmp_path / "out" / "quantize.json").read_text())["info"]
+    assert saved["chosen"] == chosen
+
+
 def test_deploy_step_writes_its_folder_and_its_choice_joins_the_table(tmp_path):
     """The deploy step runs keiryo.deploy on the step before it; its chosen model is a row of the report."""
     recipe = tmp_path / "r.yaml"

@@ -25,7 +25,7 @@ from torch import nn
 from keiryo import artifacts, data, fileio, inputs, measuring, models, report
 from keiryo.compress.distill import distill
 from keiryo.compress.prune import prune
-from keiryo.compress.quantize import quantize
+from keiryo.compress.quantize import quantize, report_of
 from keiryo.deploy_files import deployed_choice, load_deployed
 from keiryo.deployment import deploy
 from keiryo.errors import ArtifactError, ConfigError
@@ -185,7 +185,7 @@ def _run_step(step: Step, ctx: _Context) -> tuple[nn.Module | None, dict[str, An
     if step.kind == "distill":
         return _distill(step, ctx), {}
     if step.kind == "quantize":
-        return _quantize(step, ctx), {}
+        return _quantize(step, ctx)
     if step.kind == "export":
         return None, _export(step, ctx)
     if step.kind == "deploy":
@@ -228,9 +228,13 @@ def _distill(step: Step, ctx: _Context) -> nn.Module:
     return distill(teacher, student, ctx.splits, step.configs["distill"], config)
 
 
-def _quantize(step: Step, ctx: _Context) -> nn.Module:
+def _quantize(step: Step, ctx: _Context) -> tuple[nn.Module, dict[str, Any]]:
+    """The quantized model, and what quantize chose and why (kept float, a kernel, its speed-up) for the
+    report: a step that keeps float says so."""
     source = ctx.loaded[step.source]
-    return quantize(source, step.configs["method"], ctx.splits, ctx.example, step.configs["policy"])
+    model = quantize(source, step.configs["method"], ctx.splits, ctx.example, step.configs["policy"])
+    report = report_of(model)
+    return model, ({"chosen": report.message} if report is not None else {})
 
 
 def _export(step: Step, ctx: _Context) -> dict[str, Any]:
