@@ -127,7 +127,7 @@ def test_a_step_is_its_configs_and_older_spellings_still_work(tmp_path):
 
 
 def test_quantize_step_says_what_it_chose(tmp_path):
-    """A quantize step's report line names its choice, kept float included (the demo's kept float silently)."""
+    """A quantize step's report line names its choice, kept float included (the demo kept float silently)."""
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
         "name: q\ndata: digits\nsteps:\n  - train: {model: mlp, epochs: 1, model_args: {hidden: [32]}}\n"
