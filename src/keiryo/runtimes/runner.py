@@ -49,14 +49,9 @@ class Signature:
     output_is_dict: bool
 
     @cached_property
-    def dtypes(self) -> tuple[torch.dtype, ...]:
-        return tuple(getattr(torch, spec.dtype) for spec in self.inputs)
-
-    @cached_property
     def _plan(self) -> tuple[tuple[int | None, str, torch.dtype, int], ...]:
-        return tuple(
-            (s.position, s.name, dtype, s.rank) for s, dtype in zip(self.inputs, self.dtypes, strict=True)
-        )
+        """(position, name, dtype, rank) of each input: what `flatten` reads on every call."""
+        return tuple((s.position, s.name, getattr(torch, s.dtype), s.rank) for s in self.inputs)
 
     @cached_property
     def batch_index(self) -> int | None:
@@ -201,14 +196,13 @@ class Runner(nn.Module):
         flat = sig.flatten(args, kwargs)
         step, index = self.program.max_batch, sig.batch_index
         if not step or index is None or (n := flat[index].shape[0]) <= step:
-            out = self.program.run(flat)
-            return {sig.output: out} if sig.output_is_dict else out
+            return sig.wrap(self.program.run(flat))
         chunks = []
         for start in range(0, n, step):
             specs = zip(flat, self.signature.inputs, strict=True)
             part = [t[start : start + step] if s.batched else t for t, s in specs]
             chunks.append(self.program.run(part))
-        return self.signature.wrap(torch.cat(chunks))
+        return sig.wrap(torch.cat(chunks))
 
     @property
     def suffix(self) -> str:
