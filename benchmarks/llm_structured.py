@@ -223,7 +223,7 @@ def targets(rows: dict) -> list[str]:
         checks = [
             (f"{split}, healed: perplexity within +15% of float", r["ppl"] <= 1.15 * f["ppl"],
              f"{100 * (r['ppl'] / f['ppl'] - 1):+.1f}%"),
-            (f"{split}, healed: decode ≥ 1.25× float at batch 1", ratio >= 1.25, f"{ratio:.2f}×"),
+            (f"{split}, healed: decode ≥ 1.25× float at batch 1", ratio >= 1.25, f"{ratio:.3f}×"),
             (f"{split}: prune + heal under 10 minutes", r["method_s"] < 600, f"{r['method_s'] / 60:.1f} min"),
         ]  # fmt: skip
         lines += [f"| {text} | {'yes' if ok else 'NO'} | {value} |" for text, ok, value in checks]
