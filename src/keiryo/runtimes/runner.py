@@ -197,10 +197,10 @@ class Runner(nn.Module):
         step, index = self.program.max_batch, sig.batch_index
         if not step or index is None or (n := flat[index].shape[0]) <= step:
             return sig.wrap(self.program.run(flat))
+        batched = [s.batched for s in sig.inputs]
         chunks = []
         for start in range(0, n, step):
-            specs = zip(flat, self.signature.inputs, strict=True)
-            part = [t[start : start + step] if s.batched else t for t, s in specs]
+            part = [t[start : start + step] if b else t for t, b in zip(flat, batched, strict=True)]
             chunks.append(self.program.run(part))
         return sig.wrap(torch.cat(chunks))
 
