@@ -17,7 +17,14 @@ from keiryo.lm.calibrate import linearize  # noqa: E402
 from keiryo.lm.compress import compress  # noqa: E402
 from keiryo.lm.distill import LMDistill, LMDistillLoss, cache_teacher, distill  # noqa: E402
 from keiryo.lm.load import decoder_layers  # noqa: E402
-from keiryo.lm.prune import Structured, block_importance, structured_prune  # noqa: E402
+from keiryo.lm.prune import (  # noqa: E402
+    Structured,
+    block_importance,
+    first_tokens,
+    least_important,
+    structured_prune,
+)
+from keiryo.lm.reconstruct import Reconstruct, segments  # noqa: E402
 
 VOCAB = 128
 
@@ -189,6 +196,61 @@ def test_progress_is_called_once_per_remaining_block():
     calls = []
     compress(_model("llama"), Structured(ffn=0.5, layers=1), CALIBRATION, progress=calls.append)
     assert calls == [1, 1, 1]
+
+
+# --- reconstruction after removing blocks ---------------------------------------------------------------
+
+
+def test_segments_widen_each_removed_run_and_merge_those_that_touch():
+    assert segments(30, [12, 13, 14, 15, 16, 17, 25, 26], 3) == [(9, 20), (22, 29)]
+    assert segments(30, [12, 13, 14, 15, 16, 17, 25, 26], 5) == [(7, 29)]  # (7, 22) and (20, 29) overlap
+    assert segments(10, [0, 9], 1) == [(0, 1), (8, 9)]  # clamped to the model
+    assert segments(10, [3, 6], 1) == [(2, 7)]  # (2, 4) and (5, 7) touch
+    # block importance reads the first windows only, up to a number of tokens, at least one window
+    assert first_tokens(CALIBRATION, 100).shape == (3, 32) and len(first_tokens(CALIBRATION, 1)) == 1
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_reconstruction_brings_a_depth_pruned_model_closer_and_leaves_far_blocks_alone(arch):
+    teacher = _model(arch, layers=8)
+    removed = least_important(block_importance(teacher, CALIBRATION), 2)
+    plain = compress(copy.deepcopy(teacher), Structured(layers=2), CALIBRATION)
+    config = Reconstruct(epochs=4, around=1, lr=3e-3, progress=False)
+    # 118 windows: the last batch of 4 is smaller than the one the blocks' arguments were captured with
+    windows = _windows(118, seed=5)
+    rebuilt = compress(copy.deepcopy(teacher), Structured(layers=2, reconstruct=config), windows)
+    assert rebuilt.config.num_hidden_layers == 6 and _params(rebuilt) == _params(plain)
+    before, after = _kl(teacher, plain, HELD_OUT), _kl(teacher, rebuilt, HELD_OUT)
+    assert after < 0.7 * before, (before, after)  # llama 0.112 → 0.059, GPT-2 0.099 → 0.010 when written
+    spans = segments(8, removed, 1)
+    kept = [i for i in range(8) if i not in removed]
+    inside = {new: any(lo <= old <= hi for lo, hi in spans) for new, old in enumerate(kept)}
+    same = {
+        new: _same_block(decoder_layers(rebuilt)[new], decoder_layers(teacher)[old])
+        for new, old in enumerate(kept)
+    }
+    assert all(same[i] for i in inside if not inside[i])  # blocks outside every segment: the teacher's
+    assert not all(same[i] for i in inside if inside[i])  # those inside were trained
+
+
+def _same_block(a, b) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=True))
+
+
+def test_reconstruction_in_bf16_keeps_float32_weights_and_bad_configs_are_one_line_errors():
+    teacher = _model("qwen2", layers=6)
+    config = Reconstruct(epochs=2, around=1, lr=3e-3, precision="bf16", progress=False)
+    rebuilt = compress(copy.deepcopy(teacher), Structured(layers=1, reconstruct=config), CALIBRATION)
+    assert rebuilt.config.num_hidden_layers == 5
+    assert all(p.dtype == torch.float32 for p in rebuilt.parameters())
+    assert all(torch.isfinite(p).all() for p in rebuilt.parameters())
+    for bad in ({"epochs": 0}, {"around": 0}, {"lr": 0.0}, {"lr": float("nan")}, {"precision": "int3"}):
+        with pytest.raises(ConfigError):
+            Reconstruct(**bad)
+    with pytest.raises(ConfigError, match="set layers"):
+        Structured(ffn=0.5, reconstruct=Reconstruct())
+    with pytest.raises(ConfigError, match="Reconstruct"):
+        Structured(layers=1, reconstruct={"epochs": 1})
 
 
 # --- distillation -------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ as GGUF.
 
 One module per job: `load`, `text`, `evaluate`, `calibrate` (layer-by-layer calibration), `kernels`
 (quantized CPU layers), `quant`, `smooth`, `sparsity`, `prune` (one method family each; `compress` is the
-verb over them), `distill`, `store`, `gguf_export`.
+verb over them), `reconstruct` (retrains the blocks around removed ones), `distill`, `store`, `gguf_export`.
 """
 
 from keiryo.lm.compress import compress
@@ -16,6 +16,7 @@ from keiryo.lm.gguf_export import export_gguf
 from keiryo.lm.load import load_causal_lm
 from keiryo.lm.prune import Structured
 from keiryo.lm.quant import WeightQuant
+from keiryo.lm.reconstruct import Reconstruct
 from keiryo.lm.smooth import SmoothQuant
 from keiryo.lm.sparsity import Sparsify
 from keiryo.lm.store import load_compressed, load_lm, save_compressed
@@ -24,6 +25,7 @@ from keiryo.lm.text import TextSplits, calibration_windows, shakespeare_plays, s
 __all__ = [
     "LMDistill",
     "Perplexity",
+    "Reconstruct",
     "SmoothQuant",
     "Sparsify",
     "Speed",

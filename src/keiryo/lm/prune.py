@@ -11,7 +11,9 @@ decode step does less work. As in Minitron (Muralidharan et al. 2024):
   measured on the outputs of the already-pruned blocks before it (`calibrate.run_layerwise`).
   `importance="l1"|"l2"` ranks by weight norms instead, for comparison (Torch-Pruning's default);
 - depth (`layers`): the blocks that change their input least go, by ShortGPT's block importance
-  1 − mean cos(block input, block output) over calibration tokens, measured once on the unpruned model.
+  1 − mean cos(block input, block output) over calibration tokens (the first `IMPORTANCE_TOKENS` of them:
+  the ranking settles on far fewer), measured once on the unpruned model. With `reconstruct`, the blocks
+  around each gap are first retrained to do the removed blocks' work (`reconstruct.py`, on all the text).
 
 Depth goes first (it is measured on the whole model), then width. Pruned models lose quality in a way
 weight quantization does not: `keiryo.lm.distill` heals them from the unpruned model.
@@ -38,8 +40,10 @@ from keiryo.compress.prune_transformers import (
 from keiryo.errors import ConfigError, check_choice
 from keiryo.lm.calibrate import Progress, capture_block_inputs, check_batch_size, run_layerwise
 from keiryo.lm.load import decoder_layers
+from keiryo.lm.reconstruct import Reconstruct, reconstruct
 
 IMPORTANCES = ("activation", "l2", "l1")
+IMPORTANCE_TOKENS = 16384  # calibration tokens block importance is measured on (the first windows)
 
 
 @dataclass
@@ -48,6 +52,7 @@ class Structured:
     query heads) and feed-forward neurons removed; `layers` the number of whole blocks removed.
 
     `importance` ranks heads and neurons: "activation" (on calibration text) or "l2"/"l1" (weight norms).
+    `reconstruct` (with `layers`): retrain the blocks around the removed ones on the calibration text first.
     """
 
     heads: float = 0.0
@@ -55,6 +60,7 @@ class Structured:
     layers: int = 0
     importance: str = "activation"
     batch_size: int = 4
+    reconstruct: Reconstruct | None = None
 
     def __post_init__(self) -> None:
         for name in ("heads", "ffn"):
@@ -67,6 +73,11 @@ class Structured:
             )
         check_choice(self.importance, IMPORTANCES, "structured pruning importance")
         check_batch_size(self.batch_size)
+        if self.reconstruct is not None:
+            if not isinstance(self.reconstruct, Reconstruct):
+                raise ConfigError(f"reconstruct is a Reconstruct(...) or None, got {self.reconstruct!r}")
+            if not self.layers:
+                raise ConfigError("reconstruct retrains the blocks around removed ones: set layers ≥ 1")
 
     @property
     def statistic(self) -> str | None:
@@ -92,8 +103,11 @@ def structured_prune(
             raise ConfigError(
                 f"cannot remove {config.layers} of the model's {count} blocks (at most {count - 1})"
             )
-        scores = block_importance(model, calibration, config.batch_size)
-        remove_layers(model, least_important(scores, config.layers))
+        scores = block_importance(model, first_tokens(calibration, IMPORTANCE_TOKENS), config.batch_size)
+        removed = least_important(scores, config.layers)
+        if config.reconstruct is not None:
+            reconstruct(model, removed, calibration, config.reconstruct)
+        remove_layers(model, removed)
     if config.heads or config.ffn:
         step = _width_step(config)
         if config.importance == "activation":
@@ -148,6 +162,13 @@ def block_importance(model: nn.Module, windows: Tensor, batch_size: int = 4) -> 
             total[index] += F.cosine_similarity(hidden.float(), out.float(), dim=-1).double().sum()
             hidden = out
     return (1 - total / tokens).float()
+
+
+def first_tokens(windows: Tensor | None, tokens: int) -> Tensor | None:
+    """The first windows of `windows` ((count, length) ids) holding at most `tokens` tokens (at least one)."""
+    if windows is None or windows.dim() != 2:
+        return windows
+    return windows[: max(1, tokens // max(1, windows.shape[1]))]
 
 
 def least_important(scores: Tensor, count: int) -> list[int]:

@@ -1,0 +1,187 @@
+"""Local reconstruction after removing whole blocks: the surviving blocks next to each gap learn to do the
+removed blocks' work, from the unpruned model's hidden states on calibration text.
+
+A removed block takes its update to the residual stream away from every token; the blocks around the gap
+are the cheapest place to put it back. For each run of removed blocks, a *segment* is the surviving blocks
+within `around` of it (runs whose segments touch share one). Before anything is removed the unpruned model
+runs once over the calibration windows and keeps the hidden states entering and leaving every segment; then
+each segment alone is trained (keiryo's loop: AdamW, cosine schedule, progress bar) to take the entering
+state to the leaving one, by the squared error relative to the target's size, per token (an LLM's hidden
+states carry a few huge dimensions and tokens; the relative error lets every token count). Only a few blocks
+run forward and backward — not the whole model and its vocabulary-sized head — so it sees several times
+more text per second than logits distillation (`distill`). LLM-Streamline (Chen et al. 2024) trains a light
+replacement for the removed layers on the same objective; BRECQ (Li et al. 2021) reconstructs block outputs
+after quantization.
+
+On SmolLM2-135M minus 8 of 30 blocks (benchmarks/llm_structured.py) it brings held-out perplexity from
++163% to about +32% of the unpruned model's in the time 150 steps of logits distillation bring it to +40%.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import TensorDataset
+
+from keiryo import devices
+from keiryo.data import DataSplits
+from keiryo.errors import ConfigError, check_whole, is_finite
+from keiryo.lm.calibrate import capture_block_inputs
+from keiryo.lm.load import decoder_layers
+from keiryo.loop import TrainConfig, fit
+
+
+@dataclass
+class Reconstruct:
+    """How the blocks around removed ones are retrained: the surviving blocks within `around` of each removed
+    run, `epochs` passes over the calibration windows, `batch_size` windows per AdamW step at learning rate
+    `lr`, matrix products in `precision` ("bf16": faster on CPUs with bf16 units; the kept hidden states are
+    then bf16 too, half the memory)."""
+
+    epochs: int = 1
+    around: int = 3
+    lr: float = 3e-4
+    batch_size: int = 4
+    precision: str = "fp32"
+    progress: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_whole("reconstruction epochs", self.epochs, 1)
+        check_whole("blocks around each removed run (around)", self.around, 1)
+        check_whole("reconstruction batch size", self.batch_size, 1)
+        devices.check_precision(self.precision)
+        if not is_finite(self.lr) or self.lr <= 0:
+            raise ConfigError(f"reconstruction learning rate must be a finite number > 0, got {self.lr}")
+
+
+def segments(count: int, removed: list[int], around: int) -> list[tuple[int, int]]:
+    """The (first, last) block indices, inclusive, of each segment: every removed run widened by `around`
+    blocks on each side (within the model's `count`), overlapping or touching ones merged."""
+    spans: list[tuple[int, int]] = []
+    for index in sorted(set(removed)):
+        lo, hi = max(0, index - around), min(count - 1, index + around)
+        if spans and lo <= spans[-1][1] + 1:
+            spans[-1] = (spans[-1][0], max(spans[-1][1], hi))
+        else:
+            spans.append((lo, hi))
+    return spans
+
+
+class Segment(nn.Module):
+    """Some of a model's decoder blocks (the same modules, not copies) run one after the other on a hidden
+    state, with the keyword arguments (position embeddings, mask) the model gives every block."""
+
+    def __init__(self, blocks: list[nn.Module], kwargs: dict[str, Any], batch: int) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.kwargs, self.batch = kwargs, batch
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        kwargs = _rows(self.kwargs, self.batch, hidden.shape[0])
+        for block in self.blocks:
+            out = block(hidden, **kwargs)
+            hidden = out[0] if isinstance(out, (tuple, list)) else out
+        return hidden
+
+
+def relative_error(model: nn.Module, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """The loop's loss: mean over tokens of ‖output − target‖² / ‖target‖²."""
+    out = model(inputs).float()
+    target = targets.float()
+    error = (out - target).pow(2).sum(-1) / target.pow(2).sum(-1).clamp_min(1e-12)
+    return error.mean(), out.detach()
+
+
+def reconstruct(model: nn.Module, removed: list[int], windows: Tensor, config: Reconstruct) -> list[float]:
+    """Before blocks `removed` are taken out of `model`, train the surviving blocks of each segment (see
+    `segments`) in place to map the hidden state entering the segment to the one the whole model had
+    leaving it, on `windows` (token ids, (count, length)). Returns each segment's final epoch's mean loss."""
+    blocks = decoder_layers(model)
+    if not removed:
+        return []
+    if windows is None or windows.dim() != 2 or len(windows) == 0:
+        raise ConfigError("reconstruction needs calibration text: token ids, (count, length)")
+    spans = segments(len(blocks), removed, config.around)
+    states, kwargs, batch = _boundary_states(model, windows, spans, config)
+    losses = []
+    for lo, hi in spans:
+        kept = [blocks[i] for i in range(lo, hi + 1) if i not in set(removed)]
+        if not kept:
+            raise ConfigError(f"no block left between {lo} and {hi} to reconstruct with: raise `around`")
+        segment = Segment(kept, kwargs, batch)
+        data = TensorDataset(states[lo], states[hi + 1])
+        empty = TensorDataset(states[lo][:0], states[hi + 1][:0])
+        splits = DataSplits(data, empty, empty, None, tuple(states[lo].shape[1:]), f"blocks {lo}-{hi}")
+        train = TrainConfig(
+            epochs=config.epochs,
+            batch_size=config.batch_size,
+            lr=config.lr,
+            weight_decay=0.0,
+            validation=0.0,
+            patience=None,
+            seed=config.seed,
+            precision=config.precision,
+            progress=config.progress,
+        )
+        with torch.enable_grad():
+            result = fit(segment, splits, train, loss_fn=relative_error)
+        losses.append(result.history[-1].train_loss)
+        segment.eval()
+    return losses
+
+
+@torch.inference_mode()
+def _boundary_states(
+    model: nn.Module, windows: Tensor, spans: list[tuple[int, int]], config: Reconstruct
+) -> tuple[dict[int, Tensor], dict[str, Any], int]:
+    """The unpruned model's hidden states entering each segment and leaving it (index hi + 1), for every
+    window; the blocks' keyword arguments (as ordinary tensors, which autograd can save) and their batch."""
+    blocks = decoder_layers(model)
+    wanted = {lo for lo, _ in spans} | {hi + 1 for _, hi in spans}
+    last = max(wanted)
+    was_training = model.training
+    model.eval()
+    inputs, kwargs = capture_block_inputs(model, windows, config.batch_size)
+    keep = torch.bfloat16 if config.precision == "bf16" else inputs[0].dtype
+    device = inputs[0].device
+    parts: dict[int, list[Tensor]] = {i: [] for i in wanted}
+    for hidden in inputs:
+        for index in range(last + 1):
+            if index in parts:
+                parts[index].append(hidden.to(keep))
+            if index < last:
+                with devices.autocast(device, config.precision):
+                    out = blocks[index](hidden, **kwargs)
+                hidden = (out[0] if isinstance(out, (tuple, list)) else out).to(inputs[0].dtype)
+    model.train(was_training)
+    states = {i: torch.cat(p) for i, p in parts.items()}
+    return states, _ordinary(kwargs), len(inputs[0])
+
+
+def _ordinary(value: Any) -> Any:
+    """A copy of `value`'s tensors made outside inference mode (inference tensors cannot join autograd)."""
+    with torch.inference_mode(False):
+        if isinstance(value, Tensor):
+            return value.clone()
+        if isinstance(value, dict):
+            return {k: _ordinary(v) for k, v in value.items()}
+        if isinstance(value, (tuple, list)):
+            return type(value)(_ordinary(v) for v in value)
+        return value
+
+
+def _rows(value: Any, batch: int, rows: int) -> Any:
+    """`value`'s per-window tensors (first dimension `batch`, as captured) cut to a smaller last batch."""
+    if rows == batch:
+        return value
+    if isinstance(value, Tensor):
+        return value[:rows] if value.dim() and value.shape[0] == batch else value
+    if isinstance(value, dict):
+        return {k: _rows(v, batch, rows) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_rows(v, batch, rows) for v in value)
+    return value
