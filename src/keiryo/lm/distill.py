@@ -14,6 +14,7 @@ the optimizer's memory and keeps the vocabulary the teacher's.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -120,6 +121,33 @@ class LMDistillLoss:
         return combine(student, ids[:, 1:].flatten(), teacher, self.soft), student.detach()
 
 
+class Settings(Protocol):
+    """What `fit_config` reads of a config (LMDistill, Reconstruct)."""
+
+    batch_size: int
+    lr: float
+    seed: int
+    precision: str
+    progress: bool
+
+
+def fit_config(config: Settings, epochs: int) -> TrainConfig:
+    """The training loop's settings for learning from a teacher on calibration text: `config`'s batch size,
+    learning rate, seed, precision and progress; every window trains (no validation split, no early stop)
+    and nothing decays towards zero (the weights start as the teacher's, not at random)."""
+    return TrainConfig(
+        epochs=epochs,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        weight_decay=0.0,
+        validation=0.0,
+        patience=None,
+        seed=config.seed,
+        precision=config.precision,
+        progress=config.progress,
+    )
+
+
 def distill(
     teacher: nn.Module, student: nn.Module, windows: Tensor, config: LMDistill | None = None
 ) -> nn.Module:
@@ -135,17 +163,7 @@ def distill(
     if not isinstance(windows, Tensor) or windows.dim() != 2 or windows.shape[1] < 2 or len(windows) == 0:
         raise ConfigError("distillation text must be token ids as (count, length ≥ 2) windows")
     windows = windows.long().cpu()
-    train = TrainConfig(
-        epochs=1,
-        batch_size=config.batch_size,
-        lr=config.lr,
-        weight_decay=0.0,
-        validation=0.0,
-        patience=None,
-        seed=config.seed,
-        precision=config.precision,
-        progress=config.progress,
-    )
+    train = fit_config(config, epochs=1)
     device = devices.resolve_device(train.device)
     was_training = teacher.training
     teacher.to(device).eval()

@@ -13,8 +13,9 @@ more text per second than logits distillation (`distill`). LLM-Streamline (Chen 
 replacement for the removed layers on the same objective; BRECQ (Li et al. 2021) reconstructs block outputs
 after quantization.
 
-On SmolLM2-135M minus 8 of 30 blocks (benchmarks/llm_structured.py) it brings held-out perplexity from
-+163% to about +32% of the unpruned model's in the time 150 steps of logits distillation bring it to +40%.
+On SmolLM2-135M minus 8 of 30 blocks (benchmarks/llm_structured.py, one run on 2 cores) it brings held-out
+perplexity from +163% to +31.6% of the unpruned model's in 9.1 minutes, where 150 steps of logits
+distillation bring it to +39.9% in 15.4.
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ from keiryo import devices
 from keiryo.data import DataSplits
 from keiryo.errors import ConfigError, check_whole, is_finite
 from keiryo.lm.calibrate import capture_block_inputs
+from keiryo.lm.distill import fit_config
 from keiryo.lm.load import decoder_layers
-from keiryo.loop import TrainConfig, fit
+from keiryo.loop import fit
 
 
 @dataclass
@@ -116,19 +118,8 @@ def reconstruct(model: nn.Module, removed: list[int], windows: Tensor, config: R
         data = TensorDataset(states[lo], states[hi + 1])
         empty = TensorDataset(states[lo][:0], states[hi + 1][:0])
         splits = DataSplits(data, empty, empty, None, tuple(states[lo].shape[1:]), f"blocks {lo}-{hi}")
-        train = TrainConfig(
-            epochs=config.epochs,
-            batch_size=config.batch_size,
-            lr=config.lr,
-            weight_decay=0.0,
-            validation=0.0,
-            patience=None,
-            seed=config.seed,
-            precision=config.precision,
-            progress=config.progress,
-        )
         with torch.enable_grad():
-            result = fit(segment, splits, train, loss_fn=relative_error)
+            result = fit(segment, splits, fit_config(config, config.epochs), loss_fn=relative_error)
         losses.append(result.history[-1].train_loss)
         segment.eval()
     return losses
