@@ -20,7 +20,7 @@ distillation bring it to +39.9% in 15.4.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -75,19 +75,28 @@ def segments(count: int, removed: list[int], around: int) -> list[tuple[int, int
 
 class Segment(nn.Module):
     """Some of a model's decoder blocks (the same modules, not copies) run one after the other on a hidden
-    state, with the keyword arguments (position embeddings, mask) the model gives every block."""
+    state, with the keyword arguments (position embeddings, mask) the model gives every block; the residual
+    stream in `dtype` between blocks, as the model keeps it."""
 
-    def __init__(self, blocks: list[nn.Module], kwargs: dict[str, Any], batch: int) -> None:
+    def __init__(
+        self, blocks: list[nn.Module], kwargs: dict[str, Any], batch: int, dtype: torch.dtype
+    ) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
-        self.kwargs, self.batch = kwargs, batch
+        self.kwargs, self.batch, self.dtype = kwargs, batch, dtype
 
     def forward(self, hidden: Tensor) -> Tensor:
-        kwargs = _rows(self.kwargs, self.batch, hidden.shape[0])
-        for block in self.blocks:
-            out = block(hidden, **kwargs)
-            hidden = out[0] if isinstance(out, (tuple, list)) else out
-        return hidden
+        return run_blocks(self.blocks, hidden.to(self.dtype), _rows(self.kwargs, self.batch, len(hidden)))
+
+
+def run_blocks(blocks: list[nn.Module] | nn.ModuleList, hidden: Tensor, kwargs: dict[str, Any]) -> Tensor:
+    """`hidden` through `blocks` in order, each output cast back to the input's dtype (under autocast a block
+    may return bf16; the model's residual stream stays in its own dtype)."""
+    dtype = hidden.dtype
+    for block in blocks:
+        out = block(hidden, **kwargs)
+        hidden = (out[0] if isinstance(out, (tuple, list)) else out).to(dtype)
+    return hidden
 
 
 def relative_error(model: nn.Module, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
@@ -108,20 +117,29 @@ def reconstruct(model: nn.Module, removed: list[int], windows: Tensor, config: R
     if windows is None or windows.dim() != 2 or len(windows) == 0:
         raise ConfigError("reconstruction needs calibration text: token ids, (count, length)")
     spans = segments(len(blocks), removed, config.around)
-    states, kwargs, batch = _boundary_states(model, windows, spans, config)
+    gone = set(removed)
+    states, kwargs, batch, dtype = _boundary_states(model, windows, spans, config)
+    # train where the model is (its blocks' arguments and the states are there), not on the loop's choice
+    train = replace(fit_config(config, config.epochs), device=str(states[spans[0][0]].device))
     losses = []
     for lo, hi in spans:
-        kept = [blocks[i] for i in range(lo, hi + 1) if i not in set(removed)]
+        kept = [blocks[i] for i in range(lo, hi + 1) if i not in gone]
         if not kept:
             raise ConfigError(f"no block left between {lo} and {hi} to reconstruct with: raise `around`")
-        segment = Segment(kept, kwargs, batch)
+        modes = [block.training for block in kept]
+        segment = Segment(kept, kwargs, batch, dtype)
         data = TensorDataset(states[lo], states[hi + 1])
         empty = TensorDataset(states[lo][:0], states[hi + 1][:0])
         splits = DataSplits(data, empty, empty, None, tuple(states[lo].shape[1:]), f"blocks {lo}-{hi}")
-        with torch.enable_grad():
-            result = fit(segment, splits, fit_config(config, config.epochs), loss_fn=relative_error)
+        with torch.inference_mode(False), torch.enable_grad():
+            result = fit(segment, splits, train, loss_fn=relative_error)
         losses.append(result.history[-1].train_loss)
-        segment.eval()
+        for block, mode in zip(kept, modes, strict=True):
+            block.train(mode)
+            for parameter in block.parameters():
+                parameter.grad = None  # the last step's gradients: a float copy of every trained weight
+        del states[lo]  # segments never share a boundary (touching runs merge)
+        states.pop(hi + 1, None)
     return losses
 
 
@@ -130,27 +148,28 @@ def _boundary_states(
     model: nn.Module, windows: Tensor, spans: list[tuple[int, int]], config: Reconstruct
 ) -> tuple[dict[int, Tensor], dict[str, Any], int]:
     """The unpruned model's hidden states entering each segment and leaving it (index hi + 1), for every
-    window; the blocks' keyword arguments (as ordinary tensors, which autograd can save) and their batch."""
+    window; the blocks' keyword arguments (as ordinary tensors, which autograd can save), their batch and
+    the residual stream's dtype."""
     blocks = decoder_layers(model)
     wanted = {lo for lo, _ in spans} | {hi + 1 for _, hi in spans}
     last = max(wanted)
     was_training = model.training
     model.eval()
     inputs, kwargs = capture_block_inputs(model, windows, config.batch_size)
-    keep = torch.bfloat16 if config.precision == "bf16" else inputs[0].dtype
-    device = inputs[0].device
+    dtype, device, batch = inputs[0].dtype, inputs[0].device, len(inputs[0])
+    keep = torch.bfloat16 if config.precision == "bf16" else dtype
     parts: dict[int, list[Tensor]] = {i: [] for i in wanted}
     for hidden in inputs:
+        rows = _rows(kwargs, batch, len(hidden))
         for index in range(last + 1):
             if index in parts:
                 parts[index].append(hidden.to(keep))
             if index < last:
                 with devices.autocast(device, config.precision):
-                    out = blocks[index](hidden, **kwargs)
-                hidden = (out[0] if isinstance(out, (tuple, list)) else out).to(inputs[0].dtype)
+                    hidden = run_blocks([blocks[index]], hidden, rows)
     model.train(was_training)
     states = {i: torch.cat(p) for i, p in parts.items()}
-    return states, _ordinary(kwargs), len(inputs[0])
+    return states, _ordinary(kwargs), batch, dtype
 
 
 def _ordinary(value: Any) -> Any:
@@ -166,11 +185,12 @@ def _ordinary(value: Any) -> Any:
 
 
 def _rows(value: Any, batch: int, rows: int) -> Any:
-    """`value`'s per-window tensors (first dimension `batch`, as captured) cut to a smaller last batch."""
+    """`value`'s per-window tensors (masks: 2 or more dimensions, the first `batch`, as captured) cut to a
+    smaller last batch; shared ones (position embeddings, first dimension 1; positions, 1-D) stay whole."""
     if rows == batch:
         return value
     if isinstance(value, Tensor):
-        return value[:rows] if value.dim() and value.shape[0] == batch else value
+        return value[:rows] if value.dim() >= 2 and value.shape[0] == batch else value
     if isinstance(value, dict):
         return {k: _rows(v, batch, rows) for k, v in value.items()}
     if isinstance(value, (tuple, list)):
