@@ -159,6 +159,14 @@ LLM_EXTRA = [
         "each gap reconstructed from the original's hidden states. Target (issue 15): healed within "
         "+15% of float perplexity, ≥ 1.25× decode tokens/s.",
     ),
+    (
+        "llm_structured_subset.md",
+        "Structured pruning: one split again, with later code",
+        "The same script with `KEIRYO_LLM_STRUCT_SPLITS` naming the splits to run (the file states the "
+        "command and commit): the reconstructed depth split after review fixes to `keiryo.lm.reconstruct` "
+        "(the residual stream kept in float32 between the retrained blocks, as in the pass that made the "
+        "targets).",
+    ),
 ]
 SECTIONS += LLM_EXTRA
 

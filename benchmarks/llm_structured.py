@@ -5,7 +5,8 @@
     KEIRYO_LLM_STRUCT_QUICK=1 python benchmarks/llm_structured.py   # smaller: what a loaded machine can do
     (KEIRYO_LLM_THREADS=1: one torch thread, KEIRYO_LLM_HEAL_STEPS=N, KEIRYO_LLM_HEAL_LR=X: healing budget,
     KEIRYO_LLM_HEAL_PRECISION=bf16: healing under bf16 autocast, for CPUs with bf16 units,
-    KEIRYO_LLM_STRUCT_SPLITS="depth: 8 blocks, reconstructed": only these splits (';' between), and float)
+    KEIRYO_LLM_STRUCT_SPLITS="depth: 8 blocks, reconstructed": only these splits (';' between), and
+    float, written to out/llm_structured_subset.md)
 
 "25%" is a quarter of the decoder blocks' parameters (106.2M of the 134.5M; the tied embedding/head is kept
 whole). Two ways to get there, both through `keiryo.lm.compress`:
@@ -34,6 +35,7 @@ import copy
 import importlib.util
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -194,7 +196,7 @@ def write_report(rows, splits, held_out, model_name, flags, started, load_start)
     load_end = os.getloadavg()[0]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout
     settings = [
-        f"{k}={v}"
+        f"{k}={shlex.quote(v)}"
         for k, v in sorted(os.environ.items())
         if k.startswith("KEIRYO_LLM_") and k != "KEIRYO_LLM_OUT"
     ]
@@ -233,7 +235,7 @@ def write_report(rows, splits, held_out, model_name, flags, started, load_start)
         )
     lines += ["", *targets(rows), "", *notes(), ""]
     OUT.mkdir(exist_ok=True)
-    (OUT / "llm_structured.md").write_text("\n".join(lines))
+    (OUT / ("llm_structured_subset.md" if ONLY else "llm_structured.md")).write_text("\n".join(lines))
     print("\n".join(lines))
 
 
