@@ -136,7 +136,7 @@ def run_layerwise(
         stats = _gather(block, inputs, kwargs, statistic)
         step(index, block, stats)
         with torch.inference_mode():
-            inputs = [_hidden(block(x, **kwargs)) for x in inputs]
+            inputs = [block_output(block(x, **kwargs)) for x in inputs]
         if progress is not None:
             progress(1)
     model.train(was_training)
@@ -188,5 +188,6 @@ def _gather(block: nn.Module, inputs: list[Tensor], kwargs: dict, statistic: str
     return stats
 
 
-def _hidden(output: Any) -> Tensor:
+def block_output(output: Any) -> Tensor:
+    """The hidden state a decoder block returned (some families return it alone, others first in a tuple)."""
     return output[0] if isinstance(output, (tuple, list)) else output

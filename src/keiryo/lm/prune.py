@@ -38,7 +38,7 @@ from keiryo.compress.prune_transformers import (
     weight_neuron_scores,
 )
 from keiryo.errors import ConfigError, check_choice
-from keiryo.lm.calibrate import Progress, capture_block_inputs, check_batch_size, run_layerwise
+from keiryo.lm.calibrate import Progress, block_output, capture_block_inputs, check_batch_size, run_layerwise
 from keiryo.lm.load import decoder_layers
 from keiryo.lm.reconstruct import Reconstruct, reconstruct
 
@@ -157,8 +157,7 @@ def block_importance(model: nn.Module, windows: Tensor, batch_size: int = 4) -> 
     for hidden in inputs:
         tokens += hidden.shape[0] * hidden.shape[1]
         for index, block in enumerate(blocks):
-            out = block(hidden, **kwargs)
-            out = out[0] if isinstance(out, (tuple, list)) else out
+            out = block_output(block(hidden, **kwargs))
             total[index] += F.cosine_similarity(hidden.float(), out.float(), dim=-1).double().sum()
             hidden = out
     return (1 - total / tokens).float()

@@ -30,7 +30,7 @@ from torch.utils.data import TensorDataset
 from keiryo import devices
 from keiryo.data import DataSplits
 from keiryo.errors import ConfigError, check_whole, is_finite
-from keiryo.lm.calibrate import capture_block_inputs
+from keiryo.lm.calibrate import block_output, capture_block_inputs
 from keiryo.lm.distill import fit_config
 from keiryo.lm.load import decoder_layers
 from keiryo.loop import fit
@@ -94,8 +94,7 @@ def run_blocks(blocks: list[nn.Module] | nn.ModuleList, hidden: Tensor, kwargs: 
     may return bf16; the model's residual stream stays in its own dtype)."""
     dtype = hidden.dtype
     for block in blocks:
-        out = block(hidden, **kwargs)
-        hidden = (out[0] if isinstance(out, (tuple, list)) else out).to(dtype)
+        hidden = block_output(block(hidden, **kwargs)).to(dtype)
     return hidden
 
 
