@@ -77,6 +77,23 @@ def test_compress_to_gguf_then_eval_side_by_side(source, tmp_path, capsys):
     assert rows[1]["perplexity"] == pytest.approx(rows[0]["perplexity"], rel=0.02)
 
 
+def test_depth_removes_a_share_of_the_blocks_retrains_their_neighbours_and_saves_a_smaller_gguf(
+    source, tmp_path, capsys
+):
+    src = f"gguf:{source / 'tiny.gguf'}"
+    code, out, err = run(
+        capsys, "lm", "compress", src, "--method", "depth", "--text", source / "text.txt", "--windows", "8",
+        "--length", "32", "--precision", "bf16", "--out", tmp_path / "depth.gguf",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "retraining blocks 0-1 without" in out and "epoch   1/1" in out  # a quarter of 2 blocks: 1
+    teacher, _ = load_causal_lm(src)
+    back, _ = load_causal_lm(tmp_path / "depth.gguf")
+    assert (teacher.config.num_hidden_layers, back.config.num_hidden_layers) == (2, 1)
+    assert (tmp_path / "depth.gguf").stat().st_size < 0.8 * (source / "tiny.gguf").stat().st_size
+    assert _logits(back, IDS).shape == _logits(teacher, IDS).shape
+
+
 def test_bench_takes_language_models(source, capsys):
     code, out, err = run(
         capsys, "bench", f"gguf:{source / 'tiny.gguf'}", "--data", source / "text.txt", "--batch-sizes", "1",
@@ -98,6 +115,10 @@ def test_bench_takes_language_models(source, capsys):
         (["lm", "compress", "hf:GPT2", "--method", "int8", "--out", "OUT.gguf"], "Llama-architecture"),
         (["lm", "compress", "gguf:SRC", "--method", "int8", "--float-type", "f8", "--out", "OUT.gguf"], "f8"),
         (["lm", "eval", "gguf:SRC", "--context", "8", "--stride", "16"], "--stride"),
+        ("lm compress gguf:SRC --method int8 --layers 2 --out OUT.pt".split(), "--layers"),
+        ("lm compress gguf:SRC --method int8 --precision bf16 --out OUT.pt".split(), "depth"),
+        ("lm compress gguf:SRC --method depth --layers 1.5 --out OUT.pt".split(), "share"),
+        ("lm compress gguf:SRC --method depth --layers 2 --text TEXT --out OUT.pt".split(), "at most 1"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2_and_keeps_the_output(source, tmp_path, capsys, args, message):
@@ -114,7 +135,7 @@ def test_bad_input_is_one_line_and_exit_2_and_keeps_the_output(source, tmp_path,
         "MISSING.gguf": str(tmp_path / "missing.gguf"), "CORRUPT": str(tmp_path / "corrupt.gguf"),
         "NOTALM": str(tmp_path / "notalm.pt"), "NOTDECODER": str(tmp_path / "notdecoder"),
         "SRC": str(source / "tiny.gguf"), "GPT2": str(tmp_path / "gpt2"), "OUT.pt": str(tmp_path / "out.pt"),
-        "OUT.gguf": str(out),
+        "OUT.gguf": str(out), "TEXT": str(source / "text.txt"),
     }  # fmt: skip
     resolved = []
     for arg in args:

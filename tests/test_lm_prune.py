@@ -21,6 +21,7 @@ from keiryo.lm.prune import (  # noqa: E402
     IMPORTANCE_TOKENS,
     Structured,
     block_importance,
+    blocks_removed,
     first_tokens,
     least_important,
     structured_prune,
@@ -182,6 +183,8 @@ def test_l2_importance_prunes_without_calibration_and_bad_configs_are_one_line_e
         {"ffn": -0.1},
         {"layers": -1},
         {"layers": 1.5},
+        {"layers": 1.0},
+        {"layers": 0.0},
         {"importance": "taylor"},
         {"batch_size": 0},
     ):
@@ -191,6 +194,13 @@ def test_l2_importance_prunes_without_calibration_and_bad_configs_are_one_line_e
         compress(_model("llama"), Structured(ffn=0.5), None)
     with pytest.raises(ConfigError, match="at most 3"):
         compress(_model("llama"), Structured(layers=4), CALIBRATION)
+
+
+def test_layers_as_a_share_removes_that_share_of_the_blocks_rounded_half_up():
+    assert [blocks_removed(0.25, n) for n in (30, 10, 8, 2)] == [8, 3, 2, 1]
+    assert blocks_removed(0.01, 4) == 1 and blocks_removed(5, 30) == 5  # at least one; a count stays
+    model = compress(_model("llama"), Structured(layers=0.5), CALIBRATION)
+    assert model.config.num_hidden_layers == len(decoder_layers(model)) == 2
 
 
 def test_progress_is_called_once_per_remaining_block():

@@ -11,7 +11,7 @@ of the model's files.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -34,10 +34,11 @@ from keiryo.lm import (
     tokenize,
 )
 from keiryo.lm import compress as compress_lm
-from keiryo.lm.compress import NAMES, config_of
+from keiryo.lm.compress import CALIBRATION, NAMES, config_of
 from keiryo.lm.evaluate import peak_resident_bytes, release_free_memory, reset_peak, tensor_bytes
 from keiryo.lm.gguf_export import FLOAT_TYPES, check_exportable, export_gguf
 from keiryo.lm.load import decoder_layers, is_lm_spec
+from keiryo.lm.prune import Structured
 from keiryo.lm.store import load_lm
 from keiryo.lm.text import read_documents
 
@@ -288,21 +289,43 @@ def compress(
         Path, typer.Option("--out", "-o", help="OUT.gguf (GGUF for llama.cpp) or a keiryo LM file.")
     ],
     text: TextOpt = None,
-    windows: Annotated[int, typer.Option(min=1, help="Calibration windows drawn from --text.")] = 16,
-    length: Annotated[int, typer.Option(min=2, help="Tokens per calibration window.")] = 512,
+    windows: Annotated[
+        int | None,
+        typer.Option(min=1, help="Calibration windows drawn from --text [default: 16; depth: 768]."),
+    ] = None,
+    length: Annotated[
+        int | None, typer.Option(min=2, help="Tokens per calibration window [default: 512; depth: 256].")
+    ] = None,
+    layers: Annotated[
+        float | None,
+        typer.Option(
+            help="structured/depth: blocks removed, a count (8) or a share of them (0.25) "
+            "[default: structured 4, depth 0.25]."
+        ),
+    ] = None,
+    precision: Annotated[
+        str,
+        typer.Option(help="depth: retraining under fp32 or bf16 autocast (faster on CPUs with bf16 units)."),
+    ] = "fp32",
     float_type: Annotated[str, typer.Option(help="GGUF type of float matrices: f32 | f16 | bf16.")] = "f32",
     seed: SeedOpt = 0,
 ) -> None:
     """Compress a language model and save it: int8/int4 weight-only (RTN, GPTQ), W8A8 (SmoothQuant), 50% or
-    2:4 sparsity (magnitude, Wanda). GPTQ, Wanda and SmoothQuant calibrate on --text.
+    2:4 sparsity (magnitude, Wanda), structured pruning (heads, FFN width, blocks) and depth pruning with
+    the blocks around the removed ones retrained to do their work (`depth`, the best-kept quality of the
+    structured methods). GPTQ, Wanda, SmoothQuant, structured and depth calibrate on --text.
 
     --out FILE.gguf writes GGUF for llama.cpp (Llama architecture): int8 and W8A8 weights as Q8_0, int4 as
     Q4_1, float and pruned matrices as --float-type (GGUF has no sparse type); any other name writes a
     keiryo LM file (smaller for pruned models; carries the tokenizer) that `keiryo lm eval` reads.
 
     Example: keiryo lm compress gguf:SmolLM2.gguf --method gptq --text shakespeare --out smollm2-int4.gguf
+
+    Example: keiryo lm compress gguf:SmolLM2.gguf --method depth --text shakespeare --out smollm2-22.gguf
     """
-    config = config_of(method)
+    config = _configure(method, layers, precision)
+    default_windows, default_length = CALIBRATION.get(method, (16, 512))
+    windows, length = windows or default_windows, length or default_length
     if float_type not in FLOAT_TYPES:
         raise ConfigError(f"--float-type must be one of {', '.join(FLOAT_TYPES)}, got '{float_type}'")
     check_output(out, inputs=[Path(source.partition(":")[2] if is_lm_spec(source) else source)])
@@ -317,10 +340,13 @@ def compress(
         if ids.numel() < length:
             raise DataError(f"--text has {ids.numel()} tokens, fewer than one window of {length}")
         calibration = calibration_windows(ids, windows, length, seed=seed)
-    columns = [TextColumn("{task.description:<30}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
-    with Progress(*columns, console=console, transient=True) as bar:
-        task = bar.add_task(f"{method}: decoder blocks", total=len(decoder_layers(model)))
-        compress_lm(model, config, calibration, progress=lambda n: bar.advance(task, n))
+    if isinstance(config, Structured) and config.reconstruct is not None:
+        compress_lm(model, config, calibration)  # its retraining shows a bar per segment of blocks
+    else:
+        columns = [TextColumn("{task.description:<30}"), BarColumn(), MofNCompleteColumn()]
+        with Progress(*columns, TimeElapsedColumn(), console=console, transient=True) as bar:
+            task = bar.add_task(f"{method}: decoder blocks", total=len(decoder_layers(model)))
+            compress_lm(model, config, calibration, progress=lambda n: bar.advance(task, n))
     with staged(out) as (staged_out,):
         if out.suffix == ".gguf":
             size = export_gguf(model, staged_out, source, float_type)
@@ -328,3 +354,17 @@ def compress(
             size = save_compressed(model, staged_out, tokenizer)
     kind = "GGUF" if out.suffix == ".gguf" else "keiryo LM file"
     console.print(f"{method}: saved {out} ({report.human_bytes(size)}, {kind})")
+
+
+def _configure(method: str, layers: float | None, precision: str) -> Any:
+    """The method's config with the command line's --layers and --precision where the method takes them."""
+    config = config_of(method)
+    if layers is not None:
+        if not isinstance(config, Structured):
+            raise ConfigError(f"--layers is for --method structured or depth, not {method}")
+        config = replace(config, layers=int(layers) if layers == int(layers) else layers)
+    if precision != "fp32":
+        if not isinstance(config, Structured) or config.reconstruct is None:
+            raise ConfigError(f"--precision is for --method depth (its retraining), not {method}")
+        config = replace(config, reconstruct=replace(config.reconstruct, precision=precision))
+    return config

@@ -4,7 +4,8 @@ calibration)`, with one small config per method and its handler in the dict belo
 - `WeightQuant` (int8 / int4 weight-only, round-to-nearest or GPTQ) — `quant.py`;
 - `SmoothQuant` (int8 weights and activations, smoothed or not) — `smooth.py`;
 - `Sparsify` (50% unstructured or 2:4, by magnitude or Wanda) — `sparsity.py`;
-- `Structured` (heads by key/value group, FFN width, whole blocks; activation-ranked) — `prune.py`.
+- `Structured` (heads by key/value group, FFN width, whole blocks; activation-ranked; the blocks around
+  removed ones optionally retrained, `Reconstruct`) — `prune.py`, `reconstruct.py`.
 
 A config's `statistic` says what calibration it needs (GPTQ's Hessians, Wanda's norms, SmoothQuant's ranges);
 methods that need none run without calibration text.
@@ -19,6 +20,7 @@ from keiryo.errors import ConfigError, check_choice
 from keiryo.lm.calibrate import Progress, linearize
 from keiryo.lm.prune import Structured, structured_prune
 from keiryo.lm.quant import WeightQuant, quantize_weights
+from keiryo.lm.reconstruct import Reconstruct
 from keiryo.lm.smooth import SmoothQuant, smooth_quantize
 from keiryo.lm.sparsity import Sparsify, prune_weights
 
@@ -40,7 +42,9 @@ NAMES = {  # the method names a command line or a recipe uses, as configs with t
     "smoothquant": SmoothQuant(),
     "w8a8": SmoothQuant(alpha=None),
     "structured": Structured(heads=1 / 3, ffn=0.25, layers=4),
+    "depth": Structured(layers=0.25, reconstruct=Reconstruct()),
 }
+CALIBRATION = {"depth": (768, 256)}  # (windows, tokens each) a method learns from, where not (16, 512)
 
 
 def config_of(method: Config | str) -> Config:

@@ -21,6 +21,7 @@ weight quantization does not: `keiryo.lm.distill` heals them from the unpruned m
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -49,7 +50,8 @@ IMPORTANCE_TOKENS = 16384  # calibration tokens block importance is measured on 
 @dataclass
 class Structured:
     """Structured pruning: `heads` and `ffn` are the shares of each block's key/value groups (with their
-    query heads) and feed-forward neurons removed; `layers` the number of whole blocks removed.
+    query heads) and feed-forward neurons removed; `layers` the whole blocks removed: a count (8), or a
+    share of the model's blocks in (0, 1) (0.25: a quarter, rounded, at least one).
 
     `importance` ranks heads and neurons: "activation" (on calibration text) or "l2"/"l1" (weight norms).
     `reconstruct` (with `layers`): retrain the blocks around the removed ones on the calibration text first.
@@ -57,7 +59,7 @@ class Structured:
 
     heads: float = 0.0
     ffn: float = 0.0
-    layers: int = 0
+    layers: int | float = 0
     importance: str = "activation"
     batch_size: int = 4
     reconstruct: Reconstruct | None = None
@@ -67,9 +69,12 @@ class Structured:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
                 raise ConfigError(f"{name} is the share removed, in [0, 1), got {value!r}")
-        if isinstance(self.layers, bool) or not isinstance(self.layers, int) or self.layers < 0:
+        layers = self.layers
+        if isinstance(layers, bool) or not (
+            (isinstance(layers, int) and layers >= 0) or (isinstance(layers, float) and 0 < layers < 1)
+        ):
             raise ConfigError(
-                f"layers is the number of blocks removed, a whole number ≥ 0, got {self.layers!r}"
+                f"layers is the blocks removed: a whole number ≥ 0, or a share in (0, 1), got {layers!r}"
             )
         check_choice(self.importance, IMPORTANCES, "structured pruning importance")
         check_batch_size(self.batch_size)
@@ -99,12 +104,11 @@ def structured_prune(
         )
     if config.layers:
         count = len(decoder_layers(model))
-        if config.layers >= count:
-            raise ConfigError(
-                f"cannot remove {config.layers} of the model's {count} blocks (at most {count - 1})"
-            )
+        layers = blocks_removed(config.layers, count)
+        if layers >= count:
+            raise ConfigError(f"cannot remove {layers} of the model's {count} blocks (at most {count - 1})")
         scores = block_importance(model, first_tokens(calibration, IMPORTANCE_TOKENS), config.batch_size)
-        removed = least_important(scores, config.layers)
+        removed = least_important(scores, layers)
         if config.reconstruct is not None:
             reconstruct(model, removed, calibration, config.reconstruct)
         remove_layers(model, removed)
@@ -120,6 +124,14 @@ def structured_prune(
                 if progress is not None:
                     progress(1)
     update_config(model)
+
+
+def blocks_removed(layers: int | float, count: int) -> int:
+    """How many of a model's `count` blocks `layers` (a count, or a share in (0, 1), halves rounded up)
+    removes."""
+    if isinstance(layers, float):
+        return max(1, math.floor(layers * count + 0.5))
+    return layers
 
 
 def _width_step(config: Structured):

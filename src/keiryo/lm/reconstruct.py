@@ -34,6 +34,7 @@ from keiryo.lm.calibrate import block_output, capture_block_inputs
 from keiryo.lm.distill import fit_config
 from keiryo.lm.load import decoder_layers
 from keiryo.loop import fit
+from keiryo.progress import say
 
 
 @dataclass
@@ -126,6 +127,9 @@ def reconstruct(model: nn.Module, removed: list[int], windows: Tensor, config: R
         if not kept:
             raise ConfigError(f"no block left between {lo} and {hi} to reconstruct with: raise `around`")
         modes = [block.training for block in kept]
+        if config.progress:
+            without = ", ".join(str(i) for i in range(lo, hi + 1) if i in gone)
+            say(f"retraining blocks {lo}-{hi} without {without}: {len(kept)} blocks, {len(windows)} windows")
         segment = Segment(kept, kwargs, batch, dtype)
         data = TensorDataset(states[lo], states[hi + 1])
         empty = TensorDataset(states[lo][:0], states[hi + 1][:0])
