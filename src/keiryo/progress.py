@@ -1,9 +1,13 @@
-"""What a training run shows while it runs: a live bar with loss/accuracy, and plain lines that stay.
+"""What a training run shows while it runs: a live bar with loss/accuracy, and plain lines that stay; and a
+plain counting bar for other long passes (`counting`).
 
 Silent when disabled (progress=False, or a worker other than rank 0), so callers never check themselves.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -56,6 +60,19 @@ class TrainingProgress:
             self._bar.console.print(text, highlight=False, soft_wrap=True)
         elif self.enabled:
             say(text)
+
+
+@contextmanager
+def counting(description: str, total: int, enabled: bool = True) -> Iterator[Callable[[int], None]]:
+    """A transient bar for long work that is not training (a pass over calibration windows, say): yields
+    `advance(n)`; silent when disabled."""
+    if not enabled:
+        yield lambda n: None
+        return
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, transient=True) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n: bar.advance(task, n)
 
 
 def say(text: str) -> None:

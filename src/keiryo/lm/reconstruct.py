@@ -34,7 +34,7 @@ from keiryo.lm.calibrate import block_output, capture_block_inputs
 from keiryo.lm.distill import fit_config
 from keiryo.lm.load import decoder_layers
 from keiryo.loop import fit
-from keiryo.progress import say
+from keiryo.progress import counting, say
 
 
 @dataclass
@@ -162,14 +162,16 @@ def _boundary_states(
     dtype, device, batch = inputs[0].dtype, inputs[0].device, len(inputs[0])
     keep = torch.bfloat16 if config.precision == "bf16" else dtype
     parts: dict[int, list[Tensor]] = {i: [] for i in wanted}
-    for hidden in inputs:
-        rows = _rows(kwargs, batch, len(hidden))
-        for index in range(last + 1):
-            if index in parts:
-                parts[index].append(hidden.to(keep))
-            if index < last:
-                with devices.autocast(device, config.precision):
-                    hidden = run_blocks([blocks[index]], hidden, rows)
+    with counting("the unpruned model's hidden states (windows)", len(windows), config.progress) as advance:
+        for hidden in inputs:
+            rows = _rows(kwargs, batch, len(hidden))
+            for index in range(last + 1):
+                if index in parts:
+                    parts[index].append(hidden.to(keep))
+                if index < last:
+                    with devices.autocast(device, config.precision):
+                        hidden = run_blocks([blocks[index]], hidden, rows)
+            advance(len(hidden))
     model.train(was_training)
     states = {i: torch.cat(p) for i, p in parts.items()}
     return states, _ordinary(kwargs), batch, dtype
