@@ -11,8 +11,11 @@ pytest.importorskip("transformers")
 
 from test_lm import IDS, _logits, _model, _tokenizer, _write_gguf  # noqa: E402
 
+from keiryo.cli import lm as cli_lm  # noqa: E402
 from keiryo.cli import main  # noqa: E402
 from keiryo.lm import load_causal_lm  # noqa: E402
+from keiryo.lm.compress import NAMES  # noqa: E402
+from keiryo.lm.load import decoder_layers  # noqa: E402
 from keiryo.lm.store import load_lm  # noqa: E402
 
 TEXT = (
@@ -91,7 +94,30 @@ def test_depth_removes_a_share_of_the_blocks_retrains_their_neighbours_and_saves
     back, _ = load_causal_lm(tmp_path / "depth.gguf")
     assert (teacher.config.num_hidden_layers, back.config.num_hidden_layers) == (2, 1)
     assert (tmp_path / "depth.gguf").stat().st_size < 0.8 * (source / "tiny.gguf").stat().st_size
-    assert _logits(back, IDS).shape == _logits(teacher, IDS).shape
+    kept = decoder_layers(back)[0].self_attn.q_proj.weight
+    for block in decoder_layers(teacher):  # the kept block was retrained (GGUF f32 round-trips exactly)
+        assert not torch.equal(kept, block.self_attn.q_proj.weight)
+    assert torch.isfinite(_logits(back, IDS)).all()
+
+
+def test_compress_draws_each_method_s_default_calibration_and_passes_its_options(
+    source, tmp_path, monkeypatch
+):
+    seen = {}
+
+    def record(model, config, calibration, **_):
+        seen.update(config=config, shape=calibration.shape)
+
+    monkeypatch.setattr(cli_lm, "compress_lm", record)
+    text = source / "text.txt"
+    for method, shape in (("depth", (768, 256)), ("gptq", (16, 512))):
+        args = ["lm", "compress", f"gguf:{source / 'tiny.gguf'}", "--method", method, "--text", str(text)]
+        assert main([*args, "--out", str(tmp_path / f"{method}.pt")]) == 0
+        assert tuple(seen["shape"]) == shape, method
+    config = cli_lm._configure("depth", 8.0, "bf16")
+    assert config.layers == 8 and isinstance(config.layers, int) and config.reconstruct.precision == "bf16"
+    assert NAMES["depth"].layers == 0.25 and NAMES["depth"].reconstruct.precision == "fp32"  # not changed
+    assert cli_lm._configure("structured", 0.5, "fp32").layers == 0.5
 
 
 def test_bench_takes_language_models(source, capsys):
@@ -119,6 +145,9 @@ def test_bench_takes_language_models(source, capsys):
         ("lm compress gguf:SRC --method int8 --precision bf16 --out OUT.pt".split(), "depth"),
         ("lm compress gguf:SRC --method depth --layers 1.5 --out OUT.pt".split(), "share"),
         ("lm compress gguf:SRC --method depth --layers 2 --text TEXT --out OUT.pt".split(), "at most 1"),
+        ("lm compress gguf:SRC --method depth --layers 0 --text TEXT --out OUT.pt".split(), "layers > 0"),
+        ("lm compress gguf:SRC --method depth --layers nan --out OUT.pt".split(), "share"),
+        ("lm compress gguf:SRC --method depth --precision fp16 --out OUT.pt".split(), "precision"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2_and_keeps_the_output(source, tmp_path, capsys, args, message):
@@ -142,6 +171,7 @@ def test_bad_input_is_one_line_and_exit_2_and_keeps_the_output(source, tmp_path,
         prefix, _, rest = arg.partition(":") if arg.startswith(("gguf:", "hf:")) else ("", "", arg)
         rest = names.get(rest, rest)
         resolved.append(f"{prefix}:{rest}" if prefix else rest)
+    capsys.readouterr()  # what the setup printed (transformers' "Writing model shards" bar)
     code, _, err = run(capsys, *resolved)
     assert code == 2, err
     lines = err.strip().splitlines()

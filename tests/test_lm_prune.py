@@ -199,6 +199,7 @@ def test_l2_importance_prunes_without_calibration_and_bad_configs_are_one_line_e
 def test_layers_as_a_share_removes_that_share_of_the_blocks_rounded_half_up():
     assert [blocks_removed(0.25, n) for n in (30, 10, 8, 2)] == [8, 3, 2, 1]
     assert blocks_removed(0.01, 4) == 1 and blocks_removed(5, 30) == 5  # at least one; a count stays
+    assert blocks_removed(0.7, 45) == 32  # 31.4999… in floating point: still a half, rounded up
     model = compress(_model("llama"), Structured(layers=0.5), CALIBRATION)
     assert model.config.num_hidden_layers == len(decoder_layers(model)) == 2
 

@@ -23,7 +23,7 @@ from rich.table import Table
 from keiryo import report
 from keiryo.cli.options import SeedOpt, ThreadsOpt, int_list
 from keiryo.cli.outputs import check_output, console, same_path, staged, write_text
-from keiryo.errors import ConfigError, DataError
+from keiryo.errors import ConfigError, DataError, check_choice
 from keiryo.lm import (
     calibration_windows,
     generation_speed,
@@ -47,6 +47,7 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 SHAKESPEARE = "shakespeare"
+RETRAIN_PRECISIONS = ("fp32", "bf16")  # fp16 would need a gradient scaler, which reconstruction does not use
 TextOpt = Annotated[
     str | None,
     typer.Option(
@@ -321,7 +322,7 @@ def compress(
 
     Example: keiryo lm compress gguf:SmolLM2.gguf --method gptq --text shakespeare --out smollm2-int4.gguf
 
-    Example: keiryo lm compress gguf:SmolLM2.gguf --method depth --text shakespeare --out smollm2-22.gguf
+    Example: keiryo lm compress gguf:SmolLM2.gguf --method depth --text shakespeare --out smollm2-22.pt
     """
     config = _configure(method, layers, precision)
     default_windows, default_length = CALIBRATION.get(method, (16, 512))
@@ -359,10 +360,11 @@ def compress(
 def _configure(method: str, layers: float | None, precision: str) -> Any:
     """The method's config with the command line's --layers and --precision where the method takes them."""
     config = config_of(method)
+    check_choice(precision, RETRAIN_PRECISIONS, "--precision")
     if layers is not None:
         if not isinstance(config, Structured):
             raise ConfigError(f"--layers is for --method structured or depth, not {method}")
-        config = replace(config, layers=int(layers) if layers == int(layers) else layers)
+        config = replace(config, layers=int(layers) if layers.is_integer() else layers)  # nan, inf: refused
     if precision != "fp32":
         if not isinstance(config, Structured) or config.reconstruct is None:
             raise ConfigError(f"--precision is for --method depth (its retraining), not {method}")

@@ -82,7 +82,9 @@ class Structured:
             if not isinstance(self.reconstruct, Reconstruct):
                 raise ConfigError(f"reconstruct is a Reconstruct(...) or None, got {self.reconstruct!r}")
             if not self.layers:
-                raise ConfigError("reconstruct retrains the blocks around removed ones: set layers ≥ 1")
+                raise ConfigError(
+                    "reconstruct retrains the blocks around removed ones: set layers > 0 (a count or a share)"
+                )
 
     @property
     def statistic(self) -> str | None:
@@ -130,7 +132,7 @@ def blocks_removed(layers: int | float, count: int) -> int:
     """How many of a model's `count` blocks `layers` (a count, or a share in (0, 1), halves rounded up)
     removes."""
     if isinstance(layers, float):
-        return max(1, math.floor(layers * count + 0.5))
+        return max(1, math.floor(round(layers * count, 9) + 0.5))  # 0.7 × 45 is 31.4999…
     return layers
 
 
