@@ -106,18 +106,39 @@ def test_compress_draws_each_method_s_default_calibration_and_passes_its_options
     seen = {}
 
     def record(model, config, calibration, **_):
-        seen.update(config=config, shape=calibration.shape)
+        seen.setdefault("calls", []).append((type(config).__name__, tuple(calibration.shape)))
 
     monkeypatch.setattr(cli_lm, "compress_lm", record)
     text = source / "text.txt"
-    for method, shape in (("depth", (768, 256)), ("gptq", (16, 512))):
+    for method, calls in (
+        ("depth", [("Structured", (768, 256))]),
+        ("gptq", [("WeightQuant", (16, 512))]),
+        ("depth+gptq", [("Structured", (768, 256)), ("WeightQuant", (16, 512))]),  # in order, each its own
+    ):
+        seen.clear()
         args = ["lm", "compress", f"gguf:{source / 'tiny.gguf'}", "--method", method, "--text", str(text)]
         assert main([*args, "--out", str(tmp_path / f"{method}.pt")]) == 0
-        assert tuple(seen["shape"]) == shape, method
-    config = cli_lm._configure("depth", 8.0, "bf16")
+        assert seen["calls"] == calls, method
+    ((_, config),) = cli_lm._configure("depth", 8.0, "bf16")
     assert config.layers == 8 and isinstance(config.layers, int) and config.reconstruct.precision == "bf16"
     assert NAMES["depth"].layers == 0.25 and NAMES["depth"].reconstruct.precision == "fp32"  # not changed
-    assert cli_lm._configure("structured", 0.5, "fp32").layers == 0.5
+    assert cli_lm._configure("structured", 0.5, "fp32")[0][1].layers == 0.5
+    depth, int8 = cli_lm._configure("depth+int8", 2.0, "bf16")
+    assert depth[1].layers == 2 and depth[1].reconstruct.precision == "bf16" and int8[1] is NAMES["int8"]
+
+
+def test_depth_then_int8_saves_the_smaller_model_quantized(source, tmp_path, capsys):
+    src = f"gguf:{source / 'tiny.gguf'}"
+    code, out, err = run(
+        capsys, "lm", "compress", src, "--method", "depth+int8", "--text", source / "text.txt",
+        "--windows", "8", "--length", "32", "--out", tmp_path / "both.gguf",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "retraining blocks" in out and "depth+int8: saved" in out
+    back, _ = load_causal_lm(tmp_path / "both.gguf")  # Q8_0 matrices, read back by transformers
+    assert back.config.num_hidden_layers == 1
+    assert (tmp_path / "both.gguf").stat().st_size < 0.4 * (source / "tiny.gguf").stat().st_size
+    assert torch.isfinite(_logits(back, IDS)).all()
 
 
 def test_bench_takes_language_models(source, capsys):
@@ -148,6 +169,8 @@ def test_bench_takes_language_models(source, capsys):
         ("lm compress gguf:SRC --method depth --layers 0 --text TEXT --out OUT.pt".split(), "layers > 0"),
         ("lm compress gguf:SRC --method depth --layers nan --out OUT.pt".split(), "share"),
         ("lm compress gguf:SRC --method depth --precision fp16 --out OUT.pt".split(), "precision"),
+        ("lm compress gguf:SRC --method int8+depth --out OUT.pt".split(), "can come before"),
+        ("lm compress gguf:SRC --method depth+int3 --out OUT.pt".split(), "int3"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2_and_keeps_the_output(source, tmp_path, capsys, args, message):

@@ -47,6 +47,7 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 SHAKESPEARE = "shakespeare"
+DEFAULT_CALIBRATION = (16, 512)  # windows × tokens, for the methods not in lm.compress.CALIBRATION
 RETRAIN_PRECISIONS = ("fp32", "bf16")  # fp16 would need a gradient scaler, which reconstruction does not use
 TextOpt = Annotated[
     str | None,
@@ -285,7 +286,13 @@ def _json(rows: dict, options: EvalOptions, title: str) -> dict:
 @app.command("compress")
 def compress(
     source: Annotated[str, typer.Argument(help="hf:FOLDER or gguf:FILE (a decoder-only language model).")],
-    method: Annotated[str, typer.Option(help=f"One of: {', '.join(NAMES)}.")],
+    method: Annotated[
+        str,
+        typer.Option(
+            help=f"One of: {', '.join(NAMES)}; or structured/depth then another, joined by '+' (depth+int8: "
+            "the smaller model quantized)."
+        ),
+    ],
     out: Annotated[
         Path, typer.Option("--out", "-o", help="OUT.gguf (GGUF for llama.cpp) or a keiryo LM file.")
     ],
@@ -323,31 +330,41 @@ def compress(
     Example: keiryo lm compress gguf:SmolLM2.gguf --method gptq --text shakespeare --out smollm2-int4.gguf
 
     Example: keiryo lm compress gguf:SmolLM2.gguf --method depth --text shakespeare --out smollm2-22.pt
+
+    Example: keiryo lm compress gguf:SmolLM2.gguf --method depth+int8 --text shakespeare --out small.gguf
     """
-    config = _configure(method, layers, precision)
-    default_windows, default_length = CALIBRATION.get(method, (16, 512))
-    windows, length = windows or default_windows, length or default_length
+    steps = _configure(method, layers, precision)
     if float_type not in FLOAT_TYPES:
         raise ConfigError(f"--float-type must be one of {', '.join(FLOAT_TYPES)}, got '{float_type}'")
     check_output(out, inputs=[Path(source.partition(":")[2] if is_lm_spec(source) else source)])
-    if config.statistic is not None and text is None:
+    shapes = {  # each calibrating method's (windows, tokens each): its default unless given
+        name: (windows or _default(name)[0], length or _default(name)[1])
+        for name, config in steps
+        if config.statistic is not None
+    }
+    if shapes and text is None:
         raise ConfigError(f"--method {method} calibrates on text: give --text FILE (or --text shakespeare)")
     model, tokenizer = load_lm(source)
     if out.suffix == ".gguf":
         check_exportable(model)
-    calibration = None
-    if config.statistic is not None:
-        ids = tokenize(tokenizer, _calibration_text(text), max(windows * length * 8, 400_000))
-        if ids.numel() < length:
-            raise DataError(f"--text has {ids.numel()} tokens, fewer than one window of {length}")
-        calibration = calibration_windows(ids, windows, length, seed=seed)
-    if isinstance(config, Structured) and config.reconstruct is not None:
-        compress_lm(model, config, calibration)  # its retraining shows a bar per segment of blocks
-    else:
-        columns = [TextColumn("{task.description:<30}"), BarColumn(), MofNCompleteColumn()]
-        with Progress(*columns, TimeElapsedColumn(), console=console, transient=True) as bar:
-            task = bar.add_task(f"{method}: decoder blocks", total=len(decoder_layers(model)))
-            compress_lm(model, config, calibration, progress=lambda n: bar.advance(task, n))
+    ids = None
+    if shapes:
+        most = max(count * size for count, size in shapes.values())
+        ids = tokenize(tokenizer, _calibration_text(text), max(most * 8, 400_000))
+    for name, config in steps:
+        calibration = None
+        if name in shapes:
+            count, size = shapes[name]
+            if ids.numel() < size:
+                raise DataError(f"--text has {ids.numel()} tokens, fewer than one window of {size}")
+            calibration = calibration_windows(ids, count, size, seed=seed)
+        if isinstance(config, Structured) and config.reconstruct is not None:
+            compress_lm(model, config, calibration)  # its retraining shows a bar per segment of blocks
+        else:
+            columns = [TextColumn("{task.description:<30}"), BarColumn(), MofNCompleteColumn()]
+            with Progress(*columns, TimeElapsedColumn(), console=console, transient=True) as bar:
+                task = bar.add_task(f"{name}: decoder blocks", total=len(decoder_layers(model)))
+                compress_lm(model, config, calibration, progress=lambda n, t=task: bar.advance(t, n))
     with staged(out) as (staged_out,):
         if out.suffix == ".gguf":
             size = export_gguf(model, staged_out, source, float_type)
@@ -357,16 +374,34 @@ def compress(
     console.print(f"{method}: saved {out} ({report.human_bytes(size)}, {kind})")
 
 
-def _configure(method: str, layers: float | None, precision: str) -> Any:
-    """The method's config with the command line's --layers and --precision where the method takes them."""
-    config = config_of(method)
+def _configure(method: str, layers: float | None, precision: str) -> list[tuple[str, Any]]:
+    """The methods of `--method` (names joined by '+': structured ones first, then at most one other), each
+    with its config, --layers and --precision applied to the structured ones that take them."""
     check_choice(precision, RETRAIN_PRECISIONS, "--precision")
+    steps = [(name, config_of(name)) for name in method.split("+")]
+    if any(not isinstance(config, Structured) for _, config in steps[:-1]):
+        raise ConfigError(f"--method {method}: only structured or depth can come before another method")
+    structured = [name for name, config in steps if isinstance(config, Structured)]
+    if layers is not None and not structured:
+        raise ConfigError(f"--layers is for --method structured or depth, not {method}")
+    retrained = [n for n, c in steps if isinstance(c, Structured) and c.reconstruct is not None]
+    if precision != "fp32" and not retrained:
+        raise ConfigError(f"--precision is for --method depth (its retraining), not {method}")
+    return [(name, _adjust(config, layers, precision)) for name, config in steps]
+
+
+def _adjust(config: Any, layers: float | None, precision: str) -> Any:
+    """A structured config with --layers (a whole number as a count; nan and inf refused by `Structured`)
+    and its retraining's --precision; any other config as it is."""
+    if not isinstance(config, Structured):
+        return config
     if layers is not None:
-        if not isinstance(config, Structured):
-            raise ConfigError(f"--layers is for --method structured or depth, not {method}")
-        config = replace(config, layers=int(layers) if layers.is_integer() else layers)  # nan, inf: refused
-    if precision != "fp32":
-        if not isinstance(config, Structured) or config.reconstruct is None:
-            raise ConfigError(f"--precision is for --method depth (its retraining), not {method}")
+        config = replace(config, layers=int(layers) if layers.is_integer() else layers)
+    if config.reconstruct is not None:
         config = replace(config, reconstruct=replace(config.reconstruct, precision=precision))
     return config
+
+
+def _default(name: str) -> tuple[int, int]:
+    """The calibration (windows, tokens each) method `name` draws unless --windows/--length say otherwise."""
+    return CALIBRATION.get(name, DEFAULT_CALIBRATION)
