@@ -299,16 +299,16 @@ def compress(
     text: TextOpt = None,
     windows: Annotated[
         int | None,
-        typer.Option(min=1, help="Calibration windows drawn from --text [default: 16; depth: 768]."),
+        typer.Option(min=1, help="Calibration windows drawn from --text (default 16; depth 768)."),
     ] = None,
     length: Annotated[
-        int | None, typer.Option(min=2, help="Tokens per calibration window [default: 512; depth: 256].")
+        int | None, typer.Option(min=2, help="Tokens per calibration window (default 512; depth 256).")
     ] = None,
     layers: Annotated[
         float | None,
         typer.Option(
             help="structured/depth: blocks removed, a count (8) or a share of them (0.25) "
-            "[default: structured 4, depth 0.25]."
+            "(default: structured 4, depth 0.25)."
         ),
     ] = None,
     precision: Annotated[
@@ -321,7 +321,8 @@ def compress(
     """Compress a language model and save it: int8/int4 weight-only (RTN, GPTQ), W8A8 (SmoothQuant), 50% or
     2:4 sparsity (magnitude, Wanda), structured pruning (heads, FFN width, blocks) and depth pruning with
     the blocks around the removed ones retrained to do their work (`depth`, the best-kept quality of the
-    structured methods). GPTQ, Wanda, SmoothQuant, structured and depth calibrate on --text.
+    structured methods). GPTQ, Wanda, SmoothQuant, structured and depth calibrate on --text. A structured
+    method can go first in a chain: depth+int8 prunes, then quantizes the smaller model.
 
     --out FILE.gguf writes GGUF for llama.cpp (Llama architecture): int8 and W8A8 weights as Q8_0, int4 as
     Q4_1, float and pruned matrices as --float-type (GGUF has no sparse type); any other name writes a
