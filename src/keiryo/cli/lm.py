@@ -338,11 +338,7 @@ def compress(
     if float_type not in FLOAT_TYPES:
         raise ConfigError(f"--float-type must be one of {', '.join(FLOAT_TYPES)}, got '{float_type}'")
     check_output(out, inputs=[Path(source.partition(":")[2] if is_lm_spec(source) else source)])
-    shapes = {  # each calibrating method's (windows, tokens each): its default unless given
-        name: (windows or _default(name)[0], length or _default(name)[1])
-        for name, config in steps
-        if config.statistic is not None
-    }
+    shapes = {name: _shape(name, windows, length) for name, config in steps if config.statistic is not None}
     if shapes and text is None:
         raise ConfigError(f"--method {method} calibrates on text: give --text FILE (or --text shakespeare)")
     model, tokenizer = load_lm(source)
@@ -403,6 +399,7 @@ def _adjust(config: Any, layers: float | None, precision: str) -> Any:
     return config
 
 
-def _default(name: str) -> tuple[int, int]:
-    """The calibration (windows, tokens each) method `name` draws unless --windows/--length say otherwise."""
-    return CALIBRATION.get(name, DEFAULT_CALIBRATION)
+def _shape(name: str, windows: int | None, length: int | None) -> tuple[int, int]:
+    """The calibration (windows, tokens each) method `name` draws: --windows/--length, else its default."""
+    count, size = CALIBRATION.get(name, DEFAULT_CALIBRATION)
+    return windows or count, length or size
