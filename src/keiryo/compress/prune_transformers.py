@@ -138,10 +138,11 @@ def weight_head_scores(block: Heads, p: int) -> Tensor:
     return score
 
 
-def prune_heads(block: Heads, keep: float, scores: Tensor) -> None:
+def prune_heads(block: Heads, keep: float, scores: Tensor) -> Tensor:
     """Keep `keep` of the block's key/value groups, ranked by the sum of their query heads' `scores` (one per
     query head), each with the query heads that read it; with a single key/value head (or GPT-2's
-    one-to-one heads) the query heads themselves are ranked. The module's head counts follow."""
+    one-to-one heads) the query heads themselves are ranked. The module's head counts follow. Returns the
+    output layer's kept input columns (indices into its width before pruning)."""
     heads, kv, d = block.heads, block.kv_heads, block.head_dim
     per_group = heads // kv
     scores = scores.detach().float().cpu()
@@ -177,6 +178,7 @@ def prune_heads(block: Heads, keep: float, scores: Tensor) -> None:
     ):
         if isinstance(getattr(block.module, attr, None), int):
             setattr(block.module, attr, value)
+    return rows
 
 
 def weight_neuron_scores(ffn: FeedForward, p: int) -> Tensor:
@@ -185,8 +187,9 @@ def weight_neuron_scores(ffn: FeedForward, p: int) -> Tensor:
     return sum(_row_norms(up, p) for up in ffn.ups) + _row_norms(ffn.down, p, out=False)
 
 
-def prune_neurons(ffn: FeedForward, keep: float, scores: Tensor) -> None:
-    """Keep the `keep` share of the block's feed-forward neurons with the highest `scores`."""
+def prune_neurons(ffn: FeedForward, keep: float, scores: Tensor) -> Tensor:
+    """Keep the `keep` share of the block's feed-forward neurons with the highest `scores`; returns the kept
+    neurons' indices (before pruning)."""
     width = _width(ffn.down, out=False)
     if tuple(scores.shape) != (width,):
         raise ConfigError(
@@ -196,6 +199,7 @@ def prune_neurons(ffn: FeedForward, keep: float, scores: Tensor) -> None:
     for up in ffn.ups:
         _keep(up, kept, out=True)
     _keep(ffn.down, kept, out=False)
+    return kept
 
 
 def transformer_layers(model: nn.Module) -> nn.ModuleList:
@@ -264,17 +268,17 @@ def update_config(model: nn.Module) -> None:
 # --- layers -------------------------------------------------------------------------------------------------
 
 
-def _is_conv1d(layer: object) -> bool:
+def is_conv1d(layer: object) -> bool:
     """transformers' Conv1D (GPT-2): a Linear with its weight stored transposed, (in, out)."""
     return isinstance(layer, nn.Module) and type(layer).__name__ == "Conv1D" and hasattr(layer, "nf")
 
 
 def _is_layer(layer: object) -> bool:
-    return isinstance(layer, nn.Linear) or _is_conv1d(layer)
+    return isinstance(layer, nn.Linear) or is_conv1d(layer)
 
 
 def _width(layer: nn.Module, out: bool) -> int:
-    if _is_conv1d(layer):
+    if is_conv1d(layer):
         return layer.weight.shape[1 if out else 0]
     return layer.out_features if out else layer.in_features
 
@@ -282,7 +286,7 @@ def _width(layer: nn.Module, out: bool) -> int:
 def _row_norms(layer: nn.Module, p: int, out: bool = True) -> Tensor:
     """The l_p norm of each output (or input) channel's weights."""
     weight = layer.weight.detach().float()
-    if _is_conv1d(layer):
+    if is_conv1d(layer):
         weight = weight.t()
     return weight.norm(p=p, dim=1) if out else weight.norm(p=p, dim=0)
 
@@ -291,11 +295,11 @@ def _row_norms(layer: nn.Module, p: int, out: bool = True) -> Tensor:
 def _keep(layer: nn.Module, index: Tensor, out: bool) -> None:
     """Keep only the output (or input) channels at `index` of a Linear or Conv1D, in place."""
     index = index.to(layer.weight.device)
-    dim = (1 if out else 0) if _is_conv1d(layer) else (0 if out else 1)
+    dim = (1 if out else 0) if is_conv1d(layer) else (0 if out else 1)
     layer.weight = nn.Parameter(layer.weight.index_select(dim, index).contiguous())
     if out and getattr(layer, "bias", None) is not None:
         layer.bias = nn.Parameter(layer.bias.index_select(0, index).contiguous())
-    if _is_conv1d(layer):
+    if is_conv1d(layer):
         layer.nf = layer.weight.shape[1]
     elif out:
         layer.out_features = len(index)

@@ -9,11 +9,18 @@ decode step does less work. As in Minitron (Muralidharan et al. 2024):
   of their activation (Σ a², the input of the down projection); key/value groups go whole, with the query
   heads that read them (scores summed over the group). Blocks are pruned one after the other, each
   measured on the outputs of the already-pruned blocks before it (`calibrate.run_layerwise`).
-  `importance="l1"|"l2"` ranks by weight norms instead, for comparison (Torch-Pruning's default);
+  `importance="l1"|"l2"` ranks by weight norms instead, for comparison (Torch-Pruning's default).
+  With `refit`, the layers that read the pruned heads and neurons (the attention's output projection, the
+  down projection) are re-solved by least squares on calibration text, so that each block's output stays
+  as close as it can to what it was (the compensation of FLAP and SlimGPT, in closed form from XᵀX); heads
+  and neurons are then ranked by the energy they put into that output, ‖x_j‖²·‖w_j‖²;
 - depth (`layers`): the blocks that change their input least go, by ShortGPT's block importance
   1 − mean cos(block input, block output) over calibration tokens (the first `IMPORTANCE_TOKENS` of them:
-  the ranking settles on far fewer), measured once on the unpruned model. With `reconstruct`, the blocks
-  around each gap are first retrained to do the removed blocks' work (`reconstruct.py`, on all the text).
+  the ranking settles on far fewer), measured once on the unpruned model.
+
+With `reconstruct`, the unpruned model's hidden states are kept first; after pruning, the blocks around each
+gap (and with width pruning, every block) are retrained to give them back (`reconstruct.py`, on all the
+text; width is ranked and refit on its first `WIDTH_TOKENS`).
 
 Depth goes first (it is measured on the whole model), then width. Pruned models lose quality in a way
 weight quantization does not: `keiryo.lm.distill` heals them from the unpruned model.
@@ -31,6 +38,7 @@ from torch import Tensor, nn
 from keiryo.compress.prune_transformers import (
     attention_blocks,
     feed_forwards,
+    is_conv1d,
     prune_heads,
     prune_neurons,
     remove_layers,
@@ -41,10 +49,13 @@ from keiryo.compress.prune_transformers import (
 from keiryo.errors import ConfigError, check_choice
 from keiryo.lm.calibrate import Progress, block_output, capture_block_inputs, check_batch_size, run_layerwise
 from keiryo.lm.load import decoder_layers
-from keiryo.lm.reconstruct import Reconstruct, reconstruct
+from keiryo.lm.reconstruct import Reconstruct, record_targets, retrain
 
 IMPORTANCES = ("activation", "l2", "l1")
 IMPORTANCE_TOKENS = 16384  # calibration tokens block importance is measured on (the first windows)
+WIDTH_TOKENS = 32768  # calibration tokens heads and neurons are ranked (and refit) on: XᵀX of a 1536-wide
+# layer settles on far fewer; the rest of a larger set is for reconstruction
+REFIT_DAMPING = 1e-5  # of the kept columns' mean XᵀX diagonal, added to it: dead neurons leave it singular
 
 
 @dataclass
@@ -54,7 +65,10 @@ class Structured:
     share of the model's blocks in (0, 1) (0.25: a quarter, rounded, at least one).
 
     `importance` ranks heads and neurons: "activation" (on calibration text) or "l2"/"l1" (weight norms).
-    `reconstruct` (with `layers`): retrain the blocks around the removed ones on the calibration text first.
+    `refit` (width, "activation"): re-solve the output and down projections by least squares on calibration
+    text after their inputs go, keeping each block's output close to the unpruned block's.
+    `reconstruct`: retrain, on the unpruned model's hidden states over the calibration text, the blocks
+    around removed ones, and with `heads`/`ffn` every block (in runs of `reconstruct.around`).
     """
 
     heads: float = 0.0
@@ -63,6 +77,7 @@ class Structured:
     importance: str = "activation"
     batch_size: int = 4
     reconstruct: Reconstruct | None = None
+    refit: bool = False
 
     def __post_init__(self) -> None:
         for name in ("heads", "ffn"):
@@ -77,20 +92,31 @@ class Structured:
                 f"layers is the blocks removed: a whole number ≥ 0, or a share in (0, 1), got {layers!r}"
             )
         check_choice(self.importance, IMPORTANCES, "structured pruning importance")
+        if not isinstance(self.refit, bool):
+            raise ConfigError(f"refit is True or False, got {self.refit!r}")
+        if self.refit and not (self.heads or self.ffn):
+            raise ConfigError(
+                "refit re-solves the layers reading pruned heads or neurons: set heads or ffn > 0"
+            )
+        if self.refit and self.importance != "activation":
+            raise ConfigError(
+                f"refit learns from calibration text: importance must be 'activation', not "
+                f"'{self.importance}'"
+            )
         check_batch_size(self.batch_size)
         if self.reconstruct is not None:
             if not isinstance(self.reconstruct, Reconstruct):
                 raise ConfigError(f"reconstruct is a Reconstruct(...) or None, got {self.reconstruct!r}")
-            if not self.layers:
+            if not (self.layers or self.heads or self.ffn):
                 raise ConfigError(
-                    "reconstruct retrains the blocks around removed ones: set layers > 0 (a count or a share)"
+                    "reconstruct retrains the blocks that pruning changed: set layers, heads or ffn > 0"
                 )
 
     @property
     def statistic(self) -> str | None:
         """What it learns from calibration text: activation norms (width), block cosines (depth), or None."""
         if self.importance == "activation" and (self.heads or self.ffn):
-            return "norm"
+            return "hessian" if self.refit else "norm"
         return "block-cosine" if self.layers else None
 
 
@@ -104,6 +130,7 @@ def structured_prune(
             "GPT-2's config ties its head count to its width (n_embd = heads × head_dim), so fewer heads "
             "could not be saved: prune ffn or layers"
         )
+    removed: list[int] = []
     if config.layers:
         count = len(decoder_layers(model))
         layers = blocks_removed(config.layers, count)
@@ -111,21 +138,28 @@ def structured_prune(
             raise ConfigError(f"cannot remove {layers} of the model's {count} blocks (at most {count - 1})")
         scores = block_importance(model, first_tokens(calibration, IMPORTANCE_TOKENS), config.batch_size)
         removed = least_important(scores, layers)
-        if config.reconstruct is not None:
-            reconstruct(model, removed, calibration, config.reconstruct)
+    width = bool(config.heads or config.ffn)
+    targets = None
+    if config.reconstruct is not None:  # what the unpruned model did, before anything goes
+        targets = record_targets(model, removed, calibration, config.reconstruct, every=width)
+    if removed:
         remove_layers(model, removed)
-    if config.heads or config.ffn:
+    if width:
         step = _width_step(config)
         if config.importance == "activation":
+            windows = first_tokens(calibration, WIDTH_TOKENS)
             run_layerwise(
-                model, calibration, step, statistic="norm", batch_size=config.batch_size, progress=progress
-            )
+                model, windows, step, statistic=config.statistic, batch_size=config.batch_size,
+                progress=progress,
+            )  # fmt: skip
         else:
             for index, block in enumerate(decoder_layers(model)):
                 step(index, block, None)
                 if progress is not None:
                     progress(1)
     update_config(model)
+    if targets is not None:
+        retrain(targets, config.reconstruct)
 
 
 def blocks_removed(layers: int | float, count: int) -> int:
@@ -137,25 +171,66 @@ def blocks_removed(layers: int | float, count: int) -> int:
 
 
 def _width_step(config: Structured):
-    """The per-block step: rank this block's heads and neurons (activations or weights) and prune them."""
+    """The per-block step: rank this block's heads and neurons (activations or weights), prune them, and
+    with `refit` re-solve the layers that read them."""
     p = 1 if config.importance == "l1" else 2
 
     def step(index: int, block: nn.Module, stats: dict[str, Tensor] | None) -> None:
         names = {id(m): name for name, m in block.named_modules()}
         if config.heads:
             for heads in attention_blocks(block):
-                scores = (
-                    weight_head_scores(heads, p)
-                    if stats is None
-                    else stats[names[id(heads.out)]].view(heads.heads, heads.head_dim).sum(1)
-                )
-                prune_heads(heads, 1 - config.heads, scores)
+                stat = None if stats is None else stats[names[id(heads.out)]]
+                if stat is None:
+                    scores = weight_head_scores(heads, p)
+                else:
+                    scores = _column_scores(heads.out, stat, config.refit).view(heads.heads, -1).sum(1)
+                weight = _as_linear(heads.out)
+                kept = prune_heads(heads, 1 - config.heads, scores)
+                if config.refit:
+                    refit_columns(heads.out, weight, stat, kept)
         if config.ffn:
             for ffn in feed_forwards(block):
-                scores = weight_neuron_scores(ffn, p) if stats is None else stats[names[id(ffn.down)]]
-                prune_neurons(ffn, 1 - config.ffn, scores)
+                stat = None if stats is None else stats[names[id(ffn.down)]]
+                if stat is None:
+                    scores = weight_neuron_scores(ffn, p)
+                else:
+                    scores = _column_scores(ffn.down, stat, config.refit)
+                weight = _as_linear(ffn.down)
+                kept = prune_neurons(ffn, 1 - config.ffn, scores)
+                if config.refit:
+                    refit_columns(ffn.down, weight, stat, kept)
 
     return step
+
+
+def _column_scores(layer: nn.Module, stat: Tensor, refit: bool) -> Tensor:
+    """One score per input column of `layer`: Σx² (the "norm" statistic), or with `refit` (the "hessian"
+    statistic, XᵀX up to scale) the energy the column puts into the output, x_jᵀx_j·‖w_j‖²."""
+    if not refit:
+        return stat
+    return stat.diagonal().float() * _as_linear(layer).float().pow(2).sum(0)
+
+
+def _as_linear(layer: nn.Module) -> Tensor:
+    """A Linear's or Conv1D's weight as (out, in), detached (a transposed view for Conv1D)."""
+    weight = layer.weight.detach()
+    return weight.t() if is_conv1d(layer) else weight
+
+
+@torch.no_grad()
+def refit_columns(layer: nn.Module, weight: Tensor, hessian: Tensor, kept: Tensor) -> None:
+    """Give `layer`, which kept only input columns `kept` of its unpruned `weight` ((out, in)), the weights
+    whose outputs on the calibration inputs (their XᵀX up to scale: `hessian`) are closest to the unpruned
+    ones: W_K = W·H[:, K]·(H[K, K] + λI)⁻¹, λ a `REFIT_DAMPING` share of H[K, K]'s mean diagonal."""
+    h = hessian.double()
+    k = kept.to(h.device)
+    gram = h[k][:, k]
+    damping = REFIT_DAMPING * gram.diagonal().mean().clamp_min(1e-12)
+    gram += damping * torch.eye(len(k), dtype=gram.dtype, device=gram.device)
+    solved = torch.linalg.solve(gram, h[k] @ weight.double().t()).t()  # (out, kept)
+    target = layer.weight
+    value = solved.t() if is_conv1d(layer) else solved
+    layer.weight = nn.Parameter(value.to(target.dtype).contiguous(), requires_grad=target.requires_grad)
 
 
 @torch.inference_mode()

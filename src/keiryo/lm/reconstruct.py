@@ -1,17 +1,19 @@
-"""Local reconstruction after removing whole blocks: the surviving blocks next to each gap learn to do the
-removed blocks' work, from the unpruned model's hidden states on calibration text.
+"""Local reconstruction after structured pruning: the surviving blocks next to each gap learn to do the
+removed blocks' work (and narrowed blocks their unpruned selves' work), from the unpruned model's hidden
+states on calibration text.
 
 A removed block takes its update to the residual stream away from every token; the blocks around the gap
 are the cheapest place to put it back. For each run of removed blocks, a *segment* is the surviving blocks
 within `around` of it (runs whose segments touch share one). Before anything is removed the unpruned model
-runs once over the calibration windows and keeps the hidden states entering and leaving every segment; then
-each segment alone is trained (keiryo's loop: AdamW, cosine schedule, progress bar) to take the entering
-state to the leaving one, by the squared error relative to the target's size, per token (an LLM's hidden
-states carry a few huge dimensions and tokens; the relative error lets every token count). Only a few blocks
-run forward and backward — not the whole model and its vocabulary-sized head — so it sees several times
-more text per second than logits distillation (`distill`). LLM-Streamline (Chen et al. 2024) trains a light
-replacement for the removed layers on the same objective; BRECQ (Li et al. 2021) reconstructs block outputs
-after quantization.
+runs once over the calibration windows and keeps the hidden states entering and leaving every segment; after
+pruning, each segment alone is trained (keiryo's loop: AdamW, cosine schedule, progress bar) to take the
+entering state to the leaving one, by the squared error relative to the target's size, per token (an
+LLM's hidden states carry a few huge dimensions and tokens; the relative error lets every token count).
+Only a few blocks run forward and backward — not the whole model and its vocabulary-sized head — so it
+sees several times more text per second than logits distillation (`distill`). LLM-Streamline (Chen et al.
+2024) trains a light replacement for the removed layers on the same objective; BRECQ (Li et al. 2021)
+reconstructs block outputs after quantization. Width pruning (fewer heads or neurons) changes every
+block: its segments are then runs of `around` blocks that cover the model.
 
 On SmolLM2-135M minus 8 of 30 blocks (benchmarks/llm_structured.py on 2 cores) it brings held-out perplexity
 from +163% to +31.0% of the unpruned model's in 8.2 minutes; 150 steps of logits distillation, on the same
@@ -61,11 +63,24 @@ class Reconstruct:
             raise ConfigError(f"reconstruction learning rate must be a finite number > 0, got {self.lr}")
 
 
-def segments(count: int, removed: list[int], around: int) -> list[tuple[int, int]]:
+def segments(count: int, removed: list[int], around: int, every: bool = False) -> list[tuple[int, int]]:
     """The (first, last) block indices, inclusive, of each segment: every removed run widened by `around`
-    blocks on each side (within the model's `count`), overlapping or touching ones merged."""
+    blocks on each side (within the model's `count`), overlapping or touching ones merged. With `every`
+    (width pruning changed every block): consecutive runs of `around` surviving blocks that cover the model,
+    each removed block inside the run it falls in."""
+    gone = set(removed)
     spans: list[tuple[int, int]] = []
-    for index in sorted(set(removed)):
+    if every:
+        lo, kept = 0, 0
+        for index in range(count):
+            kept += index not in gone
+            if kept == around:
+                spans.append((lo, index))
+                lo, kept = index + 1, 0
+        if lo < count:  # the last, shorter run; removed blocks alone at the end join the run before
+            spans.append((lo, count - 1) if kept or not spans else (spans.pop()[0], count - 1))
+        return spans
+    for index in sorted(gone):
         lo, hi = max(0, index - around), min(count - 1, index + around)
         if spans and lo <= spans[-1][1] + 1:
             spans[-1] = (spans[-1][0], max(spans[-1][1], hi))
@@ -107,30 +122,56 @@ def relative_error(model: nn.Module, inputs: Tensor, targets: Tensor) -> tuple[T
     return error.mean(), out.detach()
 
 
-def reconstruct(model: nn.Module, removed: list[int], windows: Tensor, config: Reconstruct) -> list[float]:
-    """Before blocks `removed` are taken out of `model`, train the surviving blocks of each segment (see
-    `segments`) in place to map the hidden state entering the segment to the one the whole model had
-    leaving it, on `windows` (token ids, (count, length)). Returns each segment's final epoch's mean loss."""
-    blocks = decoder_layers(model)
-    if not removed:
-        return []
+@dataclass
+class Targets:
+    """What the unpruned model did, kept before anything is pruned: its hidden states entering and leaving
+    each segment (`states[lo]`, `states[hi + 1]`), the blocks' keyword arguments, and the blocks themselves
+    (the same modules, which pruning narrows in place)."""
+
+    spans: list[tuple[int, int]]
+    removed: set[int]
+    blocks: list[nn.Module]
+    states: dict[int, Tensor]
+    kwargs: dict[str, Any]
+    batch: int
+    dtype: torch.dtype
+
+
+def record_targets(
+    model: nn.Module, removed: list[int], windows: Tensor, config: Reconstruct, every: bool = False
+) -> Targets:
+    """Run the unpruned `model` once over `windows` (token ids, (count, length)) and keep what
+    `retrain` needs: the segments around blocks `removed` (`every`: runs covering all blocks, for width
+    pruning) and the hidden states at their boundaries."""
     if windows is None or windows.dim() != 2 or len(windows) == 0:
         raise ConfigError("reconstruction needs calibration text: token ids, (count, length)")
-    spans = segments(len(blocks), removed, config.around)
-    gone = set(removed)
-    states, kwargs, batch, dtype = _boundary_states(model, windows, spans, config)
-    # train where the model is (its blocks' arguments and the states are there), not on the loop's choice
-    train = replace(fit_config(config, config.epochs), device=str(states[spans[0][0]].device))
-    losses = []
+    blocks = list(decoder_layers(model))
+    spans = segments(len(blocks), removed, config.around, every)
     for lo, hi in spans:
-        kept = [blocks[i] for i in range(lo, hi + 1) if i not in gone]
-        if not kept:
+        if all(i in removed for i in range(lo, hi + 1)):
             raise ConfigError(f"no block left between {lo} and {hi} to reconstruct with: raise `around`")
+    states, kwargs, batch, dtype = _boundary_states(model, windows, spans, config)
+    return Targets(spans, set(removed), blocks, states, kwargs, batch, dtype)
+
+
+def retrain(targets: Targets, config: Reconstruct) -> list[float]:
+    """Train the surviving blocks of each segment in place (after pruning) to map the unpruned model's
+    hidden state entering the segment to the one it had leaving it. Returns each segment's final epoch's
+    mean loss."""
+    states, gone = targets.states, targets.removed
+    # train where the model is (its blocks' arguments and the states are there), not on the loop's choice
+    train = replace(fit_config(config, config.epochs), device=str(states[targets.spans[0][0]].device))
+    losses = []
+    for lo, hi in targets.spans:
+        kept = [targets.blocks[i] for i in range(lo, hi + 1) if i not in gone]
         modes = [block.training for block in kept]
         if config.progress:
             without = ", ".join(str(i) for i in range(lo, hi + 1) if i in gone)
-            say(f"retraining blocks {lo}-{hi} without {without}: {len(kept)} blocks, {len(windows)} windows")
-        segment = Segment(kept, kwargs, batch, dtype)
+            say(
+                f"retraining blocks {lo}-{hi}" + (f" without {without}" if without else "")
+                + f": {len(kept)} blocks, {len(states[lo])} windows"
+            )  # fmt: skip
+        segment = Segment(kept, targets.kwargs, targets.batch, targets.dtype)
         data = TensorDataset(states[lo], states[hi + 1])
         empty = TensorDataset(states[lo][:0], states[hi + 1][:0])
         splits = DataSplits(data, empty, empty, None, tuple(states[lo].shape[1:]), f"blocks {lo}-{hi}")
@@ -141,8 +182,9 @@ def reconstruct(model: nn.Module, removed: list[int], windows: Tensor, config: R
             block.train(mode)
             for parameter in block.parameters():
                 parameter.grad = None  # the last step's gradients: a float copy of every trained weight
-        del states[lo]  # segments never share a boundary (touching runs merge)
-        states.pop(hi + 1, None)
+        states.pop(lo, None)  # done with; the leaving state may be the next segment's entering one
+        if hi + 1 not in {first for first, _ in targets.spans}:
+            states.pop(hi + 1, None)
     return losses
 
 
