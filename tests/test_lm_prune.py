@@ -303,7 +303,9 @@ def test_reconstruction_after_width_pruning_retrains_every_block_closer_to_the_u
     before, after = _kl(teacher, plain, HELD_OUT), _kl(teacher, rebuilt, HELD_OUT)
     assert after < 0.5 * before, (before, after)  # 0.156 → 0.044 when written
     # the same neurons went (ranked on the same windows); every block was then trained
-    assert not any(_same_block(a, b) for a, b in zip(decoder_layers(rebuilt), decoder_layers(plain)))
+    assert not any(
+        _same_block(a, b) for a, b in zip(decoder_layers(rebuilt), decoder_layers(plain), strict=True)
+    )
 
 
 def _same_block(a, b) -> bool:

@@ -289,8 +289,8 @@ def compress(
     method: Annotated[
         str,
         typer.Option(
-            help=f"One of: {', '.join(NAMES)}; or structured/depth then another, joined by '+' (depth+int8: "
-            "the smaller model quantized)."
+            help=f"One of: {', '.join(NAMES)}; or structured/depth/width then another, joined by '+' "
+            "(width+int8: the smaller model quantized)."
         ),
     ],
     out: Annotated[
@@ -299,30 +299,35 @@ def compress(
     text: TextOpt = None,
     windows: Annotated[
         int | None,
-        typer.Option(min=1, help="Calibration windows drawn from --text (default 16; depth 768)."),
+        typer.Option(min=1, help="Calibration windows drawn from --text (default 16; depth 768, width 512)."),
     ] = None,
     length: Annotated[
-        int | None, typer.Option(min=2, help="Tokens per calibration window (default 512; depth 256).")
+        int | None,
+        typer.Option(min=2, help="Tokens per calibration window (default 512; depth and width 256)."),
     ] = None,
     layers: Annotated[
         float | None,
         typer.Option(
-            help="structured/depth: blocks removed, a count (8) or a share of them (0.25) "
-            "(default: structured 4, depth 0.25)."
+            help="structured/depth/width: blocks removed, a count (8) or a share of them (0.25) "
+            "(default: structured 4, depth 0.25, width none)."
         ),
     ] = None,
     precision: Annotated[
         str,
-        typer.Option(help="depth: retraining under fp32 or bf16 autocast (faster on CPUs with bf16 units)."),
+        typer.Option(
+            help="depth/width: retraining under fp32 or bf16 autocast (faster on CPUs with bf16 units)."
+        ),
     ] = "fp32",
     float_type: Annotated[str, typer.Option(help="GGUF type of float matrices: f32 | f16 | bf16.")] = "f32",
     seed: SeedOpt = 0,
 ) -> None:
     """Compress a language model and save it: int8/int4 weight-only (RTN, GPTQ), W8A8 (SmoothQuant), 50% or
-    2:4 sparsity (magnitude, Wanda), structured pruning (heads, FFN width, blocks) and depth pruning with
-    the blocks around the removed ones retrained to do their work (`depth`, the best-kept quality of the
-    structured methods). GPTQ, Wanda, SmoothQuant, structured and depth calibrate on --text. A structured
-    method can go first in a chain: depth+int8 prunes, then quantizes the smaller model.
+    2:4 sparsity (magnitude, Wanda), structured pruning (heads, FFN width, blocks, unhealed), depth
+    pruning with the blocks around the removed ones retrained to do their work (`depth`), and width pruning
+    (`width`: 37.5% of every block's feed-forward neurons; the down projections refit by least squares,
+    then every block retrained on the original's hidden states: the best-kept quality of the structured
+    methods). GPTQ, Wanda, SmoothQuant, structured, depth and width calibrate on --text. A structured
+    method can go first in a chain: width+int8 prunes, then quantizes the smaller model.
 
     --out FILE.gguf writes GGUF for llama.cpp (Llama architecture): int8 and W8A8 weights as Q8_0, int4 as
     Q4_1, float and pruned matrices as --float-type (GGUF has no sparse type); any other name writes a
@@ -330,9 +335,9 @@ def compress(
 
     Example: keiryo lm compress gguf:SmolLM2.gguf --method gptq --text shakespeare --out smollm2-int4.gguf
 
-    Example: keiryo lm compress gguf:SmolLM2.gguf --method depth --text shakespeare --out smollm2-22.pt
+    Example: keiryo lm compress gguf:SmolLM2.gguf --method width --text shakespeare --out smollm2-w.pt
 
-    Example: keiryo lm compress gguf:SmolLM2.gguf --method depth+int8 --text shakespeare --out small.gguf
+    Example: keiryo lm compress gguf:SmolLM2.gguf --method width+int8 --text shakespeare --out small.gguf
     """
     steps = _configure(method, layers, precision)
     if float_type not in FLOAT_TYPES:
@@ -377,13 +382,15 @@ def _configure(method: str, layers: float | None, precision: str) -> list[tuple[
     check_choice(precision, RETRAIN_PRECISIONS, "--precision")
     steps = [(name, config_of(name)) for name in method.split("+")]
     if any(not isinstance(config, Structured) for _, config in steps[:-1]):
-        raise ConfigError(f"--method {method}: only structured or depth can come before another method")
+        raise ConfigError(
+            f"--method {method}: only structured, depth or width can come before another method"
+        )
     structured = [name for name, config in steps if isinstance(config, Structured)]
     if layers is not None and not structured:
-        raise ConfigError(f"--layers is for --method structured or depth, not {method}")
+        raise ConfigError(f"--layers is for --method structured, depth or width, not {method}")
     retrained = [n for n, c in steps if isinstance(c, Structured) and c.reconstruct is not None]
     if precision != "fp32" and not retrained:
-        raise ConfigError(f"--precision is for --method depth (its retraining), not {method}")
+        raise ConfigError(f"--precision is for --method depth or width (their retraining), not {method}")
     return [(name, _adjust(config, layers, precision)) for name, config in steps]
 
 

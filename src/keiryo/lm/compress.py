@@ -4,8 +4,9 @@ calibration)`, with one small config per method and its handler in the dict belo
 - `WeightQuant` (int8 / int4 weight-only, round-to-nearest or GPTQ) — `quant.py`;
 - `SmoothQuant` (int8 weights and activations, smoothed or not) — `smooth.py`;
 - `Sparsify` (50% unstructured or 2:4, by magnitude or Wanda) — `sparsity.py`;
-- `Structured` (heads by key/value group, FFN width, whole blocks; activation-ranked; the blocks around
-  removed ones optionally retrained, `Reconstruct`) — `prune.py`, `reconstruct.py`.
+- `Structured` (heads by key/value group, FFN width, whole blocks; activation-ranked; the layers reading
+  pruned heads/neurons optionally refit by least squares; the changed blocks optionally retrained,
+  `Reconstruct`) — `prune.py`, `reconstruct.py`.
 
 A config's `statistic` says what calibration it needs (GPTQ's Hessians, Wanda's norms, SmoothQuant's ranges);
 methods that need none run without calibration text.
@@ -43,8 +44,10 @@ NAMES = {  # the method names a command line or a recipe uses, as configs with t
     "w8a8": SmoothQuant(alpha=None),
     "structured": Structured(heads=1 / 3, ffn=0.25, layers=4),
     "depth": Structured(layers=0.25, reconstruct=Reconstruct()),
+    "width": Structured(ffn=0.375, refit=True, reconstruct=Reconstruct()),
 }
-CALIBRATION = {"depth": (768, 256)}  # (windows, tokens each) a method learns from, where not (16, 512)
+# (windows, tokens each) a method learns from, where not (16, 512): reconstruction wants many tokens
+CALIBRATION = {"depth": (768, 256), "width": (512, 256)}
 
 
 def config_of(method: Config | str) -> Config:

@@ -50,6 +50,7 @@ from keiryo.errors import ConfigError, check_choice
 from keiryo.lm.calibrate import Progress, block_output, capture_block_inputs, check_batch_size, run_layerwise
 from keiryo.lm.load import decoder_layers
 from keiryo.lm.reconstruct import Reconstruct, record_targets, retrain
+from keiryo.progress import counting
 
 IMPORTANCES = ("activation", "l2", "l1")
 IMPORTANCE_TOKENS = 16384  # calibration tokens block importance is measured on (the first windows)
@@ -145,21 +146,30 @@ def structured_prune(
     if removed:
         remove_layers(model, removed)
     if width:
-        step = _width_step(config)
-        if config.importance == "activation":
-            windows = first_tokens(calibration, WIDTH_TOKENS)
-            run_layerwise(
-                model, windows, step, statistic=config.statistic, batch_size=config.batch_size,
-                progress=progress,
-            )  # fmt: skip
-        else:
-            for index, block in enumerate(decoder_layers(model)):
-                step(index, block, None)
-                if progress is not None:
-                    progress(1)
+        # a reconstructing run shows its own bars (its caller cannot hold one open around them)
+        own = progress is None and targets is not None and config.reconstruct.progress
+        with counting("pruning the width of each block", len(decoder_layers(model)), own) as advance:
+            _prune_width(model, config, calibration, progress or advance)
     update_config(model)
     if targets is not None:
         retrain(targets, config.reconstruct)
+
+
+def _prune_width(
+    model: nn.Module, config: Structured, calibration: Tensor | None, progress: Progress
+) -> None:
+    """Rank and prune every block's heads and neurons (and refit), block after block."""
+    step = _width_step(config)
+    if config.importance == "activation":
+        windows = first_tokens(calibration, WIDTH_TOKENS)
+        run_layerwise(
+            model, windows, step, statistic=config.statistic, batch_size=config.batch_size, progress=progress
+        )
+        return
+    for index, block in enumerate(decoder_layers(model)):
+        step(index, block, None)
+        if progress is not None:
+            progress(1)
 
 
 def blocks_removed(layers: int | float, count: int) -> int:

