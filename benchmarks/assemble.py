@@ -170,11 +170,21 @@ LLM_EXTRA = [
     (
         "llm_depth_cli.md",
         "Depth pruning from the command line (SmolLM2-135M)",
-        "`nice -n 10 python benchmarks/llm_depth_cli.py`: what a user gets from `keiryo lm compress --method "
+        "`KEIRYO_LLM_CLI=depth nice -n 10 python benchmarks/llm_structured_cli.py` (named "
+        "benchmarks/llm_depth_cli.py when this ran): what a user gets from `keiryo lm compress --method "
         "depth` (a quarter of the blocks removed, the blocks around them retrained) and "
         "`--method depth+int8` (the same, then int8 weight-only), with `keiryo lm eval`; each compress "
         "command timed whole (loading, tokenizing, ranking, retraining, saving) against the issue's 10 "
         "minutes.",
+    ),
+    (
+        "llm_width_cli.md",
+        "Width pruning with least-squares refit and reconstruction, from the command line (SmolLM2-135M)",
+        "`nice -n 10 python benchmarks/llm_structured_cli.py`: `keiryo lm compress --method width` (37.5% of "
+        "every block's feed-forward neurons removed: 28.1% of the blocks' parameters, 22.2% of the model's; "
+        "each down projection refit by least squares, then every block retrained on the original's hidden "
+        "states) and `--method width+int8`, with `keiryo lm eval`; each compress command timed whole. "
+        "Target (issue 15): within +15% of float perplexity, ≥ 1.25× decode tokens/s, under 10 minutes.",
     ),
 ]
 SECTIONS += LLM_EXTRA

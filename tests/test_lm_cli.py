@@ -100,6 +100,23 @@ def test_depth_removes_a_share_of_the_blocks_retrains_their_neighbours_and_saves
     assert torch.isfinite(_logits(back, IDS)).all()
 
 
+def test_width_then_int8_narrows_every_block_retrains_it_and_saves_it(source, tmp_path, capsys):
+    src = f"gguf:{source / 'tiny.gguf'}"
+    code, out, err = run(
+        capsys, "lm", "compress", src, "--method", "width+int8", "--text", source / "text.txt",
+        "--windows", "8", "--length", "32", "--precision", "bf16", "--out", tmp_path / "width.pt",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "retraining blocks 0-1: 2 blocks" in out and "width+int8: saved" in out
+    teacher, _ = load_causal_lm(src)
+    back, _ = load_lm(tmp_path / "width.pt")  # int8 matrices of the narrower blocks
+    wide, narrow = teacher.config.intermediate_size, back.config.intermediate_size
+    assert narrow == wide - int(wide * 0.375) and back.config.num_hidden_layers == 2
+    assert type(decoder_layers(back)[0].mlp.down_proj).__name__ == "Int8Linear"
+    assert decoder_layers(back)[0].mlp.down_proj.in_features == narrow
+    assert torch.isfinite(_logits(back, IDS)).all()
+
+
 def test_compress_draws_each_method_s_default_calibration_and_passes_its_options(
     source, tmp_path, monkeypatch
 ):
@@ -114,6 +131,7 @@ def test_compress_draws_each_method_s_default_calibration_and_passes_its_options
         ("depth", [("Structured", (768, 256))]),
         ("gptq", [("WeightQuant", (16, 512))]),
         ("depth+gptq", [("Structured", (768, 256)), ("WeightQuant", (16, 512))]),  # in order, each its own
+        ("width", [("Structured", (512, 256))]),
     ):
         seen.clear()
         args = ["lm", "compress", f"gguf:{source / 'tiny.gguf'}", "--method", method, "--text", str(text)]
@@ -166,10 +184,11 @@ def test_bench_takes_language_models(source, capsys):
         ("lm compress gguf:SRC --method int8 --precision bf16 --out OUT.pt".split(), "depth"),
         ("lm compress gguf:SRC --method depth --layers 1.5 --out OUT.pt".split(), "share"),
         ("lm compress gguf:SRC --method depth --layers 2 --text TEXT --out OUT.pt".split(), "at most 1"),
-        ("lm compress gguf:SRC --method depth --layers 0 --text TEXT --out OUT.pt".split(), "layers > 0"),
+        ("lm compress gguf:SRC --method depth --layers 0 --text TEXT --out OUT.pt".split(), "or ffn > 0"),
         ("lm compress gguf:SRC --method depth --layers nan --out OUT.pt".split(), "share"),
         ("lm compress gguf:SRC --method depth --precision fp16 --out OUT.pt".split(), "precision"),
         ("lm compress gguf:SRC --method int8+depth --out OUT.pt".split(), "can come before"),
+        ("lm compress gguf:SRC --method int8+width --out OUT.pt".split(), "can come before"),
         ("lm compress gguf:SRC --method depth+int3 --out OUT.pt".split(), "int3"),
     ],
 )
