@@ -231,16 +231,17 @@ def _as_linear(layer: nn.Module) -> Tensor:
 def refit_columns(layer: nn.Module, weight: Tensor, hessian: Tensor, kept: Tensor) -> None:
     """Give `layer`, which kept only input columns `kept` of its unpruned `weight` ((out, in)), the weights
     whose outputs on the calibration inputs (their XᵀX up to scale: `hessian`) are closest to the unpruned
-    ones: W_K = W·H[:, K]·(H[K, K] + λI)⁻¹, λ a `REFIT_DAMPING` share of H[K, K]'s mean diagonal."""
-    h = hessian.double()
-    k = kept.to(h.device)
+    ones: W_K = W·H[:, K]·(H[K, K] + λI)⁻¹, λ a `REFIT_DAMPING` share of H[K, K]'s mean diagonal. Solved in
+    float64 on the CPU (MPS has no float64; the solve is small next to gathering H)."""
+    h = hessian.detach().to("cpu", torch.float64)
+    k = kept.cpu()
     gram = h[k][:, k]
     damping = REFIT_DAMPING * gram.diagonal().mean().clamp_min(1e-12)
-    gram += damping * torch.eye(len(k), dtype=gram.dtype, device=gram.device)
-    solved = torch.linalg.solve(gram, h[k] @ weight.double().t()).t()  # (out, kept)
+    gram += damping * torch.eye(len(k), dtype=gram.dtype)
+    solved = torch.linalg.solve(gram, h[k] @ weight.detach().to("cpu", torch.float64).t()).t()  # (out, kept)
     target = layer.weight
-    value = solved.t() if is_conv1d(layer) else solved
-    layer.weight = nn.Parameter(value.to(target.dtype).contiguous(), requires_grad=target.requires_grad)
+    value = (solved.t() if is_conv1d(layer) else solved).to(target.device, target.dtype).contiguous()
+    layer.weight = nn.Parameter(value, requires_grad=target.requires_grad)
 
 
 @torch.inference_mode()
