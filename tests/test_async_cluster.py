@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
 
+import psutil
 import pytest
 
 DRIVER = """
@@ -35,6 +37,23 @@ while sum(n["Alive"] for n in ray.nodes()) < 2:
         sys.exit("the second Ray node never joined")
     time.sleep(0.5)
 """
+
+
+def _stop_cluster(addresses: tuple[str, ...]) -> None:
+    """Stop this cluster's Ray processes only (their command lines name its addresses): `ray stop --force`
+    would also kill the Ray that a test in another pytest worker started for itself, beside this one."""
+    mine = []
+    for process in psutil.process_iter(["cmdline"]):
+        line = " ".join(process.info["cmdline"] or [])
+        if process.pid != os.getpid() and any(address in line for address in addresses):
+            mine.append(process)
+    for process in mine:
+        with contextlib.suppress(psutil.Error):
+            process.terminate()
+    _, alive = psutil.wait_procs(mine, timeout=15)
+    for process in alive:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
 
 
 def _free_port() -> int:
@@ -73,7 +92,7 @@ def two_node_cluster():
         )
         yield f"127.0.0.2:{port}", env
     finally:
-        subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+        _stop_cluster(("127.0.0.2", "127.0.0.3"))
 
 
 def test_async_run_spreads_over_two_nodes(two_node_cluster):
