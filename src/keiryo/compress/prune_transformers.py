@@ -268,17 +268,17 @@ def update_config(model: nn.Module) -> None:
 # --- layers -------------------------------------------------------------------------------------------------
 
 
-def is_conv1d(layer: object) -> bool:
+def _is_conv1d(layer: object) -> bool:
     """transformers' Conv1D (GPT-2): a Linear with its weight stored transposed, (in, out)."""
     return isinstance(layer, nn.Module) and type(layer).__name__ == "Conv1D" and hasattr(layer, "nf")
 
 
 def _is_layer(layer: object) -> bool:
-    return isinstance(layer, nn.Linear) or is_conv1d(layer)
+    return isinstance(layer, nn.Linear) or _is_conv1d(layer)
 
 
 def _width(layer: nn.Module, out: bool) -> int:
-    if is_conv1d(layer):
+    if _is_conv1d(layer):
         return layer.weight.shape[1 if out else 0]
     return layer.out_features if out else layer.in_features
 
@@ -286,7 +286,7 @@ def _width(layer: nn.Module, out: bool) -> int:
 def _row_norms(layer: nn.Module, p: int, out: bool = True) -> Tensor:
     """The l_p norm of each output (or input) channel's weights."""
     weight = layer.weight.detach().float()
-    if is_conv1d(layer):
+    if _is_conv1d(layer):
         weight = weight.t()
     return weight.norm(p=p, dim=1) if out else weight.norm(p=p, dim=0)
 
@@ -295,11 +295,11 @@ def _row_norms(layer: nn.Module, p: int, out: bool = True) -> Tensor:
 def _keep(layer: nn.Module, index: Tensor, out: bool) -> None:
     """Keep only the output (or input) channels at `index` of a Linear or Conv1D, in place."""
     index = index.to(layer.weight.device)
-    dim = (1 if out else 0) if is_conv1d(layer) else (0 if out else 1)
+    dim = (1 if out else 0) if _is_conv1d(layer) else (0 if out else 1)
     layer.weight = nn.Parameter(layer.weight.index_select(dim, index).contiguous())
     if out and getattr(layer, "bias", None) is not None:
         layer.bias = nn.Parameter(layer.bias.index_select(0, index).contiguous())
-    if is_conv1d(layer):
+    if _is_conv1d(layer):
         layer.nf = layer.weight.shape[1]
     elif out:
         layer.out_features = len(index)

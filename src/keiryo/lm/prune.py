@@ -38,7 +38,6 @@ from torch import Tensor, nn
 from keiryo.compress.prune_transformers import (
     attention_blocks,
     feed_forwards,
-    is_conv1d,
     prune_heads,
     prune_neurons,
     remove_layers,
@@ -194,7 +193,7 @@ def _width_step(config: Structured):
                     scores = weight_head_scores(heads, p)
                 else:
                     scores = _column_scores(heads.out, stat, config.refit).view(heads.heads, -1).sum(1)
-                weight = _as_linear(heads.out)
+                weight = heads.out.weight.detach()
                 kept = prune_heads(heads, 1 - config.heads, scores)
                 if config.refit:
                     refit_columns(heads.out, weight, stat, kept)
@@ -205,7 +204,7 @@ def _width_step(config: Structured):
                     scores = weight_neuron_scores(ffn, p)
                 else:
                     scores = _column_scores(ffn.down, stat, config.refit)
-                weight = _as_linear(ffn.down)
+                weight = ffn.down.weight.detach()
                 kept = prune_neurons(ffn, 1 - config.ffn, scores)
                 if config.refit:
                     refit_columns(ffn.down, weight, stat, kept)
@@ -218,21 +217,16 @@ def _column_scores(layer: nn.Module, stat: Tensor, refit: bool) -> Tensor:
     statistic, XᵀX up to scale) the energy the column puts into the output, x_jᵀx_j·‖w_j‖²."""
     if not refit:
         return stat
-    return stat.diagonal().float() * _as_linear(layer).float().pow(2).sum(0)
-
-
-def _as_linear(layer: nn.Module) -> Tensor:
-    """A Linear's or Conv1D's weight as (out, in), detached (a transposed view for Conv1D)."""
-    weight = layer.weight.detach()
-    return weight.t() if is_conv1d(layer) else weight
+    return stat.diagonal().float() * layer.weight.detach().float().pow(2).sum(0)
 
 
 @torch.no_grad()
 def refit_columns(layer: nn.Module, weight: Tensor, hessian: Tensor, kept: Tensor) -> None:
-    """Give `layer`, which kept only input columns `kept` of its unpruned `weight` ((out, in)), the weights
-    whose outputs on the calibration inputs (their XᵀX up to scale: `hessian`) are closest to the unpruned
-    ones: W_K = W·H[:, K]·(H[K, K] + λI)⁻¹, λ a `REFIT_DAMPING` share of H[K, K]'s mean diagonal. Solved in
-    float64 on the CPU (MPS has no float64; the solve is small next to gathering H)."""
+    """Give `layer` (an nn.Linear: `compress` linearizes GPT-2's Conv1D first), which kept only input
+    columns `kept` of its unpruned `weight` ((out, in)), the weights whose outputs on the calibration inputs
+    (their XᵀX up to scale: `hessian`) are closest to the unpruned ones: W_K = W·H[:, K]·(H[K, K] + λI)⁻¹,
+    λ a `REFIT_DAMPING` share of H[K, K]'s mean diagonal. Solved in float64 on the CPU (MPS has no float64;
+    the solve is small next to gathering H)."""
     h = hessian.detach().to("cpu", torch.float64)
     k = kept.cpu()
     gram = h[k][:, k]
@@ -240,7 +234,7 @@ def refit_columns(layer: nn.Module, weight: Tensor, hessian: Tensor, kept: Tenso
     gram += damping * torch.eye(len(k), dtype=gram.dtype)
     solved = torch.linalg.solve(gram, h[k] @ weight.detach().to("cpu", torch.float64).t()).t()  # (out, kept)
     target = layer.weight
-    value = (solved.t() if is_conv1d(layer) else solved).to(target.device, target.dtype).contiguous()
+    value = solved.to(target.device, target.dtype).contiguous()
     layer.weight = nn.Parameter(value, requires_grad=target.requires_grad)
 
 
