@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -117,6 +119,16 @@ def test_width_then_int8_narrows_every_block_retrains_it_and_saves_it(source, tm
     assert torch.isfinite(_logits(back, IDS)).all()
 
 
+def test_a_run_says_nothing_on_stderr_about_the_libraries_it_imports(source, tmp_path):
+    """transformers imports torchao, which on this torch build logs its CUDA-only extensions and its Enums:
+    noise for a user, silenced (a fresh process: in this one torchao was imported long ago)."""
+    args = [sys.executable, "-m", "keiryo", "lm", "compress", f"gguf:{source / 'tiny.gguf'}", "--method",
+            "int8", "--out", str(tmp_path / "q.pt")]  # fmt: skip
+    proc = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "int8: saved" in proc.stdout and proc.stderr == ""
+
+
 def test_compress_draws_each_method_s_default_calibration_and_passes_its_options(
     source, tmp_path, monkeypatch
 ):
@@ -190,6 +202,8 @@ def test_bench_takes_language_models(source, capsys):
         ("lm compress gguf:SRC --method int8+depth --out OUT.pt".split(), "can come before"),
         ("lm compress gguf:SRC --method int8+width --out OUT.pt".split(), "can come before"),
         ("lm compress gguf:SRC --method depth+int3 --out OUT.pt".split(), "int3"),
+        ("lm compress gguf:SRC --method width+int8 --text TEXT --out OUT.gguf".split(), "blocks of 32"),
+        ("lm compress gguf:SRC --method width+int4 --text TEXT --out OUT.pt".split(), "groups of 64"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2_and_keeps_the_output(source, tmp_path, capsys, args, message):

@@ -4,6 +4,7 @@ tiny Llama / Qwen2 / GPT-2 configs with random weights built here."""
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,8 +14,8 @@ transformers = pytest.importorskip("transformers")
 
 from keiryo.errors import ConfigError  # noqa: E402
 from keiryo.lm import load_compressed, save_compressed  # noqa: E402
-from keiryo.lm.calibrate import linearize  # noqa: E402
-from keiryo.lm.compress import compress  # noqa: E402
+from keiryo.lm.calibrate import block_linears, linearize  # noqa: E402
+from keiryo.lm.compress import check_chain, compress  # noqa: E402
 from keiryo.lm.distill import LMDistill, LMDistillLoss, cache_teacher, distill  # noqa: E402
 from keiryo.lm.load import decoder_layers  # noqa: E402
 from keiryo.lm.prune import (  # noqa: E402
@@ -23,10 +24,13 @@ from keiryo.lm.prune import (  # noqa: E402
     block_importance,
     blocks_removed,
     first_tokens,
+    input_widths,
     least_important,
     structured_prune,
 )
+from keiryo.lm.quant import WeightQuant  # noqa: E402
 from keiryo.lm.reconstruct import Reconstruct, segments  # noqa: E402
+from keiryo.lm.smooth import SmoothQuant  # noqa: E402
 
 VOCAB = 128
 
@@ -130,6 +134,43 @@ def test_gpt2_loses_feed_forward_width_and_blocks_but_refuses_heads(tmp_path):
     )
     with pytest.raises(ConfigError, match="GPT-2"):
         compress(_model("gpt2"), Structured(heads=0.5), CALIBRATION)
+
+
+def _widths(model) -> set[int]:
+    return {layer.in_features for block in decoder_layers(model) for layer in block_linears(block).values()}
+
+
+@pytest.mark.parametrize(
+    ("arch", "configs"),
+    [
+        ("llama", [Structured(ffn=0.375)]),
+        ("llama", [Structured(heads=0.5, ffn=0.3, layers=1)]),
+        ("qwen2", [Structured(heads=0.5), Structured(ffn=0.25), Structured(ffn=0.4)]),
+        ("gpt2", [Structured(ffn=0.3)]),
+    ],
+)
+def test_input_widths_foretell_the_shapes_pruning_leaves(arch, configs):
+    model = _model(arch)
+    expected = input_widths(model, configs)
+    for config in configs:
+        compress(model, replace(config, importance="l2"), CALIBRATION)
+    assert expected == _widths(model)
+    assert len(expected) > 1  # the narrowed layers differ from the model width
+
+
+def test_a_chain_whose_quantizer_cannot_take_the_pruned_widths_is_refused_before_any_work():
+    model = _model("llama")  # hidden 64, 128 neurons: width's 37.5% leaves 80, not a multiple of 32 or 64
+    weights = {name: p.detach().clone() for name, p in model.named_parameters()}
+    with pytest.raises(ConfigError, match="int4 groups of 64 .* 80"):
+        check_chain(model, ["width", "int4"])
+    with pytest.raises(ConfigError, match="blocks of 32 .* 80"):
+        check_chain(model, ["width", "int8"], gguf=True)
+    with pytest.raises(ConfigError, match="blocks of 32"):
+        check_chain(model, [Structured(ffn=0.375), SmoothQuant(alpha=None)], gguf=True)
+    check_chain(model, ["width", "int8"])  # a keiryo file keeps int8 rows of any length
+    check_chain(model, [Structured(ffn=0.25), WeightQuant("int4", group_size=32)], gguf=True)  # 96 neurons
+    check_chain(model, ["int8"], gguf=True)
+    assert all(torch.equal(p, weights[name]) for name, p in model.named_parameters())  # nothing was pruned
 
 
 def test_the_block_that_leaves_its_input_unchanged_is_the_one_removed():

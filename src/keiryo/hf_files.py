@@ -25,6 +25,7 @@ import torch
 
 from keiryo.errors import ArtifactError, ConfigError, ModelError, TrustError, check_bytes, one_line
 from keiryo.fileio import safe_torch_load
+from keiryo.optional import quiet_torchao
 
 MAX_JSON_BYTES = 64 << 20  # a config or tokenizer config; real ones are kilobytes
 MAX_HEADER_BYTES = 100 << 20  # a safetensors header (the format's own limit)
@@ -133,13 +134,16 @@ def _safetensors_bytes(path: Path) -> int:
 
 def transformers_module() -> Any:
     """transformers, imported on first use and set to stay offline and quiet."""
+    os.environ.setdefault(
+        "HF_HUB_OFFLINE", "1"
+    )  # never reach for the network (read when the hub is imported)
+    quiet_torchao()  # transformers imports torchao where it is installed
     try:
         import transformers
     except ImportError as exc:
         raise ModelError(
             "Hugging Face models need the transformers package: pip install 'keiryo[hf]'"
         ) from exc
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     return transformers

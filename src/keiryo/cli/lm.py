@@ -34,7 +34,7 @@ from keiryo.lm import (
     tokenize,
 )
 from keiryo.lm import compress as compress_lm
-from keiryo.lm.compress import CALIBRATION, NAMES, config_of
+from keiryo.lm.compress import CALIBRATION, NAMES, check_chain, config_of
 from keiryo.lm.evaluate import peak_resident_bytes, release_free_memory, reset_peak, tensor_bytes
 from keiryo.lm.gguf_export import FLOAT_TYPES, check_exportable, export_gguf
 from keiryo.lm.load import decoder_layers, is_lm_spec
@@ -349,6 +349,7 @@ def compress(
     model, tokenizer = load_lm(source)
     if out.suffix == ".gguf":
         check_exportable(model)
+    check_chain(model, [config for _, config in steps], gguf=out.suffix == ".gguf")
     ids = None
     if shapes:
         most = max(count * size for count, size in shapes.values())

@@ -151,11 +151,11 @@ def prune_heads(block: Heads, keep: float, scores: Tensor) -> Tensor:
             f"head scores must have one value per query head ({heads}), got {tuple(scores.shape)}"
         )
     if kv > 1 and not block.fused:  # whole key/value groups go: each with the query heads that read it
-        groups = _top(scores.view(kv, per_group).sum(1), _kept(kv, keep))
+        groups = _top(scores.view(kv, per_group).sum(1), kept_count(kv, keep))
         kept_heads = (groups[:, None] * per_group + torch.arange(per_group)).flatten()
     else:  # one key/value head shared by all (or one per head, GPT-2): the query heads go
         groups = torch.tensor([0])
-        kept_heads = _top(scores, _kept(heads, keep))
+        kept_heads = _top(scores, kept_count(heads, keep))
     rows = (kept_heads[:, None] * d + torch.arange(d)).flatten()
     kv_rows = (groups[:, None] * d + torch.arange(d)).flatten()
     if block.fused:  # query, key and value thirds of c_attn keep the same heads
@@ -195,7 +195,7 @@ def prune_neurons(ffn: FeedForward, keep: float, scores: Tensor) -> Tensor:
         raise ConfigError(
             f"neuron scores must have one value per neuron ({width}), got {tuple(scores.shape)}"
         )
-    kept = _top(scores.detach().float().cpu(), _kept(width, keep))
+    kept = _top(scores.detach().float().cpu(), kept_count(width, keep))
     for up in ffn.ups:
         _keep(up, kept, out=True)
     _keep(ffn.down, kept, out=False)
@@ -307,7 +307,7 @@ def _keep(layer: nn.Module, index: Tensor, out: bool) -> None:
         layer.in_features = len(index)
 
 
-def _kept(count: int, keep: float) -> int:
+def kept_count(count: int, keep: float) -> int:
     """How many of `count` remain when `keep` of them stay (at least one; pruned counts round down)."""
     return max(1, count - int(count * (1 - keep) + 1e-9))
 

@@ -19,7 +19,8 @@ from torch import Tensor, nn
 
 from keiryo.errors import ConfigError, check_choice
 from keiryo.lm.calibrate import Progress, linearize
-from keiryo.lm.prune import Structured, structured_prune
+from keiryo.lm.gguf_export import BLOCK
+from keiryo.lm.prune import Structured, input_widths, structured_prune
 from keiryo.lm.quant import WeightQuant, quantize_weights
 from keiryo.lm.reconstruct import Reconstruct
 from keiryo.lm.smooth import SmoothQuant, smooth_quantize
@@ -58,6 +59,29 @@ def config_of(method: Config | str) -> Config:
     if type(method) not in HANDLERS:
         raise ConfigError(f"not a language-model compression config: {type(method).__name__}")
     return method
+
+
+def check_chain(model: nn.Module, methods: list[Config | str], gguf: bool = False) -> None:
+    """Refuse, in one line and before any work, a chain (structured steps, then one method) whose last
+    method cannot take the widths the pruning leaves: int4 groups that do not divide a layer's inputs, or,
+    when the result goes to GGUF (`gguf`), int8 rows that are not whole Q8_0 blocks of 32."""
+    configs = [config_of(method) for method in methods]
+    last = configs[-1]
+    linearize(model)
+    widths = sorted(input_widths(model, [c for c in configs if isinstance(c, Structured)]))
+    pruned = " once pruned" if len(configs) > 1 else ""
+    if isinstance(last, WeightQuant) and last.method == "int4":
+        if bad := [w for w in widths if w % last.group_size]:
+            raise ConfigError(
+                f"int4 groups of {last.group_size} must divide every layer's inputs, but layers{pruned} "
+                f"would have {bad[0]}: choose a share that leaves a multiple of {last.group_size}"
+            )
+    int8 = isinstance(last, SmoothQuant) or (isinstance(last, WeightQuant) and last.method == "int8")
+    if gguf and int8 and (bad := [w for w in widths if w % BLOCK]):
+        raise ConfigError(
+            f"GGUF stores int8 rows in blocks of {BLOCK} values, but layers{pruned} would have "
+            f"{bad[0]} inputs: save a keiryo LM file (.pt) instead, or prune to a multiple of {BLOCK}"
+        )
 
 
 @torch.no_grad()

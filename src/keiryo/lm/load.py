@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from keiryo.errors import ConfigError, ModelError, TrustError, check_bytes
+from keiryo.hf_files import transformers_module
 
 HF_PREFIX = "hf:"
 GGUF_PREFIX = "gguf:"
@@ -40,7 +41,7 @@ def load_causal_lm(source: str | os.PathLike, *, dtype: torch.dtype = torch.floa
     The model is in eval mode with `dtype` weights and scaled-dot-product attention; nothing is downloaded.
     """
     path, kind = _resolve(source)
-    transformers = _transformers()
+    transformers = transformers_module()
     if kind == "gguf":
         check_bytes(gguf_float_bytes(path, dtype), f"GGUF model '{path.name}' dequantized to {dtype}")
         where, options = str(path.parent), {"gguf_file": path.name}
@@ -155,19 +156,6 @@ def _gguf_reader(file: Path):
         return GGUFReader(str(file))
     except (ValueError, OSError, struct.error) as exc:
         raise ModelError(f"'{file}' is not a readable GGUF file: {_first_line(exc)}") from exc
-
-
-def _transformers():
-    os.environ.setdefault(
-        "HF_HUB_OFFLINE", "1"
-    )  # never reach for the network (read when the hub is imported)
-    try:
-        import transformers
-    except ImportError as exc:
-        raise ModelError("language models need the transformers package: pip install 'keiryo[hf]'") from exc
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    return transformers
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

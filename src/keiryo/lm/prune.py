@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from keiryo.compress.prune_transformers import (
     attention_blocks,
     feed_forwards,
+    kept_count,
     prune_heads,
     prune_neurons,
     remove_layers,
@@ -46,7 +47,14 @@ from keiryo.compress.prune_transformers import (
     weight_neuron_scores,
 )
 from keiryo.errors import ConfigError, check_choice
-from keiryo.lm.calibrate import Progress, block_output, capture_block_inputs, check_batch_size, run_layerwise
+from keiryo.lm.calibrate import (
+    Progress,
+    block_linears,
+    block_output,
+    capture_block_inputs,
+    check_batch_size,
+    run_layerwise,
+)
 from keiryo.lm.load import decoder_layers
 from keiryo.lm.reconstruct import Reconstruct, record_targets, retrain
 from keiryo.progress import counting
@@ -169,6 +177,32 @@ def _prune_width(
         step(index, block, None)
         if progress is not None:
             progress(1)
+
+
+def input_widths(model: nn.Module, configs: list[Structured]) -> set[int]:
+    """The input widths the decoder blocks' Linears will have once `configs` have pruned `model` (nn.Linear
+    layers: `compress` linearizes first), worked out from the shapes alone: what a later quantizer's groups
+    or GGUF's blocks must divide, known before any work is spent on pruning."""
+    ffns, attentions = feed_forwards(model), attention_blocks(model)
+    narrowed = {id(ffn.down) for ffn in ffns} | {id(heads.out) for heads in attentions}
+    widths = {
+        linear.in_features
+        for block in decoder_layers(model)
+        for linear in block_linears(block).values()
+        if id(linear) not in narrowed
+    }
+    for ffn in ffns:
+        width = ffn.down.in_features
+        for config in configs:
+            width = kept_count(width, 1 - config.ffn) if config.ffn else width
+        widths.add(width)
+    for heads in attentions:
+        grouped = heads.kv_heads > 1 and not heads.fused  # whole key/value groups go, as in prune_heads
+        count = heads.kv_heads if grouped else heads.heads
+        for config in configs:
+            count = kept_count(count, 1 - config.heads) if config.heads else count
+        widths.add(count * (heads.heads // heads.kv_heads if grouped else 1) * heads.head_dim)
+    return widths
 
 
 def blocks_removed(layers: int | float, count: int) -> int:

@@ -29,9 +29,10 @@ from torch import Tensor, nn
 
 from keiryo.errors import ArtifactError, ConfigError, ModelError, TrustError, check_bytes
 from keiryo.fileio import atomic_torch_save, safe_torch_load
+from keiryo.hf_files import transformers_module
 from keiryo.lm.calibrate import linearize
 from keiryo.lm.kernels import Int4Linear, Int8Embedding, Int8Linear, W8A8Linear
-from keiryo.lm.load import _transformers, is_lm_spec, load_causal_lm
+from keiryo.lm.load import is_lm_spec, load_causal_lm
 from keiryo.sparse import decode_sparse, encode_sparse
 
 FORMAT = "keiryo-lm/1"
@@ -96,7 +97,7 @@ def _build(payload: Any, what: str) -> nn.Module:
     if "auto_map" in config_dict:
         raise TrustError(f"{what} names its own Python code (auto_map); keiryo never runs code from a model")
     check_bytes(_stored_bytes(state), what)
-    transformers = _transformers()
+    transformers = transformers_module()
     try:
         config = transformers.AutoConfig.for_model(**config_dict)
         with torch.device("meta"):
@@ -141,7 +142,7 @@ def _tokenizer_record(tokenizer: Any) -> dict[str, Any]:
 
 
 def _tokenizer_from(record: Any, what: str) -> Any:
-    transformers = _transformers()
+    transformers = transformers_module()
     try:
         from tokenizers import Tokenizer
 
