@@ -13,8 +13,12 @@ import torch.nn.functional as F
 transformers = pytest.importorskip("transformers")
 
 from keiryo.errors import ConfigError  # noqa: E402
-from keiryo.lm import load_compressed, save_compressed  # noqa: E402
-from keiryo.lm.calibrate import block_linears, linearize  # noqa: E402
+from keiryo.lm import (  # noqa: E402
+    load_compressed,
+    prune,  # noqa: E402
+    save_compressed,
+)
+from keiryo.lm.calibrate import block_linears, linearize, run_layerwise  # noqa: E402
 from keiryo.lm.compress import check_chain, compress  # noqa: E402
 from keiryo.lm.distill import LMDistill, LMDistillLoss, cache_teacher, distill  # noqa: E402
 from keiryo.lm.load import decoder_layers  # noqa: E402
@@ -171,6 +175,28 @@ def test_a_chain_whose_quantizer_cannot_take_the_pruned_widths_is_refused_before
     check_chain(model, [Structured(ffn=0.25), WeightQuant("int4", group_size=32)], gguf=True)  # 96 neurons
     check_chain(model, ["int8"], gguf=True)
     assert all(torch.equal(p, weights[name]) for name, p in model.named_parameters())  # nothing was pruned
+
+
+def test_width_steps_gather_statistics_only_of_the_layers_they_narrow(monkeypatch):
+    seen = []
+    model = _model("llama")
+    run_layerwise(
+        model, CALIBRATION, lambda i, block, stats: seen.append(sorted(stats)), statistic="hessian",
+        layers=lambda block: [block.mlp.down_proj],
+    )  # fmt: skip
+    assert seen == [["mlp.down_proj"]] * 4
+    # refit of heads and neurons: XᵀX of the output and down projections only, not of q/k/v or gate/up
+
+    gathered, real = [], prune.run_layerwise
+
+    def spy(model, windows, step, **options):
+        real(
+            model, windows, lambda i, b, stats: (gathered.append(sorted(stats)), step(i, b, stats)), **options
+        )
+
+    monkeypatch.setattr(prune, "run_layerwise", spy)
+    compress(model, Structured(heads=0.5, ffn=0.25, refit=True), CALIBRATION)
+    assert gathered == [["mlp.down_proj", "self_attn.o_proj"]] * 4
 
 
 def test_the_block_that_leaves_its_input_unchanged_is_the_one_removed():

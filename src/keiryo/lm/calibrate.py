@@ -119,10 +119,12 @@ def run_layerwise(
     statistic: str,
     batch_size: int = 8,
     progress: Callable[[int], None] | None = None,
+    layers: Callable[[nn.Module], list[nn.Module]] | None = None,
 ) -> None:
-    """Calibrate block by block: gather `statistic` of every Linear's input in block i over all `windows`
-    (token ids, (count, length)), call `step(i, block, stats)` to change the block's weights, then run the
-    changed block to produce block i+1's inputs. `progress(1)` is called after each block."""
+    """Calibrate block by block: gather `statistic` of every Linear's input in block i (or only of
+    `layers(block)`: a step that reads a few of them spares the rest) over all `windows` (token ids, (count,
+    length)), call `step(i, block, stats)` to change the block's weights, then run the changed block to
+    produce block i+1's inputs. `progress(1)` is called after each block."""
     if statistic not in STATISTICS:
         raise ConfigError(f"unknown calibration statistic '{statistic}' (choose {', '.join(STATISTICS)})")
     if windows.dim() != 2 or len(windows) == 0:
@@ -133,7 +135,7 @@ def run_layerwise(
     model.eval()
     inputs, kwargs = capture_block_inputs(model, windows, batch_size)
     for index, block in enumerate(decoder_layers(model)):
-        stats = _gather(block, inputs, kwargs, statistic)
+        stats = _gather(block, inputs, kwargs, statistic, None if layers is None else layers(block))
         step(index, block, stats)
         with torch.inference_mode():
             inputs = [block_output(block(x, **kwargs)) for x in inputs]
@@ -142,7 +144,9 @@ def run_layerwise(
     model.train(was_training)
 
 
-def _gather(block: nn.Module, inputs: list[Tensor], kwargs: dict, statistic: str) -> dict[str, Tensor]:
+def _gather(
+    block: nn.Module, inputs: list[Tensor], kwargs: dict, statistic: str, only: list[nn.Module] | None = None
+) -> dict[str, Tensor]:
     """Per Linear of `block`: the Hessian 2·XᵀX/n (hessian), the squared column norms ΣX_j² (norm) or the
     largest |X_j| of each input column (absmax, SmoothQuant's activation range).
 
@@ -150,6 +154,8 @@ def _gather(block: nn.Module, inputs: list[Tensor], kwargs: dict, statistic: str
     over a few thousand tokens per batch that is what GPTQ's reference implementation does too.
     """
     linears = block_linears(block)
+    if only is not None:
+        linears = {name: m for name, m in linears.items() if any(m is wanted for wanted in only)}
     stats: dict[str, Tensor] = {}
     counts: dict[str, int] = dict.fromkeys(linears, 0)
     # this batch's statistic of each distinct input tensor, with the tensor itself: holding it keeps its

@@ -170,8 +170,9 @@ def _prune_width(
     if config.importance == "activation":
         windows = first_tokens(calibration, WIDTH_TOKENS)
         run_layerwise(
-            model, windows, step, statistic=config.statistic, batch_size=config.batch_size, progress=progress
-        )
+            model, windows, step, statistic=config.statistic, batch_size=config.batch_size,
+            progress=progress, layers=lambda block: _narrowed(block, config),
+        )  # fmt: skip
         return
     for index, block in enumerate(decoder_layers(model)):
         step(index, block, None)
@@ -244,6 +245,13 @@ def _width_step(config: Structured):
                     refit_columns(ffn.down, weight, stat, kept)
 
     return step
+
+
+def _narrowed(block: nn.Module, config: Structured) -> list[nn.Module]:
+    """The layers of `block` whose inputs `config` prunes (output projections, down projections): the only
+    ones whose calibration statistic the width step reads."""
+    outs = [heads.out for heads in attention_blocks(block)] if config.heads else []
+    return outs + ([ffn.down for ffn in feed_forwards(block)] if config.ffn else [])
 
 
 def _column_scores(layer: nn.Module, stat: Tensor, refit: bool) -> Tensor:
