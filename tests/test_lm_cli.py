@@ -15,10 +15,12 @@ from test_lm import IDS, _logits, _model, _tokenizer, _write_gguf  # noqa: E402
 
 from keiryo.cli import lm as cli_lm  # noqa: E402
 from keiryo.cli import main  # noqa: E402
+from keiryo.errors import ConfigError  # noqa: E402
 from keiryo.lm import load_causal_lm  # noqa: E402
-from keiryo.lm.compress import NAMES  # noqa: E402
+from keiryo.lm.compress import NAMES, chain_of  # noqa: E402
 from keiryo.lm.load import decoder_layers  # noqa: E402
 from keiryo.lm.store import load_lm  # noqa: E402
+from keiryo.steps import run_recipe  # noqa: E402
 
 TEXT = (
     " ".join(f"the {w} of the {v}" for w in ("king", "queen", "fool", "duke") for v in ("court", "sea")) * 12
@@ -149,11 +151,11 @@ def test_compress_draws_each_method_s_default_calibration_and_passes_its_options
         args = ["lm", "compress", f"gguf:{source / 'tiny.gguf'}", "--method", method, "--text", str(text)]
         assert main([*args, "--out", str(tmp_path / f"{method}.pt")]) == 0
         assert seen["calls"] == calls, method
-    ((_, config),) = cli_lm._configure("depth", 8.0, "bf16")
+    ((_, config),) = chain_of("depth", 8.0, "bf16")
     assert config.layers == 8 and isinstance(config.layers, int) and config.reconstruct.precision == "bf16"
     assert NAMES["depth"].layers == 0.25 and NAMES["depth"].reconstruct.precision == "fp32"  # not changed
-    assert cli_lm._configure("structured", 0.5, "fp32")[0][1].layers == 0.5
-    depth, int8 = cli_lm._configure("depth+int8", 2.0, "bf16")
+    assert chain_of("structured", 0.5, "fp32")[0][1].layers == 0.5
+    depth, int8 = chain_of("depth+int8", 2.0, "bf16")
     assert depth[1].layers == 2 and depth[1].reconstruct.precision == "bf16" and int8[1] is NAMES["int8"]
 
 
@@ -192,7 +194,7 @@ def test_bench_takes_language_models(source, capsys):
         (["lm", "compress", "hf:GPT2", "--method", "int8", "--out", "OUT.gguf"], "Llama-architecture"),
         (["lm", "compress", "gguf:SRC", "--method", "int8", "--float-type", "f8", "--out", "OUT.gguf"], "f8"),
         (["lm", "eval", "gguf:SRC", "--context", "8", "--stride", "16"], "--stride"),
-        ("lm compress gguf:SRC --method int8 --layers 2 --out OUT.pt".split(), "--layers"),
+        ("lm compress gguf:SRC --method int8 --layers 2 --out OUT.pt".split(), "layers is for"),
         ("lm compress gguf:SRC --method int8 --precision bf16 --out OUT.pt".split(), "depth"),
         ("lm compress gguf:SRC --method depth --layers 1.5 --out OUT.pt".split(), "share"),
         ("lm compress gguf:SRC --method depth --layers 2 --text TEXT --out OUT.pt".split(), "at most 1"),
@@ -233,3 +235,79 @@ def test_bad_input_is_one_line_and_exit_2_and_keeps_the_output(source, tmp_path,
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], err
     assert out.read_bytes() == b"keep me" and (tmp_path / "out.pt").read_bytes() == b"keep me"
+
+
+# --- language-model recipes ---------------------------------------------------------------------------------
+
+
+def _recipe(folder, steps: str, model: str | None = None) -> str:
+    path = folder / "lm.yaml"
+    head = f"name: tiny\nmodel: gguf:{model}\n" if model else "name: tiny\n"
+    path.write_text(f"{head}data: {folder / 'text.txt'}\nsteps:\n{steps}")
+    return str(path)
+
+
+def test_a_language_model_recipe_compresses_reuses_unchanged_steps_and_reports_every_model(
+    source, tmp_path, capsys
+):
+    (tmp_path / "text.txt").write_text(TEXT)
+    steps = (
+        "  - lm-compress: {name: q8, method: int8}\n"
+        "  - lm-compress: {name: narrow, method: width, windows: 8, length: 32}\n"
+        "  - lm-compress: {name: narrow8, from: narrow, method: int8}\n"
+    )
+    recipe, out = _recipe(tmp_path, steps, source / "tiny.gguf"), tmp_path / "out"
+    code, printed, err = run(capsys, "run", recipe, "--out", out)
+    assert code == 0, err
+    assert "int8: saved" in printed and "width: saved" in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    names = [m["name"] for m in metrics["models"]]
+    assert names == ["tiny.gguf", "q8.pt", "narrow.pt", "narrow8.pt"]
+    assert all(m["perplexity"] > 1 and m["batch_1"]["decode_tokens_per_s"] > 0 for m in metrics["models"])
+    assert all(f"| {name} |" in (out / "report.md").read_text() for name in names)
+    teacher, _ = load_causal_lm(f"gguf:{source / 'tiny.gguf'}")
+    back, _ = load_lm(out / "narrow8.pt")  # `from: narrow`: the width model, then int8
+    assert back.config.intermediate_size < teacher.config.intermediate_size
+    assert type(decoder_layers(back)[0].mlp.down_proj).__name__ == "Int8Linear"
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("*.pt")}
+    code, printed, err = run(capsys, "run", recipe, "--out", out)
+    assert code == 0, err
+    assert printed.count("reused") == 3 and "saved" not in printed
+    # a changed step runs again with the steps built on it; the others are reused
+    _recipe(tmp_path, steps.replace("windows: 8", "windows: 6"), source / "tiny.gguf")
+    code, printed, err = run(capsys, "run", recipe, "--out", out)
+    assert code == 0, err
+    assert "q8: reused" in printed and "narrow: reused" not in printed and "narrow8: reused" not in printed
+    assert (out / "q8.pt").stat().st_mtime_ns == stamps["q8.pt"]
+    assert (out / "narrow8.pt").stat().st_mtime_ns != stamps["narrow8.pt"]
+
+
+@pytest.mark.parametrize(
+    ("steps", "with_model", "message"),
+    [
+        ("  - lm-compress: {method: int9}\n", True, "line 5: step 'lm-compress': unknown language-model"),
+        ("  - lm-compress: {method: int8+width}\n", True, "can come before"),
+        ("  - lm-compress: {method: int8, layers: 2}\n", True, "layers is for"),
+        ("  - lm-compress: {method: width, windows: 0}\n", True, "windows must be at least 1"),
+        ("  - lm-compress: {method: int8, from: nope}\n", True, "'nope' is not an earlier step"),
+        ("  - lm-compress: {windows: 8}\n", True, "needs a method"),
+        ("  - lm-compress: {method: int8, epochs: 2}\n", True, "unknown field 'epochs'"),
+        ("  - train: {epochs: 1}\n", True, "line 5: a language-model recipe's steps are lm-compress"),
+        ("  - lm-compress: {method: int8}\n", False, "line 4: step 'lm-compress' needs the recipe's model"),
+    ],
+)
+def test_a_bad_language_model_recipe_is_one_line_naming_its_line(
+    source, tmp_path, capsys, steps, with_model, message
+):
+    (tmp_path / "text.txt").write_text(TEXT)
+    recipe = _recipe(tmp_path, steps, source / "tiny.gguf" if with_model else None)
+    code, printed, err = run(capsys, "run", recipe, "--out", tmp_path / "out")
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_the_library_runner_points_language_model_recipes_to_the_command_line(source, tmp_path):
+    (tmp_path / "text.txt").write_text(TEXT)
+    recipe = _recipe(tmp_path, "  - lm-compress: {method: int8}\n", source / "tiny.gguf")
+    with pytest.raises(ConfigError, match="keiryo run"):
+        run_recipe(recipe, tmp_path / "out")

@@ -18,7 +18,7 @@ from keiryo.lm import (  # noqa: E402
     prune,  # noqa: E402
     save_compressed,
 )
-from keiryo.lm.calibrate import block_linears, linearize, run_layerwise  # noqa: E402
+from keiryo.lm.calibrate import Gather, block_linears, linearize, run_layerwise  # noqa: E402
 from keiryo.lm.compress import check_chain, compress  # noqa: E402
 from keiryo.lm.distill import LMDistill, LMDistillLoss, cache_teacher, distill  # noqa: E402
 from keiryo.lm.load import decoder_layers  # noqa: E402
@@ -180,19 +180,18 @@ def test_a_chain_whose_quantizer_cannot_take_the_pruned_widths_is_refused_before
 def test_width_steps_gather_statistics_only_of_the_layers_they_narrow(monkeypatch):
     seen = []
     model = _model("llama")
-    run_layerwise(
-        model, CALIBRATION, lambda i, block, stats: seen.append(sorted(stats)), statistic="hessian",
-        layers=lambda block: [block.mlp.down_proj],
-    )  # fmt: skip
+    gather = Gather("hessian", layers=lambda block: [block.mlp.down_proj])
+    run_layerwise(model, CALIBRATION, lambda i, block, stats: seen.append(sorted(stats)), gather)
     assert seen == [["mlp.down_proj"]] * 4
     # refit of heads and neurons: XᵀX of the output and down projections only, not of q/k/v or gate/up
-
     gathered, real = [], prune.run_layerwise
 
-    def spy(model, windows, step, **options):
-        real(
-            model, windows, lambda i, b, stats: (gathered.append(sorted(stats)), step(i, b, stats)), **options
-        )
+    def spy(model, windows, step, gather, progress):
+        def recording(index, block, stats):
+            gathered.append(sorted(stats))
+            step(index, block, stats)
+
+        real(model, windows, recording, gather, progress)
 
     monkeypatch.setattr(prune, "run_layerwise", spy)
     compress(model, Structured(heads=0.5, ffn=0.25, refit=True), CALIBRATION)

@@ -52,6 +52,7 @@ from keiryo.compress.qconfig import Policy, method_of
 from keiryo.compress.qconfig import check_options as check_quantize
 from keiryo.deployment import DeployConfig, candidates_of
 from keiryo.errors import ConfigError
+from keiryo.lm.compress import chain_of
 from keiryo.loop import TrainConfig
 from keiryo.parallel.config import strategy_of
 from keiryo.yamlfile import read_yaml, where
@@ -113,6 +114,14 @@ STEP_FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
         "skip": list,
     },
     "export": {**_NAME, "format": str},
+    "lm-compress": {
+        **_NAME,
+        "method": str,
+        "windows": int,
+        "length": int,
+        "layers": (int, float),
+        "precision": str,
+    },
     "deploy": {
         **_NAME,
         "batch_sizes": list,
@@ -126,7 +135,14 @@ STEP_FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
 PRUNE_FIELDS = ("kind", "ratio", "importance", "target", "global_pruning", "steps")
 DISTILL_FIELDS = ("temperature", "alpha", "loss", "features", "feature_weight", "cache_teacher")
 QUANTIZE_FIELDS = ("granularity", "symmetric", "group_size", "observer")
-TOP_FIELDS: dict[str, type | tuple[type, ...]] = {"name": str, "data": str, "seed": int, "steps": list}
+TOP_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "name": str,
+    "data": str,
+    "seed": int,
+    "steps": list,
+    "model": str,
+}
+LM_STEPS = ("lm-compress",)  # the steps of a language-model recipe (one with a top-level `model`)
 MODEL_STEPS = ("train", "prune", "distill", "quantize")
 PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 RESERVED_NAMES = ("metrics",)  # metrics.json is the report's; a step of that name would overwrite it
@@ -156,6 +172,7 @@ class Recipe:
     seed: int
     steps: list[Step]
     path: str = "<dict>"
+    model: str | None = None  # a language-model recipe's model (hf:FOLDER or gguf:FILE); its data is text
 
 
 def _check_fields(place: str, what: str, given: dict, allowed: dict) -> None:
@@ -198,12 +215,23 @@ def load_recipe(source: str | Path | dict | Recipe) -> Recipe:
         options = dict(options or {})
         if kind == "measure":
             continue  # every recipe ends by measuring all its models; the step is accepted for readability
+        if kind in LM_STEPS and "model" not in raw:
+            raise ConfigError(
+                f"{place}: step '{kind}' needs the recipe's model: add 'model: gguf:FILE' (or hf:DIR)"
+            )
+        if kind not in LM_STEPS and "model" in raw:
+            raise ConfigError(
+                f"{place}: a language-model recipe's steps are {', '.join(LM_STEPS)}, not '{kind}'"
+            )
         _check_fields(place, f"step '{kind}'", options, STEP_FIELDS[kind])
         name = options.pop("name", None) or _unique(kind, steps)
         check_name(name, place, "a step's name")
         if any(s.name == name for s in steps):
             raise ConfigError(f"{place}: step name '{name}' is used twice")
         source = options.pop("from", None)
+        if kind in LM_STEPS:  # the recipe's model, unless `from` names an earlier step
+            steps.append(_lm_step(kind, name, options, source, steps, place, lines.get(i, 0)))
+            continue
         model_steps = [s for s in steps if s.kind in MODEL_STEPS]
         if source is None and kind != "train":
             if not model_steps:
@@ -222,11 +250,34 @@ def load_recipe(source: str | Path | dict | Recipe) -> Recipe:
         steps.append(Step(kind, name, options, lines.get(i, 0), source, configs))
     return Recipe(
         name=recipe_name,
-        data=raw.get("data", "digits"),
+        data=raw.get("data", "shakespeare" if "model" in raw else "digits"),
         seed=raw.get("seed", 0),
         steps=steps,
         path=path,
+        model=raw.get("model"),
     )
+
+
+def _lm_step(
+    kind: str, name: str, options: dict, source: str | None, steps: list[Step], place: str, line: int
+) -> Step:
+    """A language-model step, its method chain made into configs now (a bad method fails before anything
+    runs, naming the line)."""
+    if source is not None and source not in [s.name for s in steps]:
+        known = ", ".join(s.name for s in steps) or "none yet"
+        raise ConfigError(f"{place}: '{source}' is not an earlier step (earlier: {known})")
+    if "method" not in options:
+        raise ConfigError(f"{place}: step '{name}' needs a method (e.g. method: width+int8)")
+    for key in ("windows", "length"):
+        if key in options and options[key] < (1 if key == "windows" else 2):
+            raise ConfigError(
+                f"{place}: step '{name}': {key} must be at least {1 if key == 'windows' else 2}"
+            )
+    try:
+        chain = chain_of(options["method"], options.get("layers"), options.get("precision", "fp32"))
+    except ConfigError as exc:
+        raise ConfigError(f"{place}: step '{name}': {exc}") from None
+    return Step(kind, name, options, line, source, {"chain": chain})
 
 
 def _configs(kind: str, options: dict[str, Any], seed: int) -> dict[str, Any]:

@@ -80,6 +80,11 @@ def run_recipe(
     each step as it starts.
     """
     recipe = load_recipe(source)
+    if recipe.model is not None:
+        raise ConfigError(
+            f"recipe '{recipe.path}' compresses a language model: run it with `keiryo run` (keiryo.lm has "
+            "the same methods as functions)"
+        )
     check_name(recipe.name, f"recipe '{recipe.path}'", "the recipe's name")  # also for Recipe objects
     for step in recipe.steps:
         check_name(step.name, where(recipe.path, step.line), "a step's name")
@@ -95,12 +100,12 @@ def run_recipe(
     outcomes: list[StepOutcome] = []
     for step in recipe.steps:
         inputs = [keys[s] for s in (step.source, step.options.get("teacher")) if s]
-        key = keys[step.name] = _key(recipe, step, inputs)
+        key = keys[step.name] = step_key(recipe, step, inputs)
         meta_path = out / f"{step.name}.json"
         model_path = out / f"{step.name}.pt" if step.kind in MODEL_STEPS else None
         if on_step is not None:
             on_step(step)
-        previous = _read_meta(meta_path)
+        previous = read_meta(meta_path)
         made = model_path if model_path is not None else out / step.name if step.kind == "deploy" else None
         fresh = not force and previous.get("key") == key and (made is None or made.exists())
         started = time.perf_counter()
@@ -126,7 +131,7 @@ def run_recipe(
     return result, outcomes
 
 
-def _key(recipe: Recipe, step: Step, inputs: list[str]) -> str:
+def step_key(recipe: Recipe, step: Step, inputs: list[str]) -> str:
     """Hash of everything a step's result depends on: reruns with the same key are skipped."""
     data_id: Any = recipe.data
     if Path(recipe.data).exists():
@@ -143,7 +148,7 @@ def _key(recipe: Recipe, step: Step, inputs: list[str]) -> str:
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _read_meta(path: Path) -> dict[str, Any]:
+def read_meta(path: Path) -> dict[str, Any]:
     """A step's saved key and figures; {} (run the step again) when missing, too big, or not a JSON object."""
     try:
         if not path.is_file() or path.stat().st_size > MAX_BYTES:

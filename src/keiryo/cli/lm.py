@@ -11,7 +11,7 @@ of the model's files.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -23,7 +23,7 @@ from rich.table import Table
 from keiryo import report
 from keiryo.cli.options import SeedOpt, ThreadsOpt, int_list
 from keiryo.cli.outputs import check_output, console, same_path, staged, write_text
-from keiryo.errors import ConfigError, DataError, check_choice
+from keiryo.errors import ConfigError, DataError
 from keiryo.lm import (
     calibration_windows,
     generation_speed,
@@ -34,7 +34,7 @@ from keiryo.lm import (
     tokenize,
 )
 from keiryo.lm import compress as compress_lm
-from keiryo.lm.compress import CALIBRATION, NAMES, check_chain, config_of
+from keiryo.lm.compress import NAMES, calibration_shape, chain_of, check_chain
 from keiryo.lm.evaluate import peak_resident_bytes, release_free_memory, reset_peak, tensor_bytes
 from keiryo.lm.gguf_export import FLOAT_TYPES, check_exportable, export_gguf
 from keiryo.lm.load import decoder_layers, is_lm_spec
@@ -47,8 +47,6 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 SHAKESPEARE = "shakespeare"
-DEFAULT_CALIBRATION = (16, 512)  # windows × tokens, for the methods not in lm.compress.CALIBRATION
-RETRAIN_PRECISIONS = ("fp32", "bf16")  # fp16 would need a gradient scaler, which reconstruction does not use
 TextOpt = Annotated[
     str | None,
     typer.Option(
@@ -339,13 +337,30 @@ def compress(
 
     Example: keiryo lm compress gguf:SmolLM2.gguf --method width+int8 --text shakespeare --out small.gguf
     """
-    steps = _configure(method, layers, precision)
+    steps = chain_of(method, layers, precision)
     if float_type not in FLOAT_TYPES:
         raise ConfigError(f"--float-type must be one of {', '.join(FLOAT_TYPES)}, got '{float_type}'")
+    compress_to(source, method, steps, out, text, (windows, length), seed, float_type)
+
+
+def compress_to(
+    source: str,
+    method: str,
+    steps: list[tuple[str, Any]],
+    out: Path,
+    text: str | None,
+    shape: tuple[int | None, int | None] = (None, None),
+    seed: int = 0,
+    float_type: str = "f32",
+) -> int:
+    """Load `source`, compress it by the chain `steps` (`chain_of(method, ...)`), calibrating on `text`
+    (windows × tokens: `shape`, else each method's default), and save it to `out` (GGUF or a keiryo LM
+    file) atomically, with progress bars; returns the bytes written. `keiryo lm compress` and a recipe's
+    lm-compress steps."""
     check_output(out, inputs=[Path(source.partition(":")[2] if is_lm_spec(source) else source)])
-    shapes = {name: _shape(name, windows, length) for name, config in steps if config.statistic is not None}
+    shapes = {name: calibration_shape(name, *shape) for name, config in steps if config.statistic is not None}
     if shapes and text is None:
-        raise ConfigError(f"--method {method} calibrates on text: give --text FILE (or --text shakespeare)")
+        raise ConfigError(f"method {method} calibrates on text: give --text FILE (or --text shakespeare)")
     model, tokenizer = load_lm(source)
     if out.suffix == ".gguf":
         check_exportable(model)
@@ -375,39 +390,4 @@ def compress(
             size = save_compressed(model, staged_out, tokenizer)
     kind = "GGUF" if out.suffix == ".gguf" else "keiryo LM file"
     console.print(f"{method}: saved {out} ({report.human_bytes(size)}, {kind})")
-
-
-def _configure(method: str, layers: float | None, precision: str) -> list[tuple[str, Any]]:
-    """The methods of `--method` (names joined by '+': structured ones first, then at most one other), each
-    with its config, --layers and --precision applied to the structured ones that take them."""
-    check_choice(precision, RETRAIN_PRECISIONS, "--precision")
-    steps = [(name, config_of(name)) for name in method.split("+")]
-    if any(not isinstance(config, Structured) for _, config in steps[:-1]):
-        raise ConfigError(
-            f"--method {method}: only structured, depth or width can come before another method"
-        )
-    structured = [name for name, config in steps if isinstance(config, Structured)]
-    if layers is not None and not structured:
-        raise ConfigError(f"--layers is for --method structured, depth or width, not {method}")
-    retrained = [n for n, c in steps if isinstance(c, Structured) and c.reconstruct is not None]
-    if precision != "fp32" and not retrained:
-        raise ConfigError(f"--precision is for --method depth or width (their retraining), not {method}")
-    return [(name, _adjust(config, layers, precision)) for name, config in steps]
-
-
-def _adjust(config: Any, layers: float | None, precision: str) -> Any:
-    """A structured config with --layers (a whole number as a count; nan and inf refused by `Structured`)
-    and its retraining's --precision; any other config as it is."""
-    if not isinstance(config, Structured):
-        return config
-    if layers is not None:
-        config = replace(config, layers=int(layers) if layers.is_integer() else layers)
-    if config.reconstruct is not None:
-        config = replace(config, reconstruct=replace(config.reconstruct, precision=precision))
-    return config
-
-
-def _shape(name: str, windows: int | None, length: int | None) -> tuple[int, int]:
-    """The calibration (windows, tokens each) method `name` draws: --windows/--length, else its default."""
-    count, size = CALIBRATION.get(name, DEFAULT_CALIBRATION)
-    return windows or count, length or size
+    return size

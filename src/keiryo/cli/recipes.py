@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from keiryo import report
+from keiryo.cli.lm_recipe import run_lm_recipe
 from keiryo.cli.options import TrustCodeOpt
 from keiryo.cli.outputs import check_folder, console
 from keiryo.recipe import Recipe, Step, demo_recipe, load_recipe
@@ -31,6 +32,12 @@ def run(
 
     Writes each step's model (.pt) and figures (.json), report.md, report.html, metrics.json and
     tradeoffs.png. An interrupted run resumes where it stopped.
+
+    A recipe with a top-level `model: gguf:FILE` (or hf:DIR) compresses a language model: its steps are
+    `lm-compress: {method: width+int8, windows: 512, length: 256, layers: 0.25, precision: bf16, from: STEP}`
+    (each a `keiryo lm compress`, on the recipe's model unless `from` names a step), its `data` the text
+    (shakespeare or a file); every model is then measured as `keiryo lm eval` does (report.md,
+    metrics.json).
 
     Example: keiryo run recipes/digits.yaml --out keiryo-demo
     """
@@ -70,6 +77,10 @@ def _run_and_print(
         console.print(f"[bold]▶ {step.name}[/bold] ({step.kind})")
 
     folder = check_folder(out or Path("keiryo-out") / recipe.name)
+    if recipe.model is not None:  # a language model's recipe: compress, then measure as `keiryo lm eval`
+        folder.mkdir(parents=True, exist_ok=True)
+        run_lm_recipe(recipe, folder, force=force)
+        return
     result, outcomes = run_recipe(
         recipe, folder, progress=progress, force=force, on_step=announce, trust_code=trust_code
     )

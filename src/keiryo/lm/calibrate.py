@@ -11,6 +11,7 @@ activations are held at a time.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -101,9 +102,7 @@ def each_block(
     if statistic is not None:
         if windows is None:
             raise ConfigError(f"this method needs calibration text (its '{statistic}' statistic)")
-        run_layerwise(
-            model, windows, step, statistic=statistic, batch_size=config.batch_size, progress=progress
-        )
+        run_layerwise(model, windows, step, Gather(statistic, config.batch_size), progress)
         return
     for index, block in enumerate(decoder_layers(model)):
         step(index, block, None)
@@ -111,20 +110,28 @@ def each_block(
             progress(1)
 
 
+@dataclass(frozen=True)
+class Gather:
+    """What `run_layerwise` gathers of each block: `statistic` of the Linears' inputs, over batches of
+    `batch_size` windows, for every Linear of the block or only `layers(block)` (a step that reads a few of
+    them spares the rest)."""
+
+    statistic: str
+    batch_size: int = 8
+    layers: Callable[[nn.Module], list[nn.Module]] | None = None
+
+
 def run_layerwise(
     model: nn.Module,
     windows: Tensor,
     step: Callable[[int, nn.Module, dict[str, Tensor]], None],
-    *,
-    statistic: str,
-    batch_size: int = 8,
+    gather: Gather,
     progress: Callable[[int], None] | None = None,
-    layers: Callable[[nn.Module], list[nn.Module]] | None = None,
 ) -> None:
-    """Calibrate block by block: gather `statistic` of every Linear's input in block i (or only of
-    `layers(block)`: a step that reads a few of them spares the rest) over all `windows` (token ids, (count,
-    length)), call `step(i, block, stats)` to change the block's weights, then run the changed block to
-    produce block i+1's inputs. `progress(1)` is called after each block."""
+    """Calibrate block by block: gather a statistic of the Linears' inputs in block i (`gather`) over all
+    `windows` (token ids, (count, length)), call `step(i, block, stats)` to change the block's weights, then
+    run the changed block to produce block i+1's inputs. `progress(1)` is called after each block."""
+    statistic, batch_size, layers = gather.statistic, gather.batch_size, gather.layers
     if statistic not in STATISTICS:
         raise ConfigError(f"unknown calibration statistic '{statistic}' (choose {', '.join(STATISTICS)})")
     if windows.dim() != 2 or len(windows) == 0:

@@ -14,6 +14,8 @@ methods that need none run without calibration text.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import Tensor, nn
 
@@ -49,6 +51,8 @@ NAMES = {  # the method names a command line or a recipe uses, as configs with t
 }
 # (windows, tokens each) a method learns from, where not (16, 512): reconstruction wants many tokens
 CALIBRATION = {"depth": (768, 256), "width": (512, 256)}
+DEFAULT_CALIBRATION = (16, 512)
+RETRAIN_PRECISIONS = ("fp32", "bf16")  # fp16 would need a gradient scaler, which reconstruction does not use
 
 
 def config_of(method: Config | str) -> Config:
@@ -59,6 +63,45 @@ def config_of(method: Config | str) -> Config:
     if type(method) not in HANDLERS:
         raise ConfigError(f"not a language-model compression config: {type(method).__name__}")
     return method
+
+
+def chain_of(method: str, layers: float | None = None, precision: str = "fp32") -> list[tuple[str, Config]]:
+    """The methods of a chain (names joined by '+': structured ones first, then at most one other, as
+    `width+int8`), each with its config; `layers` (blocks removed: a count, or a share in (0, 1)) and the
+    retraining's `precision` applied to the structured ones that take them. What `keiryo lm compress
+    --method` and a recipe's lm-compress step accept."""
+    check_choice(precision, RETRAIN_PRECISIONS, "retraining precision")
+    if not isinstance(method, str) or not method:
+        raise ConfigError(f"method is a name such as width or width+int8, got {method!r}")
+    steps = [(name, config_of(name)) for name in method.split("+")]
+    if any(not isinstance(config, Structured) for _, config in steps[:-1]):
+        raise ConfigError(f"method {method}: only structured, depth or width can come before another method")
+    if layers is not None and not any(isinstance(config, Structured) for _, config in steps):
+        raise ConfigError(f"layers is for methods structured, depth or width, not {method}")
+    retrained = [n for n, c in steps if isinstance(c, Structured) and c.reconstruct is not None]
+    if precision != "fp32" and not retrained:
+        raise ConfigError(f"precision is for methods depth or width (their retraining), not {method}")
+    return [(name, _adjust(config, layers, precision)) for name, config in steps]
+
+
+def _adjust(config: Config, layers: float | None, precision: str) -> Config:
+    """A structured config with `layers` (a whole number as a count; nan and inf refused by `Structured`)
+    and its retraining's `precision`; any other config as it is."""
+    if not isinstance(config, Structured):
+        return config
+    if layers is not None:
+        if isinstance(layers, bool) or not isinstance(layers, (int, float)):
+            raise ConfigError(f"layers is a count of blocks or a share of them, got {layers!r}")
+        config = replace(config, layers=int(layers) if float(layers).is_integer() else float(layers))
+    if config.reconstruct is not None:
+        config = replace(config, reconstruct=replace(config.reconstruct, precision=precision))
+    return config
+
+
+def calibration_shape(name: str, windows: int | None = None, length: int | None = None) -> tuple[int, int]:
+    """The calibration (windows, tokens each) method `name` draws: `windows`/`length`, else its default."""
+    count, size = CALIBRATION.get(name, DEFAULT_CALIBRATION)
+    return windows or count, length or size
 
 
 def check_chain(model: nn.Module, methods: list[Config | str], gguf: bool = False) -> None:

@@ -48,6 +48,7 @@ from keiryo.compress.prune_transformers import (
 )
 from keiryo.errors import ConfigError, check_choice
 from keiryo.lm.calibrate import (
+    Gather,
     Progress,
     block_linears,
     block_output,
@@ -169,10 +170,8 @@ def _prune_width(
     step = _width_step(config)
     if config.importance == "activation":
         windows = first_tokens(calibration, WIDTH_TOKENS)
-        run_layerwise(
-            model, windows, step, statistic=config.statistic, batch_size=config.batch_size,
-            progress=progress, layers=lambda block: _narrowed(block, config),
-        )  # fmt: skip
+        gather = Gather(config.statistic, config.batch_size, lambda block: _narrowed(block, config))
+        run_layerwise(model, windows, step, gather, progress)
         return
     for index, block in enumerate(decoder_layers(model)):
         step(index, block, None)

@@ -1,0 +1,65 @@
+"""`keiryo run` for a language-model recipe (one with a top-level `model`):
+
+```yaml
+name: smollm2
+model: gguf:SmolLM2-135M-Instruct.Q4_1.gguf   # or hf:FOLDER
+data: shakespeare                              # or a UTF-8 text file: calibration and held-out text
+steps:
+  - lm-compress: {name: int4, method: gptq}
+  - lm-compress: {name: width, method: width, precision: bf16}
+  - lm-compress: {name: width-int8, from: width, method: int8}
+```
+
+Each lm-compress step compresses the recipe's model (or, with `from`, an earlier step's) by a method or chain
+of `keiryo lm compress` (`windows`, `length`, `layers`, `precision` as its options) and writes `<name>.pt`, a
+keiryo LM file, in the output folder; a step whose options and inputs are unchanged is reused. Then every
+model, the recipe's own first, is measured side by side as `keiryo lm eval` measures them, and the table is
+written as `report.md` and `metrics.json`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from keiryo import fileio
+from keiryo.cli.lm import EvalOptions, compress_to, evaluate
+from keiryo.cli.outputs import console
+from keiryo.lm.load import is_lm_spec
+from keiryo.recipe import Recipe
+from keiryo.steps import read_meta, step_key
+
+
+def run_lm_recipe(recipe: Recipe, folder: Path, *, force: bool = False) -> None:
+    """Run `recipe`'s lm-compress steps into `folder` (unchanged ones reused), then measure every model."""
+    chain = " → ".join(f"{step.name} ({step.options['method']})" for step in recipe.steps)
+    console.print(f"[bold]keiryo run[/bold]: {recipe.name} · {recipe.model} · {recipe.data} · {chain}")
+    keys: dict[str, str] = {}
+    specs = [recipe.model]
+    for step in recipe.steps:
+        source = recipe.model if step.source is None else str(folder / f"{step.source}.pt")
+        upstream = _file_id(recipe.model) if step.source is None else keys[step.source]
+        key = keys[step.name] = step_key(recipe, step, [upstream])
+        out, meta = folder / f"{step.name}.pt", folder / f"{step.name}.json"
+        console.print(f"[bold]▶ {step.name}[/bold] ({step.options['method']})")
+        if not force and out.is_file() and read_meta(meta).get("key") == key:
+            console.print(f"{step.name}: reused {out} (its options and inputs are unchanged)")
+        else:
+            options = step.options
+            size = compress_to(
+                source, options["method"], step.configs["chain"], out, recipe.data,
+                (options.get("windows"), options.get("length")), recipe.seed,
+            )  # fmt: skip
+            record = {"key": key, "kind": step.kind, "options": options, "source": source, "bytes": size}
+            fileio.atomic_write_bytes(json.dumps(record, indent=2).encode(), meta)
+        specs.append(str(out))
+    evaluate(specs, recipe.data, EvalOptions(), None, (folder / "metrics.json", folder / "report.md"))
+    console.print(f"report: {folder / 'report.md'} · {folder / 'metrics.json'}")
+
+
+def _file_id(spec: str) -> str:
+    """The model a spec names: its path, sizes and modification times (a changed model runs steps again)."""
+    path = Path(spec.partition(":")[2] if is_lm_spec(spec) else spec)
+    files = sorted(path.iterdir()) if path.is_dir() else [path]
+    stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
+    return json.dumps([str(path.resolve()), stats])
