@@ -28,6 +28,11 @@ line:
   `min_cosine`, `min_top1`, `runs`): the fastest way to run the model here, written to `<name>/`.
 A step's file records each config as its kind and `dataclasses.asdict`.
 
+A recipe with a top-level `model: gguf:FILE` (or `hf:DIR`) compresses a language model: its `data` is text
+(`shakespeare` or a file), its steps `lm-compress` (`method`: a name or chain of `keiryo lm compress`, such as
+width+int8; `windows`, `length`, `layers`, `precision`), each on the recipe's model unless `from` names an
+earlier step; `keiryo run` runs it (`cli/lm_recipe.py`).
+
 A recipe is data, not code: a model spec that would import Python (anything but the built-ins and hf:DIR)
 is refused unless the run passes `trust_code=True`, and so is a cached step file that names one. Step and
 recipe names become file names, so they must be plain names (no folders, no `..`, no leading dot), and
@@ -268,11 +273,9 @@ def _lm_step(
         raise ConfigError(f"{place}: '{source}' is not an earlier step (earlier: {known})")
     if "method" not in options:
         raise ConfigError(f"{place}: step '{name}' needs a method (e.g. method: width+int8)")
-    for key in ("windows", "length"):
-        if key in options and options[key] < (1 if key == "windows" else 2):
-            raise ConfigError(
-                f"{place}: step '{name}': {key} must be at least {1 if key == 'windows' else 2}"
-            )
+    for key, least in (("windows", 1), ("length", 2)):
+        if key in options and options[key] < least:
+            raise ConfigError(f"{place}: step '{name}': {key} must be at least {least}")
     try:
         chain = chain_of(options["method"], options.get("layers"), options.get("precision", "fp32"))
     except ConfigError as exc:

@@ -107,7 +107,8 @@ def calibration_shape(name: str, windows: int | None = None, length: int | None 
 def check_chain(model: nn.Module, methods: list[Config | str], gguf: bool = False) -> None:
     """Refuse, in one line and before any work, a chain (structured steps, then one method) whose last
     method cannot take the widths the pruning leaves: int4 groups that do not divide a layer's inputs, or,
-    when the result goes to GGUF (`gguf`), int8 rows that are not whole Q8_0 blocks of 32."""
+    when the result goes to GGUF (`gguf`), int8 rows that are not whole Q8_0 blocks of 32. (GPT-2's Conv1D
+    layers are linearized first, as `compress` does.)"""
     configs = [config_of(method) for method in methods]
     last = configs[-1]
     linearize(model)
