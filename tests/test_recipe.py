@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -104,6 +105,15 @@ def test_the_demo_recipe_is_valid():
     deploy = recipe.steps[-1]
     assert deploy.source == "distill" and deploy.configs["deploy"].also == ("executorch",)
     assert deploy.configs["deploy"].batch_sizes == (1, 64)
+
+
+def test_the_example_language_model_recipe_is_valid():
+    recipe = load_recipe(Path(__file__).parent.parent / "recipes" / "smollm2.yaml")
+    assert recipe.model == "gguf:SmolLM2-135M-Instruct.Q4_1.gguf" and recipe.data == "shakespeare"
+    assert [s.name for s in recipe.steps] == ["int8", "int4", "width", "width-int8"]
+    assert [s.source for s in recipe.steps] == [None, None, None, "width"]
+    ((name, width),) = recipe.steps[2].configs["chain"]
+    assert name == "width" and width.ffn == 0.375 and width.reconstruct.precision == "bf16"
 
 
 def test_a_step_is_its_configs_and_older_spellings_still_work(tmp_path):
