@@ -280,6 +280,12 @@ def test_a_language_model_recipe_compresses_reuses_unchanged_steps_and_reports_e
     assert "q8: reused" in printed and "narrow: reused" not in printed and "narrow8: reused" not in printed
     assert (out / "q8.pt").stat().st_mtime_ns == stamps["q8.pt"]
     assert (out / "narrow8.pt").stat().st_mtime_ns != stamps["narrow8.pt"]
+    # a kept file that no longer loads is made again, not reported as an error
+    (out / "q8.pt").write_bytes(b"not a model")
+    code, printed, err = run(capsys, "run", recipe, "--out", out)
+    assert code == 0, err
+    assert "q8: reused" not in printed and "narrow: reused" in printed
+    assert load_lm(out / "q8.pt")[0].config.num_hidden_layers == teacher.config.num_hidden_layers
 
 
 @pytest.mark.parametrize(

@@ -134,9 +134,8 @@ def _safetensors_bytes(path: Path) -> int:
 
 def transformers_module() -> Any:
     """transformers, imported on first use and set to stay offline and quiet."""
-    os.environ.setdefault(
-        "HF_HUB_OFFLINE", "1"
-    )  # never reach for the network (read when the hub is imported)
+    # never reach for the network (read when the hub is imported, so set before)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     quiet_torchao()  # transformers imports torchao where it is installed
     try:
         import transformers

@@ -25,7 +25,9 @@ from pathlib import Path
 from keiryo import fileio
 from keiryo.cli.lm import EvalOptions, compress_to, evaluate
 from keiryo.cli.outputs import console
+from keiryo.errors import ArtifactError
 from keiryo.lm.load import is_lm_spec
+from keiryo.lm.store import load_lm
 from keiryo.recipe import Recipe
 from keiryo.steps import read_meta, step_key
 
@@ -42,7 +44,7 @@ def run_lm_recipe(recipe: Recipe, folder: Path, *, force: bool = False) -> None:
         key = keys[step.name] = step_key(recipe, step, [upstream])
         out, meta = folder / f"{step.name}.pt", folder / f"{step.name}.json"
         console.print(f"[bold]▶ {step.name}[/bold] ({step.options['method']})")
-        if not force and out.is_file() and read_meta(meta).get("key") == key:
+        if not force and out.is_file() and read_meta(meta).get("key") == key and _readable(out):
             console.print(f"{step.name}: reused {out} (its options and inputs are unchanged)")
         else:
             options = step.options
@@ -55,6 +57,15 @@ def run_lm_recipe(recipe: Recipe, folder: Path, *, force: bool = False) -> None:
         specs.append(str(out))
     evaluate(specs, recipe.data, EvalOptions(), None, (folder / "metrics.json", folder / "report.md"))
     console.print(f"report: {folder / 'report.md'} · {folder / 'metrics.json'}")
+
+
+def _readable(path: Path) -> bool:
+    """Whether a step's kept file still loads (a corrupt or foreign one is made again, as keiryo.run does)."""
+    try:
+        load_lm(path)
+    except ArtifactError:
+        return False
+    return True
 
 
 def _file_id(spec: str) -> str:
