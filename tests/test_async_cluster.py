@@ -105,7 +105,8 @@ def test_async_run_spreads_over_two_nodes(two_node_cluster):
     stats = json.loads(proc.stdout.strip().splitlines()[-1])
     assert stats["version"] == stats["accepted"] == 60
     assert len(stats["nodes"]) == 4
-    assert len(set(stats["nodes"].values())) == 2  # the workers ran on both nodes
+    nodes = stats["nodes"]  # the workers ran on both nodes, in turn (a zero-CPU actor with a soft affinity
+    assert nodes["0"] == nodes["2"] != nodes["1"] == nodes["3"]  # went to a random node: 1 run in 8 used one)
 
 
 def test_a_local_run_starts_its_own_ray_beside_a_running_cluster(two_node_cluster):

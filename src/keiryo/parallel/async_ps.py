@@ -99,15 +99,17 @@ def train_async(
 
 
 def _placement(worker_id: int) -> object:
-    """Worker `worker_id`'s node: the cluster's live nodes in turn (soft: another node if that one cannot
-    take it). Ray's own "SPREAD" is best effort: on a busy machine it put every worker on the head."""
+    """Worker `worker_id`'s node: the cluster's live nodes in turn. The affinity is hard because Ray places
+    an actor that asks for no resources (ours ask for num_cpus=0) on a random node unless its node affinity
+    is hard: a soft one was ignored, and 1 run in 8 put all four workers on one node. Should the node die
+    before the worker starts, the worker fails unschedulable and its restart picks among the live nodes."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     nodes = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))
     if len(nodes) < 2:
         return "DEFAULT"
-    return NodeAffinitySchedulingStrategy(node_id=nodes[worker_id % len(nodes)], soft=True)
+    return NodeAffinitySchedulingStrategy(node_id=nodes[worker_id % len(nodes)], soft=False)
 
 
 def _run(model, splits, strategy, config, plan, loss_fn, on_tick, state) -> AsyncResult:
@@ -209,7 +211,7 @@ def _train(drive: _Drive, strategy, splits, loss_fn, evaluator, begin, on_tick, 
     """Run until every worker has returned: restart failed workers, evaluate, stop at a target; a dead server
     raises RayActorError out of here."""
     import ray
-    from ray.exceptions import RayActorError, RayTaskError
+    from ray.exceptions import ActorUnschedulableError, RayActorError, RayTaskError
 
     server, running = drive.server, drive.running
     ray.get(server.set_live.remote(list(running)))
@@ -221,7 +223,7 @@ def _train(drive: _Drive, strategy, splits, loss_fn, evaluator, begin, on_tick, 
             try:
                 ray.get(ref)
                 del running[wid]
-            except (RayActorError, RayTaskError):
+            except (RayActorError, RayTaskError, ActorUnschedulableError):
                 del running[wid]
                 if strategy.on_failure == "restart" and not ray.get(server.stats.remote())["done"]:
                     running[wid] = start(server, wid)
