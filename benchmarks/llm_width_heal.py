@@ -28,6 +28,7 @@ OUT = Path(os.environ.get("KEIRYO_LLM_OUT", Path(__file__).parent / "out"))
 FFN = float(os.environ.get("KEIRYO_WIDTH_FFN", "0.45"))
 AROUND = int(os.environ.get("KEIRYO_WIDTH_AROUND", "6"))
 LR = float(os.environ.get("KEIRYO_WIDTH_LR", "5e-4"))
+MULTIPLE = int(os.environ.get("KEIRYO_WIDTH_MULTIPLE", "1"))  # kept neurons a multiple of it
 
 
 def main() -> None:
@@ -38,7 +39,10 @@ def main() -> None:
     ids = lm.tokenize(tokenizer, plays.calibration, 400_000)
     windows = lm.calibration_windows(ids, 512, 256, seed=0)
     config = lm.Structured(
-        ffn=FFN, refit=True, reconstruct=lm.Reconstruct(around=AROUND, lr=LR, precision="bf16")
+        ffn=FFN,
+        ffn_multiple=MULTIPLE,
+        refit=True,
+        reconstruct=lm.Reconstruct(around=AROUND, lr=LR, precision="bf16"),
     )
     start = time.perf_counter()
     small = lm.compress(copy.deepcopy(model), config, windows)
@@ -49,8 +53,10 @@ def main() -> None:
     speeds = [lm.generation_speed({"float": model, "width": small}, prompt, rounds=7) for _ in range(2)]
     decode = [s["width"].decode_tokens_per_s / s["float"].decode_tokens_per_s for s in speeds]
     model_name, flags = cpu()
+    kept = small.config.intermediate_size
     line = (
-        f"| {FFN} | {AROUND} | {LR:g} | {minutes:.1f} min | {base:.2f} | {ppl:.2f} | {ppl / base - 1:+.1%} | "
+        f"| {FFN} (keeps {kept}) | {AROUND} | {LR:g} | {minutes:.1f} min | {base:.2f} | {ppl:.2f} | "
+        f"{ppl / base - 1:+.1%} | "
         f"{decode[0]:.2f}×, {decode[1]:.2f}× | {model_name} ({', '.join(flags)}) |"
     )
     print(line)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 
+from keiryo.compress.prune_transformers import kept_count  # noqa: E402
 from keiryo.errors import ConfigError  # noqa: E402
 from keiryo.lm import (  # noqa: E402
     load_compressed,
@@ -151,6 +152,8 @@ def _widths(model) -> set[int]:
         ("llama", [Structured(heads=0.5, ffn=0.3, layers=1)]),
         ("qwen2", [Structured(heads=0.5), Structured(ffn=0.25), Structured(ffn=0.4)]),
         ("gpt2", [Structured(ffn=0.3)]),
+        ("llama", [Structured(ffn=0.2, ffn_multiple=24)]),  # 103 of 128 kept, moved to 96
+        ("qwen2", [Structured(ffn=0.3, ffn_multiple=16), Structured(heads=0.5)]),
     ],
 )
 def test_input_widths_foretell_the_shapes_pruning_leaves(arch, configs):
@@ -162,16 +165,30 @@ def test_input_widths_foretell_the_shapes_pruning_leaves(arch, configs):
     assert len(expected) > 1  # the narrowed layers differ from the model width
 
 
+def test_kept_neurons_move_to_the_nearest_multiple_asked_for():
+    assert kept_count(1536, 0.55) == 845 and kept_count(1536, 0.55, 64) == 832  # SmolLM2's FFN, 45% pruned
+    assert kept_count(1536, 0.6, 64) == 896  # 921.6 → 921 kept: nearer 896 than 960
+    assert kept_count(96, 1.0, 64) == 64  # a tie goes down
+    assert kept_count(128, 0.1, 64) == 64 and kept_count(100, 0.99, 64) == 100  # one multiple, ≤ the width
+    model = _model("llama")  # 128 neurons
+    compress(model, Structured(ffn=0.45, ffn_multiple=32, importance="l2"), CALIBRATION)
+    assert {block.mlp.down_proj.in_features for block in decoder_layers(model)} == {64}
+    check_chain(_model("llama"), [Structured(ffn=0.45, ffn_multiple=64), WeightQuant("int4")])
+    with pytest.raises(ConfigError, match="ffn_multiple must be a whole number ≥ 1"):
+        Structured(ffn=0.5, ffn_multiple=0)
+
+
 def test_a_chain_whose_quantizer_cannot_take_the_pruned_widths_is_refused_before_any_work():
-    model = _model("llama")  # hidden 64, 128 neurons: width's 37.5% leaves 80, not a multiple of 32 or 64
+    model = _model("llama")  # hidden 64, 128 neurons: 37.5% removed leaves 80, not a multiple of 32 or 64
     weights = {name: p.detach().clone() for name, p in model.named_parameters()}
+    width = Structured(ffn=0.375)
     with pytest.raises(ConfigError, match="int4 groups of 64 .* 80"):
-        check_chain(model, ["width", "int4"])
+        check_chain(model, [width, "int4"])
     with pytest.raises(ConfigError, match="blocks of 32 .* 80"):
-        check_chain(model, ["width", "int8"], gguf=True)
+        check_chain(model, [width, "int8"], gguf=True)
     with pytest.raises(ConfigError, match="blocks of 32"):
         check_chain(model, [Structured(ffn=0.375), SmoothQuant(alpha=None)], gguf=True)
-    check_chain(model, ["width", "int8"])  # a keiryo file keeps int8 rows of any length
+    check_chain(model, [width, "int8"])  # a keiryo file keeps int8 rows of any length
     check_chain(model, [Structured(ffn=0.25), WeightQuant("int4", group_size=32)], gguf=True)  # 96 neurons
     check_chain(model, ["int8"], gguf=True)
     assert all(torch.equal(p, weights[name]) for name, p in model.named_parameters())  # nothing was pruned

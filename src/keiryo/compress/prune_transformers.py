@@ -16,6 +16,7 @@ Whole blocks go too (`remove_layers`, ShortGPT/Minitron depth pruning): the rema
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -187,15 +188,15 @@ def weight_neuron_scores(ffn: FeedForward, p: int) -> Tensor:
     return sum(_row_norms(up, p) for up in ffn.ups) + _row_norms(ffn.down, p, out=False)
 
 
-def prune_neurons(ffn: FeedForward, keep: float, scores: Tensor) -> Tensor:
-    """Keep the `keep` share of the block's feed-forward neurons with the highest `scores`; returns the kept
-    neurons' indices (before pruning)."""
+def prune_neurons(ffn: FeedForward, keep: float, scores: Tensor, multiple: int = 1) -> Tensor:
+    """Keep the `keep` share of the block's feed-forward neurons with the highest `scores` (the count moved
+    to the nearest `multiple`, see `kept_count`); returns the kept neurons' indices (before pruning)."""
     width = _width(ffn.down, out=False)
     if tuple(scores.shape) != (width,):
         raise ConfigError(
             f"neuron scores must have one value per neuron ({width}), got {tuple(scores.shape)}"
         )
-    kept = _top(scores.detach().float().cpu(), kept_count(width, keep))
+    kept = _top(scores.detach().float().cpu(), kept_count(width, keep, multiple))
     for up in ffn.ups:
         _keep(up, kept, out=True)
     _keep(ffn.down, kept, out=False)
@@ -307,9 +308,14 @@ def _keep(layer: nn.Module, index: Tensor, out: bool) -> None:
         layer.in_features = len(index)
 
 
-def kept_count(count: int, keep: float) -> int:
-    """How many of `count` remain when `keep` of them stay (at least one; pruned counts round down)."""
-    return max(1, count - int(count * (1 - keep) + 1e-9))
+def kept_count(count: int, keep: float, multiple: int = 1) -> int:
+    """How many of `count` remain when `keep` of them stay (at least one; pruned counts round down), with
+    `multiple` > 1 moved to the nearest multiple of it (ties down; at least one multiple, at most `count`):
+    widths that int4 groups, GGUF blocks and vector units divide."""
+    kept = max(1, count - int(count * (1 - keep) + 1e-9))
+    if multiple > 1:
+        kept = min(count, max(multiple, multiple * math.ceil(kept / multiple - 0.5)))
+    return kept
 
 
 def _top(score: Tensor, count: int) -> Tensor:

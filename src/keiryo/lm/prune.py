@@ -46,7 +46,7 @@ from keiryo.compress.prune_transformers import (
     weight_head_scores,
     weight_neuron_scores,
 )
-from keiryo.errors import ConfigError, check_choice
+from keiryo.errors import ConfigError, check_choice, check_whole
 from keiryo.lm.calibrate import (
     Gather,
     Progress,
@@ -73,6 +73,8 @@ class Structured:
     query heads) and feed-forward neurons removed; `layers` the whole blocks removed: a count (8), or a
     share of the model's blocks in (0, 1) (0.25: a quarter, rounded, at least one).
 
+    `ffn_multiple` moves each block's kept neuron count to the nearest multiple of it (64: whole int4 groups
+    and GGUF blocks, so `width+int4` and `width+int8` to GGUF work, and widths vector units like).
     `importance` ranks heads and neurons: "activation" (on calibration text) or "l2"/"l1" (weight norms).
     `refit` (width, "activation"): re-solve the output and down projections by least squares on calibration
     text after their inputs go, keeping each block's output close to the unpruned block's.
@@ -87,6 +89,7 @@ class Structured:
     batch_size: int = 4
     reconstruct: Reconstruct | None = None
     refit: bool = False
+    ffn_multiple: int = 1
 
     def __post_init__(self) -> None:
         for name in ("heads", "ffn"):
@@ -101,6 +104,7 @@ class Structured:
                 f"layers is the blocks removed: a whole number ≥ 0, or a share in (0, 1), got {layers!r}"
             )
         check_choice(self.importance, IMPORTANCES, "structured pruning importance")
+        check_whole("ffn_multiple", self.ffn_multiple, 1)
         if not isinstance(self.refit, bool):
             raise ConfigError(f"refit is True or False, got {self.refit!r}")
         if self.refit and not (self.heads or self.ffn):
@@ -194,7 +198,7 @@ def input_widths(model: nn.Module, configs: list[Structured]) -> set[int]:
     for ffn in ffns:
         width = ffn.down.in_features
         for config in configs:
-            width = kept_count(width, 1 - config.ffn) if config.ffn else width
+            width = kept_count(width, 1 - config.ffn, config.ffn_multiple) if config.ffn else width
         widths.add(width)
     for heads in attentions:
         grouped = heads.kv_heads > 1 and not heads.fused  # whole key/value groups go, as in prune_heads
@@ -239,7 +243,7 @@ def _width_step(config: Structured):
                 else:
                     scores = _column_scores(ffn.down, stat, config.refit)
                 weight = ffn.down.weight.detach()
-                kept = prune_neurons(ffn, 1 - config.ffn, scores)
+                kept = prune_neurons(ffn, 1 - config.ffn, scores, config.ffn_multiple)
                 if config.refit:
                     refit_columns(ffn.down, weight, stat, kept)
 
