@@ -12,7 +12,18 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "keiryo"
 
 # lowest first; a module may import its own layer (without cycles) or any lower one
 LAYERS: list[tuple[str, ...]] = [
-    ("errors", "optional", "devices", "fileio", "sparse", "provenance", "inputs", "interrupts", "yamlfile"),
+    (
+        "units",
+        "errors",
+        "optional",
+        "devices",
+        "fileio",
+        "sparse",
+        "provenance",
+        "inputs",
+        "interrupts",
+        "yamlfile",
+    ),
     (
         "attention",
         "splits",
@@ -39,7 +50,7 @@ LAYERS: list[tuple[str, ...]] = [
         "deploy_report",
         "deploy_files",
     ),
-    ("training", "recipe", "optimize", "steps", "deployment"),
+    ("training", "recipe", "lm_recipe", "optimize", "steps", "deployment"),
     ("keiryo", "cli", "__main__"),
 ]
 # entry points that import on purpose inside a function: `__main__` imports the command under its Ctrl-C

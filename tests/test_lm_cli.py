@@ -13,12 +13,16 @@ pytest.importorskip("transformers")
 
 from test_lm import IDS, _logits, _model, _tokenizer, _write_gguf  # noqa: E402
 
-from keiryo.cli import lm as cli_lm  # noqa: E402
+import keiryo  # noqa: E402
 from keiryo.cli import main  # noqa: E402
 from keiryo.errors import ConfigError  # noqa: E402
-from keiryo.lm import load_causal_lm  # noqa: E402
+from keiryo.lm import (
+    job,  # noqa: E402
+    load_causal_lm,  # noqa: E402
+)
 from keiryo.lm.compress import NAMES, chain_of  # noqa: E402
 from keiryo.lm.load import decoder_layers  # noqa: E402
+from keiryo.lm.measure import LMTable  # noqa: E402
 from keiryo.lm.store import load_lm  # noqa: E402
 from keiryo.steps import run_recipe  # noqa: E402
 
@@ -139,7 +143,7 @@ def test_compress_draws_each_method_s_default_calibration_and_passes_its_options
     def record(model, config, calibration, **_):
         seen.setdefault("calls", []).append((type(config).__name__, tuple(calibration.shape)))
 
-    monkeypatch.setattr(cli_lm, "compress_lm", record)
+    monkeypatch.setattr(job, "compress", record)
     text = source / "text.txt"
     for method, calls in (
         ("depth", [("Structured", (768, 256))]),
@@ -312,8 +316,19 @@ def test_a_bad_language_model_recipe_is_one_line_naming_its_line(
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
-def test_the_library_runner_points_language_model_recipes_to_the_command_line(source, tmp_path):
+def test_keiryo_run_takes_a_language_model_recipe_and_returns_its_table(source, tmp_path, capsys):
     (tmp_path / "text.txt").write_text(TEXT)
-    recipe = _recipe(tmp_path, "  - lm-compress: {method: int8}\n", source / "tiny.gguf")
-    with pytest.raises(ConfigError, match="keiryo run"):
+    steps = "  - lm-compress: {name: q8, method: int8}\n  - lm-compress: {name: q4, method: int4}\n"
+    recipe = _recipe(tmp_path, steps, source / "tiny.gguf")
+    table = keiryo.run(recipe, tmp_path / "out", progress=False)
+    assert isinstance(table, LMTable) and list(table.rows) == ["tiny.gguf", "q8.pt", "q4.pt"]
+    base, q8, q4 = (table.rows[name] for name in table.rows)
+    assert q4["weight_bytes"] < q8["weight_bytes"] < base["weight_bytes"]  # what the methods did, measured
+    assert 1 < base["perplexity"].perplexity <= q8["perplexity"].perplexity * 1.05
+    assert capsys.readouterr().out == ""  # progress=False: nothing printed
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["models"][2]["name"] == "q4.pt"
+    stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("*.pt")}
+    keiryo.run(recipe, tmp_path / "out", progress=False)  # unchanged steps are reused
+    assert stamps == {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("*.pt")}
+    with pytest.raises(ConfigError, match="keiryo run"):  # the vision runner's tuple is not for LM recipes
         run_recipe(recipe, tmp_path / "out")

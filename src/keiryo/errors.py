@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 import os
 
+from keiryo.units import human_bytes
+
 
 class KeiryoError(Exception):
     """Base of every error caused by user input; its message is one line that says what to fix."""
@@ -73,7 +75,7 @@ def check_bytes(nbytes: int, what: str) -> None:
     limit = max_bytes()
     if nbytes > limit:
         raise ResourceError(
-            f"{what} would need {_human(nbytes)} of memory, above the limit of {_human(limit)}; "
+            f"{what} would need {human_bytes(nbytes)} of memory, above the limit of {human_bytes(limit)}; "
             "set KEIRYO_MAX_BYTES (e.g. KEIRYO_MAX_BYTES=8G) if you trust it"
         )
 
@@ -108,11 +110,3 @@ def one_line(error: BaseException, limit: int = 200) -> str:
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0].strip() if text else ""
-
-
-def _human(nbytes: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(nbytes) < 1024 or unit == "TiB":
-            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
-        nbytes /= 1024
-    return f"{nbytes:.1f} TiB"

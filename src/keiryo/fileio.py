@@ -7,18 +7,22 @@ a file and no file can run code when loaded.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import pickle
+import secrets
 import tempfile
 import warnings
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from keiryo.errors import ArtifactError, check_bytes, one_line
+from keiryo.interrupts import interrupted
 from keiryo.optional import import_torchao
 
 
@@ -51,6 +55,33 @@ def atomic_write_bytes(data: bytes, path: str | Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def staged(*targets: Path | None) -> Iterator[list[Path | None]]:
+    """A temporary path beside each target; each is renamed onto its target only if the block succeeds.
+
+    Whatever ends the block early (an error, Ctrl-C) removes the temporary files and leaves every target as
+    it was; so does a Ctrl-C that a library swallowed during the block.
+    """
+    temps = [None if t is None else t.with_name(f".{t.name}.{secrets.token_hex(4)}.partial") for t in targets]
+    try:
+        yield temps
+        if interrupted():  # Ctrl-C was pressed and a library swallowed it: write nothing
+            raise KeyboardInterrupt
+        umask = os.umask(0)
+        os.umask(umask)
+        for temp, target in zip(temps, targets, strict=True):
+            if temp is not None and target is not None and temp.exists():
+                try:
+                    os.chmod(temp, 0o666 & ~umask)  # temporary files are created 0600; give the usual mode
+                    os.replace(temp, target)
+                except OSError as exc:
+                    raise ArtifactError(f"cannot write '{target}': {exc.strerror}") from None
+    finally:
+        for temp in temps:
+            if temp is not None:
+                temp.unlink(missing_ok=True)
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:

@@ -31,7 +31,7 @@ A step's file records each config as its kind and `dataclasses.asdict`.
 A recipe with a top-level `model: gguf:FILE` (or `hf:DIR`) compresses a language model: its `data` is text
 (`shakespeare` or a file), its steps `lm-compress` (`method`: a name or chain of `keiryo lm compress`, such as
 width+int8; `windows`, `length`, `layers`, `precision`), each on the recipe's model unless `from` names an
-earlier step; `keiryo run` runs it (`cli/lm_recipe.py`).
+earlier step; `keiryo run` and `keiryo.run()` run it (`lm_recipe.py`).
 
 A recipe is data, not code: a model spec that would import Python (anything but the built-ins and hf:DIR)
 is refused unless the run passes `trust_code=True`, and so is a cached step file that names one. Step and
@@ -42,9 +42,12 @@ a recipe file is refused when it is over 1 MiB or its YAML aliases expand to mor
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import re
 from dataclasses import dataclass, field
 from importlib import resources
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +63,7 @@ from keiryo.errors import ConfigError
 from keiryo.lm.compress import chain_of
 from keiryo.loop import TrainConfig
 from keiryo.parallel.config import strategy_of
-from keiryo.yamlfile import read_yaml, where
+from keiryo.yamlfile import MAX_BYTES, read_yaml, where
 
 _NAME = {"name": str, "from": str}
 STEP_FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
@@ -377,3 +380,31 @@ def demo_recipe(quick: bool = False) -> Recipe:
     recipe = load_recipe(raw)
     recipe.path = str(path)
     return recipe
+
+
+def step_key(recipe: Recipe, step: Step, inputs: list[str]) -> str:
+    """Hash of everything a step's result depends on: reruns with the same key are skipped."""
+    data_id: Any = recipe.data
+    if Path(recipe.data).exists():
+        stat = Path(recipe.data).stat()
+        data_id = [recipe.data, stat.st_size, stat.st_mtime_ns]
+    blob = {
+        "kind": step.kind,
+        "options": step.options,
+        "inputs": inputs,
+        "data": data_id,
+        "seed": recipe.seed,
+        "keiryo": version("keiryo"),
+    }
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    """A step's saved key and figures; {} (run the step again) when missing, too big, or not a JSON object."""
+    try:
+        if not path.is_file() or path.stat().st_size > MAX_BYTES:
+            return {}
+        meta = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return meta if isinstance(meta, dict) else {}

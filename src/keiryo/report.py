@@ -15,28 +15,7 @@ from rich.table import Table
 
 from keiryo.fileio import atomic_write_bytes
 from keiryo.measuring import Metrics, Report
-
-
-def human_bytes(n: int | None) -> str:
-    """1536 -> '1.5 KiB'."""
-    if n is None:
-        return "-"
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} B"
-
-
-def human_count(n: int | None) -> str:
-    """1234567 -> '1.23M'."""
-    if n is None:
-        return "-"
-    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:.2f}{unit}"
-    return str(n)
+from keiryo.units import human_bytes, human_count
 
 
 def _ratio(value: float | None, *, higher_is_better: bool) -> str:

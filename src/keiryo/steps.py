@@ -10,12 +10,10 @@ model is measured side by side and `report.md`, `report.html` and `metrics.json`
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +29,12 @@ from keiryo.deployment import deploy
 from keiryo.errors import ArtifactError, ConfigError
 from keiryo.examples import model_for_data
 from keiryo.export import SUFFIXES, export
+from keiryo.lm.measure import LMTable
+from keiryo.lm_recipe import run_lm_recipe
 from keiryo.metrics import Timing
-from keiryo.recipe import MODEL_STEPS, Recipe, Step, check_name, load_recipe, record
+from keiryo.recipe import MODEL_STEPS, Recipe, Step, check_name, load_recipe, read_meta, record, step_key
 from keiryo.training import train
-from keiryo.yamlfile import MAX_BYTES, where
+from keiryo.yamlfile import where
 
 
 @dataclass
@@ -55,13 +55,18 @@ def run(
     progress: bool = True,
     force: bool = False,
     trust_code: bool = False,
-) -> measuring.Report:
-    """Run a recipe (a YAML path or a dict) and return its side-by-side `Report`.
+) -> measuring.Report | LMTable:
+    """Run a recipe (a YAML path or a dict) and return its side-by-side `Report`; a language-model recipe
+    (a top-level `model: gguf:FILE` or `hf:FOLDER`) returns `keiryo lm eval`'s table, an `LMTable`.
 
     A recipe is data: a model spec in it that is not one of keiryo's built-ins (code it would import) is
-    refused unless `trust_code=True`.
+    refused unless `trust_code=True` (a language model's weights load as data, never as code).
     """
-    return run_recipe(recipe, out_dir, progress=progress, force=force, trust_code=trust_code)[0]
+    loaded = load_recipe(recipe)
+    if loaded.model is not None:
+        folder = Path(out_dir or Path("keiryo-out") / loaded.name)
+        return run_lm_recipe(loaded, folder, force=force, progress=progress)
+    return run_recipe(loaded, out_dir, progress=progress, force=force, trust_code=trust_code)[0]
 
 
 def run_recipe(
@@ -82,8 +87,7 @@ def run_recipe(
     recipe = load_recipe(source)
     if recipe.model is not None:
         raise ConfigError(
-            f"recipe '{recipe.path}' compresses a language model: run it with `keiryo run` (keiryo.lm has "
-            "the same methods as functions)"
+            f"recipe '{recipe.path}' compresses a language model: run it with `keiryo run` or keiryo.run()"
         )
     check_name(recipe.name, f"recipe '{recipe.path}'", "the recipe's name")  # also for Recipe objects
     for step in recipe.steps:
@@ -129,34 +133,6 @@ def run_recipe(
     result = measuring.compare(rows, example, splits, Timing(threads=torch.get_num_threads()))
     report.write_reports(result, out, title=f"keiryo recipe: {recipe.name}", notes=_notes(outcomes))
     return result, outcomes
-
-
-def step_key(recipe: Recipe, step: Step, inputs: list[str]) -> str:
-    """Hash of everything a step's result depends on: reruns with the same key are skipped."""
-    data_id: Any = recipe.data
-    if Path(recipe.data).exists():
-        stat = Path(recipe.data).stat()
-        data_id = [recipe.data, stat.st_size, stat.st_mtime_ns]
-    blob = {
-        "kind": step.kind,
-        "options": step.options,
-        "inputs": inputs,
-        "data": data_id,
-        "seed": recipe.seed,
-        "keiryo": version("keiryo"),
-    }
-    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def read_meta(path: Path) -> dict[str, Any]:
-    """A step's saved key and figures; {} (run the step again) when missing, too big, or not a JSON object."""
-    try:
-        if not path.is_file() or path.stat().st_size > MAX_BYTES:
-            return {}
-        meta = json.loads(path.read_bytes())
-    except (OSError, ValueError, RecursionError):
-        return {}
-    return meta if isinstance(meta, dict) else {}
 
 
 def _notes(outcomes: list[StepOutcome]) -> list[str]:

@@ -8,11 +8,8 @@ interrupted run leaves an existing output byte for byte as it was.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import secrets
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from rich.console import Console
@@ -20,7 +17,7 @@ from torch import nn
 
 from keiryo import artifacts, data, fileio, report
 from keiryo.errors import ArtifactError, ConfigError, one_line
-from keiryo.interrupts import interrupted
+from keiryo.fileio import staged  # noqa: F401  (the commands write through it)
 
 # Piped output (CI logs, files) gets a wide fixed width so that tables are not squeezed into 80 columns.
 console = Console(width=None if sys.stdout.isatty() else 180)
@@ -61,33 +58,6 @@ def check_folder(path: Path, option: str = "--out") -> Path:
         raise ConfigError(f"{option} '{path}' is a file; give a folder to write the outputs in")
     _probe_folder(path, path, option)
     return path
-
-
-@contextlib.contextmanager
-def staged(*targets: Path | None) -> Iterator[list[Path | None]]:
-    """A temporary path beside each target; each is renamed onto its target only if the block succeeds.
-
-    Whatever ends the block early (an error, Ctrl-C) removes the temporary files and leaves every target as
-    it was; so does a Ctrl-C that a library swallowed during the block.
-    """
-    temps = [None if t is None else t.with_name(f".{t.name}.{secrets.token_hex(4)}.partial") for t in targets]
-    try:
-        yield temps
-        if interrupted():  # Ctrl-C was pressed and a library swallowed it: write nothing
-            raise KeyboardInterrupt
-        umask = os.umask(0)
-        os.umask(umask)
-        for temp, target in zip(temps, targets, strict=True):
-            if temp is not None and target is not None and temp.exists():
-                try:
-                    os.chmod(temp, 0o666 & ~umask)  # temporary files are created 0600; give the usual mode
-                    os.replace(temp, target)
-                except OSError as exc:
-                    raise ArtifactError(f"cannot write '{target}': {exc.strerror}") from None
-    finally:
-        for temp in temps:
-            if temp is not None:
-                temp.unlink(missing_ok=True)
 
 
 def save(model: nn.Module, path: Path, target: Path, metadata: dict) -> None:

