@@ -318,11 +318,14 @@ def test_a_bad_language_model_recipe_is_one_line_naming_its_line(
 
 def test_keiryo_run_takes_a_language_model_recipe_and_returns_its_table(source, tmp_path, capsys):
     (tmp_path / "text.txt").write_text(TEXT)
-    steps = "  - lm-compress: {name: q8, method: int8}\n  - lm-compress: {name: q4, method: int4}\n"
+    steps = (
+        "  - lm-compress: {name: q8, method: int8}\n  - lm-compress: {name: q4, method: int4}\n"
+        "  - lm-compress: {name: w, method: width, windows: 4, length: 32}\n"
+    )
     recipe = _recipe(tmp_path, steps, source / "tiny.gguf")
     table = keiryo.run(recipe, tmp_path / "out", progress=False)
-    assert isinstance(table, LMTable) and list(table.rows) == ["tiny.gguf", "q8.pt", "q4.pt"]
-    base, q8, q4 = (table.rows[name] for name in table.rows)
+    assert isinstance(table, LMTable) and list(table.rows) == ["tiny.gguf", "q8.pt", "q4.pt", "w.pt"]
+    base, q8, q4, _ = (table.rows[name] for name in table.rows)
     assert q4["weight_bytes"] < q8["weight_bytes"] < base["weight_bytes"]  # what the methods did, measured
     assert 1 < base["perplexity"].perplexity <= q8["perplexity"].perplexity * 1.05
     assert capsys.readouterr().out == ""  # progress=False: nothing printed

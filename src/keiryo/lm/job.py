@@ -4,7 +4,7 @@ and a language-model recipe's lm-compress steps run."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,8 @@ def compress_file(
                 raise DataError(f"the text has {ids.numel()} tokens, fewer than one window of {size}")
             windows = calibration_windows(ids, count, size, seed=calibration.seed)
         if isinstance(config, Structured) and config.reconstruct is not None:
+            if not progress:
+                config = replace(config, reconstruct=replace(config.reconstruct, progress=False))
             compress(model, config, windows)  # its retraining shows a bar per segment of blocks
         else:
             blocks = len(decoder_layers(model))
