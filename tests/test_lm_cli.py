@@ -119,7 +119,7 @@ def test_width_then_int8_narrows_every_block_retrains_it_and_saves_it(source, tm
     teacher, _ = load_causal_lm(src)
     back, _ = load_lm(tmp_path / "width.pt")  # int8 matrices of the narrower blocks
     wide, narrow = teacher.config.intermediate_size, back.config.intermediate_size
-    assert narrow == wide - int(wide * 0.375) and back.config.num_hidden_layers == 2
+    assert (wide, narrow) == (128, 64) and back.config.num_hidden_layers == 2  # half, a multiple of 64
     assert type(decoder_layers(back)[0].mlp.down_proj).__name__ == "Int8Linear"
     assert decoder_layers(back)[0].mlp.down_proj.in_features == narrow
     assert torch.isfinite(_logits(back, IDS)).all()
@@ -149,7 +149,7 @@ def test_compress_draws_each_method_s_default_calibration_and_passes_its_options
         ("depth", [("Structured", (768, 256))]),
         ("gptq", [("WeightQuant", (16, 512))]),
         ("depth+gptq", [("Structured", (768, 256)), ("WeightQuant", (16, 512))]),  # in order, each its own
-        ("width", [("Structured", (512, 256))]),
+        ("width", [("Structured", (768, 256))]),
     ):
         seen.clear()
         args = ["lm", "compress", f"gguf:{source / 'tiny.gguf'}", "--method", method, "--text", str(text)]
@@ -208,8 +208,8 @@ def test_bench_takes_language_models(source, capsys):
         ("lm compress gguf:SRC --method int8+depth --out OUT.pt".split(), "can come before"),
         ("lm compress gguf:SRC --method int8+width --out OUT.pt".split(), "can come before"),
         ("lm compress gguf:SRC --method depth+int3 --out OUT.pt".split(), "int3"),
-        ("lm compress gguf:SRC --method width+int8 --text TEXT --out OUT.gguf".split(), "blocks of 32"),
-        ("lm compress gguf:SRC --method width+int4 --text TEXT --out OUT.pt".split(), "groups of 64"),
+        # structured removes a quarter of the tiny model's 128 neurons: 96 is no multiple of int4's groups
+        ("lm compress gguf:SRC --method structured+int4 --layers 0 --text TEXT --out OUT.pt".split(), "64"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2_and_keeps_the_output(source, tmp_path, capsys, args, message):
