@@ -1,5 +1,5 @@
 """The command line's structured pruning on SmolLM2-135M-Instruct, as a user runs it: `keiryo lm compress
---method width` (half of every block's feed-forward neurons removed, the down projections refit by least
+--method width` (45% of every block's feed-forward neurons removed, the down projections refit by least
 squares, every block retrained) or `--method depth` (a quarter of the blocks removed, the blocks around them
 retrained), each also followed by int8 weight-only (`width+int8`, `depth+int8`), each timed from the shell,
 then `keiryo lm eval` of the original and the results side by side.
@@ -30,10 +30,10 @@ PRECISION = os.environ.get("KEIRYO_LLM_HEAL_PRECISION", "bf16")
 FAMILY = os.environ.get("KEIRYO_LLM_CLI", "width")  # width | depth
 METHODS = (FAMILY, f"{FAMILY}+int8")
 WHAT = {
-    "width": "Width removes 768 of the 1536 feed-forward neurons of every block (ranked by the energy they "
+    "width": "Width removes 704 of the 1536 feed-forward neurons of every block (ranked by the energy they "
     "put into the block's output on the first 32,768 calibration tokens), refits each down projection by "
     "least squares on those tokens, then retrains every block, in runs of 6 (2 windows a step, lr 5e-4), "
-    "on the original's hidden states over 768 windows × 256 tokens of the calibration plays",
+    "on the original's hidden states over 512 windows × 256 tokens of the calibration plays",
     "depth": "Depth removes 8 of the 30 blocks and retrains the blocks around them on 768 windows × 256 "
     "tokens of the calibration plays",
 }

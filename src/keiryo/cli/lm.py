@@ -128,7 +128,7 @@ def compress(
     text: TextOpt = None,
     windows: Annotated[
         int | None,
-        typer.Option(min=1, help="Calibration windows drawn from --text (default 16; depth and width 768)."),
+        typer.Option(min=1, help="Calibration windows drawn from --text (default 16; depth 768, width 512)."),
     ] = None,
     length: Annotated[
         int | None,
@@ -153,7 +153,7 @@ def compress(
     """Compress a language model and save it: int8/int4 weight-only (RTN, GPTQ), W8A8 (SmoothQuant), 50% or
     2:4 sparsity (magnitude, Wanda), structured pruning (heads, FFN width, blocks, unhealed), depth
     pruning with the blocks around the removed ones retrained to do their work (`depth`), and width pruning
-    (`width`: half of every block's feed-forward neurons; the down projections refit by least squares,
+    (`width`: 45% of every block's feed-forward neurons; the down projections refit by least squares,
     then every block retrained on the original's hidden states: the best-kept quality of the structured
     methods). GPTQ, Wanda, SmoothQuant, structured, depth and width calibrate on --text. A structured
     method can go first in a chain: width+int8 prunes, then quantizes the smaller model.
