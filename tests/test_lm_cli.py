@@ -125,6 +125,19 @@ def test_width_then_int8_narrows_every_block_retrains_it_and_saves_it(source, tm
     assert torch.isfinite(_logits(back, IDS)).all()
 
 
+def test_width_then_int8_exports_to_gguf_because_the_kept_width_fills_whole_blocks(source, tmp_path, capsys):
+    src = f"gguf:{source / 'tiny.gguf'}"
+    code, out, err = run(
+        capsys, "lm", "compress", src, "--method", "width+int8", "--text", source / "text.txt",
+        "--windows", "4", "--length", "32", "--out", tmp_path / "w.gguf",
+    )  # fmt: skip
+    assert code == 0, err
+    back, _ = load_causal_lm(tmp_path / "w.gguf")  # Q8_0 blocks of 32 over 64 kept neurons
+    assert back.config.intermediate_size == 64
+    assert (tmp_path / "w.gguf").stat().st_size < 0.4 * (source / "tiny.gguf").stat().st_size
+    assert torch.isfinite(_logits(back, IDS)).all()
+
+
 def test_a_run_says_nothing_on_stderr_about_the_libraries_it_imports(source, tmp_path):
     """transformers imports torchao, which on this torch build logs its CUDA-only extensions and its Enums:
     noise for a user, silenced (a fresh process: in this one torchao was imported long ago)."""
