@@ -125,19 +125,6 @@ def test_width_then_int8_narrows_every_block_retrains_it_and_saves_it(source, tm
     assert torch.isfinite(_logits(back, IDS)).all()
 
 
-def test_width_then_int8_exports_to_gguf_because_the_kept_width_fills_whole_blocks(source, tmp_path, capsys):
-    src = f"gguf:{source / 'tiny.gguf'}"
-    code, out, err = run(
-        capsys, "lm", "compress", src, "--method", "width+int8", "--text", source / "text.txt",
-        "--windows", "4", "--length", "32", "--out", tmp_path / "w.gguf",
-    )  # fmt: skip
-    assert code == 0, err
-    back, _ = load_causal_lm(tmp_path / "w.gguf")  # Q8_0 blocks of 32 over 64 kept neurons
-    assert back.config.intermediate_size == 64
-    assert (tmp_path / "w.gguf").stat().st_size < 0.4 * (source / "tiny.gguf").stat().st_size
-    assert torch.isfinite(_logits(back, IDS)).all()
-
-
 def test_a_run_says_nothing_on_stderr_about_the_libraries_it_imports(source, tmp_path):
     """transformers imports torchao, which on this torch build logs its CUDA-only extensions and its Enums:
     noise for a user, silenced (a fresh process: in this one torchao was imported long ago)."""
@@ -176,16 +163,26 @@ def test_compress_draws_each_method_s_default_calibration_and_passes_its_options
     assert depth[1].layers == 2 and depth[1].reconstruct.precision == "bf16" and int8[1] is NAMES["int8"]
 
 
-def test_depth_then_int8_saves_the_smaller_model_quantized(source, tmp_path, capsys):
+@pytest.mark.parametrize(
+    ("method", "shape"),
+    [
+        ("depth+int8", {"num_hidden_layers": 1, "intermediate_size": 128}),
+        # the kept width (71 moved to 64) fills whole Q8_0 blocks of 32, so GGUF can take it
+        ("width+int8", {"num_hidden_layers": 2, "intermediate_size": 64}),
+    ],
+)
+def test_a_structured_method_then_int8_saves_the_smaller_model_quantized_as_gguf(
+    source, tmp_path, capsys, method, shape
+):
     src = f"gguf:{source / 'tiny.gguf'}"
     code, out, err = run(
-        capsys, "lm", "compress", src, "--method", "depth+int8", "--text", source / "text.txt",
+        capsys, "lm", "compress", src, "--method", method, "--text", source / "text.txt",
         "--windows", "8", "--length", "32", "--out", tmp_path / "both.gguf",
     )  # fmt: skip
     assert code == 0, err
-    assert "retraining blocks" in out and "depth+int8: saved" in out
+    assert "retraining blocks" in out and f"{method}: saved" in out
     back, _ = load_causal_lm(tmp_path / "both.gguf")  # Q8_0 matrices, read back by transformers
-    assert back.config.num_hidden_layers == 1
+    assert {key: getattr(back.config, key) for key in shape} == shape
     assert (tmp_path / "both.gguf").stat().st_size < 0.4 * (source / "tiny.gguf").stat().st_size
     assert torch.isfinite(_logits(back, IDS)).all()
 
