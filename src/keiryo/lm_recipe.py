@@ -26,7 +26,7 @@ from keiryo import fileio
 from keiryo.errors import ArtifactError
 from keiryo.fileio import staged
 from keiryo.lm.job import CalibrationText, compress_file
-from keiryo.lm.load import is_lm_spec
+from keiryo.lm.load import spec_path
 from keiryo.lm.measure import EvalOptions, LMTable, as_json, markdown, measure
 from keiryo.lm.store import load_lm
 from keiryo.progress import say
@@ -77,7 +77,7 @@ def _readable(path: Path) -> bool:
 
 def _file_id(spec: str) -> str:
     """The model a spec names: its path, sizes and modification times (a changed model runs steps again)."""
-    path = Path(spec.partition(":")[2] if is_lm_spec(spec) else spec)
+    path = spec_path(spec)
     files = sorted(path.iterdir()) if path.is_dir() else [path]
     stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
     return json.dumps([str(path.resolve()), stats])

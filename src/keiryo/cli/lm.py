@@ -20,7 +20,7 @@ from keiryo.errors import ConfigError
 from keiryo.lm.compress import NAMES, chain_of
 from keiryo.lm.gguf_export import FLOAT_TYPES
 from keiryo.lm.job import CalibrationText, compress_file
-from keiryo.lm.load import is_lm_spec
+from keiryo.lm.load import is_lm_spec, spec_path
 from keiryo.lm.measure import EvalOptions, LMTable, as_json, cells, headers, markdown, measure
 
 app = typer.Typer(
@@ -83,7 +83,7 @@ def evaluate(
 ) -> None:
     """`keiryo lm eval` (and `keiryo bench` given language models): check outputs, measure, print, write."""
     json_out, markdown_out = outputs
-    inputs = [Path(s.partition(":")[2] if is_lm_spec(s) else s) for s in specs]
+    inputs = [spec_path(s) for s in specs]
     for option, path in (("--json", json_out), ("--markdown", markdown_out)):
         if path is not None:
             check_output(path, option, inputs)
@@ -185,7 +185,7 @@ def compress_to(
     float_type: str = "f32",
 ) -> int:
     """`keiryo lm compress`: check the output and the text, run `compress_file`, say what was saved."""
-    check_output(out, inputs=[Path(source.partition(":")[2] if is_lm_spec(source) else source)])
+    check_output(out, inputs=[spec_path(source)])
     if text is None and any(config.statistic is not None for _, config in steps):
         raise ConfigError(f"method {method} calibrates on text: give --text FILE (or --text shakespeare)")
     calibration = CalibrationText(text, *shape, seed) if text is not None else None

@@ -35,6 +35,11 @@ def is_lm_spec(spec: object) -> bool:
     return isinstance(spec, str) and spec.startswith((HF_PREFIX, GGUF_PREFIX))
 
 
+def spec_path(spec: str) -> Path:
+    """The file or folder a model spec names: the path after "hf:"/"gguf:", or the spec itself."""
+    return Path(spec.partition(":")[2] if is_lm_spec(spec) else spec)
+
+
 def load_causal_lm(source: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
     """(model, tokenizer) from "hf:PATH", "gguf:FILE", a folder with config.json, or a .gguf file.
 

@@ -10,7 +10,6 @@ of the model's files. `markdown` and `as_json` are the table as files.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,7 +23,7 @@ from keiryo.lm.evaluate import (
     reset_peak,
     tensor_bytes,
 )
-from keiryo.lm.load import is_lm_spec
+from keiryo.lm.load import spec_path
 from keiryo.lm.store import load_lm
 from keiryo.lm.text import held_out_text, tokenize
 from keiryo.progress import counting
@@ -66,7 +65,7 @@ def measure(
         raise ConfigError(f"stride {options.stride} is longer than the context {options.context}")
     loaded: dict[str, tuple[Any, Any]] = {}
     for spec in specs:
-        name = _path(spec).name
+        name = spec_path(spec).name
         loaded[name if name not in loaded else spec] = load_lm(spec)
     tokenizer = next((t for _, t in loaded.values() if t is not None), None)
     ids = None
@@ -162,10 +161,6 @@ def as_json(table: LMTable) -> dict[str, Any]:
     return {"title": table.title, "context": table.options.context, "stride": stride, "models": models}
 
 
-def _path(spec: str) -> Path:
-    return Path(spec.partition(":")[2] if is_lm_spec(spec) else spec)
-
-
 def _prompt(ids: torch.Tensor | None, length: int, vocab: int) -> torch.Tensor:
     """The first `length` tokens of the text, or seeded random ids when there is no text."""
     if ids is not None and ids.numel() >= length:
@@ -174,7 +169,7 @@ def _prompt(ids: torch.Tensor | None, length: int, vocab: int) -> torch.Tensor:
 
 
 def _source_bytes(spec: str) -> int:
-    path = _path(spec)
+    path = spec_path(spec)
     if path.is_dir():
         return sum(f.stat().st_size for f in path.iterdir() if f.suffix in (".safetensors", ".bin"))
     return path.stat().st_size
