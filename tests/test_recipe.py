@@ -113,7 +113,8 @@ def test_the_example_language_model_recipe_is_valid():
     assert [s.name for s in recipe.steps] == ["int8", "int4", "width", "width-int8"]
     assert [s.source for s in recipe.steps] == [None, None, None, "width"]
     ((name, width),) = recipe.steps[2].configs["chain"]
-    assert name == "width" and width.ffn == 0.45 and width.reconstruct.precision == "bf16"
+    assert name == "width" and width.ffn == 0.5 and width.reconstruct.precision == "bf16"
+    assert width.ffn_widths == "measured"
 
 
 def test_a_step_is_its_configs_and_older_spellings_still_work(tmp_path):

@@ -153,10 +153,12 @@ def compress(
     """Compress a language model and save it: int8/int4 weight-only (RTN, GPTQ), W8A8 (SmoothQuant), 50% or
     2:4 sparsity (magnitude, Wanda), structured pruning (heads, FFN width, blocks, unhealed), depth
     pruning with the blocks around the removed ones retrained to do their work (`depth`), and width pruning
-    (`width`: 45% of every block's feed-forward neurons; the down projections refit by least squares,
-    then every block retrained on the original's hidden states: the best-kept quality of the structured
-    methods). GPTQ, Wanda, SmoothQuant, structured, depth and width calibrate on --text. A structured
-    method can go first in a chain: width+int8 prunes, then quantizes the smaller model.
+    (`width`: half of the feed-forward neurons, each block keeping more or fewer by what its narrowing
+    costs the model's loss; the down projections refit by least squares, then every block retrained on the
+    original's hidden states: the best-kept quality of the structured methods; its blocks then differ in
+    width, so it saves as a keiryo LM file or GGUF for llama.cpp). GPTQ, Wanda, SmoothQuant, structured,
+    depth and width calibrate on --text. A structured method can go first in a chain: width+int8 prunes,
+    then quantizes the smaller model.
 
     --out FILE.gguf writes GGUF for llama.cpp (Llama architecture): int8 and W8A8 weights as Q8_0, int4 as
     Q4_1, float and pruned matrices as --float-type (GGUF has no sparse type); any other name writes a

@@ -191,12 +191,20 @@ def weight_neuron_scores(ffn: FeedForward, p: int) -> Tensor:
 def prune_neurons(ffn: FeedForward, keep: float, scores: Tensor, multiple: int = 1) -> Tensor:
     """Keep the `keep` share of the block's feed-forward neurons with the highest `scores` (the count moved
     to the nearest `multiple`, see `kept_count`); returns the kept neurons' indices (before pruning)."""
+    return keep_neurons(ffn, kept_count(_width(ffn.down, out=False), keep, multiple), scores)
+
+
+def keep_neurons(ffn: FeedForward, count: int, scores: Tensor) -> Tensor:
+    """Keep the `count` feed-forward neurons with the highest `scores` (one per neuron); returns their
+    indices (before pruning). What `prune_neurons` does with a share, for widths chosen block by block."""
     width = _width(ffn.down, out=False)
     if tuple(scores.shape) != (width,):
         raise ConfigError(
             f"neuron scores must have one value per neuron ({width}), got {tuple(scores.shape)}"
         )
-    kept = _top(scores.detach().float().cpu(), kept_count(width, keep, multiple))
+    if not 1 <= count <= width:
+        raise ConfigError(f"a block keeps between 1 and its {width} neurons, got {count}")
+    kept = _top(scores.detach().float().cpu(), count)
     for up in ffn.ups:
         _keep(up, kept, out=True)
     _keep(ffn.down, kept, out=False)

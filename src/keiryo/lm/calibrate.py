@@ -142,7 +142,7 @@ def run_layerwise(
     model.eval()
     inputs, kwargs = capture_block_inputs(model, windows, batch_size)
     for index, block in enumerate(decoder_layers(model)):
-        stats = _gather(block, inputs, kwargs, statistic, None if layers is None else layers(block))
+        stats = gather_stats(block, inputs, kwargs, statistic, None if layers is None else layers(block))
         step(index, block, stats)
         with torch.inference_mode():
             inputs = [block_output(block(x, **kwargs)) for x in inputs]
@@ -151,7 +151,7 @@ def run_layerwise(
     model.train(was_training)
 
 
-def _gather(
+def gather_stats(
     block: nn.Module, inputs: list[Tensor], kwargs: dict, statistic: str, only: list[nn.Module] | None = None
 ) -> dict[str, Tensor]:
     """Per Linear of `block`: the Hessian 2·XᵀX/n (hessian), the squared column norms ΣX_j² (norm) or the
@@ -204,3 +204,13 @@ def _gather(
 def block_output(output: Any) -> Tensor:
     """The hidden state a decoder block returned (some families return it alone, others first in a tuple)."""
     return output[0] if isinstance(output, (tuple, list)) else output
+
+
+@torch.inference_mode()
+def mean_loss(model: nn.Module, windows: Tensor, batch_size: int) -> float:
+    """The model's mean next-token loss (nats) over `windows` ((count, length) ids), `batch_size` a pass."""
+    total = 0.0
+    for start in range(0, len(windows), batch_size):
+        ids = windows[start : start + batch_size]
+        total += float(model(ids, labels=ids, use_cache=False).loss) * len(ids)
+    return total / len(windows)

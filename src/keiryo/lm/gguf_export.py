@@ -60,7 +60,7 @@ def export_gguf(
     os.close(handle)
     try:
         writer = gguf.GGUFWriter(staged, "llama")
-        _write_architecture(writer, config)
+        _write_architecture(writer, config, [block.mlp.down_proj.in_features for block in model.model.layers])
         writer.add_file_type(_file_type(tensors, float_type, gguf))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         if kind == "gguf":
@@ -94,7 +94,9 @@ def _gguf() -> Any:
     return gguf
 
 
-def _write_architecture(writer: Any, config: Any) -> None:
+def _write_architecture(writer: Any, config: Any, ffn_widths: list[int]) -> None:
+    """The Llama hyperparameters; the feed-forward length one per block (an array, which llama.cpp reads)
+    where the blocks were pruned to different widths (`ffn_widths`), else the one width."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     rope = getattr(config, "rope_parameters", None) or {}
     if rope.get("rope_type", "default") != "default":
@@ -103,7 +105,7 @@ def _write_architecture(writer: Any, config: Any) -> None:
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_feed_forward_length(ffn_widths[0] if len(set(ffn_widths)) == 1 else ffn_widths)
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)
     writer.add_rope_dimension_count(head_dim)

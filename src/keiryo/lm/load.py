@@ -49,6 +49,7 @@ def load_causal_lm(source: str | os.PathLike, *, dtype: torch.dtype = torch.floa
     transformers = transformers_module()
     if kind == "gguf":
         check_bytes(gguf_float_bytes(path, dtype), f"GGUF model '{path.name}' dequantized to {dtype}")
+        _check_one_width(path)
         where, options = str(path.parent), {"gguf_file": path.name}
     else:
         check_folder(path)
@@ -150,6 +151,17 @@ def gguf_float_bytes(file: Path, dtype: torch.dtype) -> int:
     reader = _gguf_reader(file)
     itemsize = torch.empty(0, dtype=dtype).element_size()
     return sum(int(t.n_elements) for t in reader.tensors) * itemsize
+
+
+def _check_one_width(file: Path) -> None:
+    """Refuse, in one line, a GGUF file whose blocks have feed-forward layers of different widths (an array
+    of lengths: keiryo's measured widths), which llama.cpp reads and transformers' GGUF loader cannot."""
+    for name, field in _gguf_reader(file).fields.items():
+        if name.endswith(".feed_forward_length") and len(field.data) > 1:
+            raise ModelError(
+                f"'{file.name}' gives each block its own feed-forward width, which llama.cpp reads but "
+                "transformers cannot load: measure the keiryo LM file (.pt) of the same model instead"
+            )
 
 
 def _gguf_reader(file: Path):

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from keiryo.compress.prune_transformers import (
     attention_blocks,
     feed_forwards,
+    keep_neurons,
     kept_count,
     prune_heads,
     prune_neurons,
@@ -54,17 +55,21 @@ from keiryo.lm.calibrate import (
     block_output,
     capture_block_inputs,
     check_batch_size,
+    mean_loss,
     run_layerwise,
 )
 from keiryo.lm.load import decoder_layers
-from keiryo.lm.reconstruct import Reconstruct, record_targets, retrain
-from keiryo.progress import counting
+from keiryo.lm.reconstruct import Reconstruct, Targets, record_targets, retrain
+from keiryo.lm.refit import column_scores, refit_columns
+from keiryo.lm.widths import candidate_widths, measured_widths
+from keiryo.progress import counting, say
 
 IMPORTANCES = ("activation", "l2", "l1")
+FFN_WIDTHS = ("uniform", "measured")
 IMPORTANCE_TOKENS = 16384  # calibration tokens block importance is measured on (the first windows)
+CHECK_WINDOWS = 8  # the last calibration windows: retraining is kept only if the loss on them fell
 WIDTH_TOKENS = 32768  # calibration tokens heads and neurons are ranked (and refit) on: XᵀX of a 1536-wide
 # layer settles on far fewer; the rest of a larger set is for reconstruction
-REFIT_DAMPING = 1e-5  # of the kept columns' mean XᵀX diagonal, added to it: dead neurons leave it singular
 
 
 @dataclass
@@ -75,6 +80,9 @@ class Structured:
 
     `ffn_multiple` moves each block's kept neuron count to the nearest multiple of it (64: whole int4 groups
     and GGUF blocks, so `width+int4` and `width+int8` to GGUF work, and widths vector units like).
+    `ffn_widths`: "uniform" (every block keeps the same count) or "measured" (with `refit`: the same total,
+    shared out by what each block's narrowing costs the model's loss, `widths.py`; blocks then differ, so
+    the model saves as a keiryo LM file or GGUF, not a Hugging Face folder).
     `importance` ranks heads and neurons: "activation" (on calibration text) or "l2"/"l1" (weight norms).
     `refit` (width, "activation"): re-solve the output and down projections by least squares on calibration
     text after their inputs go, keeping each block's output close to the unpruned block's.
@@ -90,6 +98,7 @@ class Structured:
     reconstruct: Reconstruct | None = None
     refit: bool = False
     ffn_multiple: int = 1
+    ffn_widths: str = "uniform"
 
     def __post_init__(self) -> None:
         for name in ("heads", "ffn"):
@@ -105,6 +114,12 @@ class Structured:
             )
         check_choice(self.importance, IMPORTANCES, "structured pruning importance")
         check_whole("ffn_multiple", self.ffn_multiple, 1)
+        check_choice(self.ffn_widths, FFN_WIDTHS, "ffn_widths")
+        if self.ffn_widths == "measured" and not (self.ffn and self.refit):
+            raise ConfigError(
+                "measured widths narrow each block and refit it to see what that costs: set ffn > 0 and "
+                "refit=True"
+            )
         if not isinstance(self.refit, bool):
             raise ConfigError(f"refit is True or False, got {self.refit!r}")
         if self.refit and not (self.heads or self.ffn):
@@ -160,18 +175,52 @@ def structured_prune(
     if width:
         # a reconstructing run shows its own bars (its caller cannot hold one open around them)
         own = progress is None and targets is not None and config.reconstruct.progress
+        counts = None
+        if config.ffn_widths == "measured":
+            windows = first_tokens(calibration, WIDTH_TOKENS)
+            counts = measured_widths(
+                model, windows, 1 - config.ffn, config.ffn_multiple, config.batch_size, own
+            )
+            if own:
+                say(f"feed-forward neurons kept, block by block: {' '.join(map(str, counts))}")
         with counting("pruning the width of each block", len(decoder_layers(model)), own) as advance:
-            _prune_width(model, config, calibration, progress or advance)
+            _prune_width(model, config, calibration, progress or advance, counts)
     update_config(model)
     if targets is not None:
-        retrain(targets, config.reconstruct)
+        _retrain_if_better(model, targets, config.reconstruct, calibration[-CHECK_WINDOWS:])
+
+
+def _retrain_if_better(model: nn.Module, targets: Targets, config: Reconstruct, held: Tensor) -> None:
+    """Retrain (`reconstruct.retrain`), and keep it only if the model's loss on `held` calibration windows
+    fell: each segment learns its own piece of the unpruned model alone, and pieces that each got closer can
+    still, together, take the model further away (once, on SmolLM2, from perplexity 66 to 141)."""
+    blocks = [block for i, block in enumerate(targets.blocks) if i not in targets.removed]
+    before = mean_loss(model, held, 4)
+    saved = [p.detach().clone() for block in blocks for p in block.parameters()]
+    retrain(targets, config)
+    after = mean_loss(model, held, 4)
+    if after <= before:
+        return
+    with torch.no_grad():
+        for parameter, value in zip((p for block in blocks for p in block.parameters()), saved, strict=True):
+            parameter.copy_(value)
+    if config.progress:
+        say(
+            f"retraining raised the calibration loss ({before:.3f} → {after:.3f} nats): "
+            "kept the model before it"
+        )
 
 
 def _prune_width(
-    model: nn.Module, config: Structured, calibration: Tensor | None, progress: Progress
+    model: nn.Module,
+    config: Structured,
+    calibration: Tensor | None,
+    progress: Progress,
+    counts: list[int] | None = None,
 ) -> None:
-    """Rank and prune every block's heads and neurons (and refit), block after block."""
-    step = _width_step(config)
+    """Rank and prune every block's heads and neurons (and refit), block after block (block i keeping
+    `counts[i]` neurons where given, else `config.ffn`'s share)."""
+    step = _width_step(config, counts)
     if config.importance == "activation":
         windows = first_tokens(calibration, WIDTH_TOKENS)
         gather = Gather(config.statistic, config.batch_size, lambda block: _narrowed(block, config))
@@ -196,10 +245,15 @@ def input_widths(model: nn.Module, configs: list[Structured]) -> set[int]:
         if id(linear) not in narrowed
     }
     for ffn in ffns:
-        width = ffn.down.in_features
+        possible = {ffn.down.in_features}
         for config in configs:
-            width = kept_count(width, 1 - config.ffn, config.ffn_multiple) if config.ffn else width
-        widths.add(width)
+            if config.ffn_widths == "measured":  # any of the widths a block may get
+                possible = {
+                    w for p in possible for w in candidate_widths(p, 1 - config.ffn, config.ffn_multiple)
+                }
+            elif config.ffn:
+                possible = {kept_count(w, 1 - config.ffn, config.ffn_multiple) for w in possible}
+        widths |= possible
     for heads in attentions:
         grouped = heads.kv_heads > 1 and not heads.fused  # whole key/value groups go, as in prune_heads
         count = heads.kv_heads if grouped else heads.heads
@@ -217,9 +271,9 @@ def blocks_removed(layers: int | float, count: int) -> int:
     return layers
 
 
-def _width_step(config: Structured):
-    """The per-block step: rank this block's heads and neurons (activations or weights), prune them, and
-    with `refit` re-solve the layers that read them."""
+def _width_step(config: Structured, counts: list[int] | None = None):
+    """The per-block step: rank this block's heads and neurons (activations or weights), prune them (to
+    `counts[index]` neurons where given), and with `refit` re-solve the layers that read them."""
     p = 1 if config.importance == "l1" else 2
 
     def step(index: int, block: nn.Module, stats: dict[str, Tensor] | None) -> None:
@@ -230,7 +284,7 @@ def _width_step(config: Structured):
                 if stat is None:
                     scores = weight_head_scores(heads, p)
                 else:
-                    scores = _column_scores(heads.out, stat, config.refit).view(heads.heads, -1).sum(1)
+                    scores = column_scores(heads.out, stat, config.refit).view(heads.heads, -1).sum(1)
                 weight = heads.out.weight.detach()
                 kept = prune_heads(heads, 1 - config.heads, scores)
                 if config.refit:
@@ -241,9 +295,12 @@ def _width_step(config: Structured):
                 if stat is None:
                     scores = weight_neuron_scores(ffn, p)
                 else:
-                    scores = _column_scores(ffn.down, stat, config.refit)
+                    scores = column_scores(ffn.down, stat, config.refit)
                 weight = ffn.down.weight.detach()
-                kept = prune_neurons(ffn, 1 - config.ffn, scores, config.ffn_multiple)
+                if counts is None:
+                    kept = prune_neurons(ffn, 1 - config.ffn, scores, config.ffn_multiple)
+                else:
+                    kept = keep_neurons(ffn, counts[index], scores)
                 if config.refit:
                     refit_columns(ffn.down, weight, stat, kept)
 
@@ -255,32 +312,6 @@ def _narrowed(block: nn.Module, config: Structured) -> list[nn.Module]:
     ones whose calibration statistic the width step reads."""
     outs = [heads.out for heads in attention_blocks(block)] if config.heads else []
     return outs + ([ffn.down for ffn in feed_forwards(block)] if config.ffn else [])
-
-
-def _column_scores(layer: nn.Module, stat: Tensor, refit: bool) -> Tensor:
-    """One score per input column of `layer`: Σx² (the "norm" statistic), or with `refit` (the "hessian"
-    statistic, XᵀX up to scale) the energy the column puts into the output, x_jᵀx_j·‖w_j‖²."""
-    if not refit:
-        return stat
-    return stat.diagonal().float() * layer.weight.detach().float().pow(2).sum(0)
-
-
-@torch.no_grad()
-def refit_columns(layer: nn.Module, weight: Tensor, hessian: Tensor, kept: Tensor) -> None:
-    """Give `layer` (an nn.Linear: `compress` linearizes GPT-2's Conv1D first), which kept only input
-    columns `kept` of its unpruned `weight` ((out, in)), the weights whose outputs on the calibration inputs
-    (their XᵀX up to scale: `hessian`) are closest to the unpruned ones: W_K = W·H[:, K]·(H[K, K] + λI)⁻¹,
-    λ a `REFIT_DAMPING` share of H[K, K]'s mean diagonal. Solved in float64 on the CPU (MPS has no float64;
-    the solve is small next to gathering H)."""
-    h = hessian.detach().to("cpu", torch.float64)
-    k = kept.cpu()
-    gram = h[k][:, k]
-    damping = REFIT_DAMPING * gram.diagonal().mean().clamp_min(1e-12)
-    gram += damping * torch.eye(len(k), dtype=gram.dtype)
-    solved = torch.linalg.solve(gram, h[k] @ weight.detach().to("cpu", torch.float64).t()).t()  # (out, kept)
-    target = layer.weight
-    value = solved.to(target.device, target.dtype).contiguous()
-    layer.weight = nn.Parameter(value, requires_grad=target.requires_grad)
 
 
 @torch.inference_mode()

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from keiryo.compress.prune_transformers import feed_forwards
 from keiryo.errors import ArtifactError, ConfigError, ModelError, TrustError, check_bytes
 from keiryo.fileio import atomic_torch_save, safe_torch_load
 from keiryo.hf_files import transformers_module
@@ -108,7 +109,11 @@ def _build(payload: Any, what: str) -> nn.Module:
     for name, entry in layers.items():
         _place(model, name, entry, state, what)
     rest = {k: decode_sparse(v, what) for k, v in state.items() if not _belongs(k, layers)}
-    missing, unexpected = model.load_state_dict(rest, strict=False, assign=True)
+    _fit_widths(model, rest, what)
+    try:
+        missing, unexpected = model.load_state_dict(rest, strict=False, assign=True)
+    except RuntimeError as exc:  # a tensor of another shape than the architecture's
+        raise ArtifactError(f"{what} does not fit its config: {str(exc).splitlines()[-1].strip()}") from exc
     if unexpected:
         raise ArtifactError(f"{what} has tensors the architecture does not: {unexpected[:3]}")
     _materialize_buffers(model, what)
@@ -188,6 +193,35 @@ def _place(model: nn.Module, name: str, entry: dict, state: dict, what: str) -> 
         setattr(model.get_submodule(parent) if parent else model, child, module)
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
         raise ArtifactError(f"{what} has a corrupt quantized layer '{name}': {exc}") from exc
+
+
+def _fit_widths(model: nn.Module, state: dict[str, Tensor], what: str) -> None:
+    """Give the (meta) feed-forward layers the widths their stored weights have: blocks pruned to different
+    widths (`Structured(ffn_widths="measured")`), which the config, saying one width, cannot describe. Only
+    whole feed-forward layers change, and each block's layers must agree on its width."""
+    for ffn in feed_forwards(model):
+        layers = [*ffn.ups, ffn.down]
+        if not all(isinstance(layer, nn.Linear) and layer.weight.device.type == "meta" for layer in layers):
+            continue
+        names = {id(m): name for name, m in model.named_modules()}
+        stored = [state.get(f"{names[id(layer)]}.weight") for layer in layers]
+        if any(not isinstance(t, Tensor) or t.dim() != 2 for t in stored):
+            continue  # missing or quantized: load_state_dict or the quantized layer says so
+        widths = {t.shape[0] for t in stored[:-1]} | {stored[-1].shape[1]}
+        if len(widths) != 1:
+            raise ArtifactError(f"{what} has a feed-forward layer whose weights disagree on its width")
+        (width,) = widths
+        for layer in ffn.ups:
+            _resize(layer, width, layer.in_features)
+        _resize(ffn.down, ffn.down.out_features, width)
+
+
+def _resize(layer: nn.Linear, rows: int, columns: int) -> None:
+    if (layer.out_features, layer.in_features) != (rows, columns):
+        layer.out_features, layer.in_features = rows, columns
+        layer.weight = nn.Parameter(torch.empty(rows, columns, device="meta"))
+        if layer.bias is not None:
+            layer.bias = nn.Parameter(torch.empty(rows, device="meta"))
 
 
 def _materialize_buffers(model: nn.Module, what: str) -> None:
