@@ -2,15 +2,16 @@
 
 Cutting every block's feed-forward layer to the same width treats all blocks alike, and they are not: on
 SmolLM2-135M, the calibration loss rises 0.20 nats when block 0 alone is cut to a third of its width and
-refit, 0.002 for a middle block, 0.06 for the last. So before pruning, each block is narrowed alone (to
-`probe` neurons, ranked and refit as `prune.py` does) and the whole model's loss on a few calibration windows
-measured: how much that block's narrowing costs. The cost at other widths follows the block's own refit
-error curve (`refit.refit_errors`: the share of its output the refit cannot keep, from XᵀX), scaled to the
-measured cost. The neurons are then shared out greedily — each step of `multiple` neurons goes to the block
-whose cost it lowers most — under the same total the uniform width would keep, no block below half of it.
-Proxies from the hidden states alone (the block's share of the residual stream, with or without the next
-norm's gains) gave worse allocations than the uniform one; the measured loss gave better (BENCHMARKS.md).
-OWL (Yin et al. 2024) and FLAP (An et al. 2024) also give layers different sparsities; this measures it.
+refit, 0.001-0.01 for most middle blocks, 0.06 for the last. So before pruning, each block is narrowed
+alone (to `probe` neurons, ranked and refit as `prune.py` does, on the first `CURVE_TOKENS` calibration
+tokens) and the whole model's loss measured on the next `PROBE_TOKENS` (on the refit's own tokens its error
+looks smaller than it is, and the allocation came out worse). The cost at other widths follows the block's
+own refit error curve (`refit.refit_errors`: the share of its output the refit cannot keep), scaled to the
+measured cost. The neurons are then shared out greedily — each step of `multiple` neurons goes to the
+block whose cost it lowers most per neuron — under the total the uniform width would keep, no block below
+half of it. Proxies from the hidden states alone (the block's share of the residual stream, with or
+without the next norm's gains) gave worse allocations than the uniform one; the measured loss gave better
+(BENCHMARKS.md). OWL (Yin et al. 2024) and FLAP (An et al. 2024) also give layers different sparsities.
 
 Blocks keep different widths, which a Hugging Face config cannot say: such a model saves as a keiryo LM file
 or GGUF (whose feed_forward_length is then one per block, which llama.cpp reads), not as a folder.
