@@ -199,11 +199,11 @@ def _fit_widths(model: nn.Module, state: dict[str, Tensor], what: str) -> None:
     """Give the (meta) feed-forward layers the widths their stored weights have: blocks pruned to different
     widths (`Structured(ffn_widths="measured")`), which the config, saying one width, cannot describe. Only
     whole feed-forward layers change, and each block's layers must agree on its width."""
+    names = {id(m): name for name, m in model.named_modules()}
     for ffn in feed_forwards(model):
         layers = [*ffn.ups, ffn.down]
         if not all(isinstance(layer, nn.Linear) and layer.weight.device.type == "meta" for layer in layers):
             continue
-        names = {id(m): name for name, m in model.named_modules()}
         stored = [state.get(f"{names[id(layer)]}.weight") for layer in layers]
         if any(not isinstance(t, Tensor) or t.dim() != 2 for t in stored):
             continue  # missing or quantized: load_state_dict or the quantized layer says so
