@@ -12,7 +12,7 @@ from torch import nn
 
 from keiryo import artifacts, provenance
 from keiryo.compress import quant_backends, quant_static
-from keiryo.compress.qchoose import MIN_SPEEDUP
+from keiryo.compress.qchoose import MIN_SPEEDUP, NOISE
 from keiryo.compress.qconfig import (
     METHODS,
     QAT,
@@ -217,11 +217,14 @@ def test_auto_measures_every_candidate_and_picks_the_fastest_within_tolerance(ml
     assert names == {("fbgemm", "per-tensor"), ("fbgemm", "per-channel"), ("torchao", "per-channel")}
     assert all(c.cosine is not None and set(c.speedup) == {1, 64} for c in rep.candidates)
     passing = [c for c in rep.candidates if c.passed]
-    best = max(passing, key=lambda c: c.score)
-    if rep.kept_float:  # nothing beat float on this machine, and the report says so
-        assert best.score < MIN_SPEEDUP and "kept float" in rep.message
+    # the rule: ≥ MIN_SPEEDUP overall and not slower (beyond noise) at any batch size; a kernel 2× faster at
+    # batch 64 but slower at batch 1 is kept out (a run here: fbgemm per-tensor, 0.61× and 2.13×)
+    fast = [c for c in passing if c.score >= MIN_SPEEDUP and min(c.speedup.values()) >= NOISE]
+    if rep.kept_float:  # nothing beat float at every batch size on this machine, and the report says so
+        assert not fast and "kept float" in rep.message
         assert all(_float_linear(m) for m in q.modules() if isinstance(m, nn.Linear))
     else:
+        best = max(fast, key=lambda c: c.score)
         assert (rep.backend, rep.granularity) == (best.backend, best.granularity)
         assert best.score >= MIN_SPEEDUP
 
